@@ -1,0 +1,18 @@
+//! The peerfill node agent: a swarm engine that fills a node-local file from
+//! an HTTP origin and from other agents over QUIC, verifying every piece.
+//!
+//! Data path, top-down: `origin` (HTTP range reads) → `content` (piece layout
+//! and BLAKE3 verification) → `store` (partial file, bitmap, atomic rename) →
+//! `wire` + `tls` (QUIC frames between mutually authenticated agents) →
+//! `swarm` (who fetches which piece from whom) → `agent` (one process).
+
+pub mod content;
+pub mod metrics;
+pub mod origin;
+pub mod ratelimit;
+pub mod store;
+pub mod tls;
+
+pub mod agent;
+pub mod swarm;
+pub mod wire;
