@@ -1,1 +1,771 @@
-//! agent
+//! One agent process: its configuration (a JSON or YAML file today; the
+//! Kubernetes per-node object feeds the same struct later), the contents it
+//! fills or seeds, and the status it reports.
+//!
+//! Status: one small JSON file per content in the status directory, replaced
+//! atomically about twice a second, so tests and the Kubernetes status
+//! reporter can follow progress without talking to the process.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::content::{self, DEFAULT_PIECE_SIZE, Digest, Layout};
+use crate::metrics::{self, Metrics};
+use crate::origin::{OriginClient, OriginOptions, split_ranges};
+use crate::ratelimit::RateLimiter;
+use crate::store::{PARTIAL_DIR, PieceStore, StoreError};
+use crate::swarm::{
+    Authority, Fault, Fill, FillSpec, Swarm, SwarmOptions, read_origin_range, seed_hashes,
+};
+use crate::tls::{self, NodeIdentity};
+
+/// Directory (under the data root) of the status files, by default.
+pub const STATUS_DIR: &str = ".peerfill-status";
+
+/// Configuration of one agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This node's name; must match the name in its certificate.
+    pub node: String,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Data root: contents are written under it, never outside.
+    pub data_dir: PathBuf,
+    pub identity: IdentityFiles,
+    /// Where `/metrics` and `/healthz` are served, if anywhere.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Status files directory (default `<dataDir>/.peerfill-status`).
+    #[serde(default)]
+    pub status_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub tuning: Tuning,
+    /// Keep serving after every content is complete (a DaemonSet agent does;
+    /// a one-shot fill does not).
+    #[serde(default)]
+    pub stay: bool,
+    /// Misbehave on purpose (tests of the honest agents only).
+    #[serde(default)]
+    pub fault: Option<Fault>,
+    pub contents: Vec<ContentConfig>,
+}
+
+/// PEM files of this node's identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl IdentityFiles {
+    /// The files `NodeIdentity::write` puts in `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        IdentityFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
+}
+
+/// Per-agent byte rates (bytes per second; absent means unlimited).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default)]
+    pub download_bytes_per_sec: Option<u64>,
+    #[serde(default)]
+    pub upload_bytes_per_sec: Option<u64>,
+    #[serde(default)]
+    pub origin_bytes_per_sec: Option<u64>,
+}
+
+/// Engine tuning; the defaults suit 4 MiB pieces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Tuning {
+    pub max_inflight: usize,
+    pub pipeline: usize,
+    pub upload_slots: usize,
+    pub strikes_to_ban: u32,
+    pub request_timeout_secs: u64,
+    /// Concurrent range requests of one origin reader.
+    pub origin_concurrency: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            max_inflight: 8,
+            pipeline: 3,
+            upload_slots: 4,
+            strikes_to_ban: 2,
+            request_timeout_secs: 30,
+            origin_concurrency: 2,
+        }
+    }
+}
+
+/// One content to fill or seed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContentConfig {
+    /// Content id (a file name: no `/`, no leading `.`).
+    pub id: String,
+    /// Destination, relative to the data root.
+    pub path: PathBuf,
+    /// Size in bytes; asked from the origin (HEAD) when absent.
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default = "default_piece_size")]
+    pub piece_size: u32,
+    /// Expected digest, `sha256:<hex>` or `blake3:<hex>`; always enforced.
+    #[serde(default)]
+    pub digest: Option<Digest>,
+    pub source: SourceConfig,
+    /// Peers to connect to for this content.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Nodes this content may be served to.
+    #[serde(default)]
+    pub allowed_peers: Vec<String>,
+}
+
+fn default_piece_size() -> u32 {
+    DEFAULT_PIECE_SIZE
+}
+
+/// Where the bytes come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// An HTTP(S) origin read in disjoint ranges by `readers` (in order: the
+    /// first reader gets the first range of `split_ranges`).
+    Http {
+        url: String,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        readers: Vec<String>,
+    },
+    /// A file already on node `node`, which seeds it from `path` (an
+    /// absolute path on that node; ignored elsewhere).
+    Node {
+        node: String,
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+}
+
+/// A peer's node name and QUIC address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerConfig {
+    pub node: String,
+    pub addr: SocketAddr,
+}
+
+/// Errors that stop the agent as a whole (a content's own failure is
+/// reported in its status instead).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading config {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing config {path}: {reason}")]
+    ParseConfig { path: PathBuf, reason: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("identity: {0}")]
+    Identity(#[from] tls::TlsError),
+    #[error("the certificate is for node {cert}, but the config says {config}")]
+    NodeMismatch { cert: String, config: String },
+    #[error(transparent)]
+    Swarm(#[from] crate::swarm::SwarmError),
+    #[error("writing status {path}: {source}")]
+    Status {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentConfig {
+    /// Loads a config from a `.json`, `.yaml` or `.yml` file.
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        let cfg: AgentConfig = if yaml {
+            serde_saphyr::from_str(&text).map_err(|e| AgentError::ParseConfig {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?
+        } else {
+            serde_json::from_str(&text).map_err(|e| AgentError::ParseConfig {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ids, destinations inside the data root,
+    /// piece sizes, readers.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        tls::validate_node_name(&self.node)?;
+        let mut ids = HashSet::new();
+        for c in &self.contents {
+            if c.id.is_empty() || c.id.contains('/') || c.id.starts_with('.') || c.id.len() > 253
+            {
+                return Err(AgentError::Invalid(format!("invalid content id {:?}", c.id)));
+            }
+            if !ids.insert(&c.id) {
+                return Err(AgentError::Invalid(format!("duplicate content id {:?}", c.id)));
+            }
+            dest_path(&self.data_dir, &c.path)?;
+            if let Some(size) = c.size {
+                Layout::new(size, c.piece_size)
+                    .map_err(|e| AgentError::Invalid(format!("content {}: {e}", c.id)))?;
+            }
+            match &c.source {
+                SourceConfig::Http { readers, .. } if readers.is_empty() => {
+                    return Err(AgentError::Invalid(format!(
+                        "content {}: an http source needs at least one origin reader",
+                        c.id
+                    )));
+                }
+                SourceConfig::Node { node, .. } if node != &self.node && c.size.is_none() => {
+                    return Err(AgentError::Invalid(format!(
+                        "content {}: size is required for a node source seeded elsewhere",
+                        c.id
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `data_dir/rel`, refusing anything that could leave the data root.
+pub fn dest_path(data_dir: &Path, rel: &Path) -> Result<PathBuf, AgentError> {
+    let ok = !rel.as_os_str().is_empty()
+        && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    if !ok {
+        return Err(AgentError::Invalid(format!(
+            "path {} must be relative to the data root, without '..'",
+            rel.display()
+        )));
+    }
+    Ok(data_dir.join(rel))
+}
+
+/// Phase of one content on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Pending,
+    Fetching,
+    Complete,
+    Failed,
+}
+
+/// What the status file of one content says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentStatus {
+    pub id: String,
+    pub phase: Phase,
+    /// CamelCase condition reason when failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    pub size: u64,
+    pub piece_count: u32,
+    pub pieces_done: u32,
+    pub bytes_done: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_sent: u64,
+    /// Received bytes not used (endgame duplicates, rejected pieces).
+    pub bytes_wasted: u64,
+    /// Bytes per second received over the last interval.
+    pub rate: f64,
+    /// Pieces found on disk at start (resumed).
+    pub resumed_pieces: u64,
+    pub pieces_rejected: u64,
+    /// Pieces rejected, by the node that sent them.
+    pub rejected_from: BTreeMap<String, u64>,
+    /// Nodes this agent banned.
+    pub banned_peers: Vec<String>,
+    pub connected_peers: Vec<String>,
+    /// Unix time of this snapshot, in milliseconds.
+    pub updated_at_ms: u64,
+}
+
+impl ContentStatus {
+    /// Reads a status file.
+    pub fn read(path: &Path) -> std::io::Result<ContentStatus> {
+        let text = std::fs::read(path)?;
+        serde_json::from_slice(&text).map_err(std::io::Error::other)
+    }
+}
+
+/// Path of the status file of content `id` in `status_dir`.
+pub fn status_path(status_dir: &Path, id: &str) -> PathBuf {
+    status_dir.join(format!("{id}.json"))
+}
+
+struct Outcome {
+    phase: Phase,
+    reason: Option<String>,
+    message: Option<String>,
+}
+
+struct ContentRun {
+    cfg: ContentConfig,
+    fill: Mutex<Option<Arc<Fill>>>,
+    outcome: Mutex<Outcome>,
+}
+
+impl ContentRun {
+    fn set(&self, phase: Phase, reason: Option<&str>, message: Option<String>) {
+        let mut o = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        o.phase = phase;
+        o.reason = reason.map(str::to_string);
+        o.message = message;
+    }
+    fn phase(&self) -> Phase {
+        self.outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .phase
+    }
+    fn fill(&self) -> Option<Arc<Fill>> {
+        self.fill
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+    fn fail(&self, reason: &str, message: String) {
+        error!(content = %self.cfg.id, reason, %message, "content failed");
+        self.set(Phase::Failed, Some(reason), Some(message));
+    }
+}
+
+/// Final phase of each content when [`run`] returns.
+pub type Summary = BTreeMap<String, Phase>;
+
+/// Runs an agent until every content is complete or failed (or, with
+/// `stay`, until `shutdown`). Returns the final phase of each content.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summary, AgentError> {
+    cfg.validate()?;
+    let identity =
+        NodeIdentity::load(&cfg.identity.cert, &cfg.identity.key, &cfg.identity.ca)?;
+    if identity.node != cfg.node {
+        return Err(AgentError::NodeMismatch {
+            cert: identity.node,
+            config: cfg.node,
+        });
+    }
+    let metrics = Metrics::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m).await {
+                error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let mut opts = SwarmOptions::new(cfg.node.clone(), cfg.listen);
+    opts.max_inflight = cfg.tuning.max_inflight;
+    opts.pipeline = cfg.tuning.pipeline;
+    opts.upload_slots = cfg.tuning.upload_slots;
+    opts.strikes_to_ban = cfg.tuning.strikes_to_ban;
+    opts.request_timeout = Duration::from_secs(cfg.tuning.request_timeout_secs.max(1));
+    opts.download_rate = cfg.limits.download_bytes_per_sec;
+    opts.upload_rate = cfg.limits.upload_bytes_per_sec;
+    opts.fault = cfg.fault;
+    let swarm = Swarm::start(opts, &identity, metrics.clone())?;
+
+    let status_dir = cfg
+        .status_dir
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join(STATUS_DIR));
+    std::fs::create_dir_all(&status_dir).map_err(|source| AgentError::Status {
+        path: status_dir.clone(),
+        source,
+    })?;
+    let origin_limiter = RateLimiter::new(cfg.limits.origin_bytes_per_sec);
+
+    let runs: Vec<Arc<ContentRun>> = cfg
+        .contents
+        .iter()
+        .map(|c| {
+            Arc::new(ContentRun {
+                cfg: c.clone(),
+                fill: Mutex::new(None),
+                outcome: Mutex::new(Outcome {
+                    phase: Phase::Pending,
+                    reason: None,
+                    message: None,
+                }),
+            })
+        })
+        .collect();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for run in &runs {
+        tasks.spawn(content_task(
+            run.clone(),
+            swarm.clone(),
+            cfg.clone(),
+            origin_limiter.clone(),
+            metrics.clone(),
+        ));
+    }
+    swarm.connect(
+        cfg.contents
+            .iter()
+            .flat_map(|c| c.peers.iter().map(|p| (p.node.clone(), p.addr))),
+    );
+
+    let status_stop = CancellationToken::new();
+    let status_task = tokio::spawn(status_loop(
+        runs.clone(),
+        swarm.clone(),
+        status_dir.clone(),
+        metrics.clone(),
+        status_stop.clone(),
+    ));
+
+    // Content tasks end when their content is complete or failed.
+    tokio::select! {
+        _ = async { while tasks.join_next().await.is_some() {} } => {
+            info!("every content is complete or failed");
+            if cfg.stay {
+                shutdown.cancelled().await;
+            }
+        }
+        _ = shutdown.cancelled() => {}
+    }
+    tasks.abort_all();
+    status_stop.cancel();
+    match status_task.await {
+        Ok(Err(e)) => warn!(error = %e, "status writer failed"),
+        Err(e) => warn!(error = %e, "status writer panicked"),
+        Ok(Ok(())) => {}
+    }
+    swarm.shutdown().await;
+    Ok(runs
+        .iter()
+        .map(|r| (r.cfg.id.clone(), r.phase()))
+        .collect())
+}
+
+fn headers(h: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Prepares one content (layout, store, hash authority), then fills or
+/// seeds it until complete or failed.
+async fn content_task(
+    run: Arc<ContentRun>,
+    swarm: Swarm,
+    cfg: AgentConfig,
+    origin_limiter: RateLimiter,
+    metrics: Metrics,
+) {
+    let c = &run.cfg;
+    let me = cfg.node.as_str();
+    let Ok(dest) = dest_path(&cfg.data_dir, &c.path) else {
+        run.fail("InvalidPath", format!("invalid path {}", c.path.display()));
+        return;
+    };
+    // Layout: configured, or the origin's length.
+    let origin = match &c.source {
+        SourceConfig::Http { url, headers: h, .. } => {
+            match OriginClient::new(url, headers(h), OriginOptions::default()) {
+                Ok(o) => Some(o.with_metrics(metrics.clone())),
+                Err(e) => return run.fail(e.reason(), e.to_string()),
+            }
+        }
+        SourceConfig::Node { .. } => None,
+    };
+    let size = match (c.size, &origin) {
+        (Some(s), _) => s,
+        (None, Some(o)) => match o.content_length().await {
+            Ok(s) => s,
+            Err(e) => return run.fail(e.reason(), e.to_string()),
+        },
+        (None, None) => match &c.source {
+            SourceConfig::Node { path: Some(p), .. } => match tokio::fs::metadata(p).await {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    return run.fail("SourceUnreadable", format!("{}: {e}", p.display()));
+                }
+            },
+            _ => return run.fail("InvalidConfig", "content size unknown".into()),
+        },
+    };
+    let layout = match Layout::new(size, c.piece_size) {
+        Ok(l) => l,
+        Err(e) => return run.fail("InvalidConfig", e.to_string()),
+    };
+    let authority = match &c.source {
+        SourceConfig::Http { readers, .. } => {
+            let ranges = split_ranges(&layout, readers.len() as u32);
+            Authority::Readers(readers.iter().cloned().zip(ranges).collect())
+        }
+        SourceConfig::Node { node, .. } => Authority::Seeder(node.clone()),
+    };
+    let spec = FillSpec {
+        id: c.id.clone(),
+        layout,
+        digest: c.digest,
+        authority: authority.clone(),
+        allowed: c.allowed_peers.iter().cloned().collect(),
+    };
+    let seed_path = match &c.source {
+        SourceConfig::Node { node, path } if node == me => Some(path.clone().unwrap_or(dest.clone())),
+        _ => None,
+    };
+    let partial_dir = cfg.data_dir.join(PARTIAL_DIR);
+    let already_there = seed_path.is_none()
+        && !partial_dir.join(format!("{}.bitmap", c.id)).exists()
+        && tokio::fs::metadata(&dest)
+            .await
+            .is_ok_and(|m| m.is_file() && m.len() == size);
+    let complete_file = seed_path.clone().or(already_there.then(|| dest.clone()));
+    let store = match &complete_file {
+        Some(p) => PieceStore::open_complete(p, layout),
+        None => {
+            let (dir, id) = (partial_dir.clone(), c.id.clone());
+            match tokio::task::spawn_blocking(move || PieceStore::open(&dir, &id, layout)).await {
+                Ok(r) => r,
+                Err(e) => Err(StoreError::Join(e)),
+            }
+        }
+    };
+    let store = match store {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = match e {
+                StoreError::InsufficientSpace { .. } => "InsufficientSpace",
+                _ => "StorageError",
+            };
+            return run.fail(reason, e.to_string());
+        }
+    };
+    let liar = cfg.fault == Some(Fault::CorruptUploads);
+    let fill = Fill::new(spec, store, liar);
+    *run.fill.lock().unwrap_or_else(PoisonError::into_inner) = Some(fill.clone());
+    run.set(Phase::Fetching, None, None);
+    swarm.add_content(fill.clone());
+
+    if let Some(path) = complete_file {
+        // A seeder, or a content this node finished before a restart: hash
+        // the file we hold, check it against the digest if one was given.
+        info!(content = %c.id, path = %path.display(), "serving a complete file");
+        if let Err(e) = seed_hashes(&fill, me, 0..layout.piece_count()).await {
+            return run.fail(e.reason(), e.to_string());
+        }
+        fill.mark_all_held();
+        if let Some(want) = c.digest {
+            let got = content::digest_file(&path, want.algo()).await;
+            match got {
+                Ok(got) if got == want => {}
+                Ok(got) => {
+                    return run.fail(
+                        "DigestMismatch",
+                        format!("{} has digest {got}, expected {want}", path.display()),
+                    );
+                }
+                Err(e) => return run.fail("SourceUnreadable", e.to_string()),
+            }
+        }
+        run.set(Phase::Complete, None, None);
+        return;
+    }
+
+    // Origin reader: re-hash what we already hold of our range (resume),
+    // then read the rest.
+    let mut origin_task = None;
+    if let (Some(client), Authority::Readers(rs)) = (origin, &authority) {
+        for (_, range) in rs.iter().filter(|(n, _)| n == me) {
+            if let Err(e) = seed_hashes(&fill, me, range.clone()).await {
+                return run.fail(e.reason(), e.to_string());
+            }
+        }
+        let mine: Vec<_> = rs
+            .iter()
+            .filter(|(n, _)| n == me)
+            .map(|(_, r)| r.clone())
+            .collect();
+        if !mine.is_empty() {
+            let (fill, me, limiter, metrics) =
+                (fill.clone(), me.to_string(), origin_limiter, metrics.clone());
+            let concurrency = cfg.tuning.origin_concurrency;
+            origin_task = Some(tokio::spawn(async move {
+                for range in mine {
+                    read_origin_range(
+                        fill.clone(),
+                        me.clone(),
+                        client.clone(),
+                        range,
+                        concurrency,
+                        limiter.clone(),
+                        metrics.clone(),
+                    )
+                    .await?;
+                }
+                Ok::<(), crate::swarm::OriginReadError>(())
+            }));
+        }
+    }
+    if let Some(task) = origin_task {
+        let result = tokio::select! {
+            r = task => r,
+            _ = fill.wait_complete() => Ok(Ok(())),
+        };
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return run.fail(e.reason(), e.to_string()),
+            Err(e) => return run.fail("InternalError", e.to_string()),
+        }
+    }
+    fill.wait_complete().await;
+    match fill.finish(&dest).await {
+        Ok(()) => {
+            info!(content = %c.id, dest = %dest.display(), "content complete and verified");
+            run.set(Phase::Complete, None, None);
+        }
+        Err(e) => run.fail(e.reason(), e.to_string()),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes every content's status file and progress metrics periodically,
+/// and once more when stopped.
+async fn status_loop(
+    runs: Vec<Arc<ContentRun>>,
+    swarm: Swarm,
+    dir: PathBuf,
+    metrics: Metrics,
+    stop: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut last: Vec<(Instant, u64)> = vec![(Instant::now(), 0); runs.len()];
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+            _ = stop.cancelled() => true,
+        };
+        let banned = swarm.banned();
+        let connected = swarm.connected();
+        for (run, last) in runs.iter().zip(last.iter_mut()) {
+            let st = snapshot(run, &banned, &connected, last);
+            if st.size > 0 {
+                metrics.set_progress(&st.id, st.bytes_done as f64 / st.size as f64);
+            } else {
+                metrics.set_progress(&st.id, 1.0);
+            }
+            metrics.set_rate(&st.id, st.rate);
+            let path = status_path(&dir, &st.id);
+            let json = serde_json::to_vec_pretty(&st).unwrap_or_default();
+            write_atomic(&path, &json).map_err(|source| AgentError::Status { path, source })?;
+        }
+        if stopping {
+            return Ok(());
+        }
+    }
+}
+
+fn snapshot(
+    run: &ContentRun,
+    banned: &[String],
+    connected: &[String],
+    last: &mut (Instant, u64),
+) -> ContentStatus {
+    let (phase, reason, message) = {
+        let o = run.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        (o.phase, o.reason.clone(), o.message.clone())
+    };
+    let mut st = ContentStatus {
+        id: run.cfg.id.clone(),
+        phase,
+        reason,
+        message,
+        size: run.cfg.size.unwrap_or(0),
+        piece_count: 0,
+        pieces_done: 0,
+        bytes_done: 0,
+        bytes_from_origin: 0,
+        bytes_from_peers: 0,
+        bytes_sent: 0,
+        bytes_wasted: 0,
+        rate: 0.0,
+        resumed_pieces: 0,
+        pieces_rejected: 0,
+        rejected_from: BTreeMap::new(),
+        banned_peers: banned.to_vec(),
+        connected_peers: connected.to_vec(),
+        updated_at_ms: now_ms(),
+    };
+    if let Some(fill) = run.fill() {
+        let s = &fill.stats;
+        let layout = fill.layout();
+        st.size = layout.size;
+        st.piece_count = layout.piece_count();
+        st.pieces_done = fill.pieces_done();
+        st.bytes_done = fill.bytes_done();
+        st.bytes_from_origin = s.bytes_from_origin.load(Ordering::Relaxed);
+        st.bytes_from_peers = s.bytes_from_peers.load(Ordering::Relaxed);
+        st.bytes_sent = s.bytes_sent.load(Ordering::Relaxed);
+        st.bytes_wasted = s.bytes_wasted.load(Ordering::Relaxed);
+        st.resumed_pieces = s.resumed_pieces.load(Ordering::Relaxed);
+        st.pieces_rejected = s.pieces_rejected.load(Ordering::Relaxed);
+        st.rejected_from = fill.rejected_from();
+        let received = st.bytes_from_origin + st.bytes_from_peers;
+        let now = Instant::now();
+        let dt = now.duration_since(last.0).as_secs_f64();
+        if dt > 0.0 {
+            st.rate = received.saturating_sub(last.1) as f64 / dt;
+        }
+        *last = (now, received);
+    }
+    st
+}

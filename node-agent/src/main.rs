@@ -1,1 +1,144 @@
-fn main() {}
+//! `peerfill-agent`: the node agent binary.
+//!
+//! - `peerfill-agent run --config agent.json` fills (and seeds) the contents
+//!   of the config; with `stay: true` it keeps serving until SIGTERM/SIGINT.
+//! - `peerfill-agent gen-certs --out DIR --nodes a,b,c` writes a cluster CA
+//!   and one identity per node (`DIR/<node>/{tls.crt,tls.key,ca.crt}`), for
+//!   tests, benchmarks and local demos.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use peerfill_agent::agent::{self, AgentConfig, Phase};
+use peerfill_agent::tls::ClusterCa;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "peerfill-agent", version, about = "peerfill node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent with a JSON or YAML config file.
+    Run {
+        #[arg(long, env = "PEERFILL_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Generate a cluster CA and node identities (for tests and demos).
+    GenCerts {
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated node names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Common name of the CA.
+        #[arg(long, default_value = "peerfill-cluster-ca")]
+        ca_name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::GenCerts {
+            out,
+            nodes,
+            ca_name,
+        } => match gen_certs(&out, &nodes, &ca_name) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %e, "gen-certs failed");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(error = %e, "cannot start the runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+fn gen_certs(out: &std::path::Path, nodes: &[String], ca_name: &str) -> anyhow::Result<()> {
+    let ca = ClusterCa::generate(ca_name)?;
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("ca.crt"), ca.cert_pem())?;
+    for node in nodes {
+        ca.issue(node)?.write(&out.join(node))?;
+    }
+    info!(out = %out.display(), nodes = nodes.len(), "identities written");
+    Ok(())
+}
+
+async fn run(config: PathBuf) -> ExitCode {
+    let cfg = match AgentConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "invalid configuration");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("shutting down");
+            shutdown.cancel();
+        });
+    }
+    match agent::run(cfg, shutdown).await {
+        Ok(summary) => {
+            let failed: Vec<_> = summary
+                .iter()
+                .filter(|(_, p)| **p == Phase::Failed)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                error!(?failed, "some contents failed");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

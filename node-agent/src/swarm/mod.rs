@@ -1,1 +1,494 @@
-//! swarm
+//! The swarm engine: one QUIC endpoint per agent, one mutually authenticated
+//! connection per peer node, and per content the piece exchange of
+//! [`peer`] driven by the [`picker`].
+//!
+//! Connections: every agent dials the peers it is given and accepts peers
+//! dialing it; a peer must present a certificate of the cluster CA (checked
+//! in the TLS handshake, before any stream exists). When both sides dial
+//! each other, the connection dialed by the node with the smaller name is
+//! kept and the other closed, on both sides, so each pair ends up with one
+//! connection. A banned node is disconnected and never accepted again.
+//!
+//! Memory: at most `max_inflight` pieces are being downloaded and at most
+//! `upload_slots` pieces being uploaded at any time, each one buffer of one
+//! piece, so memory does not grow with the content size or the peer count.
+
+mod fill;
+mod origin_reader;
+mod peer;
+pub mod picker;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use fill::{Authority, Fill, FillError, FillSpec, FillStats};
+pub use origin_reader::{OriginReadError, read_origin_range, seed_hashes};
+
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::tls::{self, NodeIdentity};
+
+/// Application close codes of a connection.
+pub(crate) mod close {
+    use quinn::VarInt;
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    pub const DUPLICATE: VarInt = VarInt::from_u32(1);
+    pub const PROTOCOL: VarInt = VarInt::from_u32(2);
+    pub const BANNED: VarInt = VarInt::from_u32(3);
+    pub const WRONG_NODE: VarInt = VarInt::from_u32(4);
+}
+
+/// Faults an agent can be told to commit, for tests of the honest agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Fault {
+    /// Claim every piece of every content and serve corrupted bytes.
+    CorruptUploads,
+}
+
+/// Tuning and identity of the engine.
+#[derive(Debug, Clone)]
+pub struct SwarmOptions {
+    pub node: String,
+    pub listen: SocketAddr,
+    /// Pieces being downloaded at once, over all peers and contents.
+    pub max_inflight: usize,
+    /// Outstanding requests per peer and content.
+    pub pipeline: usize,
+    /// Pieces being uploaded at once; further requests wait in line.
+    pub upload_slots: usize,
+    /// Bad pieces from one node before it is banned.
+    pub strikes_to_ban: u32,
+    /// Longest wait for one piece before the request is given up.
+    pub request_timeout: Duration,
+    pub download_rate: Option<u64>,
+    pub upload_rate: Option<u64>,
+    pub fault: Option<Fault>,
+}
+
+impl SwarmOptions {
+    /// Defaults for a node named `node` listening on `listen`.
+    pub fn new(node: impl Into<String>, listen: SocketAddr) -> Self {
+        SwarmOptions {
+            node: node.into(),
+            listen,
+            max_inflight: 8,
+            pipeline: 3,
+            upload_slots: 4,
+            strikes_to_ban: 2,
+            request_timeout: Duration::from_secs(30),
+            download_rate: None,
+            upload_rate: None,
+            fault: None,
+        }
+    }
+}
+
+/// Errors starting the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("binding QUIC endpoint on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct PeerConn {
+    conn: quinn::Connection,
+    dialed_by_me: bool,
+}
+
+pub(crate) struct Shared {
+    pub(crate) opts: SwarmOptions,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    contents: RwLock<HashMap<String, Arc<Fill>>>,
+    conns: Mutex<HashMap<String, PeerConn>>,
+    banned: Mutex<HashSet<String>>,
+    strikes: Mutex<HashMap<String, u32>>,
+    pub(crate) upload_slots: Arc<Semaphore>,
+    pub(crate) inflight: Arc<Semaphore>,
+    pub(crate) up: RateLimiter,
+    pub(crate) down: RateLimiter,
+    pub(crate) metrics: Metrics,
+    next_session: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves these maps consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The TLS module's transport settings, plus MTU discovery up to jumbo
+/// frames (and loopback): fewer, larger packets cost far less CPU per byte.
+fn transport() -> quinn::TransportConfig {
+    let mut t = tls::transport_config();
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(65_000);
+    t.mtu_discovery_config(Some(mtu));
+    t
+}
+
+/// The running engine of one agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Swarm {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Swarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Swarm")
+            .field("node", &self.shared.opts.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Swarm {
+    /// Binds the QUIC endpoint and starts accepting peers.
+    pub fn start(
+        opts: SwarmOptions,
+        identity: &NodeIdentity,
+        metrics: Metrics,
+    ) -> Result<Swarm, SwarmError> {
+        let transport = Arc::new(transport());
+        let mut server = tls::server_config(identity)?;
+        server.transport_config(transport.clone());
+        let mut client_config = tls::client_config(identity)?;
+        client_config.transport_config(transport);
+        let endpoint =
+            quinn::Endpoint::server(server, opts.listen).map_err(|source| SwarmError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            upload_slots: Arc::new(Semaphore::new(opts.upload_slots.max(1))),
+            inflight: Arc::new(Semaphore::new(opts.max_inflight.max(1))),
+            up: RateLimiter::new(opts.upload_rate),
+            down: RateLimiter::new(opts.download_rate),
+            opts,
+            endpoint,
+            client_config,
+            contents: RwLock::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            banned: Mutex::new(HashSet::new()),
+            strikes: Mutex::new(HashMap::new()),
+            metrics,
+            next_session: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        });
+        tokio::spawn(accept_loop(shared.clone()));
+        info!(node = %shared.opts.node, addr = ?shared.endpoint.local_addr().ok(), "swarm listening");
+        Ok(Swarm { shared })
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.shared.endpoint.local_addr().ok()
+    }
+
+    pub fn node(&self) -> &str {
+        &self.shared.opts.node
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn download_limiter(&self) -> RateLimiter {
+        self.shared.down.clone()
+    }
+
+    /// Adds a content and announces it to connected peers allowed to have it.
+    pub fn add_content(&self, fill: Arc<Fill>) {
+        self.shared
+            .contents
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(fill.spec.id.clone(), fill.clone());
+        let conns: Vec<(String, quinn::Connection)> = lock(&self.shared.conns)
+            .iter()
+            .map(|(n, c)| (n.clone(), c.conn.clone()))
+            .collect();
+        for (node, conn) in conns {
+            if fill.allows(&node) {
+                tokio::spawn(peer::announce(
+                    self.shared.clone(),
+                    conn,
+                    node,
+                    fill.clone(),
+                ));
+            }
+        }
+    }
+
+    /// Keeps a connection to each of these peers (redialing with backoff).
+    pub fn connect(&self, peers: impl IntoIterator<Item = (String, SocketAddr)>) {
+        let mut seen = HashSet::new();
+        for (node, addr) in peers {
+            if node == self.shared.opts.node || !seen.insert(node.clone()) {
+                continue;
+            }
+            tokio::spawn(dial_loop(self.shared.clone(), node, addr));
+        }
+    }
+
+    /// Nodes banned for sending bad pieces.
+    pub fn banned(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.shared.banned).iter().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Nodes currently connected.
+    pub fn connected(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.shared.conns).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Closes every connection and stops the endpoint.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        self.shared.endpoint.close(close::SHUTDOWN, b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+impl Shared {
+    pub(crate) fn content(&self, id: &str) -> Option<Arc<Fill>> {
+        self.contents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    fn contents(&self) -> Vec<Arc<Fill>> {
+        self.contents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn next_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_banned(&self, node: &str) -> bool {
+        lock(&self.banned).contains(node)
+    }
+
+    /// A node sent a piece that failed verification; bans it after
+    /// `strikes_to_ban` such pieces.
+    pub(crate) fn strike(&self, node: &str) {
+        let strikes = {
+            let mut s = lock(&self.strikes);
+            let e = s.entry(node.to_string()).or_default();
+            *e += 1;
+            *e
+        };
+        warn!(peer = node, strikes, "peer sent a piece that failed verification");
+        if strikes < self.opts.strikes_to_ban || !lock(&self.banned).insert(node.to_string()) {
+            return;
+        }
+        warn!(peer = node, strikes, "peer banned");
+        self.metrics.peer_banned();
+        if let Some(pc) = lock(&self.conns).remove(node) {
+            pc.conn.close(close::BANNED, b"banned: bad pieces");
+            self.metrics.peer_disconnected();
+        }
+        for fill in self.contents() {
+            fill.drop_node(node);
+        }
+    }
+}
+
+/// Registers an established connection unless it duplicates a better one,
+/// then runs it until it closes.
+async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, node: String, dialed: bool) {
+    if shared.is_banned(&node) {
+        conn.close(close::BANNED, b"banned");
+        return;
+    }
+    {
+        let mut conns = lock(&shared.conns);
+        if let Some(existing) = conns.get(&node)
+            && existing.conn.close_reason().is_none()
+        {
+            // Keep the connection dialed by the smaller node name.
+            let me_smaller = shared.opts.node < node;
+            let new_canonical = dialed == me_smaller;
+            let old_canonical = existing.dialed_by_me == me_smaller;
+            if old_canonical || !new_canonical {
+                debug!(peer = %node, "duplicate connection closed");
+                conn.close(close::DUPLICATE, b"duplicate");
+                return;
+            }
+            existing.conn.close(close::DUPLICATE, b"duplicate");
+            conns.remove(&node);
+            shared.metrics.peer_disconnected();
+        }
+        conns.insert(
+            node.clone(),
+            PeerConn {
+                conn: conn.clone(),
+                dialed_by_me: dialed,
+            },
+        );
+        shared.metrics.peer_connected();
+    }
+    info!(peer = %node, addr = %conn.remote_address(), dialed, "peer connected");
+    for fill in shared.contents() {
+        if fill.allows(&node) {
+            tokio::spawn(peer::announce(
+                shared.clone(),
+                conn.clone(),
+                node.clone(),
+                fill,
+            ));
+        }
+    }
+    let streams = peer::serve_connection(shared.clone(), conn.clone(), node.clone());
+    tokio::select! {
+        _ = streams => {}
+        _ = shared.shutdown.cancelled() => {}
+    }
+    let reason = conn.closed().now_or_never_reason();
+    let mut conns = lock(&shared.conns);
+    if conns
+        .get(&node)
+        .is_some_and(|pc| pc.conn.stable_id() == conn.stable_id())
+    {
+        conns.remove(&node);
+        shared.metrics.peer_disconnected();
+    }
+    drop(conns);
+    info!(peer = %node, reason = %reason, "peer disconnected");
+}
+
+/// Formats why a connection closed, without waiting.
+trait CloseReason {
+    fn now_or_never_reason(self) -> String;
+}
+
+impl<F: std::future::Future<Output = quinn::ConnectionError>> CloseReason for F {
+    fn now_or_never_reason(self) -> String {
+        use futures::FutureExt;
+        match self.now_or_never() {
+            Some(e) => e.to_string(),
+            None => "still open".to_string(),
+        }
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            i = shared.endpoint.accept() => i,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            // The handshake verifies the client certificate against the
+            // cluster CA: an unauthenticated client never gets a stream.
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%remote, error = %e, "refused incoming connection");
+                    return;
+                }
+            };
+            let node = match tls::peer_node(&conn) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(%remote, error = %e, "refused peer without a usable node identity");
+                    conn.close(close::WRONG_NODE, b"no node identity");
+                    return;
+                }
+            };
+            run_connection(shared, conn, node, false).await;
+        });
+    }
+}
+
+async fn dial_loop(shared: Arc<Shared>, node: String, addr: SocketAddr) {
+    // The larger name waits a little so that, when both dial at once, the
+    // preferred connection (dialed by the smaller name) usually wins outright.
+    if shared.opts.node > node {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if shared.shutdown.is_cancelled() || shared.is_banned(&node) {
+            return;
+        }
+        let existing = lock(&shared.conns).get(&node).map(|c| c.conn.clone());
+        if let Some(conn) = existing {
+            tokio::select! {
+                _ = conn.closed() => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
+            backoff = Duration::from_millis(200);
+            continue;
+        }
+        match dial(&shared, &node, addr).await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(200);
+                run_connection(shared.clone(), conn, node.clone(), true).await;
+            }
+            Err(e) => {
+                debug!(peer = %node, %addr, error = %e, "dial failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shared.shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("peer identity: {0}")]
+    Identity(String),
+    #[error("expected node {want}, the peer is {got}")]
+    WrongNode { want: String, got: String },
+}
+
+async fn dial(shared: &Shared, node: &str, addr: SocketAddr) -> Result<quinn::Connection, DialError> {
+    let conn = shared
+        .endpoint
+        .connect_with(shared.client_config.clone(), addr, node)?
+        .await?;
+    let got = tls::peer_node(&conn).map_err(|e| DialError::Identity(e.to_string()))?;
+    if got != node {
+        conn.close(close::WRONG_NODE, b"unexpected node");
+        return Err(DialError::WrongNode {
+            want: node.to_string(),
+            got,
+        });
+    }
+    Ok(conn)
+}

@@ -1,0 +1,593 @@
+//! The state of one content being filled (or seeded) by this agent: which
+//! pieces are held, which piece hashes are trusted, which peers announce what,
+//! who we announce to, and the counters behind status and metrics.
+//!
+//! # Trust model
+//!
+//! A piece is only ever written, counted, announced or served after its
+//! BLAKE3 hash matched a *trusted* piece hash. Piece hashes are trusted from:
+//!
+//! - ourselves, for the pieces we read from the origin (we hash what we read)
+//!   or hold as the seeder (we hash the file up front);
+//! - the *authority* of that piece, and nobody else: the seeder for a `node`
+//!   source, or the origin reader assigned the range holding the piece for an
+//!   `http` source. The authority is recognised by the node name in its
+//!   certificate (mutual TLS, cluster CA), so another peer cannot forge
+//!   hashes. Consequently every agent must be connected to the authorities
+//!   (a bounded set: the seeder, or the few origin readers).
+//!
+//! A hash announced twice with different values is a conflict: the first one
+//! stays and the conflict is logged. When the user gave a `blake3:` digest,
+//! the full hash list must merge to it before the content completes; with a
+//! `sha256:` digest the finished file is hashed and compared; with neither the
+//! finished file is re-hashed and compared to the root of the hash list, which
+//! catches a corrupted disk or an origin that changed under the readers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::picker::{PeerId, Picker};
+use crate::content::{self, Digest, Layout, PieceHash};
+use crate::store::PieceStore;
+use crate::wire::{self, Message};
+
+/// Who may tell us the hash of a piece.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authority {
+    /// A node holding the whole content (a `node` source).
+    Seeder(String),
+    /// Origin readers, each owning a disjoint range of pieces.
+    Readers(Vec<(String, Range<u32>)>),
+}
+
+impl Authority {
+    /// The node trusted for the hash of `piece`.
+    pub fn of(&self, piece: u32) -> Option<&str> {
+        match self {
+            Authority::Seeder(n) => Some(n),
+            Authority::Readers(rs) => rs
+                .iter()
+                .find(|(_, r)| r.contains(&piece))
+                .map(|(n, _)| n.as_str()),
+        }
+    }
+
+    /// The pieces `node` is the authority for.
+    pub fn ranges_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = Range<u32>> + 'a {
+        let (seeder, readers): (Option<&String>, &[(String, Range<u32>)]) = match self {
+            Authority::Seeder(n) => (Some(n), &[]),
+            Authority::Readers(rs) => (None, rs),
+        };
+        let whole = seeder.filter(|s| s.as_str() == node).map(|_| 0..u32::MAX);
+        whole.into_iter().chain(
+            readers
+                .iter()
+                .filter(move |(n, _)| n == node)
+                .map(|(_, r)| r.clone()),
+        )
+    }
+}
+
+/// What the agent knows about one content.
+#[derive(Debug, Clone)]
+pub struct FillSpec {
+    pub id: String,
+    pub layout: Layout,
+    pub digest: Option<Digest>,
+    pub authority: Authority,
+    /// Nodes this content may be served to.
+    pub allowed: HashSet<String>,
+}
+
+/// Errors of finishing a content.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("piece hashes do not merge to the expected digest {0}")]
+    ManifestMismatch(Digest),
+    #[error("the finished file has digest {got}, expected {want}")]
+    DigestMismatch { got: Digest, want: Digest },
+    #[error("the finished file does not match the piece hashes (BLAKE3 {got}, expected {want})")]
+    RootMismatch { got: String, want: String },
+    #[error("piece hash list incomplete: {0} hashes unknown")]
+    HashesMissing(usize),
+    #[error(transparent)]
+    Content(#[from] content::ContentError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl FillError {
+    /// CamelCase reason for status conditions.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FillError::ManifestMismatch(_) | FillError::DigestMismatch { .. } => "DigestMismatch",
+            FillError::RootMismatch { .. } => "VerificationFailed",
+            FillError::HashesMissing(_) => "HashesMissing",
+            FillError::Content(_) => "VerificationFailed",
+            FillError::Store(crate::store::StoreError::InsufficientSpace { .. }) => {
+                "InsufficientSpace"
+            }
+            FillError::Store(_) => "StorageError",
+        }
+    }
+}
+
+/// Byte and piece counters of one content, for status and rate.
+#[derive(Debug, Default)]
+pub struct FillStats {
+    pub bytes_from_origin: AtomicU64,
+    pub bytes_from_peers: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// Bytes received that were not used (endgame duplicates, bad pieces).
+    pub bytes_wasted: AtomicU64,
+    pub pieces_rejected: AtomicU64,
+    /// Pieces held when the store was opened (resumed from disk).
+    pub resumed_pieces: AtomicU64,
+}
+
+struct Session {
+    node: String,
+    cancel: CancellationToken,
+    /// Outstanding requests of this session, cancelled when another copy wins.
+    requests: HashMap<u32, CancellationToken>,
+}
+
+struct State {
+    picker: Picker,
+    hashes: Vec<Option<PieceHash>>,
+    unknown_hashes: usize,
+    announcers: HashMap<u64, mpsc::UnboundedSender<Message>>,
+    next_announcer: u64,
+    sessions: HashMap<PeerId, Session>,
+    rejected_from: BTreeMap<String, u64>,
+}
+
+/// One content in the swarm. Shared by the peer sessions, the origin
+/// readers and the agent's status task.
+pub struct Fill {
+    pub spec: FillSpec,
+    pub(crate) store: PieceStore,
+    state: Mutex<State>,
+    /// Woken whenever something a downloader waits for may have changed.
+    pub(crate) changed: Notify,
+    pub stats: FillStats,
+    /// Becomes true when every piece is held and every hash known.
+    complete: watch::Sender<bool>,
+    /// Announce every piece and serve garbage (fault injection for tests).
+    pub(crate) liar: bool,
+}
+
+impl std::fmt::Debug for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fill").field("id", &self.spec.id).finish()
+    }
+}
+
+impl Fill {
+    /// A fill over `store` (resumed pieces are taken from its bitmap).
+    pub fn new(spec: FillSpec, store: PieceStore, liar: bool) -> Arc<Fill> {
+        let n = spec.layout.piece_count();
+        let mut picker = Picker::new(n);
+        let have = store.have();
+        for i in have.iter_ones() {
+            picker.set_have(i);
+        }
+        let stats = FillStats::default();
+        stats
+            .resumed_pieces
+            .store(u64::from(have.count_ones()), Ordering::Relaxed);
+        let (complete, _) = watch::channel(false);
+        Arc::new(Fill {
+            spec,
+            store,
+            state: Mutex::new(State {
+                picker,
+                hashes: vec![None; n as usize],
+                unknown_hashes: n as usize,
+                announcers: HashMap::new(),
+                next_announcer: 0,
+                sessions: HashMap::new(),
+                rejected_from: BTreeMap::new(),
+            }),
+            changed: Notify::new(),
+            stats,
+            complete,
+            liar,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // State updates are small and leave it consistent at every step.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.spec.layout
+    }
+
+    pub fn allows(&self, node: &str) -> bool {
+        self.spec.allowed.contains(node)
+    }
+
+    /// Pieces held (verified and durable).
+    pub fn pieces_done(&self) -> u32 {
+        self.store.held_count()
+    }
+
+    pub fn bytes_done(&self) -> u64 {
+        self.store.held_bytes()
+    }
+
+    /// Pieces rejected, by the node that sent them.
+    pub fn rejected_from(&self) -> BTreeMap<String, u64> {
+        self.lock().rejected_from.clone()
+    }
+
+    /// Resolves when the content is complete (all pieces held and hashes known).
+    pub async fn wait_complete(&self) {
+        let mut rx = self.complete.subscribe();
+        // The sender lives as long as `self`, so this only ends when complete.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    fn check_complete(&self, st: &State) {
+        if st.picker.is_complete() && st.unknown_hashes == 0 {
+            self.complete.send_replace(true);
+        }
+    }
+
+    /// The trusted hash of a piece, if known.
+    pub fn hash(&self, piece: u32) -> Option<PieceHash> {
+        self.lock().hashes.get(piece as usize).copied().flatten()
+    }
+
+    fn set_hash_locked(&self, st: &mut State, piece: u32, hash: PieceHash, from: &str) -> bool {
+        let Some(slot) = st.hashes.get_mut(piece as usize) else {
+            return false;
+        };
+        match slot {
+            Some(h) if *h == hash => false,
+            Some(_) => {
+                warn!(content = %self.spec.id, piece, from, "conflicting piece hash ignored");
+                false
+            }
+            None => {
+                *slot = Some(hash);
+                st.unknown_hashes -= 1;
+                st.picker.set_hash_known(piece);
+                true
+            }
+        }
+    }
+
+    /// Hashes announced by `node`: kept only for the pieces it is the
+    /// authority for.
+    pub fn hashes_from(&self, node: &str, entries: &[(u32, PieceHash)]) {
+        let mut st = self.lock();
+        let mut learned = 0;
+        for (piece, hash) in entries {
+            if self.spec.authority.of(*piece) != Some(node) {
+                debug!(content = %self.spec.id, piece, from = node, "hash from non-authority ignored");
+                continue;
+            }
+            if self.set_hash_locked(&mut st, *piece, *hash, node) {
+                learned += 1;
+            }
+        }
+        if learned > 0 {
+            self.check_complete(&st);
+            drop(st);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Hashes we computed ourselves over bytes we hold (resumed origin
+    /// ranges, a seeded file). Announced to peers if we are their authority.
+    pub fn own_hashes(&self, node: &str, entries: &[(u32, PieceHash)]) {
+        let mut st = self.lock();
+        for (piece, hash) in entries {
+            self.set_hash_locked(&mut st, *piece, *hash, node);
+        }
+        let mine: Vec<_> = entries
+            .iter()
+            .filter(|(p, _)| self.spec.authority.of(*p) == Some(node))
+            .copied()
+            .collect();
+        for m in wire::hash_messages(&mine) {
+            st.announcers.retain(|_, tx| tx.send(m.clone()).is_ok());
+        }
+        self.check_complete(&st);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Registers an announce stream to a peer: queues `Hello`, our bitfield
+    /// and the hashes we are the authority for, then every later `Have`.
+    /// Done under the state lock so no piece falls between snapshot and
+    /// registration.
+    pub(crate) fn register_announcer(
+        &self,
+        me: &str,
+        tx: mpsc::UnboundedSender<Message>,
+    ) -> u64 {
+        let mut st = self.lock();
+        let layout = self.spec.layout;
+        let n = layout.piece_count();
+        let _ = tx.send(Message::Hello {
+            content: self.spec.id.clone(),
+            size: layout.size,
+            piece_size: layout.piece_size,
+        });
+        let bits = if self.liar {
+            wire::pack_bits((0..n).map(|_| true))
+        } else {
+            wire::pack_bits((0..n).map(|i| st.picker.have(i)))
+        };
+        let _ = tx.send(Message::Bitfield { bits });
+        let mine: Vec<(u32, PieceHash)> = st
+            .hashes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                let i = i as u32;
+                let h = (*h)?;
+                (st.picker.have(i) && self.spec.authority.of(i) == Some(me)).then_some((i, h))
+            })
+            .collect();
+        for m in wire::hash_messages(&mine) {
+            let _ = tx.send(m);
+        }
+        let id = st.next_announcer;
+        st.next_announcer += 1;
+        st.announcers.insert(id, tx);
+        id
+    }
+
+    pub(crate) fn unregister_announcer(&self, id: u64) {
+        self.lock().announcers.remove(&id);
+    }
+
+    /// A peer opened an announce stream for this content.
+    pub(crate) fn add_session(&self, id: PeerId, node: &str) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        let mut st = self.lock();
+        st.picker.add_peer(id, |_| false);
+        st.sessions.insert(
+            id,
+            Session {
+                node: node.to_string(),
+                cancel: cancel.clone(),
+                requests: HashMap::new(),
+            },
+        );
+        cancel
+    }
+
+    pub(crate) fn remove_session(&self, id: PeerId) {
+        let mut st = self.lock();
+        st.picker.remove_peer(id);
+        if let Some(s) = st.sessions.remove(&id) {
+            s.cancel.cancel();
+            for (_, c) in s.requests {
+                c.cancel();
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Ends every session with `node` (it was banned).
+    pub(crate) fn drop_node(&self, node: &str) {
+        let ids: Vec<PeerId> = self
+            .lock()
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.node == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.remove_session(id);
+        }
+    }
+
+    pub(crate) fn session_bitfield(&self, id: PeerId, bits: &[u8]) {
+        let mut st = self.lock();
+        if st.sessions.contains_key(&id) {
+            st.picker.add_peer(id, |i| wire::bit(bits, i));
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn session_have(&self, id: PeerId, piece: u32) {
+        self.lock().picker.peer_has(id, piece);
+        self.changed.notify_waiters();
+    }
+
+    /// Chooses a piece to request from session `id` and returns it with its
+    /// trusted hash and a token that cancels the request.
+    pub(crate) fn pick(&self, id: PeerId) -> Option<(u32, PieceHash, CancellationToken)> {
+        let mut st = self.lock();
+        let piece = st.picker.pick(id, &mut rand::rng())?;
+        let Some(hash) = st.hashes[piece as usize] else {
+            // The picker only offers pieces with a known hash.
+            st.picker.release(piece, id);
+            return None;
+        };
+        let token = CancellationToken::new();
+        if let Some(s) = st.sessions.get_mut(&id) {
+            s.requests.insert(piece, token.clone());
+        }
+        Some((piece, hash, token))
+    }
+
+    /// Whether the peer of session `id` has a piece we could request now.
+    pub(crate) fn interesting(&self, id: PeerId) -> bool {
+        self.lock().picker.interesting(id)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        *self.complete.borrow()
+    }
+
+    fn forget_request(st: &mut State, id: PeerId, piece: u32) {
+        if let Some(s) = st.sessions.get_mut(&id) {
+            s.requests.remove(&piece);
+        }
+    }
+
+    /// A request failed or was cancelled: the piece goes back to the pool.
+    pub(crate) fn release(&self, id: PeerId, piece: u32) {
+        let mut st = self.lock();
+        st.picker.release(piece, id);
+        Self::forget_request(&mut st, id, piece);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// A piece from `node` failed verification.
+    pub(crate) fn rejected(&self, id: PeerId, node: &str, piece: u32, len: u64) {
+        self.stats.pieces_rejected.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_wasted.fetch_add(len, Ordering::Relaxed);
+        let mut st = self.lock();
+        *st.rejected_from.entry(node.to_string()).or_default() += 1;
+        st.picker.release(piece, id);
+        Self::forget_request(&mut st, id, piece);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Stores a verified piece received from session `id` (`None`: read from
+    /// the origin by us, with `hash` computed from the data) and announces
+    /// it. Returns false when the piece was a duplicate (already held or
+    /// being written).
+    pub(crate) async fn store_verified(
+        &self,
+        id: Option<PeerId>,
+        me: &str,
+        piece: u32,
+        data: Bytes,
+        own_hash: Option<PieceHash>,
+    ) -> Result<bool, crate::store::StoreError> {
+        {
+            let mut st = self.lock();
+            let peer = id.unwrap_or(PeerId::MAX);
+            if let Some(id) = id {
+                Self::forget_request(&mut st, id, piece);
+            }
+            if !st.picker.begin_write(piece, peer) {
+                drop(st);
+                self.changed.notify_waiters();
+                return Ok(false);
+            }
+        }
+        if let Err(e) = self.store.write_piece(piece, data).await {
+            self.lock().picker.abort_write(piece);
+            self.changed.notify_waiters();
+            return Err(e);
+        }
+        let mut st = self.lock();
+        if let Some(h) = own_hash {
+            self.set_hash_locked(&mut st, piece, h, me);
+        }
+        let losers = st.picker.finish_write(piece);
+        for loser in losers {
+            if let Some(s) = st.sessions.get_mut(&loser)
+                && let Some(tok) = s.requests.remove(&piece)
+            {
+                tok.cancel();
+            }
+        }
+        let mut msgs = vec![Message::Have { piece }];
+        if let Some(h) = st.hashes[piece as usize]
+            && self.spec.authority.of(piece) == Some(me)
+        {
+            msgs.insert(0, Message::Hashes { entries: vec![(piece, h)] });
+        }
+        st.announcers
+            .retain(|_, tx| msgs.iter().all(|m| tx.send(m.clone()).is_ok()));
+        self.check_complete(&st);
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(true)
+    }
+
+    /// Marks the whole content complete without downloading (a seeder).
+    pub(crate) fn mark_all_held(&self) {
+        let mut st = self.lock();
+        for i in 0..self.spec.layout.piece_count() {
+            st.picker.set_have(i);
+        }
+        self.check_complete(&st);
+    }
+
+    /// Final checks once every piece is held and every hash known (see the
+    /// module comment), then the atomic rename onto `dest`.
+    pub async fn finish(&self, dest: &std::path::Path) -> Result<(), FillError> {
+        let layout = self.spec.layout;
+        let hashes: Vec<PieceHash> = {
+            let st = self.lock();
+            if st.unknown_hashes > 0 {
+                return Err(FillError::HashesMissing(st.unknown_hashes));
+            }
+            st.hashes.iter().flatten().copied().collect()
+        };
+        let root = content::root_from_pieces(&layout, &hashes)?;
+        let need_rehash = match &self.spec.digest {
+            Some(d @ Digest::Blake3(_)) => {
+                if !content::manifest_root_matches(&layout, &hashes, d) {
+                    return Err(FillError::ManifestMismatch(*d));
+                }
+                // Every piece was verified against a list that merges to
+                // the user's digest: the file is that content.
+                false
+            }
+            _ => true,
+        };
+        if need_rehash {
+            let mut b3 = blake3::Hasher::new();
+            let mut sha = match &self.spec.digest {
+                Some(Digest::Sha256(_)) => {
+                    Some(content::StreamingDigest::new(content::DigestAlgo::Sha256))
+                }
+                _ => None,
+            };
+            for i in 0..layout.piece_count() {
+                let data = self.store.read_piece(i).await?;
+                let (b3_next, sha_next) = tokio::task::spawn_blocking(move || {
+                    b3.update(&data);
+                    if let Some(s) = sha.as_mut() {
+                        s.update(&data);
+                    }
+                    (b3, sha)
+                })
+                .await
+                .map_err(|e| FillError::Store(crate::store::StoreError::Join(e)))?;
+                b3 = b3_next;
+                sha = sha_next;
+            }
+            let got = b3.finalize();
+            if got != root {
+                return Err(FillError::RootMismatch {
+                    got: got.to_hex().to_string(),
+                    want: root.to_hex().to_string(),
+                });
+            }
+            if let (Some(s), Some(want)) = (sha, self.spec.digest) {
+                let got = s.finalize();
+                if got != want {
+                    return Err(FillError::DigestMismatch { got, want });
+                }
+            }
+        }
+        self.store.clone().finalize(dest).await?;
+        Ok(())
+    }
+}

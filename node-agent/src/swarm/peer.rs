@@ -1,0 +1,419 @@
+//! What happens on one peer connection.
+//!
+//! - For each content the peer may have, we open a unidirectional *announce*
+//!   stream: `Hello`, our bitfield, the piece hashes we are the authority
+//!   for, then `Have` (and hashes) as pieces arrive.
+//! - For each announce stream the peer opens to us, a *session*: its
+//!   bitfield and haves feed the picker, and a downloader keeps up to
+//!   `pipeline` requests outstanding to that peer.
+//! - Each request is its own bidirectional stream (`Request` → `Piece` or
+//!   `Reject`), so pieces never queue behind each other and cancelling one
+//!   (endgame loser, banned peer) is stopping its stream.
+//!
+//! A malformed frame closes the connection with the decoding error as reason.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::picker::PeerId;
+use super::{Fill, Shared, close};
+use crate::content::{self, PieceHash};
+use crate::metrics::Source;
+use crate::wire::{self, Message, RejectReason, WireError};
+
+/// Largest control frame (bitfields, hash batches, requests).
+const MAX_CONTROL_FRAME: u32 = 1 << 20;
+
+fn protocol_error(conn: &quinn::Connection, node: &str, what: &str, err: &dyn std::fmt::Display) {
+    warn!(peer = node, error = %err, "closing connection: {what}");
+    let reason = format!("{what}: {err}");
+    conn.close(close::PROTOCOL, &reason.as_bytes()[..reason.len().min(200)]);
+}
+
+/// Sends our announcements for `fill` to `node` until either side goes away.
+pub(crate) async fn announce(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    node: String,
+    fill: Arc<Fill>,
+) {
+    let mut send = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(peer = %node, error = %e, "cannot open announce stream");
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = fill.register_announcer(&shared.opts.node, tx);
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            _ = conn.closed() => None,
+        };
+        let Some(msg) = msg else { break };
+        if let Err(e) = send.write_all(&msg.encode()).await {
+            debug!(peer = %node, error = %e, "announce stream closed");
+            break;
+        }
+    }
+    fill.unregister_announcer(id);
+}
+
+/// Accepts the streams the peer opens until the connection closes.
+pub(crate) async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, node: String) {
+    let uni = {
+        let (shared, conn, node) = (shared.clone(), conn.clone(), node.clone());
+        async move {
+            while let Ok(recv) = conn.accept_uni().await {
+                tokio::spawn(inbound_announce(
+                    shared.clone(),
+                    conn.clone(),
+                    node.clone(),
+                    recv,
+                ));
+            }
+        }
+    };
+    let bi = async move {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            tokio::spawn(serve_request(
+                shared.clone(),
+                conn.clone(),
+                node.clone(),
+                send,
+                recv,
+            ));
+        }
+    };
+    tokio::join!(uni, bi);
+}
+
+/// Reads a peer's announcements for one content and downloads from it.
+async fn inbound_announce(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    node: String,
+    mut recv: quinn::RecvStream,
+) {
+    let (content_id, size, piece_size) = match wire::read_frame(&mut recv, MAX_CONTROL_FRAME).await
+    {
+        Ok(Some(Message::Hello {
+            content,
+            size,
+            piece_size,
+        })) => (content, size, piece_size),
+        Ok(None) => return,
+        Ok(Some(other)) => {
+            protocol_error(&conn, &node, "announce stream must start with Hello", &format!("{other:?}").chars().take(60).collect::<String>());
+            return;
+        }
+        Err(e) => {
+            protocol_error(&conn, &node, "malformed frame", &e);
+            return;
+        }
+    };
+    let Some(fill) = shared.content(&content_id) else {
+        debug!(peer = %node, content = %content_id, "announce for a content we do not hold");
+        let _ = recv.stop(0u32.into());
+        return;
+    };
+    let layout = fill.layout();
+    if layout.size != size || layout.piece_size != piece_size {
+        warn!(peer = %node, content = %content_id, size, piece_size, "peer announces another layout; ignored");
+        let _ = recv.stop(0u32.into());
+        return;
+    }
+    let sid: PeerId = shared.next_session();
+    let cancel = fill.add_session(sid, &node);
+    let downloader = tokio::spawn(download(
+        shared.clone(),
+        conn.clone(),
+        node.clone(),
+        fill.clone(),
+        sid,
+        cancel.clone(),
+    ));
+    loop {
+        let frame = tokio::select! {
+            f = wire::read_frame(&mut recv, MAX_CONTROL_FRAME) => f,
+            _ = cancel.cancelled() => break,
+        };
+        match frame {
+            Ok(Some(Message::Bitfield { bits })) => fill.session_bitfield(sid, &bits),
+            Ok(Some(Message::Have { piece })) => fill.session_have(sid, piece),
+            Ok(Some(Message::Hashes { entries })) => fill.hashes_from(&node, &entries),
+            Ok(Some(other)) => {
+                let what = format!("{other:?}").chars().take(60).collect::<String>();
+                protocol_error(&conn, &node, "unexpected message on announce stream", &what);
+                break;
+            }
+            Ok(None) => break,
+            Err(WireError::Io(e)) => {
+                debug!(peer = %node, error = %e, "announce stream ended");
+                break;
+            }
+            Err(e) => {
+                protocol_error(&conn, &node, "malformed frame", &e);
+                break;
+            }
+        }
+    }
+    fill.remove_session(sid);
+    downloader.abort();
+}
+
+/// Keeps up to `pipeline` requests outstanding to one peer for one content.
+async fn download(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    node: String,
+    fill: Arc<Fill>,
+    sid: PeerId,
+    cancel: CancellationToken,
+) {
+    let mut outstanding = JoinSet::new();
+    loop {
+        // Register for wake-ups before looking at the state.
+        let changed = fill.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
+            let Ok(permit) = shared.inflight.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some((piece, hash, token)) = fill.pick(sid) else {
+                break;
+            };
+            outstanding.spawn(fetch(
+                shared.clone(),
+                conn.clone(),
+                node.clone(),
+                fill.clone(),
+                sid,
+                piece,
+                hash,
+                token,
+                permit,
+            ));
+        }
+        tokio::select! {
+            Some(_) = outstanding.join_next(), if !outstanding.is_empty() => {}
+            _ = &mut changed => {}
+            // Permits freed by other sessions do not notify; poll a little.
+            _ = tokio::time::sleep(Duration::from_millis(50)), if fill.interesting(sid) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    outstanding.abort_all();
+}
+
+enum FetchError {
+    Rejected(RejectReason),
+    Transport(String),
+    Protocol(String),
+    Timeout,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    node: String,
+    fill: Arc<Fill>,
+    sid: PeerId,
+    piece: u32,
+    hash: PieceHash,
+    token: CancellationToken,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let layout = fill.layout();
+    let len = layout.piece_len(piece);
+    let result = tokio::select! {
+        r = tokio::time::timeout(shared.opts.request_timeout, request_piece(&shared, &conn, &fill.spec.id, piece, len)) => {
+            r.unwrap_or(Err(FetchError::Timeout))
+        }
+        _ = token.cancelled() => {
+            // Endgame loser or ended session: dropping the streams stops them.
+            fill.release(sid, piece);
+            return;
+        }
+    };
+    let data = match result {
+        Ok(d) => d,
+        Err(e) => {
+            match e {
+                FetchError::Rejected(r) => debug!(peer = %node, piece, reason = ?r, "request rejected"),
+                FetchError::Transport(e) => debug!(peer = %node, piece, error = %e, "request failed"),
+                FetchError::Timeout => warn!(peer = %node, piece, "request timed out"),
+                FetchError::Protocol(e) => protocol_error(&conn, &node, "bad piece response", &e),
+            }
+            fill.release(sid, piece);
+            return;
+        }
+    };
+    let check = {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || content::verify_piece(&layout, piece, &data, &hash))
+            .await
+    };
+    match check {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(peer = %node, piece, error = %e, "piece failed verification");
+            shared.metrics.piece_rejected("hash_mismatch");
+            fill.rejected(sid, &node, piece, u64::from(len));
+            shared.strike(&node);
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "verification task failed");
+            fill.release(sid, piece);
+            return;
+        }
+    }
+    shared.metrics.piece_verified();
+    match fill
+        .store_verified(Some(sid), &shared.opts.node, piece, data, None)
+        .await
+    {
+        Ok(true) => {
+            shared.metrics.received(Source::Peer, u64::from(len));
+            fill.stats
+                .bytes_from_peers
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+        }
+        Ok(false) => {
+            fill.stats
+                .bytes_wasted
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+        }
+        Err(e) => warn!(content = %fill.spec.id, piece, error = %e, "cannot store piece"),
+    }
+}
+
+async fn request_piece(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    content: &str,
+    piece: u32,
+    len: u32,
+) -> Result<Bytes, FetchError> {
+    shared.down.acquire(u64::from(len)).await;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| FetchError::Transport(e.to_string()))?;
+    let req = Message::Request {
+        content: content.to_string(),
+        piece,
+    };
+    send.write_all(&req.encode())
+        .await
+        .map_err(|e| FetchError::Transport(e.to_string()))?;
+    let _ = send.finish();
+    match wire::read_frame(&mut recv, len.saturating_add(64)).await {
+        Ok(Some(Message::Piece { piece: p, data })) if p == piece => {
+            if data.len() != len as usize {
+                return Err(FetchError::Protocol(format!(
+                    "piece {piece} has {} bytes, expected {len}",
+                    data.len()
+                )));
+            }
+            Ok(data)
+        }
+        Ok(Some(Message::Reject { reason, .. })) => Err(FetchError::Rejected(reason)),
+        Ok(Some(other)) => Err(FetchError::Protocol(
+            format!("unexpected response {other:?}").chars().take(80).collect(),
+        )),
+        Ok(None) => Err(FetchError::Transport("stream ended without a response".into())),
+        Err(WireError::Io(e)) => Err(FetchError::Transport(e.to_string())),
+        Err(WireError::UnexpectedEof) => Err(FetchError::Transport("stream ended early".into())),
+        Err(e) => Err(FetchError::Protocol(e.to_string())),
+    }
+}
+
+/// Answers one request stream.
+async fn serve_request(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    node: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let (content_id, piece) = match wire::read_frame(&mut recv, MAX_CONTROL_FRAME).await {
+        Ok(Some(Message::Request { content, piece })) => (content, piece),
+        Ok(None) | Err(WireError::Io(_)) => return,
+        Ok(Some(other)) => {
+            let what = format!("{other:?}").chars().take(60).collect::<String>();
+            protocol_error(&conn, &node, "unexpected message on request stream", &what);
+            return;
+        }
+        Err(e) => {
+            protocol_error(&conn, &node, "malformed frame", &e);
+            return;
+        }
+    };
+    let reject = |reason: RejectReason| Message::Reject { piece, reason }.encode();
+    let Some(fill) = shared.content(&content_id) else {
+        let _ = send.write_all(&reject(RejectReason::UnknownContent)).await;
+        let _ = send.finish();
+        return;
+    };
+    if !fill.allows(&node) {
+        warn!(peer = %node, content = %content_id, "refused a request from a peer not allowed this content");
+        let _ = send.write_all(&reject(RejectReason::NotAllowed)).await;
+        let _ = send.finish();
+        return;
+    }
+    let layout = fill.layout();
+    if piece >= layout.piece_count() || (!fill.liar && !fill.store.has(piece)) {
+        let _ = send.write_all(&reject(RejectReason::NotHeld)).await;
+        let _ = send.finish();
+        return;
+    }
+    // Bounded upload slots: wait in line, unless the requester gives up.
+    let permit = tokio::select! {
+        p = shared.upload_slots.clone().acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return,
+        },
+        _ = send.stopped() => return,
+    };
+    let len = layout.piece_len(piece);
+    let data = if fill.liar {
+        Bytes::from(vec![0xA5u8; len as usize])
+    } else {
+        match fill.store.read_piece(piece).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(content = %content_id, piece, error = %e, "cannot read piece to serve it");
+                let _ = send.write_all(&reject(RejectReason::Unavailable)).await;
+                let _ = send.finish();
+                return;
+            }
+        }
+    };
+    shared.up.acquire(u64::from(len)).await;
+    let header = wire::piece_header(piece, data.len());
+    if send.write_all(&header).await.is_err() || send.write_chunk(data).await.is_err() {
+        return;
+    }
+    let _ = send.finish();
+    // Hold the slot until the peer has the data, so slots bound memory too.
+    let delivered = matches!(send.stopped().await, Ok(None));
+    drop(permit);
+    if delivered {
+        shared.metrics.sent(u64::from(len));
+        fill.stats
+            .bytes_sent
+            .fetch_add(u64::from(len), Ordering::Relaxed);
+    }
+}
