@@ -1,0 +1,476 @@
+//! `NodeFill`: the per-node work object, one per Node, cluster-scoped, with
+//! the Node's name. The operator writes its spec (what this node must hold
+//! and its role); only that node's agent writes its status (endpoint and
+//! per-distribution progress). Nothing per-piece ever reaches the API
+//! server.
+//!
+//! Removal protocol: to remove content from a node, the operator drops the
+//! assignment from the spec; the agent deletes the data and then drops the
+//! matching entry from its status. A Distribution's finalizer is released
+//! once no NodeFill status lists it any more.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Finalizer the operator puts on each Distribution so that deleting it
+/// first removes its data from the nodes.
+pub const FINALIZER: &str = "peerfill.dev/cleanup";
+
+/// Prefix of the node label the agent sets when a node holds a
+/// distribution completely; see [`node_label_key`].
+pub const NODE_LABEL_PREFIX: &str = "peerfill.dev/";
+/// Value of that label.
+pub const NODE_LABEL_VALUE: &str = "true";
+/// Longest name part of a label key (after the `/`).
+const LABEL_NAME_MAX: usize = 63;
+/// Hex digits of the hash that replaces the tail of a too-long key.
+const LABEL_HASH_HEX: usize = 16;
+
+/// Condition type on NodeFill status: the agent is running and reachable.
+pub const CONDITION_AGENT_READY: &str = "AgentReady";
+
+/// The per-node work of one node: what it must hold, and how it is doing.
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes
+// for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "peerfill.dev",
+    version = "v1alpha1",
+    kind = "NodeFill",
+    shortname = "nf",
+    category = "peerfill",
+    status = "NodeFillStatus",
+    derive = "PartialEq",
+    doc = "NodeFill is the per-node work of peerfill: one per Node, named after it. The operator writes spec, the node's agent writes status.",
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "QUIC endpoint of the node's agent"
+    ),
+    printcolumn(
+        name = "Zone",
+        type_ = "string",
+        json_path = ".status.zone",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Assigned",
+        type_ = "integer",
+        json_path = ".status.assigned",
+        description = "Distributions assigned to this node"
+    ),
+    printcolumn(
+        name = "Complete",
+        type_ = "integer",
+        json_path = ".status.complete",
+        description = "Distributions this node holds completely"
+    ),
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeat"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFillSpec {
+    /// Distributions this node must hold, with its role in each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["uid".into()]))]
+    pub distributions: Vec<Assignment>,
+}
+
+/// One distribution assigned to one node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    /// Namespace of the Distribution.
+    pub namespace: String,
+    /// Name of the Distribution.
+    pub name: String,
+    /// UID of the Distribution (a re-created Distribution is new content).
+    pub uid: String,
+    /// `metadata.generation` of the Distribution this assignment reflects.
+    pub generation: i64,
+    /// Stable id of the content across the swarm (derived from the uid);
+    /// the key of the content on the wire and in the agents' stores.
+    pub content_id: String,
+    /// Where the bytes come from, resolved by the operator.
+    pub source: ResolvedSource,
+    /// Where the content goes, relative to the agent's data root (already
+    /// validated by the Distribution's schema).
+    pub path: String,
+    /// Content size in bytes, once known (reported by the node that first
+    /// reads the origin or seeds it). Piece ranges are empty until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Piece size in bytes.
+    pub piece_size: u64,
+    /// BLAKE3 digest (`blake3:<hex>`) of the piece-hash manifest, once the
+    /// first reader or the seeder has published it; agents fetch the
+    /// manifest from peers and accept it only if it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
+    /// What this node does beyond fetching from peers.
+    #[serde(default)]
+    pub role: Role,
+    /// Which node reads which piece range from the origin, for all nodes of
+    /// the distribution, so every agent knows whom to ask first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origin_readers: Vec<OriginReader>,
+    /// Download cap of this node for this distribution, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_download_bytes_per_second: Option<u64>,
+    /// Upload cap of this node for this distribution, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_upload_bytes_per_second: Option<u64>,
+    /// Higher goes first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Nodes allowed to exchange this content with this node (the agent
+    /// serves it to no one else).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+}
+
+/// The source of an assignment, resolved by the operator. Exactly one field
+/// is set.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSource {
+    /// HTTP(S) origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<ResolvedHttpSource>,
+    /// The node that seeds the content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<SeedNode>,
+}
+
+/// HTTP(S) origin of an assignment.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedHttpSource {
+    /// URL of the content.
+    pub url: String,
+    /// Expected digest of the whole content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Secret whose data are extra request headers (only origin readers need
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret: Option<SecretRef>,
+}
+
+/// A Secret by namespace and name.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Namespace of the Secret.
+    pub namespace: String,
+    /// Name of the Secret.
+    pub name: String,
+}
+
+/// The node that seeds content it already holds.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SeedNode {
+    /// Node name.
+    pub node_name: String,
+    /// Path relative to that node's agent data root.
+    pub path: String,
+}
+
+/// A node's role in one distribution.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Role {
+    /// Piece ranges this node reads from the origin (and announces first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origin_ranges: Vec<PieceRange>,
+    /// This node already holds the content (node source) and seeds it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seed: bool,
+}
+
+/// Half-open range of piece indices `[start, end)`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PieceRange {
+    /// First piece index.
+    pub start: u64,
+    /// One past the last piece index.
+    pub end: u64,
+}
+
+impl PieceRange {
+    /// Number of pieces in the range.
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Whether the range holds no piece.
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    /// Whether `piece` lies in the range.
+    pub fn contains(&self, piece: u64) -> bool {
+        self.start <= piece && piece < self.end
+    }
+}
+
+/// A node reading a piece range `[start, end)` from the origin.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct OriginReader {
+    /// Node name.
+    pub node: String,
+    /// First piece index.
+    pub start: u64,
+    /// One past the last piece index.
+    pub end: u64,
+}
+
+/// What the node's agent reports. Written only by that agent.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFillStatus {
+    /// `host:port` of the agent's QUIC endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// SHA-256 fingerprint of the agent's certificate (`sha256:<hex>`), so
+    /// peers can pin it on top of the cluster CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_fingerprint: Option<String>,
+    /// `topology.kubernetes.io/zone` of the node, for topology-aware peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Node pool of the node, for topology-aware peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Version of the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Last time the agent wrote this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+    /// Distributions in the spec the agent has taken on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned: Option<u32>,
+    /// Distributions this node holds completely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete: Option<u32>,
+    /// Progress per distribution.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["uid".into()]))]
+    pub distributions: Vec<NodeDistributionStatus>,
+    /// Standard conditions, e.g. `AgentReady`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Phase of one distribution on one node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodePhase {
+    /// Assigned, not started (e.g. waiting for size or manifest).
+    Pending,
+    /// Fetching pieces.
+    Downloading,
+    /// Holds the verified content (and serves it to peers).
+    Complete,
+    /// Gave up; see reason and message.
+    Failed,
+}
+
+impl NodePhase {
+    /// The name as written in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodePhase::Pending => "Pending",
+            NodePhase::Downloading => "Downloading",
+            NodePhase::Complete => "Complete",
+            NodePhase::Failed => "Failed",
+        }
+    }
+}
+
+/// Progress of one distribution on one node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDistributionStatus {
+    /// Namespace of the Distribution.
+    pub namespace: String,
+    /// Name of the Distribution.
+    pub name: String,
+    /// UID of the Distribution.
+    pub uid: String,
+    /// Where this node is.
+    pub phase: NodePhase,
+    /// Verified bytes on disk.
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// Content size, once known (the first origin reader or the seeder
+    /// reports it; the operator copies it into every assignment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Verified pieces.
+    #[serde(default)]
+    pub pieces_done: u64,
+    /// Pieces in the content, once known.
+    #[serde(default)]
+    pub piece_count: u64,
+    /// Bytes received from the origin.
+    #[serde(default)]
+    pub bytes_from_origin: u64,
+    /// Bytes received from peers.
+    #[serde(default)]
+    pub bytes_from_peers: u64,
+    /// Current download rate, bytes per second.
+    #[serde(default)]
+    pub bytes_per_second: u64,
+    /// Digest of the piece-hash manifest this node published or accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
+    /// Digest of the whole content, once this node computed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// CamelCase reason of the last transition, e.g. `DigestMismatch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When `phase` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+/// Key of the node label the agent sets (value [`NODE_LABEL_VALUE`]) once
+/// the node holds distribution `namespace/name`, so workloads can select
+/// nodes where the data already is.
+///
+/// The key is `peerfill.dev/<namespace>.<name>` when that fits the 63
+/// characters Kubernetes allows after the `/`. Otherwise the readable part
+/// is cut and a hash of the full `namespace/name` appended, so the key stays
+/// valid and distinct for any namespace (≤ 63) and name (≤ 253).
+pub fn node_label_key(namespace: &str, name: &str) -> String {
+    let readable: String = format!("{namespace}.{name}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let fits = readable.len() <= LABEL_NAME_MAX
+        && readable.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && readable.ends_with(|c: char| c.is_ascii_alphanumeric());
+    // Only names that were already valid map to themselves; anything we had
+    // to rewrite gets a hash too, so two different names never collide.
+    if fits && readable == format!("{namespace}.{name}") {
+        return format!("{NODE_LABEL_PREFIX}{readable}");
+    }
+    let digest = blake3::hash(format!("{namespace}/{name}").as_bytes()).to_hex();
+    let hash = &digest.as_str()[..LABEL_HASH_HEX];
+    let keep = LABEL_NAME_MAX - LABEL_HASH_HEX - 1;
+    let head: String = readable.chars().take(keep).collect();
+    // The part before the hash must start with an alphanumeric; the hash
+    // itself ends with one.
+    let head = head.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+    let head = head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if head.is_empty() {
+        format!("{NODE_LABEL_PREFIX}{hash}")
+    } else {
+        format!("{NODE_LABEL_PREFIX}{head}-{hash}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Kubernetes rule for the name part of a qualified label key.
+    fn valid_label_name(s: &str) -> bool {
+        let b = s.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    }
+
+    fn check(namespace: &str, name: &str) -> String {
+        let key = node_label_key(namespace, name);
+        let rest = key
+            .strip_prefix(NODE_LABEL_PREFIX)
+            .unwrap_or_else(|| panic!("{key} lacks the prefix"));
+        assert!(valid_label_name(rest), "invalid label key {key}");
+        key
+    }
+
+    #[test]
+    fn short_names_stay_readable() {
+        assert_eq!(check("default", "llama-3"), "peerfill.dev/default.llama-3");
+    }
+
+    #[test]
+    fn long_names_are_hashed_within_limits() {
+        let ns = "n".repeat(63);
+        let name = format!("{}.{}", "a".repeat(200), "b".repeat(52));
+        assert_eq!(name.len(), 253);
+        let key = check(&ns, &name);
+        assert_eq!(key.len(), NODE_LABEL_PREFIX.len() + 63);
+        // Differs in the last character only: still a different key.
+        let other = format!("{}c", &name[..252]);
+        assert_ne!(key, check(&ns, &other));
+        // Deterministic.
+        assert_eq!(key, node_label_key(&ns, &name));
+    }
+
+    #[test]
+    fn boundary_lengths() {
+        // namespace.name of exactly 63 characters is kept as is.
+        let name = "x".repeat(63 - "ns.".len());
+        assert_eq!(check("ns", &name), format!("peerfill.dev/ns.{name}"));
+        // One more character switches to the hashed form.
+        let longer = format!("{name}x");
+        let key = check("ns", &longer);
+        assert_eq!(key.len(), NODE_LABEL_PREFIX.len() + 63);
+        assert!(key.starts_with("peerfill.dev/ns.xxx"));
+    }
+
+    #[test]
+    fn odd_characters_never_produce_invalid_keys() {
+        for (ns, name) in [
+            ("a", "-"),
+            ("-", "."),
+            ("ns", "a/b c"),
+            ("", ""),
+            ("ns", "ünï"),
+        ] {
+            check(ns, name);
+        }
+        assert_ne!(check("ns", "a/b"), check("ns", "a-b"));
+    }
+
+    #[test]
+    fn piece_ranges() {
+        let r = PieceRange { start: 4, end: 8 };
+        assert_eq!(r.len(), 4);
+        assert!(r.contains(4) && r.contains(7) && !r.contains(8) && !r.contains(3));
+        assert!(PieceRange { start: 5, end: 5 }.is_empty());
+        assert_eq!(PieceRange { start: 6, end: 5 }.len(), 0);
+    }
+}

@@ -1,0 +1,462 @@
+//! Validation rules shared by the CRD schema and the Rust-side `validate()`.
+//!
+//! The schema (OpenAPI bounds, patterns and CEL `x-kubernetes-validations`) is
+//! the source of truth: it is what the API server enforces before anything
+//! reaches the operator. The constants below are used both to build that
+//! schema and by the Rust checks that mirror it, so the two cannot drift
+//! apart silently (tests compare them against the examples).
+
+use std::fmt;
+
+/// Longest accepted relative path (bytes). Linux allows 4096 for a whole
+/// path; the data root itself takes some of that, so 1024 leaves room while
+/// still fitting any sane layout.
+pub const PATH_MAX_LEN: usize = 1024;
+/// Longest accepted path segment (bytes): Linux `NAME_MAX`.
+pub const PATH_SEGMENT_MAX_LEN: usize = 255;
+
+/// CEL: a relative path never starts with `/`.
+pub const PATH_RELATIVE_RULE: &str = "!self.startsWith('/')";
+/// Message of [`PATH_RELATIVE_RULE`].
+pub const PATH_RELATIVE_MESSAGE: &str =
+    "must be relative to the agent's data root (must not start with '/')";
+/// CEL: no `.` or `..` segment, so the path can never escape the data root
+/// and has exactly one spelling. `[.]` rather than `\\.` keeps the rule free
+/// of escapes, which CEL string literals and YAML would otherwise double.
+pub const PATH_DOT_SEGMENT_RULE: &str = "!self.matches('(^|/)[.][.]?(/|$)')";
+/// Message of [`PATH_DOT_SEGMENT_RULE`].
+pub const PATH_DOT_SEGMENT_MESSAGE: &str = "must not contain '..' or '.' segments";
+/// CEL: no empty segment (`a//b`, trailing `/`).
+pub const PATH_EMPTY_SEGMENT_RULE: &str = "!self.contains('//') && !self.endsWith('/')";
+/// Message of [`PATH_EMPTY_SEGMENT_RULE`].
+pub const PATH_EMPTY_SEGMENT_MESSAGE: &str =
+    "must not contain empty segments ('//' or a trailing '/')";
+/// CEL: every segment fits `NAME_MAX` (255 bytes).
+pub const PATH_SEGMENT_LEN_RULE: &str = "!self.matches('[^/]{256}')";
+/// Message of [`PATH_SEGMENT_LEN_RULE`].
+pub const PATH_SEGMENT_LEN_MESSAGE: &str = "each path segment must be at most 255 characters";
+
+/// CEL on `spec.source`: exactly one kind of source.
+pub const SOURCE_EXACTLY_ONE_RULE: &str = "has(self.http) != has(self.node)";
+/// Message of [`SOURCE_EXACTLY_ONE_RULE`].
+pub const SOURCE_EXACTLY_ONE_MESSAGE: &str =
+    "exactly one of spec.source.http or spec.source.node must be set";
+
+/// Longest accepted origin URL.
+pub const URL_MAX_LEN: usize = 2048;
+/// Origin URL: `http` or `https` scheme (lower case), a non-empty authority,
+/// no whitespace anywhere.
+pub const URL_PATTERN: &str = r"^https?://[^\s/?#]+([/?#]\S*)?$";
+
+/// Expected content digest: `sha256:` or `blake3:` followed by 64 lower-case
+/// hex digits.
+pub const DIGEST_PATTERN: &str = "^(sha256|blake3):[0-9a-f]{64}$";
+
+/// Longest Kubernetes object name (DNS-1123 subdomain).
+pub const DNS_SUBDOMAIN_MAX_LEN: usize = 253;
+/// DNS-1123 subdomain (node and Secret names).
+pub const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// Smallest piece size: below this the per-piece overhead (hash, request,
+/// bookkeeping) dominates.
+pub const PIECE_SIZE_MIN: u64 = 64 * 1024;
+/// Largest piece size: a piece is buffered and verified as a whole before it
+/// is served, so it bounds per-transfer memory.
+pub const PIECE_SIZE_MAX: u64 = 64 * 1024 * 1024;
+/// Default piece size (4 MiB).
+pub const PIECE_SIZE_DEFAULT: u64 = 4 * 1024 * 1024;
+/// CEL: the piece size is a power of two (pieces then align with pages and
+/// with every smaller power-of-two block size).
+pub const PIECE_SIZE_POWER_OF_TWO_RULE: &str = "self in [65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864]";
+/// Message of [`PIECE_SIZE_POWER_OF_TWO_RULE`].
+pub const PIECE_SIZE_POWER_OF_TWO_MESSAGE: &str =
+    "must be a power of two between 65536 (64 KiB) and 67108864 (64 MiB)";
+
+/// Bounds of `strategy.maxOriginConnections`.
+pub const MAX_ORIGIN_CONNECTIONS_MIN: u32 = 1;
+/// Upper bound of `strategy.maxOriginConnections`.
+pub const MAX_ORIGIN_CONNECTIONS_MAX: u32 = 64;
+/// Default of `strategy.maxOriginConnections`.
+pub const MAX_ORIGIN_CONNECTIONS_DEFAULT: u32 = 4;
+
+/// Lowest per-node bandwidth cap (1 MiB/s): anything lower is a mistake, not
+/// a throttle.
+pub const BANDWIDTH_MIN: u64 = 1024 * 1024;
+/// Highest per-node bandwidth cap (100 GiB/s, above any NIC of today).
+pub const BANDWIDTH_MAX: u64 = 100 * 1024 * 1024 * 1024;
+
+/// Bounds of `strategy.priority` (higher is served first).
+pub const PRIORITY_MIN: i32 = -1000;
+/// Upper bound of `strategy.priority`.
+pub const PRIORITY_MAX: i32 = 1000;
+
+/// What is wrong with a field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// Neither or both sources are set.
+    #[error("{SOURCE_EXACTLY_ONE_MESSAGE}")]
+    SourceCount,
+    /// A required string is empty.
+    #[error("must not be empty")]
+    Empty,
+    /// A string is longer than allowed.
+    #[error("must be at most {max} characters (is {len})")]
+    TooLong {
+        /// Limit.
+        max: usize,
+        /// Actual length.
+        len: usize,
+    },
+    /// A path starts with `/`.
+    #[error("{PATH_RELATIVE_MESSAGE}")]
+    AbsolutePath,
+    /// A path has a `.` or `..` segment.
+    #[error("{PATH_DOT_SEGMENT_MESSAGE}")]
+    DotSegment,
+    /// A path has an empty segment.
+    #[error("{PATH_EMPTY_SEGMENT_MESSAGE}")]
+    EmptySegment,
+    /// A path segment is longer than `NAME_MAX`.
+    #[error("{PATH_SEGMENT_LEN_MESSAGE}")]
+    SegmentTooLong,
+    /// The URL is not `http(s)://host...`.
+    #[error("must be an http:// or https:// URL with a host and no whitespace")]
+    UrlScheme,
+    /// The digest is not `sha256:<64 hex>` or `blake3:<64 hex>`.
+    #[error("must be 'sha256:' or 'blake3:' followed by 64 lower-case hex digits")]
+    DigestFormat,
+    /// Not a DNS-1123 subdomain.
+    #[error("must be a lower-case DNS-1123 subdomain")]
+    DnsSubdomain,
+    /// A number outside its bounds.
+    #[error("must be between {min} and {max} (is {value})")]
+    OutOfRange {
+        /// Lower bound, inclusive.
+        min: i128,
+        /// Upper bound, inclusive.
+        max: i128,
+        /// Actual value.
+        value: i128,
+    },
+    /// The piece size is not a power of two.
+    #[error("{PIECE_SIZE_POWER_OF_TWO_MESSAGE}")]
+    PieceSizeNotPowerOfTwo,
+}
+
+/// One invalid field of a custom resource.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ValidationError {
+    /// Field path as the API server names it, e.g. `spec.target.path`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: Problem,
+}
+
+impl ValidationError {
+    /// A new error for `field`.
+    pub fn new(field: impl Into<String>, problem: Problem) -> Self {
+        Self {
+            field: field.into(),
+            problem,
+        }
+    }
+}
+
+/// Every invalid field of an object (never empty).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<ValidationError>);
+
+impl ValidationErrors {
+    /// Whether some error names exactly `field`.
+    pub fn names_field(&self, field: &str) -> bool {
+        self.0.iter().any(|e| e.field == field)
+    }
+}
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects errors while walking an object.
+#[derive(Debug, Default)]
+pub(crate) struct Collector(Vec<ValidationError>);
+
+impl Collector {
+    pub(crate) fn push(&mut self, field: &str, problem: Problem) {
+        self.0.push(ValidationError::new(field, problem));
+    }
+
+    pub(crate) fn check(&mut self, field: &str, result: Result<(), Problem>) {
+        if let Err(problem) = result {
+            self.push(field, problem);
+        }
+    }
+
+    pub(crate) fn finish(self) -> Result<(), ValidationErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(self.0))
+        }
+    }
+}
+
+fn check_len(s: &str, max: usize) -> Result<(), Problem> {
+    // OpenAPI `maxLength` counts characters, not bytes.
+    let len = s.chars().count();
+    if len > max {
+        return Err(Problem::TooLong { max, len });
+    }
+    Ok(())
+}
+
+/// Checks a path relative to an agent's data root: the same rules as the
+/// schema of `spec.target.path` and `spec.source.node.path`. Returns the
+/// first problem found, in the order the schema lists them.
+pub fn check_relative_path(path: &str) -> Result<(), Problem> {
+    if path.is_empty() {
+        return Err(Problem::Empty);
+    }
+    check_len(path, PATH_MAX_LEN)?;
+    if path.starts_with('/') {
+        return Err(Problem::AbsolutePath);
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Err(Problem::DotSegment);
+    }
+    if path.contains("//") || path.ends_with('/') {
+        return Err(Problem::EmptySegment);
+    }
+    if path
+        .split('/')
+        .any(|s| s.chars().count() > PATH_SEGMENT_MAX_LEN)
+    {
+        return Err(Problem::SegmentTooLong);
+    }
+    Ok(())
+}
+
+/// Checks an origin URL against [`URL_PATTERN`] and [`URL_MAX_LEN`].
+pub fn check_url(url: &str) -> Result<(), Problem> {
+    check_len(url, URL_MAX_LEN)?;
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or(Problem::UrlScheme)?;
+    if rest.chars().any(char::is_whitespace) {
+        return Err(Problem::UrlScheme);
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if authority_end == 0 {
+        return Err(Problem::UrlScheme);
+    }
+    Ok(())
+}
+
+/// Checks a digest against [`DIGEST_PATTERN`].
+pub fn check_digest(digest: &str) -> Result<(), Problem> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .or_else(|| digest.strip_prefix("blake3:"))
+        .ok_or(Problem::DigestFormat)?;
+    if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(Problem::DigestFormat)
+    }
+}
+
+/// Checks a DNS-1123 subdomain (node and Secret names).
+pub fn check_dns_subdomain(name: &str) -> Result<(), Problem> {
+    if name.is_empty() {
+        return Err(Problem::Empty);
+    }
+    check_len(name, DNS_SUBDOMAIN_MAX_LEN)?;
+    let label_ok = |l: &str| {
+        let b = l.as_bytes();
+        match (b.first(), b.last()) {
+            (Some(first), Some(last)) => {
+                (first.is_ascii_lowercase() || first.is_ascii_digit())
+                    && (last.is_ascii_lowercase() || last.is_ascii_digit())
+                    && b.iter()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            }
+            _ => false,
+        }
+    };
+    if name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(Problem::DnsSubdomain)
+    }
+}
+
+/// Checks `value` against inclusive bounds.
+pub fn check_range<T: Into<i128> + Copy>(value: T, min: T, max: T) -> Result<(), Problem> {
+    let (value, min, max) = (value.into(), min.into(), max.into());
+    if value < min || value > max {
+        return Err(Problem::OutOfRange { min, max, value });
+    }
+    Ok(())
+}
+
+/// Checks a piece size: within bounds, then a power of two.
+pub fn check_piece_size(size: u64) -> Result<(), Problem> {
+    check_range(size, PIECE_SIZE_MIN, PIECE_SIZE_MAX)?;
+    if !size.is_power_of_two() {
+        return Err(Problem::PieceSizeNotPowerOfTwo);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        for ok in [
+            "a",
+            "models/llama-3/weights.bin",
+            "a/.hidden/b",
+            "x..y",
+            "..a",
+            "a..",
+        ] {
+            assert_eq!(check_relative_path(ok), Ok(()), "{ok}");
+        }
+        let cases = [
+            ("", Problem::Empty),
+            ("/etc/passwd", Problem::AbsolutePath),
+            ("..", Problem::DotSegment),
+            ("a/../../etc", Problem::DotSegment),
+            ("a/..", Problem::DotSegment),
+            ("./a", Problem::DotSegment),
+            ("a//b", Problem::EmptySegment),
+            ("a/", Problem::EmptySegment),
+        ];
+        for (path, problem) in cases {
+            assert_eq!(check_relative_path(path), Err(problem), "{path}");
+        }
+        let long_segment = "a".repeat(256);
+        assert_eq!(
+            check_relative_path(&long_segment),
+            Err(Problem::SegmentTooLong)
+        );
+        assert_eq!(check_relative_path(&"a".repeat(255)), Ok(()));
+        let long_path = vec!["abc"; 300].join("/");
+        assert!(matches!(
+            check_relative_path(&long_path),
+            Err(Problem::TooLong { max: 1024, .. })
+        ));
+    }
+
+    #[test]
+    fn urls() {
+        for ok in [
+            "http://origin.example/x",
+            "https://origin.example:8443/a/b?c=d#e",
+            "https://127.0.0.1",
+            "http://[::1]:8080/blob",
+        ] {
+            assert_eq!(check_url(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "ftp://origin.example/x",
+            "file:///etc/passwd",
+            "HTTP://origin.example/",
+            "https://",
+            "https:///path",
+            "https://a b",
+            "origin.example/x",
+        ] {
+            assert_eq!(check_url(bad), Err(Problem::UrlScheme), "{bad}");
+        }
+        let long = format!("https://h/{}", "a".repeat(URL_MAX_LEN));
+        assert!(matches!(check_url(&long), Err(Problem::TooLong { .. })));
+    }
+
+    #[test]
+    fn digests() {
+        let hex = "0123456789abcdef".repeat(4);
+        assert_eq!(check_digest(&format!("sha256:{hex}")), Ok(()));
+        assert_eq!(check_digest(&format!("blake3:{hex}")), Ok(()));
+        for bad in [
+            format!("md5:{hex}"),
+            format!("sha256:{}", hex.to_uppercase()),
+            format!("sha256:{}", &hex[1..]),
+            format!("sha256:{hex}0"),
+            hex.clone(),
+            "sha256:".to_owned(),
+        ] {
+            assert_eq!(check_digest(&bad), Err(Problem::DigestFormat), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dns_subdomains() {
+        for ok in ["node-1", "a", "gpu-7.pool.example", "0abc"] {
+            assert_eq!(check_dns_subdomain(ok), Ok(()), "{ok}");
+        }
+        for bad in ["Node", "-a", "a-", "a..b", "a_b", ".a"] {
+            assert_eq!(
+                check_dns_subdomain(bad),
+                Err(Problem::DnsSubdomain),
+                "{bad}"
+            );
+        }
+        assert_eq!(check_dns_subdomain(""), Err(Problem::Empty));
+        assert!(matches!(
+            check_dns_subdomain(&"a".repeat(254)),
+            Err(Problem::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn piece_sizes() {
+        let mut size = PIECE_SIZE_MIN;
+        while size <= PIECE_SIZE_MAX {
+            assert_eq!(check_piece_size(size), Ok(()));
+            assert!(PIECE_SIZE_POWER_OF_TWO_RULE.contains(&size.to_string()));
+            size *= 2;
+        }
+        assert!(matches!(
+            check_piece_size(0),
+            Err(Problem::OutOfRange { value: 0, .. })
+        ));
+        assert!(matches!(
+            check_piece_size(1 << 40),
+            Err(Problem::OutOfRange { .. })
+        ));
+        assert_eq!(
+            check_piece_size(3 * 1024 * 1024),
+            Err(Problem::PieceSizeNotPowerOfTwo)
+        );
+    }
+
+    #[test]
+    fn errors_display_field_first() {
+        let errors = ValidationErrors(vec![
+            ValidationError::new("spec.target.path", Problem::AbsolutePath),
+            ValidationError::new("spec.source", Problem::SourceCount),
+        ]);
+        let text = errors.to_string();
+        assert!(
+            text.starts_with("spec.target.path: must be relative"),
+            "{text}"
+        );
+        assert!(text.contains("; spec.source: exactly one of"), "{text}");
+        assert!(errors.names_field("spec.source"));
+        assert!(!errors.names_field("spec"));
+    }
+}
