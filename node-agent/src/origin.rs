@@ -1,1 +1,910 @@
-//! origin
+//! HTTP(S) origin reads with Range requests.
+//!
+//! Origins are protected by reading them in disjoint piece ranges
+//! ([`split_ranges`]) from a bounded number of nodes, so the origin serves
+//! about one copy of the content whatever the cluster size. Each range read
+//! checks the server really honoured the range and sent exactly the bytes
+//! asked for; transient failures (timeouts, connection errors, 5xx, 429) are
+//! retried with exponential backoff and jitter, permanent ones (4xx) are not.
+//!
+//! Error messages name the URL without its query string or credentials
+//! (presigned URLs carry signatures there) and never include header values.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{StatusCode, Url};
+use tracing::{debug, warn};
+
+use crate::content::Layout;
+use crate::metrics::Metrics;
+
+/// Timeouts and retry policy of an origin client.
+#[derive(Debug, Clone)]
+pub struct OriginOptions {
+    /// Time to establish a connection (TCP + TLS).
+    pub connect_timeout: Duration,
+    /// Longest wait for response headers or for the next body bytes.
+    pub read_timeout: Duration,
+    /// Retries after the first attempt, for transient failures only.
+    pub max_retries: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for OriginOptions {
+    fn default() -> Self {
+        OriginOptions {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            max_retries: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors reading an origin. [`OriginError::reason`] gives the Kubernetes
+/// condition reason for each.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("origin {url} returned 404 Not Found")]
+    NotFound { url: String },
+    #[error("origin {url} refused access (HTTP {status}); check the credentials in headersFrom")]
+    Forbidden { url: String, status: u16 },
+    #[error("origin {url} returned HTTP {status}")]
+    HttpStatus { url: String, status: u16 },
+    #[error("origin {url} is unreachable: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("origin {url} timed out")]
+    Timeout { url: String },
+    #[error("origin {url} sent {got} bytes where {expected} were expected")]
+    WrongLength {
+        url: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("origin {url} does not support HTTP Range requests")]
+    NoRangeSupport { url: String },
+    #[error("origin {url} answered range {requested} with Content-Range {got:?}")]
+    BadContentRange {
+        url: String,
+        requested: String,
+        got: String,
+    },
+    #[error("origin {url} did not report the content length")]
+    UnknownLength { url: String },
+    #[error("invalid origin URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("invalid origin header {name:?}: {reason}")]
+    InvalidHeader { name: String, reason: String },
+}
+
+impl OriginError {
+    /// CamelCase reason for a Kubernetes condition.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OriginError::NotFound { .. } => "OriginNotFound",
+            OriginError::Forbidden { .. } => "OriginForbidden",
+            OriginError::HttpStatus { .. }
+            | OriginError::BadContentRange { .. }
+            | OriginError::UnknownLength { .. } => "OriginHttpError",
+            OriginError::Unreachable { .. } => "OriginUnreachable",
+            OriginError::Timeout { .. } => "OriginTimeout",
+            OriginError::WrongLength { .. } => "OriginWrongLength",
+            OriginError::NoRangeSupport { .. } => "OriginNoRangeSupport",
+            OriginError::InvalidUrl { .. } => "InvalidOriginUrl",
+            OriginError::InvalidHeader { .. } => "InvalidOriginHeaders",
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OriginError::Timeout { .. } | OriginError::Unreachable { .. } => true,
+            OriginError::HttpStatus { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// The URL as shown in messages and logs: no credentials, no query string.
+fn redact(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let had_query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    let mut s = u.to_string();
+    if had_query {
+        s.push_str("?…");
+    }
+    s
+}
+
+/// Reads one origin URL.
+#[derive(Clone)]
+pub struct OriginClient {
+    client: reqwest::Client,
+    url: Url,
+    shown: String,
+    opts: OriginOptions,
+    metrics: Option<Metrics>,
+}
+
+impl std::fmt::Debug for OriginClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OriginClient")
+            .field("url", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one attempt's response said, before the body is read.
+enum Answer {
+    Partial { total: Option<u64> },
+    Whole,
+}
+
+impl OriginClient {
+    /// A client for `url` (http or https) sending `headers` on every request
+    /// (their values are marked sensitive and never logged).
+    pub fn new(
+        url: &str,
+        headers: Vec<(String, String)>,
+        opts: OriginOptions,
+    ) -> Result<Self, OriginError> {
+        let parsed = Url::parse(url).map_err(|e| OriginError::InvalidUrl {
+            url: url.chars().take(200).collect(),
+            reason: e.to_string(),
+        })?;
+        let shown = redact(&parsed);
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(OriginError::InvalidUrl {
+                url: shown,
+                reason: format!("scheme {:?} is not http or https", parsed.scheme()),
+            });
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(OriginError::InvalidUrl {
+                url: shown,
+                reason: "no host".into(),
+            });
+        }
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            let hn = HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+                OriginError::InvalidHeader {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            if hn == header::RANGE || hn == header::HOST || hn == header::CONTENT_LENGTH {
+                return Err(OriginError::InvalidHeader {
+                    name,
+                    reason: "this header is set by the agent".into(),
+                });
+            }
+            let mut hv = HeaderValue::from_str(&value).map_err(|_| OriginError::InvalidHeader {
+                name: name.clone(),
+                reason: "the value contains characters not allowed in a header".into(),
+            })?;
+            hv.set_sensitive(true);
+            map.append(hn, hv);
+        }
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .default_headers(map)
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            // Ranges of compressed bodies would be ranges of the wrong bytes.
+            .no_gzip()
+            .build()
+            .map_err(|e| OriginError::InvalidUrl {
+                url: shown.clone(),
+                reason: format!("cannot build an HTTP client: {}", e.without_url()),
+            })?;
+        Ok(OriginClient {
+            client,
+            url: parsed,
+            shown,
+            opts,
+            metrics: None,
+        })
+    }
+
+    /// Counts every request in `metrics` (`origin_requests_total{outcome}`,
+    /// outcome `ok` or an error reason).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The URL as shown in messages (no credentials, no query).
+    pub fn display_url(&self) -> &str {
+        &self.shown
+    }
+
+    fn record<T>(&self, r: &Result<T, OriginError>) {
+        if let Some(m) = &self.metrics {
+            m.origin_request(match r {
+                Ok(_) => "ok",
+                Err(e) => e.reason(),
+            });
+        }
+    }
+
+    fn classify(&self, e: reqwest::Error) -> OriginError {
+        if e.is_timeout() {
+            OriginError::Timeout {
+                url: self.shown.clone(),
+            }
+        } else {
+            OriginError::Unreachable {
+                url: self.shown.clone(),
+                source: e.without_url(),
+            }
+        }
+    }
+
+    fn status_error(&self, status: StatusCode) -> OriginError {
+        let url = self.shown.clone();
+        match status.as_u16() {
+            404 | 410 => OriginError::NotFound { url },
+            401 | 403 => OriginError::Forbidden {
+                url,
+                status: status.as_u16(),
+            },
+            s => OriginError::HttpStatus { url, status: s },
+        }
+    }
+
+    /// Sends a request, bounding the wait for response headers.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, OriginError> {
+        let limit = self.opts.connect_timeout + self.opts.read_timeout;
+        match tokio::time::timeout(limit, req.send()).await {
+            Err(_) => Err(OriginError::Timeout {
+                url: self.shown.clone(),
+            }),
+            Ok(Err(e)) => Err(self.classify(e)),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// Runs `attempt` with retries on transient errors.
+    async fn with_retries<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, OriginError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, OriginError>>,
+    {
+        let mut backoff = self.opts.initial_backoff;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let r = attempt().await;
+            self.record(&r);
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && tries <= self.opts.max_retries => {
+                    // Full jitter in [backoff/2, backoff] spreads retries of
+                    // many nodes hitting the same origin.
+                    let jittered = backoff.mul_f64(rand::random_range(0.5..=1.0));
+                    warn!(
+                        url = %self.shown, what, attempt = tries, error = %e,
+                        retry_in_ms = jittered.as_millis() as u64,
+                        "origin request failed; retrying"
+                    );
+                    tokio::time::sleep(jittered).await;
+                    backoff = (backoff * 2).min(self.opts.max_backoff);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The content length: from HEAD, or, when HEAD gives none, from the
+    /// `Content-Range` of a `bytes=0-0` GET.
+    pub async fn content_length(&self) -> Result<u64, OriginError> {
+        self.with_retries("content length", || async {
+            let resp = self.send(self.client.head(self.url.clone())).await?;
+            let status = resp.status();
+            if status.is_success()
+                && let Some(len) = header_u64(resp.headers(), header::CONTENT_LENGTH)
+            {
+                return Ok(len);
+            }
+            if !status.is_success() && !matches!(status.as_u16(), 405 | 501) {
+                return Err(self.status_error(status));
+            }
+            debug!(url = %self.shown, %status, "HEAD gave no length; trying a range GET");
+            let resp = self
+                .send(
+                    self.client
+                        .get(self.url.clone())
+                        .header(header::RANGE, "bytes=0-0"),
+                )
+                .await?;
+            let status = resp.status();
+            let content_range = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            match status {
+                StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
+                    // 416 with `bytes */0` is how an empty file answers.
+                    match content_range.as_deref().and_then(parse_content_range) {
+                        Some((_, Some(total))) => Ok(total),
+                        _ => Err(OriginError::UnknownLength {
+                            url: self.shown.clone(),
+                        }),
+                    }
+                }
+                StatusCode::OK => {
+                    header_u64(resp.headers(), header::CONTENT_LENGTH).ok_or_else(|| {
+                        OriginError::UnknownLength {
+                            url: self.shown.clone(),
+                        }
+                    })
+                }
+                s => Err(self.status_error(s)),
+            }
+        })
+        .await
+    }
+
+    /// Reads bytes `range` of the content, exactly.
+    pub async fn fetch_range(&self, range: Range<u64>) -> Result<Bytes, OriginError> {
+        if range.end <= range.start {
+            return Ok(Bytes::new());
+        }
+        self.with_retries("range", || self.fetch_range_once(range.clone()))
+            .await
+    }
+
+    async fn fetch_range_once(&self, range: Range<u64>) -> Result<Bytes, OriginError> {
+        let expected = range.end - range.start;
+        let requested = format!("bytes={}-{}", range.start, range.end - 1);
+        let resp = self
+            .send(
+                self.client
+                    .get(self.url.clone())
+                    .header(header::RANGE, &requested),
+            )
+            .await?;
+        let status = resp.status();
+        let answer = match status {
+            StatusCode::PARTIAL_CONTENT => {
+                let got = resp
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                match parse_content_range(&got) {
+                    Some((Some((a, b)), total)) if a == range.start && b + 1 == range.end => {
+                        Answer::Partial { total }
+                    }
+                    _ => {
+                        return Err(OriginError::BadContentRange {
+                            url: self.shown.clone(),
+                            requested,
+                            got,
+                        });
+                    }
+                }
+            }
+            // A server that ignores Range answers 200 with the whole file;
+            // that is only what we asked for if the range is the whole file.
+            StatusCode::OK => {
+                let whole = range.start == 0
+                    && header_u64(resp.headers(), header::CONTENT_LENGTH) == Some(expected);
+                if !whole {
+                    return Err(OriginError::NoRangeSupport {
+                        url: self.shown.clone(),
+                    });
+                }
+                Answer::Whole
+            }
+            s => return Err(self.status_error(s)),
+        };
+        if let Answer::Partial { total: Some(t) } = answer
+            && t < range.end
+        {
+            return Err(OriginError::WrongLength {
+                url: self.shown.clone(),
+                expected: range.end,
+                got: t,
+            });
+        }
+        self.read_body(resp, expected).await
+    }
+
+    /// Reads a body of exactly `expected` bytes, never buffering more, with
+    /// a bound on the wait for each chunk.
+    async fn read_body(
+        &self,
+        resp: reqwest::Response,
+        expected: u64,
+    ) -> Result<Bytes, OriginError> {
+        if let Some(len) = resp.content_length()
+            && len != expected
+        {
+            return Err(OriginError::WrongLength {
+                url: self.shown.clone(),
+                expected,
+                got: len,
+            });
+        }
+        let cap = usize::try_from(expected).map_err(|_| OriginError::WrongLength {
+            url: self.shown.clone(),
+            expected,
+            got: 0,
+        })?;
+        let mut buf = BytesMut::with_capacity(cap);
+        let mut stream = resp.bytes_stream();
+        loop {
+            let next = tokio::time::timeout(self.opts.read_timeout, stream.next()).await;
+            match next {
+                Err(_) => {
+                    return Err(OriginError::Timeout {
+                        url: self.shown.clone(),
+                    });
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(self.classify(e)),
+                Ok(Some(Ok(chunk))) => {
+                    if (buf.len() + chunk.len()) as u64 > expected {
+                        return Err(OriginError::WrongLength {
+                            url: self.shown.clone(),
+                            expected,
+                            got: (buf.len() + chunk.len()) as u64,
+                        });
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+        if buf.len() as u64 != expected {
+            return Err(OriginError::WrongLength {
+                url: self.shown.clone(),
+                expected,
+                got: buf.len() as u64,
+            });
+        }
+        Ok(buf.freeze())
+    }
+}
+
+fn header_u64(headers: &HeaderMap, name: HeaderName) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// A parsed `Content-Range`: the inclusive span (absent in `bytes */N`) and
+/// the total length (absent in `bytes a-b/*`).
+type ContentRange = (Option<(u64, u64)>, Option<u64>);
+
+/// Parses `bytes a-b/total`, `bytes a-b/*` or `bytes */total`.
+fn parse_content_range(v: &str) -> Option<ContentRange> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    let span = match span.trim() {
+        "*" => None,
+        s => {
+            let (a, b) = s.split_once('-')?;
+            let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            if b < a {
+                return None;
+            }
+            Some((a, b))
+        }
+    };
+    Some((span, total))
+}
+
+/// Splits the pieces into at most `readers` disjoint, contiguous index ranges
+/// covering all pieces, as even as possible (sizes differ by at most one).
+/// Empty content gives no range; `readers == 0` is treated as 1.
+pub fn split_ranges(layout: &Layout, readers: u32) -> Vec<Range<u32>> {
+    let count = layout.piece_count();
+    if count == 0 {
+        return Vec::new();
+    }
+    let r = readers.clamp(1, count);
+    let (base, extra) = (count / r, count % r);
+    let mut out = Vec::with_capacity(r as usize);
+    let mut start = 0u32;
+    for i in 0..r {
+        let len = base + u32::from(i < extra);
+        out.push(start..start + len);
+        start += len;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    type Handler = Arc<dyn Fn(&Request<Incoming>, usize) -> Response<Full<Bytes>> + Send + Sync>;
+
+    struct TestServer {
+        addr: SocketAddr,
+        hits: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// A tiny HTTP/1.1 server on 127.0.0.1; `handler` gets the request and
+    /// its 0-based sequence number. `hang` makes it never answer.
+    async fn server(handler: Handler, hang: bool) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h2 = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let handler = handler.clone();
+                let hits = h2.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let handler = handler.clone();
+                        let n = hits.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            if hang {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            Ok::<_, Infallible>(handler(&req, n))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        TestServer { addr, hits, task }
+    }
+
+    fn content(n: usize) -> Bytes {
+        Bytes::from((0..n).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>())
+    }
+
+    /// Serves `data` honouring single `bytes=a-b` ranges.
+    fn ranged(data: Bytes) -> Handler {
+        Arc::new(move |req, _| {
+            let len = data.len() as u64;
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes="))
+                .and_then(|v| v.split_once('-'))
+                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+            let mut resp = match range {
+                Some((a, b)) if a < len => {
+                    let b = b.min(len - 1);
+                    let mut r = Response::new(Full::new(data.slice(a as usize..=b as usize)));
+                    *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                    r.headers_mut().insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&format!("bytes {a}-{b}/{len}")).unwrap(),
+                    );
+                    r
+                }
+                Some(_) => {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                    r.headers_mut().insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&format!("bytes */{len}")).unwrap(),
+                    );
+                    r
+                }
+                None => Response::new(Full::new(data.clone())),
+            };
+            resp.headers_mut()
+                .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            resp
+        })
+    }
+
+    fn status(code: u16) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"no")));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap();
+        r
+    }
+
+    fn fast_opts() -> OriginOptions {
+        OriginOptions {
+            connect_timeout: Duration::from_millis(500),
+            read_timeout: Duration::from_millis(300),
+            max_retries: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(40),
+        }
+    }
+
+    fn client(s: &TestServer) -> OriginClient {
+        OriginClient::new(
+            &format!("http://{}/blob?sig=secret", s.addr),
+            vec![("Authorization".into(), "Bearer hunter2".into())],
+            fast_opts(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_correct_ranges_and_length() {
+        let data = content(100_000);
+        let s = server(ranged(data.clone()), false).await;
+        let c = client(&s);
+        assert_eq!(c.content_length().await.unwrap(), 100_000);
+        assert_eq!(c.fetch_range(0..10).await.unwrap(), data.slice(0..10));
+        assert_eq!(
+            c.fetch_range(99_990..100_000).await.unwrap(),
+            data.slice(99_990..)
+        );
+        assert_eq!(c.fetch_range(5..5).await.unwrap(), Bytes::new());
+        assert_eq!(c.fetch_range(0..100_000).await.unwrap(), data);
+        // Past the end: the server says 416, which is not retried.
+        let before = s.hits.load(Ordering::SeqCst);
+        let err = c.fetch_range(99_990..100_010).await.unwrap_err();
+        assert!(
+            matches!(err, OriginError::BadContentRange { .. }),
+            "{err:?}"
+        );
+        let err = c.fetch_range(200_000..200_010).await.unwrap_err();
+        assert!(
+            matches!(err, OriginError::HttpStatus { status: 416, .. }),
+            "{err:?}"
+        );
+        assert_eq!(s.hits.load(Ordering::SeqCst) - before, 2);
+        // The message names the URL without its query or header values.
+        let msg = err.to_string();
+        assert!(msg.contains("/blob?…") && !msg.contains("secret") && !msg.contains("hunter2"));
+    }
+
+    #[tokio::test]
+    async fn length_falls_back_to_range_get() {
+        let data = content(4321);
+        let inner = ranged(data);
+        let h: Handler = Arc::new(move |req, n| {
+            if req.method() == http::Method::HEAD {
+                status(405)
+            } else {
+                inner(req, n)
+            }
+        });
+        let s = server(h, false).await;
+        assert_eq!(client(&s).content_length().await.unwrap(), 4321);
+        let empty = server(ranged(Bytes::new()), false).await;
+        let h: Handler = Arc::new(move |req, n| {
+            if req.method() == http::Method::HEAD {
+                status(405)
+            } else {
+                ranged(Bytes::new())(req, n)
+            }
+        });
+        let s2 = server(h, false).await;
+        assert_eq!(client(&s2).content_length().await.unwrap(), 0);
+        assert_eq!(client(&empty).content_length().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn not_found_is_not_retried() {
+        let s = server(Arc::new(|_, _| status(404)), false).await;
+        let err = client(&s).fetch_range(0..10).await.unwrap_err();
+        assert!(matches!(err, OriginError::NotFound { .. }));
+        assert_eq!(err.reason(), "OriginNotFound");
+        assert_eq!(s.hits.load(Ordering::SeqCst), 1);
+
+        let s = server(Arc::new(|_, _| status(403)), false).await;
+        let err = client(&s).content_length().await.unwrap_err();
+        assert_eq!(err.reason(), "OriginForbidden");
+        assert_eq!(s.hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried() {
+        let data = content(1000);
+        let inner = ranged(data.clone());
+        let s = server(
+            Arc::new(move |req, n| if n < 2 { status(500) } else { inner(req, n) }),
+            false,
+        )
+        .await;
+        let m = Metrics::new();
+        let c = client(&s).with_metrics(m.clone());
+        assert_eq!(c.fetch_range(10..20).await.unwrap(), data.slice(10..20));
+        assert_eq!(s.hits.load(Ordering::SeqCst), 3);
+        let text = m.render();
+        assert!(
+            text.contains("peerfill_agent_origin_requests_total{outcome=\"OriginHttpError\"} 2")
+        );
+        assert!(text.contains("peerfill_agent_origin_requests_total{outcome=\"ok\"} 1"));
+
+        // Always 503: gives up after 1 + max_retries attempts.
+        let s = server(Arc::new(|_, _| status(503)), false).await;
+        let err = client(&s).fetch_range(0..1).await.unwrap_err();
+        assert!(matches!(err, OriginError::HttpStatus { status: 503, .. }));
+        assert_eq!(s.hits.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn short_body_is_wrong_length() {
+        let s = server(
+            Arc::new(|_, _| {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"abc")));
+                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                r.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_static("bytes 0-9/100"),
+                );
+                r
+            }),
+            false,
+        )
+        .await;
+        let err = client(&s).fetch_range(0..10).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OriginError::WrongLength {
+                    expected: 10,
+                    got: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.reason(), "OriginWrongLength");
+    }
+
+    #[tokio::test]
+    async fn ignored_range_is_no_range_support() {
+        let data = content(1000);
+        let s = server(
+            Arc::new(move |_, _| Response::new(Full::new(data.clone()))),
+            false,
+        )
+        .await;
+        let c = client(&s);
+        let err = c.fetch_range(10..20).await.unwrap_err();
+        assert!(matches!(err, OriginError::NoRangeSupport { .. }));
+        assert_eq!(err.reason(), "OriginNoRangeSupport");
+        // The whole file as a 200 is fine.
+        assert_eq!(c.fetch_range(0..1000).await.unwrap().len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_unreachable() {
+        // Bind then drop, so the port is (almost certainly) closed.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut opts = fast_opts();
+        opts.max_retries = 1;
+        let c = OriginClient::new(&format!("http://{addr}/x"), vec![], opts).unwrap();
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert!(matches!(err, OriginError::Unreachable { .. }), "{err:?}");
+        assert_eq!(err.reason(), "OriginUnreachable");
+    }
+
+    #[tokio::test]
+    async fn hanging_server_times_out() {
+        let s = server(Arc::new(|_, _| status(200)), true).await;
+        let mut opts = fast_opts();
+        opts.max_retries = 1;
+        let c = OriginClient::new(&format!("http://{}/x", s.addr), vec![], opts).unwrap();
+        let start = std::time::Instant::now();
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert!(matches!(err, OriginError::Timeout { .. }), "{err:?}");
+        assert_eq!(err.reason(), "OriginTimeout");
+        // Two attempts of at most connect+read timeout each, plus backoff.
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(s.hits.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn invalid_urls_and_headers() {
+        for bad in ["", "not a url", "ftp://h/x", "file:///etc/passwd"] {
+            let err = OriginClient::new(bad, vec![], OriginOptions::default()).unwrap_err();
+            assert_eq!(err.reason(), "InvalidOriginUrl", "{bad}");
+        }
+        let err = OriginClient::new(
+            "https://h/x",
+            vec![("Bad Name".into(), "v".into())],
+            OriginOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, OriginError::InvalidHeader { .. }));
+        let err = OriginClient::new(
+            "https://h/x",
+            vec![("X-Token".into(), "line\nbreak-secret".into())],
+            OriginOptions::default(),
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("secret"));
+        let c =
+            OriginClient::new("https://user:pw@h/x?a=b", vec![], OriginOptions::default()).unwrap();
+        assert_eq!(c.display_url(), "https://h/x?…");
+    }
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(
+            parse_content_range("bytes 0-9/100"),
+            Some((Some((0, 9)), Some(100)))
+        );
+        assert_eq!(
+            parse_content_range("bytes 0-9/*"),
+            Some((Some((0, 9)), None))
+        );
+        assert_eq!(parse_content_range("bytes */0"), Some((None, Some(0))));
+        assert_eq!(parse_content_range("bytes 9-0/100"), None);
+        assert_eq!(parse_content_range("items 0-9/100"), None);
+        assert_eq!(parse_content_range("bytes x-9/100"), None);
+    }
+
+    #[test]
+    fn split_ranges_cover_disjointly() {
+        for (size, readers) in [
+            (0u64, 3u32),
+            (1, 3),
+            (16 << 10, 0),
+            (100 << 14, 7),
+            (13 << 14, 13),
+            (5 << 14, 9),
+        ] {
+            let layout = Layout::new(size, 16 << 10).unwrap();
+            let ranges = split_ranges(&layout, readers);
+            let count = layout.piece_count();
+            assert!(ranges.len() as u32 <= readers.max(1));
+            let mut next = 0;
+            for r in &ranges {
+                assert_eq!(r.start, next);
+                assert!(r.end > r.start);
+                next = r.end;
+            }
+            assert_eq!(next, count);
+            if let (Some(min), Some(max)) = (
+                ranges.iter().map(|r| r.len()).min(),
+                ranges.iter().map(|r| r.len()).max(),
+            ) {
+                assert!(max - min <= 1);
+            }
+        }
+    }
+}

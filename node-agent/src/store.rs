@@ -1,1 +1,897 @@
-//! store
+//! Streamed, crash-safe storage of one content being filled piece by piece.
+//!
+//! Data goes to `<dir>/<id>.partial`, preallocated to the full size and
+//! written at piece offsets in any order. Which pieces are on disk is kept in
+//! `<dir>/<id>.bitmap`, replaced atomically (temp file + fsync + rename) after
+//! each piece's data has been fsynced, so after a crash the bitmap never
+//! claims a piece whose bytes are not durable. When every piece is held,
+//! [`PieceStore::finalize`] fsyncs the data and renames it onto its
+//! destination, so the destination path never shows a half-written file.
+//! `dir` must be on the same filesystem as the destination (the agent uses
+//! `<data root>/.peerfill-partial`), so that rename is atomic.
+//!
+//! Memory: one piece buffer per in-flight read or write; nothing grows with
+//! the content size except the bitmap (1 bit per piece).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tracing::{debug, info, warn};
+
+use crate::content::Layout;
+
+/// Name of the directory, under the agent's data root, that holds partial
+/// files (same filesystem as the destinations, so the final rename is atomic).
+pub const PARTIAL_DIR: &str = ".peerfill-partial";
+
+/// Errors decoding a bitmap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BitmapError {
+    #[error("bitmap for {len} pieces needs {expected} bytes, got {got}")]
+    WrongLength {
+        len: u32,
+        expected: usize,
+        got: usize,
+    },
+    #[error("bitmap has bits set past its last piece")]
+    TrailingBits,
+}
+
+/// One bit per piece: which pieces are held. Bit `i` is bit `7 - i % 8` of
+/// byte `i / 8` (most significant first, as in BitTorrent's bitfield).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Bitmap {
+    len: u32,
+    bits: Vec<u8>,
+}
+
+impl Bitmap {
+    /// An empty bitmap (no piece held) for `len` pieces.
+    pub fn new(len: u32) -> Bitmap {
+        Bitmap {
+            len,
+            bits: vec![0; Self::byte_len(len)],
+        }
+    }
+
+    /// A bitmap with every one of `len` pieces held.
+    pub fn full(len: u32) -> Bitmap {
+        let mut b = Bitmap {
+            len,
+            bits: vec![0xff; Self::byte_len(len)],
+        };
+        b.clear_padding();
+        b
+    }
+
+    fn byte_len(len: u32) -> usize {
+        (len as usize).div_ceil(8)
+    }
+
+    fn clear_padding(&mut self) {
+        let rem = self.len % 8;
+        if rem != 0
+            && let Some(last) = self.bits.last_mut()
+        {
+            *last &= 0xffu8 << (8 - rem);
+        }
+    }
+
+    /// Number of pieces this bitmap covers.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether piece `index` is held (false for an index out of range).
+    pub fn get(&self, index: u32) -> bool {
+        if index >= self.len {
+            return false;
+        }
+        self.bits[(index / 8) as usize] & (0x80 >> (index % 8)) != 0
+    }
+
+    /// Marks piece `index` held; returns whether it was newly set. Indexes
+    /// out of range are ignored (returns false).
+    pub fn set(&mut self, index: u32) -> bool {
+        if index >= self.len {
+            return false;
+        }
+        let byte = &mut self.bits[(index / 8) as usize];
+        let mask = 0x80 >> (index % 8);
+        let was = *byte & mask != 0;
+        *byte |= mask;
+        !was
+    }
+
+    /// Marks piece `index` not held.
+    pub fn clear(&mut self, index: u32) {
+        if index < self.len {
+            self.bits[(index / 8) as usize] &= !(0x80 >> (index % 8));
+        }
+    }
+
+    /// Number of pieces held.
+    pub fn count_ones(&self) -> u32 {
+        self.bits.iter().map(|b| b.count_ones()).sum()
+    }
+
+    /// Whether every piece is held (true for an empty content).
+    pub fn is_full(&self) -> bool {
+        self.count_ones() == self.len
+    }
+
+    /// Indexes of the pieces not held, ascending.
+    pub fn iter_missing(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(move |&i| !self.get(i))
+    }
+
+    /// Indexes of the pieces held, ascending.
+    pub fn iter_ones(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(move |&i| self.get(i))
+    }
+
+    /// Compact encoding: `ceil(len / 8)` bytes, 1 bit per piece.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.bits.clone()
+    }
+
+    /// Decodes [`Bitmap::to_bytes`] for `len` pieces; rejects a wrong length
+    /// or set padding bits (never panics on untrusted input).
+    pub fn from_bytes(len: u32, bytes: &[u8]) -> Result<Bitmap, BitmapError> {
+        let expected = Self::byte_len(len);
+        if bytes.len() != expected {
+            return Err(BitmapError::WrongLength {
+                len,
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let b = Bitmap {
+            len,
+            bits: bytes.to_vec(),
+        };
+        let mut clean = b.clone();
+        clean.clear_padding();
+        if clean != b {
+            return Err(BitmapError::TrailingBits);
+        }
+        Ok(b)
+    }
+}
+
+/// Errors of the piece store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "not enough free space for {path}: {needed} more bytes are needed but only {available} are available on its filesystem"
+    )]
+    InsufficientSpace {
+        needed: u64,
+        available: u64,
+        path: PathBuf,
+    },
+    #[error("piece {index} is not held")]
+    NotHeld { index: u32 },
+    #[error("piece index {index} out of range: the content has {count} pieces")]
+    PieceOutOfRange { index: u32, count: u32 },
+    #[error("piece {index} has {got} bytes, expected {expected}")]
+    WrongLength {
+        index: u32,
+        expected: u32,
+        got: usize,
+    },
+    #[error("cannot finalize: {missing} of {count} pieces are still missing")]
+    Incomplete { missing: u32, count: u32 },
+    #[error("invalid content id {id:?}: must be a non-empty file name without '/' or leading '.'")]
+    InvalidId { id: String },
+    #[error("{path} has {actual} bytes, but the content has {expected}")]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("the store for {path} is read-only (serving a complete file) or already finalized")]
+    ReadOnly { path: PathBuf },
+    #[error(
+        "cannot move {from} to {to}: they are on different filesystems; the partial directory must be on the destination's filesystem"
+    )]
+    CrossDevice { from: PathBuf, to: PathBuf },
+    #[error("invalid bitmap: {0}")]
+    Bitmap(#[from] BitmapError),
+    #[error("storage task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Storage of one content: a partial file being filled, or a complete file
+/// being served. Cheap to clone; clones share the file and the bitmap, so
+/// tasks can write different pieces concurrently.
+#[derive(Clone)]
+pub struct PieceStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    layout: Layout,
+    file: File,
+    /// The data file (the `.partial`, or the complete file being served).
+    data_path: PathBuf,
+    /// `Some` while filling; `None` when serving a complete file.
+    bitmap_path: Option<PathBuf>,
+    have: Mutex<Bitmap>,
+    /// Set once finalized or discarded: no more writes.
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for PieceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PieceStore")
+            .field("path", &self.inner.data_path)
+            .field("layout", &self.inner.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+const BITMAP_MAGIC: &[u8; 8] = b"PFBITMP1";
+
+/// Bitmap file: magic, layout (size u64 LE, piece size u32 LE), bitmap bytes,
+/// then a BLAKE3 of everything before it, so a corrupt file is detected and
+/// the content restarts rather than trusting garbage.
+fn encode_bitmap_file(layout: &Layout, bitmap: &Bitmap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 12 + bitmap.bits.len() + 32);
+    out.extend_from_slice(BITMAP_MAGIC);
+    out.extend_from_slice(&layout.size.to_le_bytes());
+    out.extend_from_slice(&layout.piece_size.to_le_bytes());
+    out.extend_from_slice(&bitmap.bits);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+fn decode_bitmap_file(raw: &[u8], layout: &Layout) -> Option<Bitmap> {
+    let body_len = raw.len().checked_sub(32)?;
+    let (body, sum) = raw.split_at(body_len);
+    if blake3::hash(body) != blake3::Hash::from_slice(sum).ok()? {
+        return None;
+    }
+    let rest = body.strip_prefix(BITMAP_MAGIC.as_slice())?;
+    if rest.len() < 12 {
+        return None;
+    }
+    let size = u64::from_le_bytes(rest[..8].try_into().ok()?);
+    let piece_size = u32::from_le_bytes(rest[8..12].try_into().ok()?);
+    if size != layout.size || piece_size != layout.piece_size {
+        return None;
+    }
+    Bitmap::from_bytes(layout.piece_count(), &rest[12..]).ok()
+}
+
+fn write_bitmap_file(path: &Path, layout: &Layout, bitmap: &Bitmap) -> Result<(), StoreError> {
+    let tmp = path.with_extension("bitmap.tmp");
+    let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    f.write_all(&encode_bitmap_file(layout, bitmap))
+        .map_err(io_err("writing", &tmp))?;
+    f.sync_all().map_err(io_err("syncing", &tmp))?;
+    drop(f);
+    // No directory fsync: if the rename is lost in a crash, the previous
+    // bitmap (a subset of this one) is still consistent with the data.
+    std::fs::rename(&tmp, path).map_err(io_err("renaming bitmap to", path))
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+            op: "removing",
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+/// Bytes available to unprivileged users on the filesystem holding `dir`.
+pub fn available_space(dir: &Path) -> Result<u64, StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| StoreError::Io {
+        op: "checking free space of",
+        path: dir.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"),
+    })?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable
+    // memory of the right type; statvfs only writes into it.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(StoreError::Io {
+            op: "checking free space of",
+            path: dir.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // field widths differ between targets
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Reserves the file's blocks so a full disk shows up now, not half-way.
+/// Filesystems without fallocate keep the sparse file from `set_len`.
+fn preallocate(file: &File, len: u64, path: &Path) -> Result<(), StoreError> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let Ok(len_off) = libc::off_t::try_from(len) else {
+        return Ok(());
+    };
+    // SAFETY: plain syscall on an fd we own; mode 0 only allocates blocks.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                debug!(path = %path.display(), "fallocate unsupported; file stays sparse");
+            }
+            _ => return Err(io_err("preallocating", path)(err)),
+        }
+    }
+    Ok(())
+}
+
+fn check_id(id: &str) -> Result<(), StoreError> {
+    if id.is_empty() || id.contains('/') || id.contains('\0') || id.starts_with('.') {
+        return Err(StoreError::InvalidId { id: id.to_string() });
+    }
+    Ok(())
+}
+
+impl PieceStore {
+    /// Async wrapper of [`PieceStore::open`] (runs it on a blocking thread).
+    pub async fn open_async(
+        dir: &Path,
+        id: &str,
+        layout: Layout,
+    ) -> Result<PieceStore, StoreError> {
+        check_id(id)?;
+        let dir = dir.to_path_buf();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || Self::open(&dir, &id, layout)).await?
+    }
+
+    /// Opens the store for content `id` in `dir` (created if needed): resumes
+    /// from an existing partial file and bitmap of the same layout, otherwise
+    /// starts over. Fails with [`StoreError::InsufficientSpace`] when the
+    /// filesystem cannot hold the bytes still to be allocated. Blocking (a
+    /// few small file operations and one fallocate); see also
+    /// [`PieceStore::open_async`].
+    pub fn open(dir: &Path, id: &str, layout: Layout) -> Result<PieceStore, StoreError> {
+        check_id(id)?;
+        std::fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
+        let data_path = dir.join(format!("{id}.partial"));
+        let bitmap_path = dir.join(format!("{id}.bitmap"));
+
+        let resumed = match std::fs::read(&bitmap_path) {
+            Ok(raw) => match decode_bitmap_file(&raw, &layout) {
+                Some(bm) => match std::fs::metadata(&data_path) {
+                    Ok(m) if m.len() == layout.size => Some(bm),
+                    _ => None,
+                },
+                None => {
+                    warn!(path = %bitmap_path.display(), "bitmap unreadable or for another layout; starting over");
+                    None
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("reading", &bitmap_path)(e)),
+        };
+
+        let have = match resumed {
+            Some(bm) => {
+                info!(
+                    path = %data_path.display(),
+                    held = bm.count_ones(),
+                    pieces = bm.len(),
+                    "resuming partial content"
+                );
+                bm
+            }
+            None => {
+                remove_if_exists(&bitmap_path)?;
+                remove_if_exists(&data_path)?;
+                Bitmap::new(layout.piece_count())
+            }
+        };
+
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&data_path)
+            .map_err(io_err("opening", &data_path))?;
+        let meta = file.metadata().map_err(io_err("inspecting", &data_path))?;
+        // Only the blocks not yet allocated still need room.
+        let allocated = meta.blocks().saturating_mul(512);
+        let needed = layout.size.saturating_sub(allocated);
+        let available = available_space(dir)?;
+        if needed > available {
+            drop(file);
+            if have.count_ones() == 0 {
+                remove_if_exists(&data_path)?;
+            }
+            return Err(StoreError::InsufficientSpace {
+                needed,
+                available,
+                path: data_path,
+            });
+        }
+        file.set_len(layout.size)
+            .map_err(io_err("sizing", &data_path))?;
+        preallocate(&file, layout.size, &data_path)?;
+        if have.count_ones() == 0 {
+            // Record the layout now, so a restart can tell this partial file
+            // belongs to this layout even before its first piece lands.
+            write_bitmap_file(&bitmap_path, &layout, &have)?;
+        }
+        Ok(PieceStore {
+            inner: Arc::new(Inner {
+                layout,
+                file,
+                data_path,
+                bitmap_path: Some(bitmap_path),
+                have: Mutex::new(have),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Serves pieces of an already complete file (a seeder, or an agent that
+    /// finished): every piece is held, writes are refused. The file is
+    /// trusted to hold the content; callers verify it first if needed.
+    pub fn open_complete(path: &Path, layout: Layout) -> Result<PieceStore, StoreError> {
+        let file = File::open(path).map_err(io_err("opening", path))?;
+        let actual = file.metadata().map_err(io_err("inspecting", path))?.len();
+        if actual != layout.size {
+            return Err(StoreError::SizeMismatch {
+                path: path.to_path_buf(),
+                expected: layout.size,
+                actual,
+            });
+        }
+        Ok(PieceStore {
+            inner: Arc::new(Inner {
+                layout,
+                file,
+                data_path: path.to_path_buf(),
+                bitmap_path: None,
+                have: Mutex::new(Bitmap::full(layout.piece_count())),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Deletes the partial file and bitmap of content `id` in `dir`, if any
+    /// (a distribution was deleted).
+    pub fn remove(dir: &Path, id: &str) -> Result<(), StoreError> {
+        check_id(id)?;
+        remove_if_exists(&dir.join(format!("{id}.partial")))?;
+        remove_if_exists(&dir.join(format!("{id}.bitmap")))?;
+        remove_if_exists(&dir.join(format!("{id}.bitmap.tmp")))
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.inner.layout
+    }
+
+    /// Path of the data file (the partial file, or the complete file served).
+    pub fn path(&self) -> &Path {
+        &self.inner.data_path
+    }
+
+    /// A snapshot of the pieces held. (A snapshot rather than a reference:
+    /// concurrent writers update the live bitmap under a lock.)
+    pub fn have(&self) -> Bitmap {
+        self.lock_have().clone()
+    }
+
+    /// Whether piece `index` is held.
+    pub fn has(&self, index: u32) -> bool {
+        self.lock_have().get(index)
+    }
+
+    /// Number of pieces held.
+    pub fn held_count(&self) -> u32 {
+        self.lock_have().count_ones()
+    }
+
+    /// Bytes of the pieces held.
+    pub fn held_bytes(&self) -> u64 {
+        let have = self.lock_have();
+        have.iter_ones()
+            .map(|i| u64::from(self.inner.layout.piece_len(i)))
+            .sum()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.lock_have().is_full()
+    }
+
+    fn lock_have(&self) -> std::sync::MutexGuard<'_, Bitmap> {
+        // The bitmap stays consistent even if a holder panicked: it is only
+        // ever updated by a single `set`.
+        self.inner
+            .have
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check_piece(&self, index: u32) -> Result<(), StoreError> {
+        let count = self.inner.layout.piece_count();
+        if index >= count {
+            return Err(StoreError::PieceOutOfRange { index, count });
+        }
+        Ok(())
+    }
+
+    /// Writes piece `index` at its offset, makes it durable (fdatasync), then
+    /// records it in the persisted bitmap. Callers pass only VERIFIED data
+    /// (see `content::verify_piece`): whatever is written here is served to
+    /// other peers. Safe to call concurrently for different pieces; writing a
+    /// piece already held is a no-op.
+    pub async fn write_piece(&self, index: u32, data: Bytes) -> Result<(), StoreError> {
+        self.check_piece(index)?;
+        let expected = self.inner.layout.piece_len(index);
+        if data.len() != expected as usize {
+            return Err(StoreError::WrongLength {
+                index,
+                expected,
+                got: data.len(),
+            });
+        }
+        let Some(bitmap_path) = self.inner.bitmap_path.clone() else {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        }
+        if self.has(index) {
+            return Ok(());
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let inner = &this.inner;
+            let offset = inner.layout.piece_range(index).start;
+            inner
+                .file
+                .write_all_at(&data, offset)
+                .map_err(io_err("writing", &inner.data_path))?;
+            inner
+                .file
+                .sync_data()
+                .map_err(io_err("syncing", &inner.data_path))?;
+            // Held across the bitmap write so persisted bitmaps only grow.
+            let mut have = this.lock_have();
+            if have.set(index) {
+                let snapshot = have.clone();
+                if let Err(e) = write_bitmap_file(&bitmap_path, &inner.layout, &snapshot) {
+                    have.clear(index);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Reads piece `index`; only for pieces held ([`StoreError::NotHeld`]
+    /// otherwise), so only verified bytes ever leave the store.
+    pub async fn read_piece(&self, index: u32) -> Result<Bytes, StoreError> {
+        self.check_piece(index)?;
+        if !self.has(index) {
+            return Err(StoreError::NotHeld { index });
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let inner = &this.inner;
+            let range = inner.layout.piece_range(index);
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            inner
+                .file
+                .read_exact_at(&mut buf, range.start)
+                .map_err(io_err("reading", &inner.data_path))?;
+            Ok(Bytes::from(buf))
+        })
+        .await?
+    }
+
+    /// Makes the complete content durable and moves it atomically to `dest`
+    /// (parent directories created; `dest` replaced if it exists), then drops
+    /// the bitmap. Fails with [`StoreError::Incomplete`] if a piece is missing.
+    pub async fn finalize(self, dest: &Path) -> Result<(), StoreError> {
+        let Some(bitmap_path) = self.inner.bitmap_path.clone() else {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        };
+        let have = self.have();
+        if !have.is_full() {
+            return Err(StoreError::Incomplete {
+                missing: have.len() - have.count_ones(),
+                count: have.len(),
+            });
+        }
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        }
+        let dest = dest.to_path_buf();
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let from = &inner.data_path;
+            inner.file.sync_all().map_err(io_err("syncing", from))?;
+            let parent = dest
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).map_err(io_err("creating directory", parent))?;
+            if let Err(e) = std::fs::rename(from, &dest) {
+                inner.closed.store(false, Ordering::Release);
+                if e.raw_os_error() == Some(libc::EXDEV) {
+                    return Err(StoreError::CrossDevice {
+                        from: from.clone(),
+                        to: dest.clone(),
+                    });
+                }
+                return Err(io_err("renaming into place", &dest)(e));
+            }
+            sync_dir(parent)?;
+            remove_if_exists(&bitmap_path)?;
+            if let Some(dir) = bitmap_path.parent() {
+                sync_dir(dir)?;
+            }
+            info!(dest = %dest.display(), bytes = inner.layout.size, "content complete");
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Stops filling and deletes the partial file and bitmap.
+    pub async fn discard(self) -> Result<(), StoreError> {
+        self.inner.closed.store(true, Ordering::Release);
+        let Some(bitmap_path) = self.inner.bitmap_path.clone() else {
+            // Serving a complete file: it is not ours to delete.
+            return Ok(());
+        };
+        let data_path = self.inner.data_path.clone();
+        tokio::task::spawn_blocking(move || {
+            remove_if_exists(&data_path)?;
+            remove_if_exists(&bitmap_path)?;
+            remove_if_exists(&bitmap_path.with_extension("bitmap.tmp"))
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::MIN_PIECE_SIZE;
+
+    fn piece(layout: &Layout, i: u32) -> Bytes {
+        let len = layout.piece_len(i) as usize;
+        Bytes::from(
+            (0..len)
+                .map(|j| (i as usize * 31 + j) as u8)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn bitmap_basics() {
+        let mut b = Bitmap::new(11);
+        assert_eq!(b.to_bytes().len(), 2);
+        assert!(b.set(0));
+        assert!(!b.set(0));
+        assert!(b.set(10));
+        assert!(!b.set(11));
+        assert!(b.get(10) && b.get(0) && !b.get(5) && !b.get(99));
+        assert_eq!(b.count_ones(), 2);
+        assert_eq!(b.iter_missing().count(), 9);
+        assert_eq!(b.to_bytes(), vec![0x80, 0x20]);
+        assert_eq!(Bitmap::from_bytes(11, &b.to_bytes()).unwrap(), b);
+        let f = Bitmap::full(11);
+        assert!(f.is_full());
+        assert_eq!(f.to_bytes(), vec![0xff, 0xe0]);
+        assert!(Bitmap::new(0).is_full());
+        assert!(Bitmap::from_bytes(11, &[0xff, 0xff]).is_err());
+        assert!(Bitmap::from_bytes(11, &[0xff]).is_err());
+    }
+
+    #[test]
+    fn bitmap_from_garbage_never_panics() {
+        use proptest::prelude::*;
+        proptest!(|(len in 0u32..200, bytes in proptest::collection::vec(any::<u8>(), 0..40))| {
+            if let Ok(b) = Bitmap::from_bytes(len, &bytes) {
+                prop_assert_eq!(b.to_bytes(), bytes);
+                prop_assert!(b.count_ones() <= len);
+                prop_assert_eq!(b.iter_missing().count() as u32, len - b.count_ones());
+            }
+        });
+        // Also the large-length edge.
+        assert!(Bitmap::from_bytes(u32::MAX, &[1, 2, 3]).is_err());
+    }
+
+    #[tokio::test]
+    async fn write_out_of_order_resume_finalize() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(PARTIAL_DIR);
+        let layout = Layout::new(u64::from(MIN_PIECE_SIZE) * 5 + 123, MIN_PIECE_SIZE).unwrap();
+        let store = PieceStore::open(&dir, "c1", layout).unwrap();
+        assert_eq!(store.held_count(), 0);
+        // Concurrent, out-of-order writes.
+        let (a, b) = tokio::join!(
+            store.write_piece(4, piece(&layout, 4)),
+            store.write_piece(1, piece(&layout, 1))
+        );
+        a.unwrap();
+        b.unwrap();
+        store.write_piece(5, piece(&layout, 5)).await.unwrap();
+        assert!(matches!(
+            store.read_piece(0).await,
+            Err(StoreError::NotHeld { index: 0 })
+        ));
+        assert!(matches!(
+            store.write_piece(0, Bytes::from_static(b"short")).await,
+            Err(StoreError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            store.write_piece(6, piece(&layout, 5)).await,
+            Err(StoreError::PieceOutOfRange { .. })
+        ));
+        drop(store);
+
+        // Resume: the bitmap survived and the data reads back.
+        let store = PieceStore::open(&dir, "c1", layout).unwrap();
+        let have = store.have();
+        assert_eq!(have.iter_ones().collect::<Vec<_>>(), vec![1, 4, 5]);
+        assert_eq!(store.read_piece(4).await.unwrap(), piece(&layout, 4));
+        assert_eq!(store.read_piece(5).await.unwrap(), piece(&layout, 5));
+        assert!(matches!(
+            store.clone().finalize(&root.path().join("x")).await,
+            Err(StoreError::Incomplete {
+                missing: 3,
+                count: 6
+            })
+        ));
+        for i in [0, 2, 3] {
+            store.write_piece(i, piece(&layout, i)).await.unwrap();
+        }
+        assert!(store.is_complete());
+        let dest = root.path().join("models/a/b.bin");
+        store.finalize(&dest).await.unwrap();
+        let got = std::fs::read(&dest).unwrap();
+        let want: Vec<u8> = (0..6).flat_map(|i| piece(&layout, i).to_vec()).collect();
+        assert_eq!(got, want);
+        assert!(!dir.join("c1.partial").exists());
+        assert!(!dir.join("c1.bitmap").exists());
+
+        // Serve it back from the complete file.
+        let seeder = PieceStore::open_complete(&dest, layout).unwrap();
+        assert!(seeder.is_complete());
+        assert_eq!(seeder.read_piece(2).await.unwrap(), piece(&layout, 2));
+        assert!(matches!(
+            seeder.write_piece(2, piece(&layout, 2)).await,
+            Err(StoreError::ReadOnly { .. })
+        ));
+        let other = Layout::new(layout.size + 1, MIN_PIECE_SIZE).unwrap();
+        assert!(matches!(
+            PieceStore::open_complete(&dest, other),
+            Err(StoreError::SizeMismatch { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn layout_change_starts_over_and_corrupt_bitmap_is_ignored() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::new(u64::from(MIN_PIECE_SIZE) * 3, MIN_PIECE_SIZE).unwrap();
+        let store = PieceStore::open(root.path(), "c", layout).unwrap();
+        store.write_piece(0, piece(&layout, 0)).await.unwrap();
+        drop(store);
+        let bigger = Layout::new(u64::from(MIN_PIECE_SIZE) * 4, MIN_PIECE_SIZE).unwrap();
+        let store = PieceStore::open(root.path(), "c", bigger).unwrap();
+        assert_eq!(store.held_count(), 0);
+        store.write_piece(3, piece(&bigger, 3)).await.unwrap();
+        drop(store);
+        // Flip a byte of the bitmap file: the checksum catches it.
+        let bm = root.path().join("c.bitmap");
+        let mut raw = std::fs::read(&bm).unwrap();
+        raw[20] ^= 0xff;
+        std::fs::write(&bm, raw).unwrap();
+        let store = PieceStore::open(root.path(), "c", bigger).unwrap();
+        assert_eq!(store.held_count(), 0);
+        store.discard().await.unwrap();
+        assert!(!root.path().join("c.partial").exists());
+        assert!(!bm.exists());
+    }
+
+    #[tokio::test]
+    async fn insufficient_space_is_reported() {
+        let root = tempfile::tempdir().unwrap();
+        // 1 PiB: absurd for a test machine, yet a valid layout (2^24 pieces).
+        let layout = Layout::new(1 << 50, 64 << 20).unwrap();
+        let err = PieceStore::open_async(root.path(), "huge", layout)
+            .await
+            .unwrap_err();
+        match &err {
+            StoreError::InsufficientSpace {
+                needed, available, ..
+            } => {
+                assert_eq!(*needed, 1 << 50);
+                assert!(available < needed);
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert!(err.to_string().starts_with("not enough free space"));
+        assert!(!root.path().join("huge.partial").exists());
+    }
+
+    #[tokio::test]
+    async fn remove_and_invalid_ids() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::new(10, MIN_PIECE_SIZE).unwrap();
+        let store = PieceStore::open(root.path(), "r", layout).unwrap();
+        store.write_piece(0, piece(&layout, 0)).await.unwrap();
+        drop(store);
+        PieceStore::remove(root.path(), "r").unwrap();
+        assert!(!root.path().join("r.partial").exists());
+        PieceStore::remove(root.path(), "r").unwrap();
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            assert!(matches!(
+                PieceStore::open(root.path(), bad, layout),
+                Err(StoreError::InvalidId { .. })
+            ));
+        }
+        // Empty content: complete at once, finalizes to an empty file.
+        let empty = Layout::new(0, MIN_PIECE_SIZE).unwrap();
+        let store = PieceStore::open(root.path(), "e", empty).unwrap();
+        assert!(store.is_complete());
+        let dest = root.path().join("out/empty");
+        store.finalize(&dest).await.unwrap();
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
+    }
+}

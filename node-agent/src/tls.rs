@@ -1,1 +1,720 @@
-//! tls
+//! Cluster CA, node identities and mutual TLS for the agents' QUIC links.
+//!
+//! Every agent holds a certificate for its node, issued by a cluster CA the
+//! operator manages; the node name is the certificate's only DNS SAN (and its
+//! CN). Servers require and verify a client certificate chained to that CA,
+//! clients verify that the server's certificate names the node they dialled,
+//! so both ends know which node they talk to (see [`peer_node`]).
+//!
+//! All rustls configs are built with the `ring` provider explicitly, so
+//! nothing depends on a process-wide default provider being installed.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PublicKeyData, SanType, SerialNumber,
+};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+
+/// ALPN protocol of the agents' QUIC links.
+pub const ALPN: &[u8] = b"peerfill/1";
+
+/// Validity of node certificates.
+pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Validity of the cluster CA certificate.
+pub const CA_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Back-dating of `notBefore`, to tolerate clock skew between nodes.
+const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("invalid node name {name:?}: {reason}")]
+    InvalidNodeName { name: String, reason: &'static str },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("TLS configuration failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("TLS config unusable for QUIC: {0}")]
+    Quic(String),
+    #[error("no {what} found in {source_name}")]
+    MissingPem {
+        what: &'static str,
+        source_name: String,
+    },
+    #[error("invalid PEM in {source_name}: {reason}")]
+    InvalidPem { source_name: String, reason: String },
+    #[error("invalid certificate: {0}")]
+    InvalidCertificate(String),
+    #[error("the CSR names {found:?}, but it must name exactly the node {expected:?}")]
+    CsrNodeMismatch {
+        expected: String,
+        found: Vec<String>,
+    },
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Checks `name` is a DNS-1123 subdomain, which Kubernetes node names are,
+/// and which TLS can carry as a DNS SAN and server name.
+pub fn validate_node_name(name: &str) -> Result<(), TlsError> {
+    let bad = |reason| TlsError::InvalidNodeName {
+        name: name.chars().take(300).collect(),
+        reason,
+    };
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad("must be 1 to 253 characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(bad("each dot-separated label must be 1 to 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(bad(
+                "only lowercase letters, digits, '-' and '.' are allowed",
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("labels must start and end with a letter or digit"));
+        }
+    }
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Err(bad("must be a DNS name, not an IP address"));
+    }
+    ServerName::try_from(name).map_err(|_| bad("not a valid TLS server name"))?;
+    Ok(())
+}
+
+fn node_params(node: &str) -> Result<CertificateParams, TlsError> {
+    validate_node_name(node)?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::DnsName(node.try_into()?)];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    params.distinguished_name = dn;
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + NODE_CERT_VALIDITY;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and non-zero as DER INTEGER serials must be.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// The cluster CA. Only the operator holds its key; agents get certificates.
+pub struct ClusterCa {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("ClusterCa").finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    /// A fresh self-signed CA (ECDSA P-256, 10 years, path length 0).
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let now = time::OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "peerfill");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + CA_CERT_VALIDITY;
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from its certificate and private key (PEM).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        // Parse once to fail early on garbage and to reject a non-CA cert.
+        let der = first_cert(cert_pem, "CA certificate")?;
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| TlsError::InvalidCertificate(format!("CA certificate: {e}")))?;
+        if !x509.is_ca() {
+            return Err(TlsError::InvalidCertificate(
+                "the CA certificate is not a CA (basicConstraints cA is false)".into(),
+            ));
+        }
+        if x509.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(TlsError::InvalidCertificate(
+                "the CA key does not match the CA certificate".into(),
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(ClusterCa {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// A fresh key and certificate for `node` (SAN DNS + CN = node, 1 year,
+    /// EKU serverAuth + clientAuth).
+    pub fn issue(&self, node: &str) -> Result<NodeIdentity, TlsError> {
+        let params = node_params(node)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(NodeIdentity {
+            node: node.to_string(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
+    }
+
+    /// Signs a node's CSR, refusing one whose subject CN or SANs name
+    /// anything but exactly `expected_node`. Only the CSR's public key is
+    /// used: validity, key usages and constraints are set here, never taken
+    /// from the request.
+    pub fn sign_csr(&self, csr_pem: &str, expected_node: &str) -> Result<String, TlsError> {
+        validate_node_name(expected_node)?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut names: Vec<String> = Vec::new();
+        let mut only_dns = true;
+        for san in &csr.params.subject_alt_names {
+            match san {
+                SanType::DnsName(n) => names.push(n.as_str().to_string()),
+                other => {
+                    only_dns = false;
+                    names.push(format!("{other:?}"));
+                }
+            }
+        }
+        let mut cn_ok = true;
+        for (ty, value) in csr.params.distinguished_name.iter() {
+            if *ty == DnType::CommonName {
+                let cn = dn_value_str(value);
+                if cn.as_deref() != Some(expected_node) {
+                    cn_ok = false;
+                    names.push(format!(
+                        "CN={}",
+                        cn.unwrap_or_else(|| "<unreadable>".into())
+                    ));
+                }
+            }
+        }
+        if !only_dns || !cn_ok || names != [expected_node] {
+            return Err(TlsError::CsrNodeMismatch {
+                expected: expected_node.to_string(),
+                found: names,
+            });
+        }
+        let params = node_params(expected_node)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
+fn dn_value_str(v: &DnValue) -> Option<String> {
+    match v {
+        DnValue::Utf8String(s) => Some(s.clone()),
+        DnValue::PrintableString(s) => Some(s.as_str().to_string()),
+        DnValue::Ia5String(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// A CSR and its new private key for `node` (both PEM), for the
+/// request/approve flow in which the CA key never leaves the operator.
+pub fn generate_csr(node: &str) -> Result<(String, String), TlsError> {
+    validate_node_name(node)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::DnsName(node.try_into()?)];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    params.distinguished_name = dn;
+    let key = KeyPair::generate()?;
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// A node's certificate, key and the CA certificate that roots the cluster.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub node: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+        op: "reading",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_certs(pem: &str, source_name: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::InvalidPem {
+            source_name: source_name.to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::MissingPem {
+            what: "certificate",
+            source_name: source_name.to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+fn first_cert(pem: &str, source_name: &str) -> Result<CertificateDer<'static>, TlsError> {
+    let mut certs = parse_certs(pem, source_name)?;
+    Ok(certs.swap_remove(0))
+}
+
+fn parse_key(pem: &str, source_name: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| TlsError::InvalidPem {
+            source_name: source_name.to_string(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| TlsError::MissingPem {
+            what: "private key",
+            source_name: source_name.to_string(),
+        })
+}
+
+/// The node name a certificate was issued to: its single DNS SAN.
+pub fn node_name_of_cert(der: &[u8]) -> Result<String, TlsError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::InvalidCertificate(e.to_string()))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| TlsError::InvalidCertificate(format!("subjectAltName: {e}")))?
+        .ok_or_else(|| TlsError::InvalidCertificate("no subjectAltName".into()))?;
+    let dns: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    match dns.as_slice() {
+        [one] => Ok((*one).to_string()),
+        _ => Err(TlsError::InvalidCertificate(format!(
+            "expected exactly one DNS name in subjectAltName, found {}",
+            dns.len()
+        ))),
+    }
+}
+
+impl NodeIdentity {
+    /// Loads an identity from PEM files (the node name is read from the
+    /// certificate), checking that they parse.
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
+        let cert_pem = read_file(cert)?;
+        let key_pem = read_file(key)?;
+        let ca_pem = read_file(ca)?;
+        let leaf = first_cert(&cert_pem, &cert.display().to_string())?;
+        parse_key(&key_pem, &key.display().to_string())?;
+        parse_certs(&ca_pem, &ca.display().to_string())?;
+        let node = node_name_of_cert(leaf.as_ref())?;
+        Ok(NodeIdentity {
+            node,
+            cert_pem,
+            key_pem,
+            ca_pem,
+        })
+    }
+
+    /// Writes `tls.crt`, `tls.key` (mode 0600) and `ca.crt` into `dir`, each
+    /// replaced atomically.
+    pub fn write(&self, dir: &Path) -> Result<(), TlsError> {
+        std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+            op: "creating directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_atomic(&dir.join("tls.crt"), self.cert_pem.as_bytes(), 0o644)?;
+        write_atomic(&dir.join("tls.key"), self.key_pem.as_bytes(), 0o600)?;
+        write_atomic(&dir.join("ca.crt"), self.ca_pem.as_bytes(), 0o644)
+    }
+
+    fn chain_and_key(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        Ok((
+            parse_certs(&self.cert_pem, "node certificate")?,
+            parse_key(&self.key_pem, "node key")?,
+        ))
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in parse_certs(&self.ca_pem, "CA certificate")? {
+            roots.add(ca)?;
+        }
+        Ok(Arc::new(roots))
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
+    let io = |op, source| TlsError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    // Remove a stale temp file so its (maybe wider) mode is not inherited.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io("creating", e))?;
+    f.write_all(data).map_err(|e| io("writing", e))?;
+    f.sync_all().map_err(|e| io("syncing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming", e))
+}
+
+/// QUIC transport settings shared by both ends: keep-alives so idle peer
+/// links survive NAT/conntrack, a 30 s idle timeout so dead peers are noticed,
+/// and receive windows large enough that a 4 MiB piece streams at full speed
+/// (the defaults would cap one stream near window/RTT).
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // 30 s fits in a VarInt of milliseconds, so this conversion cannot fail.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(256));
+    t
+}
+
+/// Server side: requires a client certificate chained to the cluster CA
+/// (clients without one fail the handshake before any stream opens).
+pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(id.roots()?, provider.clone()).build()?;
+    let (chain, key) = id.chain_and_key()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// Client side: presents the node certificate and accepts only a server
+/// whose certificate chains to the cluster CA and names the node dialled
+/// (`endpoint.connect_with(cfg, addr, server_node_name)`).
+pub fn client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, TlsError> {
+    let (chain, key) = id.chain_and_key()?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(id.roots()?)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// The node name in the peer's verified certificate (its DNS SAN). Both
+/// ends of a connection built from these configs have verified the chain.
+pub fn peer_node(conn: &quinn::Connection) -> Result<String, TlsError> {
+    let identity = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
+    let certs = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TlsError::NoPeerCertificate)?;
+    let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
+    node_name_of_cert(leaf.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn endpoint_server(id: &NodeIdentity) -> quinn::Endpoint {
+        quinn::Endpoint::server(server_config(id).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap()
+    }
+
+    /// Accepts connections and echoes one stream on each; reports each
+    /// accepted peer's node name (or the handshake error) on `tx`.
+    fn spawn_echo(
+        ep: quinn::Endpoint,
+        tx: tokio::sync::mpsc::UnboundedSender<Result<String, String>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => {
+                            let _ = tx.send(peer_node(&conn).map_err(|e| e.to_string()));
+                            if let Ok((mut send, mut recv)) = conn.accept_bi().await
+                                && let Ok(data) = recv.read_to_end(1 << 20).await
+                            {
+                                let _ = send.write_all(&data).await;
+                                let _ = send.finish();
+                                let _ = send.stopped().await;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                    }
+                });
+            }
+        })
+    }
+
+    /// Connects, sends `msg`, returns what was echoed back.
+    async fn exchange(
+        cfg: quinn::ClientConfig,
+        addr: SocketAddr,
+        name: &str,
+        msg: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let result = async {
+            let conn = ep
+                .connect_with(cfg, addr, name)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(msg).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let out = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+            if let Ok(n) = peer_node(&conn) {
+                assert_eq!(n, name);
+            }
+            conn.close(0u32.into(), b"done");
+            Ok(out)
+        };
+        let out = tokio::time::timeout(T, result)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        ep.wait_idle().await;
+        out
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_over_loopback() {
+        let ca = ClusterCa::generate("peerfill test CA").unwrap();
+        let server_id = ca.issue("node-a").unwrap();
+        let client_id = ca.issue("node-b.pool-1").unwrap();
+        let server = endpoint_server(&server_id);
+        let addr = server.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = spawn_echo(server.clone(), tx);
+
+        // Valid certificates: bytes flow, both sides learn the other's name.
+        let cfg = client_config(&client_id).unwrap();
+        let got = exchange(cfg.clone(), addr, "node-a", b"hello")
+            .await
+            .unwrap();
+        assert_eq!(got, b"hello");
+        let seen = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(seen, Ok("node-b.pool-1".to_string()));
+
+        // Dialling the right address under another node's name fails: the
+        // server's certificate names node-a only.
+        assert!(exchange(cfg, addr, "node-c", b"x").await.is_err());
+        let _ = tokio::time::timeout(T, rx.recv()).await;
+
+        // A client with a certificate from another CA is refused.
+        let other_ca = ClusterCa::generate("intruder CA").unwrap();
+        let mut intruder = other_ca.issue("node-b").unwrap();
+        // Trust the real CA, so only the client side is wrong.
+        intruder.ca_pem = ca.cert_pem().to_string();
+        let res = exchange(client_config(&intruder).unwrap(), addr, "node-a", b"secret").await;
+        assert!(res.is_err(), "intruder got {res:?}");
+        let seen = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert!(seen.is_err(), "server accepted intruder: {seen:?}");
+
+        // A client with no certificate at all is refused.
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(client_id.roots().unwrap())
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let anon = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ));
+        let res = exchange(anon, addr, "node-a", b"secret").await;
+        assert!(res.is_err(), "anonymous client got {res:?}");
+        let seen = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert!(seen.is_err(), "server accepted anonymous client: {seen:?}");
+
+        // A client that trusts another CA refuses the real server.
+        let mut wary = ca.issue("node-d").unwrap();
+        wary.ca_pem = other_ca.cert_pem().to_string();
+        assert!(
+            exchange(client_config(&wary).unwrap(), addr, "node-a", b"x")
+                .await
+                .is_err()
+        );
+
+        server.close(0u32.into(), b"bye");
+        task.abort();
+    }
+
+    #[test]
+    fn csr_flow() {
+        let ca = ClusterCa::generate("ca").unwrap();
+        let (csr, key) = generate_csr("node-1").unwrap();
+        let cert = ca.sign_csr(&csr, "node-1").unwrap();
+        let der = first_cert(&cert, "signed").unwrap();
+        assert_eq!(node_name_of_cert(der.as_ref()).unwrap(), "node-1");
+        // The issued certificate works with the CSR's key.
+        let id = NodeIdentity {
+            node: "node-1".into(),
+            cert_pem: cert,
+            key_pem: key,
+            ca_pem: ca.cert_pem().into(),
+        };
+        server_config(&id).unwrap();
+        client_config(&id).unwrap();
+
+        assert!(matches!(
+            ca.sign_csr(&csr, "node-2"),
+            Err(TlsError::CsrNodeMismatch { .. })
+        ));
+        assert!(ca.sign_csr("garbage", "node-1").is_err());
+        assert!(generate_csr("Not_A_Node").is_err());
+        assert!(ca.issue("").is_err());
+        assert!(ca.issue("10.0.0.1.x-").is_err());
+    }
+
+    #[test]
+    fn ca_and_identity_round_trip_through_files() {
+        let ca = ClusterCa::generate("ca").unwrap();
+        let ca2 = ClusterCa::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        let id = ca2.issue("node-x").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        id.write(dir.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("tls.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let loaded = NodeIdentity::load(
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            &dir.path().join("ca.crt"),
+        )
+        .unwrap();
+        assert_eq!(loaded.node, "node-x");
+        assert_eq!(loaded.cert_pem, id.cert_pem);
+        assert_eq!(loaded.ca_pem, ca.cert_pem());
+
+        // A node certificate is not a CA; a mismatched key is refused.
+        assert!(ClusterCa::from_pem(&id.cert_pem, &id.key_pem).is_err());
+        let other = ClusterCa::generate("other").unwrap();
+        assert!(ClusterCa::from_pem(ca.cert_pem(), other.key_pem()).is_err());
+        assert!(matches!(
+            NodeIdentity::load(
+                &dir.path().join("missing"),
+                &dir.path().join("tls.key"),
+                &dir.path().join("ca.crt"),
+            ),
+            Err(TlsError::Io { .. })
+        ));
+        std::fs::write(dir.path().join("empty"), "").unwrap();
+        assert!(matches!(
+            NodeIdentity::load(
+                &dir.path().join("empty"),
+                &dir.path().join("tls.key"),
+                &dir.path().join("ca.crt"),
+            ),
+            Err(TlsError::MissingPem { .. })
+        ));
+    }
+}
