@@ -1,0 +1,377 @@
+//! `x-kubernetes-validations`: CEL rules compiled with the `cel` crate and
+//! evaluated with `self` bound to the value at the rule's node (and `oldSelf`
+//! to the stored value on updates), reporting failures as the server does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+
+use cel::common::types::{self, CelBool, CelOptional, CelString};
+use cel::common::value::{CowVal, Val};
+use cel::objects::{Key, Map};
+use cel::{Context, Env, ExecutionError, Program};
+use serde_json::Value as Json;
+
+use super::{Additional, FieldError, FieldErrorKind, Node, Path, Type};
+
+/// One step of a rule's `fieldPath` (`.name` or `['name']`).
+#[derive(Debug, Clone)]
+enum FieldPathSeg {
+    Name(String),
+}
+
+pub(super) struct Rule {
+    source: String,
+    program: Program,
+    message: Option<String>,
+    message_expression: Option<Program>,
+    field_path: Vec<FieldPathSeg>,
+    reason: Option<FieldErrorKind>,
+    /// References `oldSelf`: only evaluated when there is an old value.
+    transition: bool,
+    optional_old_self: bool,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule")
+            .field("rule", &self.source)
+            .field("message", &self.message)
+            .field("transition", &self.transition)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The environment: the CEL standard library with the extension libraries
+/// Kubernetes enables (strings, lists, math) and the URL check CRD authors use.
+static ENV: LazyLock<Result<Arc<Env>, String>> =
+    LazyLock::new(|| build_env().map(Arc::new).map_err(|e| e.to_string()));
+
+fn build_env() -> Result<Env, cel::DeclarationError> {
+    let mut env = Env::stdlib();
+    env.add_extension(cel::extensions::strings)?;
+    env.add_extension(cel::extensions::lists)?;
+    env.add_extension(cel::extensions::math)?;
+    env.add_overload("isURL", "isURL_string", vec![types::STRING_TYPE], |args| {
+        let s = args
+            .first()
+            .and_then(|a| a.downcast_ref::<CelString>())
+            .map(|s| is_absolute_url(s.inner()))
+            .unwrap_or(false);
+        Ok(CowVal::owned(CelBool::from(s)))
+    })?;
+    Ok(env)
+}
+
+/// Kubernetes' `isURL`: an absolute URL with a scheme and a host or path.
+fn is_absolute_url(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    let scheme_ok = scheme
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    scheme_ok && !rest.is_empty() && !s.chars().any(|c| c.is_control() || c == ' ')
+}
+
+fn env() -> Result<&'static Arc<Env>, String> {
+    ENV.as_ref().map_err(Clone::clone)
+}
+
+fn compile_program(src: &str) -> Result<Program, String> {
+    env()?.compile(src).map_err(|e| e.to_string())
+}
+
+impl Rule {
+    /// Compiles one entry of `x-kubernetes-validations`.
+    pub(super) fn compile(v: &Json) -> Result<Rule, String> {
+        let source = v
+            .get("rule")
+            .and_then(Json::as_str)
+            .ok_or_else(|| "rule must be a string".to_string())?
+            .to_string();
+        let program = compile_program(&source)?;
+        let message_expression = match v.get("messageExpression").and_then(Json::as_str) {
+            Some(src) if !src.trim().is_empty() => {
+                Some(compile_program(src).map_err(|e| format!("messageExpression: {e}"))?)
+            }
+            _ => None,
+        };
+        let reason = match v.get("reason").and_then(Json::as_str) {
+            None | Some("FieldValueInvalid") => None,
+            Some("FieldValueForbidden") => Some(FieldErrorKind::Forbidden),
+            Some("FieldValueRequired") => Some(FieldErrorKind::Required),
+            Some("FieldValueDuplicate") => Some(FieldErrorKind::Duplicate),
+            Some(other) => return Err(format!("unsupported reason {other:?}")),
+        };
+        let field_path = match v.get("fieldPath").and_then(Json::as_str) {
+            Some(fp) if !fp.is_empty() => parse_field_path(fp)?,
+            _ => Vec::new(),
+        };
+        let transition = program.references().has_variable("oldSelf");
+        Ok(Rule {
+            source,
+            program,
+            message: v
+                .get("message")
+                .and_then(Json::as_str)
+                .map(|m| m.trim().to_string())
+                .filter(|m| !m.is_empty()),
+            message_expression,
+            field_path,
+            reason,
+            transition,
+            optional_old_self: v
+                .get("optionalOldSelf")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    fn rule_error_string(&self) -> String {
+        match &self.message {
+            Some(m) => m.clone(),
+            None => self.source.trim().to_string(),
+        }
+    }
+
+    /// Evaluates the rule at a node; `None` when it holds (or does not apply).
+    pub(super) fn evaluate(
+        &self,
+        v: &Json,
+        old: Option<&Json>,
+        s: &Node,
+        path: &Path,
+        _is_resource_root: bool,
+    ) -> Option<FieldError> {
+        if self.transition && old.is_none() && !self.optional_old_self {
+            // Transition rules need a previous value: skipped on create and
+            // for values that did not exist before.
+            return None;
+        }
+        let type_name = Json::String(s.type_name().to_string());
+        let env = match env() {
+            Ok(env) => env,
+            Err(e) => {
+                return Some(FieldError::new(
+                    path.field(),
+                    FieldErrorKind::Invalid,
+                    Some(type_name),
+                    format!("{e} evaluating rule: {}", self.rule_error_string()),
+                ));
+            }
+        };
+        let mut ctx = Context::with_env(Arc::clone(env));
+        ctx.add_variable_from_value("self", to_cel(v, Some(s)));
+        if self.transition || self.optional_old_self {
+            if self.optional_old_self {
+                let opt = match old.map(|o| Box::<dyn Val>::try_from(to_cel(o, Some(s)))) {
+                    Some(Ok(boxed)) => CelOptional::from(boxed),
+                    _ => CelOptional::none(),
+                };
+                ctx.add_variable_as_val("oldSelf", Box::new(opt));
+            } else if let Some(o) = old {
+                ctx.add_variable_from_value("oldSelf", to_cel(o, Some(s)));
+            }
+        }
+        match self.program.execute(&ctx) {
+            Ok(cel::Value::Bool(true)) => None,
+            Ok(cel::Value::Bool(false)) => {
+                let detail = self.failure_message(&ctx);
+                let at = self.error_path(path, s);
+                Some(match self.reason {
+                    Some(FieldErrorKind::Forbidden) => {
+                        FieldError::new(at.field(), FieldErrorKind::Forbidden, None, detail)
+                    }
+                    Some(FieldErrorKind::Required) => {
+                        FieldError::new(at.field(), FieldErrorKind::Required, None, detail)
+                    }
+                    Some(FieldErrorKind::Duplicate) => FieldError::new(
+                        at.field(),
+                        FieldErrorKind::Duplicate,
+                        Some(type_name),
+                        String::new(),
+                    ),
+                    _ => FieldError::new(
+                        at.field(),
+                        FieldErrorKind::Invalid,
+                        Some(type_name),
+                        detail,
+                    ),
+                })
+            }
+            Ok(other) => Some(FieldError::new(
+                path.field(),
+                FieldErrorKind::Invalid,
+                Some(type_name),
+                format!(
+                    "rule returned {}, not a bool, evaluating rule: {}",
+                    other.type_of(),
+                    self.rule_error_string()
+                ),
+            )),
+            Err(ExecutionError::NoSuchOverload(o)) => Some(FieldError::new(
+                path.field(),
+                FieldErrorKind::Invalid,
+                Some(type_name),
+                format!(
+                    "'no such overload: {o}': call arguments did not match a supported operator, function or macro signature for rule: {}",
+                    self.rule_error_string()
+                ),
+            )),
+            Err(e) => Some(FieldError::new(
+                path.field(),
+                FieldErrorKind::Invalid,
+                Some(type_name),
+                format!(
+                    "{} evaluating rule: {}",
+                    go_style_error(&e),
+                    self.rule_error_string()
+                ),
+            )),
+        }
+    }
+
+    fn failure_message(&self, ctx: &Context) -> String {
+        if let Some(expr) = &self.message_expression
+            && let Ok(cel::Value::String(s)) = expr.execute(ctx)
+            && !s.trim().is_empty()
+            && !s.contains('\n')
+        {
+            return s.trim().to_string();
+        }
+        match &self.message {
+            Some(m) => m.clone(),
+            None => format!("failed rule: {}", self.rule_error_string()),
+        }
+    }
+
+    /// The node path extended with the rule's `fieldPath`: properties are
+    /// children, entries of a map schema are keys (`field.Path` semantics).
+    fn error_path(&self, path: &Path, s: &Node) -> Path {
+        let mut at = path.clone();
+        let mut node = Some(s);
+        for seg in &self.field_path {
+            let FieldPathSeg::Name(name) = seg;
+            match node {
+                Some(n) if n.properties.contains_key(name) => {
+                    at = at.child(name);
+                    node = n.properties.get(name);
+                }
+                Some(Node {
+                    additional: Some(Additional::Schema(inner)),
+                    ..
+                }) => {
+                    at = at.key(name);
+                    node = Some(inner);
+                }
+                _ => {
+                    at = at.child(name);
+                    node = None;
+                }
+            }
+        }
+        at
+    }
+}
+
+/// Parses `.a.b['c.d']` into names.
+fn parse_field_path(fp: &str) -> Result<Vec<FieldPathSeg>, String> {
+    let mut out = Vec::new();
+    let mut rest = fp;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            let name = &r[..end];
+            if name.is_empty() {
+                return Err(format!("fieldPath {fp:?}: empty segment"));
+            }
+            out.push(FieldPathSeg::Name(name.to_string()));
+            rest = &r[end..];
+        } else if let Some(r) = rest.strip_prefix("['") {
+            let end = r
+                .find("']")
+                .ok_or_else(|| format!("fieldPath {fp:?}: unterminated ['"))?;
+            out.push(FieldPathSeg::Name(r[..end].to_string()));
+            rest = &r[end + 2..];
+        } else {
+            return Err(format!("fieldPath {fp:?}: expected '.' or \"['\""));
+        }
+    }
+    Ok(out)
+}
+
+/// cel-go's wording for the common runtime errors, which the server copies
+/// into the field error.
+fn go_style_error(e: &ExecutionError) -> String {
+    match e {
+        ExecutionError::NoSuchKey(k) => format!("no such key: {k}"),
+        ExecutionError::DivisionByZero(_) => "division by zero".to_string(),
+        ExecutionError::RemainderByZero(_) => "modulus by zero".to_string(),
+        ExecutionError::IndexOutOfBounds(i) => format!("index out of bounds: {i:?}"),
+        ExecutionError::Overflow(..) => "integer overflow".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// JSON to CEL, typed by the schema as the server does: `number` is a double
+/// even when written as an integer, `date-time` strings are timestamps,
+/// `byte` strings are bytes.
+fn to_cel(v: &Json, s: Option<&Node>) -> cel::Value {
+    match v {
+        Json::Null => cel::Value::Null,
+        Json::Bool(b) => cel::Value::Bool(*b),
+        Json::Number(n) => {
+            let ty = s.and_then(|s| s.ty);
+            if ty != Some(Type::Number) {
+                if let Some(i) = n.as_i64() {
+                    return cel::Value::Int(i);
+                }
+                if let Some(u) = n.as_u64() {
+                    return cel::Value::UInt(u);
+                }
+            }
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if ty == Some(Type::Integer) && f.fract() == 0.0 && f.abs() < 9.2e18 {
+                return cel::Value::Int(f as i64);
+            }
+            cel::Value::Float(f)
+        }
+        Json::String(st) => {
+            match s.and_then(|s| s.format.as_deref()) {
+                Some("date-time") | Some("datetime") => {
+                    if let Ok(ts) = chrono::DateTime::parse_from_rfc3339(st) {
+                        return cel::Value::Timestamp(ts);
+                    }
+                }
+                Some("byte") => {
+                    use base64::Engine as _;
+                    if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(st) {
+                        return cel::Value::Bytes(Arc::new(bytes));
+                    }
+                }
+                _ => {}
+            }
+            cel::Value::String(Arc::new(st.clone()))
+        }
+        Json::Array(items) => {
+            let is = s.and_then(|s| s.items.as_deref());
+            cel::Value::List(Arc::new(items.iter().map(|i| to_cel(i, is)).collect()))
+        }
+        Json::Object(map) => {
+            let m: HashMap<Key, cel::Value> = map
+                .iter()
+                .map(|(k, val)| {
+                    (
+                        Key::String(Arc::new(k.clone())),
+                        to_cel(val, s.and_then(|s| s.property_schema(k))),
+                    )
+                })
+                .collect();
+            cel::Value::Map(Map { map: Arc::new(m) })
+        }
+    }
+}
