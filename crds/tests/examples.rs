@@ -1,0 +1,143 @@
+//! Every example manifest parses as a `Distribution`; `validate()` accepts
+//! the valid ones and refuses each invalid one naming the field its
+//! `# expect-field:` line announces (the same field the API server must
+//! name when `kubectl apply` refuses it).
+
+use std::path::{Path, PathBuf};
+
+use peerfill_crds::Distribution;
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn parse(path: &Path) -> Result<Distribution, serde_saphyr::Error> {
+    serde_saphyr::from_str(&read(path))
+}
+
+/// The field named on the first line, `# expect-field: <path>`.
+fn expected_field(path: &Path) -> String {
+    let text = read(path);
+    let first = text.lines().next().unwrap_or_default();
+    first
+        .strip_prefix("# expect-field: ")
+        .unwrap_or_else(|| {
+            panic!(
+                "{} must start with '# expect-field: <path>'",
+                path.display()
+            )
+        })
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn valid_examples_parse_and_validate() {
+    let files = yaml_files(&examples_dir());
+    let names: Vec<_> = files
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str())
+        .collect();
+    assert_eq!(names, ["http.yaml", "node-pool.yaml", "node-source.yaml"]);
+    for path in &files {
+        let dist = parse(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(dist.metadata.namespace, None, "{}", path.display());
+        assert!(dist.metadata.name.is_some(), "{}", path.display());
+        if let Err(e) = dist.validate() {
+            panic!("{} is refused: {e}", path.display());
+        }
+    }
+}
+
+#[test]
+fn valid_examples_cover_each_source_and_targeting() {
+    let http = parse(&examples_dir().join("http.yaml")).expect("http.yaml parses");
+    let http_source = http.spec.source.http.as_ref().expect("http source");
+    assert!(http_source.digest.is_some() && http_source.headers_from.is_some());
+    assert!(http.spec.strategy.max_download_bytes_per_second.is_some());
+
+    let node = parse(&examples_dir().join("node-source.yaml")).expect("node-source.yaml parses");
+    assert_eq!(
+        node.spec.source.node.as_ref().map(|n| n.node_name.as_str()),
+        Some("build-01")
+    );
+
+    let pool = parse(&examples_dir().join("node-pool.yaml")).expect("node-pool.yaml parses");
+    assert!(!pool.spec.target.node_selector.is_empty());
+    assert_eq!(pool.spec.target.tolerations.len(), 1);
+    assert!(pool.spec.target.node_affinity.is_some());
+}
+
+#[test]
+fn invalid_examples_are_refused_naming_the_field() {
+    let files = yaml_files(&examples_dir().join("invalid"));
+    let required = [
+        "two-sources.yaml",
+        "no-source.yaml",
+        "absolute-path.yaml",
+        "dotdot-path.yaml",
+        "piece-size-zero.yaml",
+        "piece-size-huge.yaml",
+        "bad-url-scheme.yaml",
+        "bad-digest.yaml",
+    ];
+    for name in required {
+        assert!(
+            files.iter().any(|p| p.ends_with(name)),
+            "examples/invalid/{name} is missing"
+        );
+    }
+    for path in &files {
+        let field = expected_field(path);
+        match parse(path) {
+            Ok(dist) => {
+                let errors = dist
+                    .validate()
+                    .err()
+                    .unwrap_or_else(|| panic!("{} is accepted", path.display()));
+                assert!(
+                    errors.names_field(&field),
+                    "{}: expected an error naming {field}, got: {errors}",
+                    path.display()
+                );
+            }
+            // Only a missing required field can make an invalid manifest
+            // unrepresentable in Rust; serde then names the field itself.
+            Err(e) => {
+                let last = field.rsplit('.').next().unwrap_or(&field);
+                assert!(
+                    e.to_string().contains(&format!("missing field `{last}`")),
+                    "{}: parse error does not name {field}: {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn each_invalid_example_breaks_exactly_one_field() {
+    // One mistake per file keeps the API-server assertions sharp.
+    for path in yaml_files(&examples_dir().join("invalid")) {
+        if let Ok(dist) = parse(&path) {
+            let errors = dist.validate().expect_err("invalid");
+            let mut fields: Vec<_> = errors.0.iter().map(|e| e.field.clone()).collect();
+            fields.dedup();
+            assert_eq!(fields, [expected_field(&path)], "{}", path.display());
+        }
+    }
+}
