@@ -603,8 +603,14 @@ impl PieceStore {
                 .file
                 .sync_data()
                 .map_err(io_err("syncing", &inner.data_path))?;
-            // Held across the bitmap write so persisted bitmaps only grow.
+            // Held across the bitmap write so persisted bitmaps only grow,
+            // and so a concurrent discard cannot be undone by this write.
             let mut have = this.lock_have();
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(StoreError::ReadOnly {
+                    path: inner.data_path.clone(),
+                });
+            }
             if have.set(index) {
                 let snapshot = have.clone();
                 if let Err(e) = write_bitmap_file(&bitmap_path, &inner.layout, &snapshot) {
@@ -697,9 +703,12 @@ impl PieceStore {
             // Serving a complete file: it is not ours to delete.
             return Ok(());
         };
-        let data_path = self.inner.data_path.clone();
+        let this = self;
         tokio::task::spawn_blocking(move || {
-            remove_if_exists(&data_path)?;
+            // Under the bitmap lock: in-flight writes see `closed` before
+            // they could write the bitmap again.
+            let _have = this.lock_have();
+            remove_if_exists(&this.inner.data_path)?;
             remove_if_exists(&bitmap_path)?;
             remove_if_exists(&bitmap_path.with_extension("bitmap.tmp"))
         })
@@ -844,8 +853,15 @@ mod tests {
         std::fs::write(&bm, raw).unwrap();
         let store = PieceStore::open(root.path(), "c", bigger).unwrap();
         assert_eq!(store.held_count(), 0);
+        let clone = store.clone();
         store.discard().await.unwrap();
         assert!(!root.path().join("c.partial").exists());
+        assert!(!bm.exists());
+        // A write racing the discard fails and does not bring the bitmap back.
+        assert!(matches!(
+            clone.write_piece(1, piece(&bigger, 1)).await,
+            Err(StoreError::ReadOnly { .. })
+        ));
         assert!(!bm.exists());
     }
 
@@ -893,5 +909,65 @@ mod tests {
         let dest = root.path().join("out/empty");
         store.finalize(&dest).await.unwrap();
         assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
+    }
+
+    fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Benchmark, not a check: fills a 2 GiB content with 4 concurrent
+    /// writers (fdatasync + bitmap persist per piece), then reads it back,
+    /// and prints throughput and the process's peak RSS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark: cargo nextest run -p peerfill-agent --run-ignored only --no-capture bench_"]
+    async fn bench_store_fill_2gib() {
+        use crate::content::DEFAULT_PIECE_SIZE;
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::new(2 << 30, DEFAULT_PIECE_SIZE).unwrap();
+        let store = PieceStore::open(root.path(), "bench", layout).unwrap();
+        let rss_before = peak_rss_kib();
+        let start = std::time::Instant::now();
+        let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let (store, next) = (store.clone(), next.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= layout.piece_count() {
+                            break;
+                        }
+                        store.write_piece(i, piece(&layout, i)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let write_secs = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        for i in 0..layout.piece_count() {
+            std::hint::black_box(store.read_piece(i).await.unwrap());
+        }
+        let read_secs = start.elapsed().as_secs_f64();
+        let dest = root.path().join("out/bench.bin");
+        let start = std::time::Instant::now();
+        store.finalize(&dest).await.unwrap();
+        println!(
+            "BENCH store 2 GiB: write {:.0} MiB/s, read {:.0} MiB/s, finalize {:.3}s, peak RSS {} MiB (before fill {} MiB)",
+            2048.0 / write_secs,
+            2048.0 / read_secs,
+            start.elapsed().as_secs_f64(),
+            peak_rss_kib() / 1024,
+            rss_before / 1024
+        );
     }
 }
