@@ -1362,3 +1362,237 @@ fn metric_name_extraction_finds_names_in_promql() {
         ["peerfill_agent_sent_bytes_total", "peerfill_x:rate5m"]
     );
 }
+
+// ---------------------------------------------------------------------------
+// The admission policy's CEL, evaluated
+
+/// What the policy decided for one request.
+#[derive(Debug, PartialEq)]
+enum Decision {
+    /// A match condition was false: the policy does not apply.
+    NotMatched,
+    Allowed,
+    Denied(String),
+}
+
+/// Evaluates a ValidatingAdmissionPolicy the way the API server does for a
+/// request its matchConstraints already matched: match conditions, then
+/// variables (in order, visible as `variables.<name>`), then validations.
+/// The CEL here is evaluated dynamically (no type checking).
+struct PolicyEval {
+    env: std::sync::Arc<cel::Env>,
+    spec: k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicySpec,
+}
+
+impl PolicyEval {
+    fn new(policy: &ValidatingAdmissionPolicy) -> Result<PolicyEval> {
+        let mut env = cel::Env::stdlib();
+        env.add_extension(cel::extensions::strings)
+            .map_err(|e| anyhow!("CEL strings extension: {e}"))?;
+        let spec = policy
+            .spec
+            .clone()
+            .ok_or_else(|| anyhow!("policy has no spec"))?;
+        Ok(PolicyEval {
+            env: std::sync::Arc::new(env),
+            spec,
+        })
+    }
+
+    fn eval(&self, ctx: &cel::Context, expr: &str) -> Result<cel::Value> {
+        let program = self
+            .env
+            .compile(expr)
+            .map_err(|e| anyhow!("CEL does not compile: {e}\n{expr}"))?;
+        program
+            .execute(ctx)
+            .map_err(|e| anyhow!("CEL failed: {e}\n{expr}"))
+    }
+
+    fn decide(&self, request: &Value, object: &Value, old_object: &Value) -> Result<Decision> {
+        let mut ctx = cel::Context::with_env(std::sync::Arc::clone(&self.env));
+        let to_cel = |v: &Value| cel::to_value(v).map_err(|e| anyhow!("to CEL: {e}"));
+        ctx.add_variable_from_value("request", to_cel(request)?);
+        ctx.add_variable_from_value("object", to_cel(object)?);
+        ctx.add_variable_from_value("oldObject", to_cel(old_object)?);
+        for cond in self.spec.match_conditions.as_deref().unwrap_or(&[]) {
+            if self.eval(&ctx, &cond.expression)? != cel::Value::Bool(true) {
+                return Ok(Decision::NotMatched);
+            }
+        }
+        let mut vars: std::collections::HashMap<String, cel::Value> =
+            std::collections::HashMap::new();
+        for var in self.spec.variables.as_deref().unwrap_or(&[]) {
+            let value = self.eval(&ctx, &var.expression)?;
+            vars.insert(var.name.clone(), value);
+            ctx.add_variable_from_value("variables", vars.clone());
+        }
+        for v in self.spec.validations.as_deref().unwrap_or(&[]) {
+            if self.eval(&ctx, &v.expression)? != cel::Value::Bool(true) {
+                let message = match v.message_expression.as_deref() {
+                    Some(m) => match self.eval(&ctx, m)? {
+                        cel::Value::String(s) => s.to_string(),
+                        other => bail!("messageExpression gave {other:?}"),
+                    },
+                    None => v.message.clone().unwrap_or_default(),
+                };
+                return Ok(Decision::Denied(message));
+            }
+        }
+        Ok(Decision::Allowed)
+    }
+}
+
+fn admission_request(
+    user: &str,
+    node: Option<&str>,
+    group: &str,
+    resource: &str,
+    sub: &str,
+) -> Value {
+    let mut user_info =
+        serde_json::json!({ "username": user, "groups": ["system:serviceaccounts"] });
+    if let Some(node) = node {
+        user_info["extra"] = serde_json::json!({
+            "authentication.kubernetes.io/node-name": [node],
+            "authentication.kubernetes.io/pod-name": ["pf-peerfill-agent-abcde"],
+        });
+    }
+    serde_json::json!({
+        "operation": "UPDATE",
+        "userInfo": user_info,
+        "resource": { "group": group, "version": "v1", "resource": resource },
+        "subResource": sub,
+    })
+}
+
+fn node_object(name: &str, labels: Value, annotations: Value, taints: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": name, "labels": labels, "annotations": annotations },
+        "spec": { "podCIDR": "fd00:10::/64", "taints": taints },
+    })
+}
+
+#[test]
+fn admission_policy_pins_agents_to_their_node() -> Result<()> {
+    let r = type_all(&template(None, &[])?)?;
+    let policy = r
+        .admission_policies
+        .first()
+        .ok_or_else(|| anyhow!("no admission policy rendered"))?;
+    let eval = PolicyEval::new(policy)?;
+    let agent = format!("system:serviceaccount:{NAMESPACE}:pf-peerfill-agent");
+    let operator = format!("system:serviceaccount:{NAMESPACE}:pf-peerfill-operator");
+
+    // NodeFill status.
+    let nodefill = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "peerfill.dev/v1alpha1", "kind": "NodeFill",
+            "metadata": { "name": name }, "spec": {}, "status": { "endpoint": "[fd00::1]:7443" }
+        })
+    };
+    let status_req =
+        |node: Option<&str>| admission_request(&agent, node, "peerfill.dev", "nodefills", "status");
+    let a = nodefill("node-a");
+    let b = nodefill("node-b");
+    assert_eq!(
+        eval.decide(&status_req(Some("node-a")), &a, &a)?,
+        Decision::Allowed
+    );
+    assert!(
+        matches!(eval.decide(&status_req(Some("node-a")), &b, &b)?, Decision::Denied(m) if m.contains("node-b"))
+    );
+    assert!(
+        matches!(eval.decide(&status_req(None), &a, &a)?, Decision::Denied(m) if m.contains("node name"))
+    );
+    // Others are not this policy's business.
+    let op_req = admission_request(&operator, None, "peerfill.dev", "nodefills", "status");
+    assert_eq!(eval.decide(&op_req, &b, &b)?, Decision::NotMatched);
+
+    // Node labels.
+    let node_req = |node: &str| admission_request(&agent, Some(node), "", "nodes", "");
+    let base_labels = serde_json::json!({ "kubernetes.io/hostname": "node-a", "pool": "gpu" });
+    let annotations = serde_json::json!({ "node.alpha.kubernetes.io/ttl": "0" });
+    let taints = serde_json::json!([{ "key": "gpu", "effect": "NoSchedule" }]);
+    let old = node_object(
+        "node-a",
+        base_labels.clone(),
+        annotations.clone(),
+        taints.clone(),
+    );
+    let with_label = |k: &str, v: &str| {
+        let mut labels = base_labels.clone();
+        labels[k] = Value::from(v);
+        node_object("node-a", labels, annotations.clone(), taints.clone())
+    };
+    let labelled = with_label("peerfill.dev/ml.llama", "true");
+    assert_eq!(
+        eval.decide(&node_req("node-a"), &labelled, &old)?,
+        Decision::Allowed,
+        "add own label"
+    );
+    assert_eq!(
+        eval.decide(&node_req("node-a"), &old, &labelled)?,
+        Decision::Allowed,
+        "remove own label"
+    );
+    assert!(matches!(
+        eval.decide(&node_req("node-a"), &with_label("pool", "cpu"), &old)?,
+        Decision::Denied(_)
+    ));
+    assert!(matches!(
+        eval.decide(&node_req("node-a"), &with_label("team", "x"), &old)?,
+        Decision::Denied(_)
+    ));
+    let mut fewer = base_labels.clone();
+    fewer.as_object_mut().map(|m| m.remove("pool"));
+    let removed = node_object("node-a", fewer, annotations.clone(), taints.clone());
+    assert!(matches!(
+        eval.decide(&node_req("node-a"), &removed, &old)?,
+        Decision::Denied(_)
+    ));
+    // Another node's labels.
+    let other_old = node_object(
+        "node-b",
+        base_labels.clone(),
+        annotations.clone(),
+        taints.clone(),
+    );
+    let mut other_new = other_old.clone();
+    other_new["metadata"]["labels"]["peerfill.dev/ml.llama"] = Value::from("true");
+    assert!(matches!(
+        eval.decide(&node_req("node-a"), &other_new, &other_old)?,
+        Decision::Denied(_)
+    ));
+    // Taints and annotations stay as they are.
+    let untainted = node_object(
+        "node-a",
+        base_labels.clone(),
+        annotations.clone(),
+        serde_json::json!([]),
+    );
+    assert!(
+        matches!(eval.decide(&node_req("node-a"), &untainted, &old)?, Decision::Denied(m) if m.contains("spec"))
+    );
+    let annotated = node_object(
+        "node-a",
+        base_labels.clone(),
+        serde_json::json!({ "x": "y" }),
+        taints.clone(),
+    );
+    assert!(matches!(
+        eval.decide(&node_req("node-a"), &annotated, &old)?,
+        Decision::Denied(_)
+    ));
+    // A node without any labels or annotations yet.
+    let bare = serde_json::json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-a" }, "spec": {} });
+    let mut bare_labelled = bare.clone();
+    bare_labelled["metadata"]["labels"] = serde_json::json!({ "peerfill.dev/x": "true" });
+    assert_eq!(
+        eval.decide(&node_req("node-a"), &bare_labelled, &bare)?,
+        Decision::Allowed
+    );
+    Ok(())
+}
