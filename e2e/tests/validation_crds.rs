@@ -173,6 +173,7 @@ fn invalid_examples_are_refused_naming_the_field() {
             file.display()
         );
         assert_eq!(status["code"], 422);
+        println!("{}: {message}", file.display());
     }
 }
 

@@ -632,8 +632,8 @@ impl CompiledSchema {
     /// makes the rules meaningless.
     pub fn validate(&self, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        validate_list_types(obj, &self.root, &Path::default(), &mut errors);
-        validate_node(obj, &self.root, &Path::default(), true, &mut errors);
+        validate_list_types(obj, old, &self.root, &Path::default(), &mut errors);
+        validate_node(obj, old, &self.root, &Path::default(), true, &mut errors);
         if errors.iter().any(|e| e.kind.blocks_cel()) {
             errors.push(FieldError::new(
                 "<nil>".to_string(),
@@ -798,13 +798,20 @@ fn openapi_err(
     FieldError::new(path.openapi_field(), kind, value, detail)
 }
 
+/// `old` is the correlated stored value on update: a value equal to it is not
+/// validated again (the server's validation ratcheting), so objects stored
+/// under an older schema stay updatable as long as the offending values stay.
 fn validate_node(
     v: &Value,
+    old: Option<&Value>,
     s: &Node,
     path: &Path,
     is_resource_root: bool,
     errors: &mut Vec<FieldError>,
 ) {
+    if old.is_some_and(|o| json_equal(o, v)) {
+        return;
+    }
     let name = path.openapi();
     // null: only the type and enum checks apply.
     if v.is_null() {
@@ -867,7 +874,7 @@ fn validate_node(
     };
 
     // composition
-    validate_composition(v, s, path, errors);
+    validate_composition(v, old, s, path, errors);
 
     // string
     if let Value::String(st) = v {
@@ -927,7 +934,14 @@ fn validate_node(
     if let Value::Array(items) = v {
         if let Some(is) = &s.items {
             for (i, item) in items.iter().enumerate() {
-                validate_node(item, is, &path.index(i), false, errors);
+                validate_node(
+                    item,
+                    old_item(s, old, item),
+                    is,
+                    &path.index(i),
+                    false,
+                    errors,
+                );
             }
         }
         let size = items.len() as u64;
@@ -1015,7 +1029,14 @@ fn validate_node(
             Some(Additional::Schema(cs)) => {
                 for (k, child) in map {
                     if !s.properties.contains_key(k) {
-                        validate_node(child, cs, &path.key(k), false, errors);
+                        validate_node(
+                            child,
+                            old.and_then(|o| o.get(k)),
+                            cs,
+                            &path.key(k),
+                            false,
+                            errors,
+                        );
                     }
                 }
             }
@@ -1027,7 +1048,14 @@ fn validate_node(
                 continue;
             }
             if let Some(child) = map.get(k) {
-                validate_node(child, cs, &path.child(k), cs.embedded_resource, errors);
+                validate_node(
+                    child,
+                    old.and_then(|o| o.get(k)),
+                    cs,
+                    &path.child(k),
+                    cs.embedded_resource,
+                    errors,
+                );
             }
         }
         for k in &s.required {
@@ -1164,7 +1192,13 @@ fn validate_number(
     }
 }
 
-fn validate_composition(v: &Value, s: &Node, path: &Path, errors: &mut Vec<FieldError>) {
+fn validate_composition(
+    v: &Value,
+    old: Option<&Value>,
+    s: &Node,
+    path: &Path,
+    errors: &mut Vec<FieldError>,
+) {
     let name = path.openapi();
     // Composite errors are not field errors in go-openapi: the server files them
     // under the nil path with an empty value.
@@ -1178,7 +1212,7 @@ fn validate_composition(v: &Value, s: &Node, path: &Path, errors: &mut Vec<Field
     };
     let run = |sub: &Node| {
         let mut e = Vec::new();
-        validate_node(v, sub, path, false, &mut e);
+        validate_node(v, old, sub, path, false, &mut e);
         e
     };
     if !s.any_of.is_empty() {
@@ -1243,7 +1277,17 @@ fn validate_composition(v: &Value, s: &Node, path: &Path, errors: &mut Vec<Field
 // ---------------------------------------------------------------------------
 // x-kubernetes-list-type
 
-fn validate_list_types(v: &Value, s: &Node, path: &Path, errors: &mut Vec<FieldError>) {
+fn validate_list_types(
+    v: &Value,
+    old: Option<&Value>,
+    s: &Node,
+    path: &Path,
+    errors: &mut Vec<FieldError>,
+) {
+    if old.is_some_and(|o| json_equal(o, v)) {
+        // Ratcheting: an unchanged list keeps whatever duplicates it had.
+        return;
+    }
     match v {
         Value::Array(items) => {
             match s.list_type {
@@ -1293,16 +1337,28 @@ fn validate_list_types(v: &Value, s: &Node, path: &Path, errors: &mut Vec<FieldE
             }
             if let Some(is) = &s.items {
                 for (i, item) in items.iter().enumerate() {
-                    validate_list_types(item, is, &path.index(i), errors);
+                    validate_list_types(item, old_item(s, old, item), is, &path.index(i), errors);
                 }
             }
         }
         Value::Object(map) => {
             for (k, child) in map {
                 if let Some(cs) = s.properties.get(k) {
-                    validate_list_types(child, cs, &path.child(k), errors);
+                    validate_list_types(
+                        child,
+                        old.and_then(|o| o.get(k)),
+                        cs,
+                        &path.child(k),
+                        errors,
+                    );
                 } else if let Some(Additional::Schema(cs)) = &s.additional {
-                    validate_list_types(child, cs, &path.key(k), errors);
+                    validate_list_types(
+                        child,
+                        old.and_then(|o| o.get(k)),
+                        cs,
+                        &path.key(k),
+                        errors,
+                    );
                 }
             }
         }
@@ -1325,7 +1381,13 @@ fn cel_walk(
     if v.is_null() {
         return;
     }
+    let unchanged = old.is_some_and(|o| json_equal(o, v));
     for rule in &s.rules {
+        if unchanged && !rule.is_transition() {
+            // Ratcheting: a rule that does not look at oldSelf cannot newly
+            // fail on a value that did not change.
+            continue;
+        }
         if let Some(err) = rule.evaluate(v, old, s, path, is_resource_root) {
             errors.push(err);
         }
@@ -1347,26 +1409,40 @@ fn cel_walk(
         Value::Array(items) => {
             if let Some(is) = &s.items {
                 for (i, item) in items.iter().enumerate() {
-                    let old_item = match (s.list_type, old) {
-                        (Some(ListType::Map), Some(Value::Array(olds))) => olds.iter().find(|o| {
-                            s.list_map_keys
-                                .iter()
-                                .all(|k| match (o.get(k), item.get(k)) {
-                                    (Some(a), Some(b)) => json_equal(a, b),
-                                    (None, None) => true,
-                                    _ => false,
-                                })
-                        }),
-                        (Some(ListType::Set), Some(Value::Array(olds))) => {
-                            olds.iter().find(|o| json_equal(o, item))
-                        }
-                        _ => None,
-                    };
-                    cel_walk(item, old_item, is, &path.index(i), false, errors);
+                    cel_walk(
+                        item,
+                        old_item(s, old, item),
+                        is,
+                        &path.index(i),
+                        false,
+                        errors,
+                    );
                 }
             }
         }
         _ => {}
+    }
+}
+
+/// The stored counterpart of a list item, correlated as the server does: by
+/// key for `map` lists, by value for `set` lists; atomic lists correlate no
+/// items.
+fn old_item<'a>(s: &Node, old: Option<&'a Value>, item: &Value) -> Option<&'a Value> {
+    let Some(Value::Array(olds)) = old else {
+        return None;
+    };
+    match s.list_type {
+        Some(ListType::Map) => olds.iter().find(|o| {
+            s.list_map_keys
+                .iter()
+                .all(|k| match (o.get(k), item.get(k)) {
+                    (Some(a), Some(b)) => json_equal(a, b),
+                    (None, None) => true,
+                    _ => false,
+                })
+        }),
+        Some(ListType::Set) => olds.iter().find(|o| json_equal(o, item)),
+        _ => None,
     }
 }
 

@@ -131,6 +131,11 @@ impl Rule {
         })
     }
 
+    /// Whether the rule compares with `oldSelf` (a transition rule).
+    pub(super) fn is_transition(&self) -> bool {
+        self.transition
+    }
+
     fn rule_error_string(&self) -> String {
         match &self.message {
             Some(m) => m.clone(),

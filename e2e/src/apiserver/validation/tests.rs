@@ -913,3 +913,43 @@ fn invalid_status_has_the_servers_shape() {
         Some(3)
     );
 }
+
+#[test]
+fn ratcheting_keeps_unchanged_invalid_values_updatable() {
+    let schema = cel_schema(
+        json!([]),
+        json!({
+            "name": {"type": "string", "maxLength": 3},
+            "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
+            "dir": {"type": "string", "x-kubernetes-validations": [
+                {"rule": "!self.startsWith('/')", "message": "must be relative"}]}
+        }),
+    );
+    // Stored under an older, laxer schema.
+    let stored = object(json!({"node": {}, "name": "toolong", "tags": ["a", "a"], "dir": "/abs"}));
+    // Changing something else: the old violations are not reported.
+    let mut update = object(
+        json!({"node": {}, "name": "toolong", "tags": ["a", "a"], "dir": "/abs", "path": "p"}),
+    );
+    assert_eq!(schema.admit(&mut update, Some(&stored)), Ok(()));
+    // Changing the offending values: reported again.
+    let mut worse =
+        object(json!({"node": {}, "name": "toolonger", "tags": ["a", "a", "b"], "dir": "/abs2"}));
+    assert_eq!(
+        messages(schema.admit(&mut worse, Some(&stored))),
+        vec![
+            "spec.tags[1]: Duplicate value: \"a\"",
+            "spec.name: Too long: may not be more than 3 bytes",
+            CEL_SKIPPED,
+        ]
+    );
+    let mut cel_only =
+        object(json!({"node": {}, "name": "toolong", "tags": ["a", "a"], "dir": "/abs2"}));
+    assert_eq!(
+        messages(schema.admit(&mut cel_only, Some(&stored))),
+        vec!["spec.dir: Invalid value: \"string\": must be relative"]
+    );
+    // On create the same object is refused.
+    let mut created = stored.clone();
+    assert!(schema.admit(&mut created, None).is_err());
+}
