@@ -580,7 +580,7 @@ impl Node {
     fn type_name(&self) -> &'static str {
         match self.ty {
             Some(t) => t.name(),
-            None if self.int_or_string => "integer-or-string",
+            // int-or-string has no type: the server prints an empty one.
             None => "",
         }
     }
@@ -617,14 +617,28 @@ impl CompiledSchema {
     /// (for CEL transition rules with `oldSelf`, which are skipped on create as
     /// the real server does). Returns every error, not just the first.
     pub fn admit(&self, obj: &mut Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
-        prune(obj, &self.root, true);
+        self.admit_reporting_unknown(obj, old).1
+    }
+
+    /// [`admit`](Self::admit) that also returns the paths of the unknown
+    /// fields it pruned (`spec.foo`, `spec.items[0].bar`), for the server's
+    /// `unknown field "<path>"` warnings and strict field validation. Nulls
+    /// dropped or replaced by defaults are not unknown fields.
+    pub fn admit_reporting_unknown(
+        &self,
+        obj: &mut Value,
+        old: Option<&Value>,
+    ) -> (Vec<String>, Result<(), Vec<FieldError>>) {
+        let mut unknown = Vec::new();
+        prune(obj, &self.root, &Path::default(), true, &mut unknown);
         apply_defaults(obj, &self.root);
         let errors = self.validate(obj, old);
-        if errors.is_empty() {
+        let result = if errors.is_empty() {
             Ok(())
         } else {
             Err(errors)
-        }
+        };
+        (unknown, result)
     }
 
     /// Validation only (no pruning or defaulting), in the server's order:
@@ -651,45 +665,47 @@ impl CompiledSchema {
 // ---------------------------------------------------------------------------
 // Pruning
 
-fn prune(v: &mut Value, s: &Node, is_resource_root: bool) {
+/// Removes fields the schema does not know, recording their paths (the server
+/// reports them as `unknown field "<path>"` warnings, or refuses the request
+/// under strict field validation).
+fn prune(v: &mut Value, s: &Node, path: &Path, is_resource_root: bool, removed: &mut Vec<String>) {
+    const META: [&str; 3] = ["apiVersion", "kind", "metadata"];
     match v {
         Value::Object(map) => {
             let keep_meta = is_resource_root || s.embedded_resource;
-            if !s.preserve_unknown {
-                let has_additional = matches!(
+            let keeps_unknown = s.preserve_unknown
+                || matches!(
                     s.additional,
                     Some(Additional::Schema(_)) | Some(Additional::Allows(true))
                 );
-                if !has_additional {
-                    map.retain(|k, _| {
-                        s.properties.contains_key(k)
-                            || (keep_meta
-                                && matches!(k.as_str(), "apiVersion" | "kind" | "metadata"))
-                    });
-                }
+            if !keeps_unknown {
+                map.retain(|k, _| {
+                    let keep =
+                        s.properties.contains_key(k) || (keep_meta && META.contains(&k.as_str()));
+                    if !keep {
+                        removed.push(path.child(k).field());
+                    }
+                    keep
+                });
             }
             for (k, child) in map.iter_mut() {
-                if keep_meta
-                    && matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
-                    && !s.properties.contains_key(k)
-                {
-                    continue;
-                }
                 if is_resource_root && k == "metadata" {
                     // ObjectMeta is the server's, never pruned by the CRD schema.
                     continue;
                 }
                 if let Some(cs) = s.properties.get(k) {
-                    prune(child, cs, false);
+                    prune(child, cs, &path.child(k), false, removed);
+                } else if keep_meta && META.contains(&k.as_str()) {
+                    continue;
                 } else if let Some(Additional::Schema(cs)) = &s.additional {
-                    prune(child, cs, false);
+                    prune(child, cs, &path.key(k), false, removed);
                 }
             }
         }
         Value::Array(items) => {
             if let Some(is) = &s.items {
-                for item in items {
-                    prune(item, is, false);
+                for (i, item) in items.iter_mut().enumerate() {
+                    prune(item, is, &path.index(i), false, removed);
                 }
             }
         }

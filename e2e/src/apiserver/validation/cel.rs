@@ -150,7 +150,7 @@ impl Rule {
         old: Option<&Json>,
         s: &Node,
         path: &Path,
-        _is_resource_root: bool,
+        is_resource_root: bool,
     ) -> Option<FieldError> {
         if self.transition && old.is_none() && !self.optional_old_self {
             // Transition rules need a previous value: skipped on create and
@@ -169,17 +169,24 @@ impl Rule {
                 ));
             }
         };
+        let view = |value: &Json| {
+            if is_resource_root {
+                to_cel(&resource_root_view(value), Some(s))
+            } else {
+                to_cel(value, Some(s))
+            }
+        };
         let mut ctx = Context::with_env(Arc::clone(env));
-        ctx.add_variable_from_value("self", to_cel(v, Some(s)));
+        ctx.add_variable_from_value("self", view(v));
         if self.transition || self.optional_old_self {
             if self.optional_old_self {
-                let opt = match old.map(|o| Box::<dyn Val>::try_from(to_cel(o, Some(s)))) {
+                let opt = match old.map(|o| Box::<dyn Val>::try_from(view(o))) {
                     Some(Ok(boxed)) => CelOptional::from(boxed),
                     _ => CelOptional::none(),
                 };
                 ctx.add_variable_as_val("oldSelf", Box::new(opt));
             } else if let Some(o) = old {
-                ctx.add_variable_from_value("oldSelf", to_cel(o, Some(s)));
+                ctx.add_variable_from_value("oldSelf", view(o));
             }
         }
         match self.program.execute(&ctx) {
@@ -281,6 +288,16 @@ impl Rule {
         }
         at
     }
+}
+
+/// At a resource's root, rules see only `metadata.name` and
+/// `metadata.generateName` of the object's metadata, as on the server.
+fn resource_root_view(v: &Json) -> Json {
+    let mut out = v.clone();
+    if let Some(meta) = out.get_mut("metadata").and_then(Json::as_object_mut) {
+        meta.retain(|k, _| k == "name" || k == "generateName");
+    }
+    out
 }
 
 /// Parses `.a.b['c.d']` into names.

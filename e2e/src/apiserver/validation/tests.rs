@@ -953,3 +953,40 @@ fn ratcheting_keeps_unchanged_invalid_values_updatable() {
     let mut created = stored.clone();
     assert!(schema.admit(&mut created, None).is_err());
 }
+
+#[test]
+fn unknown_fields_are_reported_and_root_rules_see_only_name_in_metadata() {
+    let root = json!({
+        "type": "object",
+        "properties": {
+            "metadata": {"type": "object"},
+            "spec": {"type": "object", "properties": {
+                "items": {"type": "array", "items": {"type": "object", "properties": {"a": {"type": "string"}}}},
+                "keep": {"type": "string", "nullable": false}}}
+        },
+        "x-kubernetes-validations": [
+            {"rule": "self.metadata.name.startsWith('d')", "message": "name must start with d"},
+            {"rule": "!has(self.metadata.labels)", "message": "labels are visible"}
+        ]
+    });
+    let schema = match CompiledSchema::compile(&root) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let mut obj = json!({
+        "apiVersion": "peerfill.dev/v1alpha1", "kind": "Distribution",
+        "metadata": {"name": "d1", "labels": {"a": "b"}},
+        "spec": {"items": [{"a": "x", "b": 1}], "keep": null, "extra": true},
+        "status": {}
+    });
+    let (unknown, result) = schema.admit_reporting_unknown(&mut obj, None);
+    assert_eq!(unknown, vec!["status", "spec.extra", "spec.items[0].b"]);
+    assert_eq!(result, Ok(()));
+    assert_eq!(obj["metadata"]["labels"], json!({"a": "b"}));
+
+    let mut other = json!({"apiVersion": "peerfill.dev/v1alpha1", "kind": "Distribution", "metadata": {"name": "x1"}, "spec": {}});
+    assert_eq!(
+        messages(schema.admit(&mut other, None)),
+        vec!["<nil>: Invalid value: \"object\": name must start with d"]
+    );
+}
