@@ -45,8 +45,10 @@ pub const SOURCE_EXACTLY_ONE_MESSAGE: &str =
 /// Longest accepted origin URL.
 pub const URL_MAX_LEN: usize = 2048;
 /// Origin URL: `http` or `https` scheme (lower case), a non-empty authority,
-/// no whitespace anywhere.
-pub const URL_PATTERN: &str = r"^https?://[^\s/?#]+([/?#]\S*)?$";
+/// no ASCII space or control character anywhere. Spelled with explicit
+/// `\x..` ranges rather than `\s`, whose meaning differs between Go's regexp
+/// (the API server: ASCII only) and other engines (Unicode).
+pub const URL_PATTERN: &str = r"^https?://[^/?#\x00-\x20\x7f]+([/?#][^\x00-\x20\x7f]*)?$";
 
 /// Expected content digest: `sha256:` or `blake3:` followed by 64 lower-case
 /// hex digits.
@@ -121,8 +123,8 @@ pub enum Problem {
     #[error("{PATH_SEGMENT_LEN_MESSAGE}")]
     SegmentTooLong,
     /// The URL is not `http(s)://host...`.
-    #[error("must be an http:// or https:// URL with a host and no whitespace")]
-    UrlScheme,
+    #[error("must be an http:// or https:// URL with a host and no spaces or control characters")]
+    InvalidUrl,
     /// The digest is not `sha256:<64 hex>` or `blake3:<64 hex>`.
     #[error("must be 'sha256:' or 'blake3:' followed by 64 lower-case hex digits")]
     DigestFormat,
@@ -252,13 +254,13 @@ pub fn check_url(url: &str) -> Result<(), Problem> {
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
-        .ok_or(Problem::UrlScheme)?;
-    if rest.chars().any(char::is_whitespace) {
-        return Err(Problem::UrlScheme);
+        .ok_or(Problem::InvalidUrl)?;
+    if rest.chars().any(|c| c <= ' ' || c == '\x7f') {
+        return Err(Problem::InvalidUrl);
     }
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     if authority_end == 0 {
-        return Err(Problem::UrlScheme);
+        return Err(Problem::InvalidUrl);
     }
     Ok(())
 }
@@ -378,9 +380,11 @@ mod tests {
             "https://",
             "https:///path",
             "https://a b",
+            "https://host/a\tb",
+            "https://host/\u{7f}",
             "origin.example/x",
         ] {
-            assert_eq!(check_url(bad), Err(Problem::UrlScheme), "{bad}");
+            assert_eq!(check_url(bad), Err(Problem::InvalidUrl), "{bad}");
         }
         let long = format!("https://h/{}", "a".repeat(URL_MAX_LEN));
         assert!(matches!(check_url(&long), Err(Problem::TooLong { .. })));
