@@ -62,11 +62,30 @@ pub enum ContentError {
 
 /// How a content of `size` bytes is cut into pieces of `piece_size` bytes
 /// (the last piece may be shorter; a 0-byte content has no pieces).
+///
+/// Deserialising validates (a layout from a peer cannot smuggle in a piece
+/// size that breaks the hash tree); one built by hand should go through
+/// [`Layout::new`] or [`Layout::validate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "RawLayout")]
 pub struct Layout {
     pub size: u64,
     pub piece_size: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawLayout {
+    size: u64,
+    piece_size: u32,
+}
+
+impl TryFrom<RawLayout> for Layout {
+    type Error = ContentError;
+
+    fn try_from(raw: RawLayout) -> Result<Self, Self::Error> {
+        Layout::new(raw.size, raw.piece_size)
+    }
 }
 
 impl Layout {
@@ -98,7 +117,9 @@ impl Layout {
     /// an empty range at the end of the content.
     pub fn piece_range(&self, index: u32) -> Range<u64> {
         let start = (u64::from(index) * u64::from(self.piece_size)).min(self.size);
-        let end = (start + u64::from(self.piece_size)).min(self.size);
+        let end = start
+            .saturating_add(u64::from(self.piece_size))
+            .min(self.size);
         start..end
     }
 
@@ -125,17 +146,34 @@ impl Layout {
 /// content's tree. When the whole content is a single piece there is no
 /// parent node to merge into, so the piece hash is the ordinary BLAKE3 root
 /// hash of the content (`blake3::hash(data)`), and [`root_from_pieces`]
-/// returns it unchanged. `data` is hashed as given; [`verify_piece`] is the
-/// function that also checks its length.
+/// returns it unchanged.
+///
+/// `data` must be the piece's exact bytes (`layout.piece_len(index)` long,
+/// for a valid layout and index). Anything else cannot be a subtree at that
+/// place in the tree (BLAKE3's hazmat API would panic on it), so it gets a
+/// hash from a separate domain that matches no genuine piece hash; this
+/// function never panics on untrusted input. [`verify_piece`] reports such
+/// cases as precise errors instead.
 pub fn piece_hash(layout: &Layout, index: u32, data: &[u8]) -> PieceHash {
+    if layout.validate().is_err() {
+        return invalid_piece_hash(data);
+    }
     if layout.piece_count() <= 1 {
         return *blake3::hash(data).as_bytes();
+    }
+    let len = layout.piece_len(index);
+    if len == 0 || data.len() != len as usize {
+        return invalid_piece_hash(data);
     }
     let offset = u64::from(index) * u64::from(layout.piece_size);
     let mut hasher = blake3::Hasher::new();
     hasher.set_input_offset(offset);
     hasher.update(data);
     hasher.finalize_non_root()
+}
+
+fn invalid_piece_hash(data: &[u8]) -> PieceHash {
+    blake3::derive_key("peerfill 2026 piece of invalid length or layout", data)
 }
 
 /// Checks a received piece: its length, then its hash.
@@ -145,6 +183,7 @@ pub fn verify_piece(
     data: &[u8],
     expected: &PieceHash,
 ) -> Result<(), ContentError> {
+    layout.validate()?;
     layout.check_index(index)?;
     let want = layout.piece_len(index);
     if data.len() as u64 != u64::from(want) {
@@ -169,6 +208,7 @@ pub fn root_from_pieces(
     layout: &Layout,
     hashes: &[PieceHash],
 ) -> Result<blake3::Hash, ContentError> {
+    layout.validate()?;
     let count = layout.piece_count();
     if hashes.len() != count as usize {
         return Err(ContentError::WrongHashCount {
@@ -523,6 +563,58 @@ mod tests {
             verify_piece(&layout, 9, p0, &hashes[0]),
             Err(ContentError::PieceOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_inputs_never_panic() {
+        let ps = 16u32 << 10;
+        let layout = Layout::new(u64::from(ps) * 4, ps).unwrap();
+        let good = piece_hash(&layout, 1, &vec![1u8; ps as usize]);
+        // Empty, oversized, out-of-range pieces: a hash, never a panic, and
+        // never the genuine one.
+        for (i, len) in [
+            (1u32, 0usize),
+            (1, ps as usize * 3),
+            (9, ps as usize),
+            (u32::MAX, 5),
+        ] {
+            assert_ne!(piece_hash(&layout, i, &vec![1u8; len]), good);
+        }
+        // Hand-built invalid layouts.
+        let bad = Layout {
+            size: 5000,
+            piece_size: 1000,
+        };
+        let _ = piece_hash(&bad, 1, &[0u8; 1000]);
+        assert!(verify_piece(&bad, 1, &[0u8; 1000], &[0; 32]).is_err());
+        assert!(root_from_pieces(&bad, &[[0; 32]; 5]).is_err());
+        let zero = Layout {
+            size: 10,
+            piece_size: 0,
+        };
+        let _ = zero.piece_count();
+        let _ = zero.piece_range(3);
+        let huge = Layout {
+            size: u64::MAX,
+            piece_size: 64 << 20,
+        };
+        assert_eq!(
+            huge.piece_range(u32::MAX),
+            (u64::from(u32::MAX) << 26)..(u64::from(u32::MAX) + 1) << 26
+        );
+        let widest = Layout {
+            size: u64::MAX,
+            piece_size: u32::MAX,
+        };
+        let _ = widest.piece_range(u32::MAX);
+        // Deserialising validates.
+        assert!(serde_json::from_str::<Layout>(r#"{"size":10,"pieceSize":1000}"#).is_err());
+        let ok: Layout = serde_json::from_str(r#"{"size":10,"pieceSize":16384}"#).unwrap();
+        assert_eq!(ok, Layout::new(10, 16384).unwrap());
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"size":10,"pieceSize":16384}"#
+        );
     }
 
     #[test]
