@@ -1596,3 +1596,66 @@ fn admission_policy_pins_agents_to_their_node() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// Distributions shown to users
+
+/// The indented YAML block that starts at `apiVersion: peerfill.dev/...` and
+/// ends at the first blank line, dedented.
+fn distribution_block(text: &str) -> Result<String> {
+    let mut lines = text
+        .lines()
+        .skip_while(|l| l.trim() != "apiVersion: peerfill.dev/v1alpha1");
+    let first = lines
+        .next()
+        .ok_or_else(|| anyhow!("no Distribution example found"))?;
+    let indent = first.len() - first.trim_start().len();
+    let mut out = String::new();
+    for line in std::iter::once(first).chain(lines.take_while(|l| !l.trim().is_empty())) {
+        out.push_str(line.get(indent..).unwrap_or(""));
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Parses an example strictly into the Distribution type and runs the same
+/// validation the CRD schema does.
+fn check_distribution_example(label: &str, yaml: &str) -> Result<()> {
+    let value: Value =
+        serde_saphyr::from_str(yaml).with_context(|| format!("{label}: not YAML:\n{yaml}"))?;
+    let doc = Doc {
+        source: label.to_string(),
+        value,
+    };
+    let dist: peerfill_crds::Distribution = strict(&doc)?;
+    dist.validate()
+        .map_err(|e| anyhow!("{label}: invalid Distribution: {e}"))?;
+    Ok(())
+}
+
+#[test]
+fn install_notes_and_docs_show_valid_distributions() -> Result<()> {
+    let chart = chart_dir();
+    let out = run_helm(&[
+        "install",
+        RELEASE,
+        chart.to_string_lossy().as_ref(),
+        "--namespace",
+        NAMESPACE,
+        "--dry-run=client",
+    ])?;
+    let notes = out
+        .split_once("\nNOTES:\n")
+        .map(|(_, n)| n)
+        .ok_or_else(|| anyhow!("helm printed no NOTES"))?;
+    check_distribution_example("NOTES.txt", &distribution_block(notes)?)?;
+    assert!(
+        notes.contains("kubectl get distributions -A -w"),
+        "NOTES say how to watch"
+    );
+
+    let docs = std::fs::read_to_string(repo_root().join("docs/install.md"))
+        .context("reading docs/install.md")?;
+    check_distribution_example("docs/install.md", &distribution_block(&docs)?)?;
+    Ok(())
+}
