@@ -3,7 +3,7 @@
 //! to the stored value on updates), reporting failures as the server does.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use cel::common::types::{self, CelBool, CelOptional, CelString};
 use cel::common::value::{CowVal, Val};
@@ -51,6 +51,29 @@ fn build_env() -> Result<Env, cel::DeclarationError> {
     env.add_extension(cel::extensions::strings)?;
     env.add_extension(cel::extensions::lists)?;
     env.add_extension(cel::extensions::math)?;
+    // `matches` is ours (the crate's `regex` feature is off): it compiles
+    // each pattern once instead of on every call. Should the feature come
+    // back through feature unification, the built-in one stays.
+    let ours = env
+        .add_overload(
+            "matches",
+            "matches_string_string",
+            vec![types::STRING_TYPE, types::STRING_TYPE],
+            matches,
+        )
+        .and_then(|()| {
+            env.add_member_overload(
+                "matches",
+                "string_matches_string",
+                types::STRING_TYPE,
+                vec![types::STRING_TYPE],
+                matches,
+            )
+        });
+    match ours {
+        Ok(()) | Err(cel::DeclarationError::DuplicateOverload { .. }) => {}
+        Err(e) => return Err(e),
+    }
     env.add_overload("isURL", "isURL_string", vec![types::STRING_TYPE], |args| {
         let s = args
             .first()
@@ -60,6 +83,50 @@ fn build_env() -> Result<Env, cel::DeclarationError> {
         Ok(CowVal::owned(CelBool::from(s)))
     })?;
     Ok(env)
+}
+
+/// Compiled `matches` patterns. Patterns come from CRD rules, so the set is
+/// small; the cap only guards against rules that build patterns from data.
+static REGEX_CACHE: LazyLock<Mutex<HashMap<String, Arc<regex::Regex>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+const REGEX_CACHE_CAP: usize = 512;
+
+fn cached_regex(pattern: &str) -> Result<Arc<regex::Regex>, regex::Error> {
+    let mut cache = REGEX_CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(re) = cache.get(pattern) {
+        return Ok(Arc::clone(re));
+    }
+    let re = Arc::new(regex::Regex::new(pattern)?);
+    if cache.len() >= REGEX_CACHE_CAP {
+        cache.clear();
+    }
+    cache.insert(pattern.to_string(), Arc::clone(&re));
+    Ok(re)
+}
+
+/// `s.matches(re)` / `matches(s, re)`: RE2 semantics, unanchored.
+fn matches<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let [subject, pattern] = args.as_slice() else {
+        return Err(ExecutionError::invalid_argument_count(2, args.len()));
+    };
+    let (Some(subject), Some(pattern)) = (
+        subject.downcast_ref::<CelString>(),
+        pattern.downcast_ref::<CelString>(),
+    ) else {
+        return Err(ExecutionError::function_error(
+            "matches",
+            "arguments must be strings",
+        ));
+    };
+    let re = cached_regex(pattern.inner()).map_err(|e| {
+        ExecutionError::function_error(
+            "matches",
+            format!("'{}' not a valid regex:\n{e}", pattern.inner()),
+        )
+    })?;
+    Ok(CowVal::owned(CelBool::from(re.is_match(subject.inner()))))
 }
 
 /// Kubernetes' `isURL`: an absolute URL with a scheme and a host or path.

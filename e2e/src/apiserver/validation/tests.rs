@@ -990,3 +990,34 @@ fn unknown_fields_are_reported_and_root_rules_see_only_name_in_metadata() {
         vec!["<nil>: Invalid value: \"object\": name must start with d"]
     );
 }
+
+#[test]
+fn cel_matches_uses_re2_semantics_and_reports_bad_patterns() {
+    let schema = cel_schema(
+        json!([
+            {"rule": "!has(self.path) || self.path.matches('^[a-z/]+$')", "message": "lower case only", "fieldPath": ".path"},
+            {"rule": "!has(self.size) || string(self.size).matches('(')"}
+        ]),
+        json!({}),
+    );
+    let mut ok = object(json!({"node": {}, "path": "a/b"}));
+    assert_eq!(schema.admit(&mut ok, None), Ok(()));
+    let mut upper = object(json!({"node": {}, "path": "A"}));
+    assert_eq!(
+        messages(schema.admit(&mut upper, None)),
+        vec!["spec.path: Invalid value: \"object\": lower case only"]
+    );
+    let mut bad = object(json!({"node": {}, "size": 1}));
+    let msgs = messages(schema.admit(&mut bad, None));
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0].starts_with("spec: Invalid value: \"object\": "),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[0].contains("not a valid regex")
+            && msgs[0]
+                .ends_with("evaluating rule: !has(self.size) || string(self.size).matches('(')"),
+        "{msgs:?}"
+    );
+}
