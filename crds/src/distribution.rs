@@ -325,6 +325,18 @@ pub struct FailingNode {
     pub message: String,
 }
 
+impl DistributionStatus {
+    /// The condition of type `type_`, if set.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// Whether condition `type_` is set with status `True`.
+    pub fn is_condition_true(&self, type_: &str) -> bool {
+        self.condition(type_).is_some_and(|c| c.status == "True")
+    }
+}
+
 impl Distribution {
     /// Checks the spec against the same rules as the CRD schema, naming the
     /// offending field as the API server would (`spec.target.path`). The
@@ -461,6 +473,34 @@ mod tests {
         assert_eq!(s.strategy, Strategy::default());
         assert_eq!(s.strategy.piece_size, 4 * 1024 * 1024);
         assert_eq!(s.strategy.max_origin_connections, 4);
+    }
+
+    #[test]
+    fn conditions_by_type() {
+        let condition = |type_: &str, status: &str| Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: "Test".into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        };
+        let status = DistributionStatus {
+            conditions: vec![
+                condition(CONDITION_PROGRESSING, "False"),
+                condition(CONDITION_COMPLETE, "True"),
+            ],
+            ..DistributionStatus::default()
+        };
+        assert!(status.is_condition_true(CONDITION_COMPLETE));
+        assert!(!status.is_condition_true(CONDITION_PROGRESSING));
+        assert!(!status.is_condition_true(CONDITION_FAILED));
+        assert_eq!(
+            status
+                .condition(CONDITION_PROGRESSING)
+                .map(|c| c.status.as_str()),
+            Some("False")
+        );
     }
 
     #[test]

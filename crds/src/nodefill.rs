@@ -141,6 +141,25 @@ pub struct Assignment {
     pub peers: Vec<String>,
 }
 
+impl Assignment {
+    /// The content id of the Distribution with `uid`: the first 128 bits of
+    /// BLAKE3 of the uid, in hex. Operator and agents derive it the same
+    /// way; a re-created Distribution (new uid) is new content.
+    pub fn content_id_for_uid(uid: &str) -> String {
+        let hash = blake3::hash(uid.as_bytes()).to_hex();
+        hash.as_str()[..32].to_owned()
+    }
+
+    /// Number of pieces, once the size is known (a 0-byte content has none).
+    pub fn piece_count(&self) -> Option<u64> {
+        let size = self.size?;
+        if self.piece_size == 0 {
+            return None;
+        }
+        Some(size.div_ceil(self.piece_size))
+    }
+}
+
 /// The source of an assignment, resolved by the operator. Exactly one field
 /// is set.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -463,6 +482,39 @@ mod tests {
             check(ns, name);
         }
         assert_ne!(check("ns", "a/b"), check("ns", "a-b"));
+    }
+
+    #[test]
+    fn content_ids_and_piece_counts() {
+        let id = Assignment::content_id_for_uid("4f3c1a2e-0000-4000-8000-000000000001");
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(
+            id,
+            Assignment::content_id_for_uid("4f3c1a2e-0000-4000-8000-000000000001")
+        );
+        assert_ne!(
+            id,
+            Assignment::content_id_for_uid("4f3c1a2e-0000-4000-8000-000000000002")
+        );
+
+        let mut a = Assignment {
+            piece_size: 4 << 20,
+            ..Assignment::default()
+        };
+        assert_eq!(a.piece_count(), None);
+        for (size, pieces) in [
+            (0, 0),
+            (1, 1),
+            (4 << 20, 1),
+            ((4 << 20) + 1, 2),
+            (40 << 30, 10240),
+        ] {
+            a.size = Some(size);
+            assert_eq!(a.piece_count(), Some(pieces), "{size}");
+        }
+        a.piece_size = 0;
+        assert_eq!(a.piece_count(), None);
     }
 
     #[test]
