@@ -67,7 +67,7 @@ pub enum ServerError {
     LoadCrd {
         name: String,
         path: PathBuf,
-        source: ApiError,
+        source: Box<ApiError>,
     },
     #[error("writing kubeconfig {path}: {source}")]
     Kubeconfig {
@@ -266,7 +266,7 @@ fn load_crds(state: &mut State, dir: &Path) -> Result<(), ServerError> {
                 .map_err(|source| ServerError::LoadCrd {
                     name,
                     path: path.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
     }

@@ -328,7 +328,7 @@ pub fn value_at<'a>(obj: &'a Value, path: &FieldPath) -> Option<&'a Value> {
             PathElem::Field(f) => cur.get(f)?,
             PathElem::Key(k, v) => cur.as_array()?.iter().find(|i| match i.get(k) {
                 Some(Value::String(s)) => s == v,
-                Some(other) => other.to_string() == *v,
+                Some(other) => other.to_string().as_str() == v.as_str(),
                 None => false,
             })?,
         };

@@ -309,7 +309,7 @@ impl Registry {
             }
         }
         for vs in out.values_mut() {
-            vs.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+            vs.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
         }
         out
     }
@@ -430,7 +430,7 @@ fn parse_crd(crd: &Value) -> ApiResult<ParsedCrd> {
         causes.push(FieldCause::invalid(
             "metadata.name",
             name,
-            &format!("must be spec.names.plural+\".\"+spec.group"),
+            "must be spec.names.plural+\".\"+spec.group",
         ));
     }
     let scope = str_at(crd, "/spec/scope");
@@ -535,7 +535,7 @@ mod tests {
     #[test]
     fn version_order() {
         let mut v = vec!["v1alpha1", "v1", "v2beta1", "v1beta2"];
-        v.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+        v.sort_by_key(|x| std::cmp::Reverse(version_priority(x)));
         assert_eq!(v, ["v1", "v2beta1", "v1beta2", "v1alpha1"]);
     }
 }

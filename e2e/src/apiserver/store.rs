@@ -410,10 +410,8 @@ impl State {
                     obj["status"] = json!({"phase": "Active"});
                 }
             }
-            ("", "pods") => {
-                if obj.pointer("/status/phase").is_none() {
-                    obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
-                }
+            ("", "pods") if obj.pointer("/status/phase").is_none() => {
+                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             }
             ("", "secrets") => {
                 // stringData is write-only: merged into data, base64-encoded.
