@@ -115,6 +115,7 @@ pub(crate) struct Shared {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     contents: RwLock<HashMap<String, Arc<Fill>>>,
+    contents_added: tokio::sync::Notify,
     conns: Mutex<HashMap<String, PeerConn>>,
     banned: Mutex<HashSet<String>>,
     strikes: Mutex<HashMap<String, u32>>,
@@ -182,6 +183,7 @@ impl Swarm {
             endpoint,
             client_config,
             contents: RwLock::new(HashMap::new()),
+            contents_added: tokio::sync::Notify::new(),
             conns: Mutex::new(HashMap::new()),
             banned: Mutex::new(HashSet::new()),
             strikes: Mutex::new(HashMap::new()),
@@ -218,6 +220,7 @@ impl Swarm {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(fill.spec.id.clone(), fill.clone());
+        self.shared.contents_added.notify_waiters();
         let conns: Vec<(String, quinn::Connection)> = lock(&self.shared.conns)
             .iter()
             .map(|(n, c)| (n.clone(), c.conn.clone()))
@@ -274,6 +277,24 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .get(id)
             .cloned()
+    }
+
+    /// The content `id`, waiting up to `wait` for it to be added.
+    pub(crate) async fn wait_content(&self, id: &str, wait: Duration) -> Option<Arc<Fill>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let added = self.contents_added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            if let Some(f) = self.content(id) {
+                return Some(f);
+            }
+            tokio::select! {
+                _ = &mut added => {}
+                _ = tokio::time::sleep_until(deadline) => return self.content(id),
+                _ = self.shutdown.cancelled() => return None,
+            }
+        }
     }
 
     fn contents(&self) -> Vec<Arc<Fill>> {
@@ -432,7 +453,10 @@ async fn dial_loop(shared: Arc<Shared>, node: String, addr: SocketAddr) {
     // The larger name waits a little so that, when both dial at once, the
     // preferred connection (dialed by the smaller name) usually wins outright.
     if shared.opts.node > node {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(1500)) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
     }
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -123,8 +123,10 @@ pub async fn read_origin_range(
                         .await?
                 };
                 metrics.piece_verified();
-                fill.store_verified(None, &me, piece, data, Some(hash))
-                    .await
+                // Detached: a write must not be interrupted half-way.
+                let f = fill.clone();
+                tokio::spawn(async move { f.store_verified(None, &me, piece, data, Some(hash)).await })
+                    .await?
                     .map_err(|source| OriginReadError::Store { piece, source })?;
                 debug!(content = %fill.spec.id, piece, "piece read from origin");
                 Ok::<(), OriginReadError>(())

@@ -31,6 +31,10 @@ use crate::wire::{self, Message, RejectReason, WireError};
 /// Largest control frame (bitfields, hash batches, requests).
 const MAX_CONTROL_FRAME: u32 = 1 << 20;
 
+/// How long an announcement for a content not (yet) configured here is kept
+/// open: peers may learn of a content before we finish preparing it.
+const CONTENT_WAIT: Duration = Duration::from_secs(120);
+
 fn protocol_error(conn: &quinn::Connection, node: &str, what: &str, err: &dyn std::fmt::Display) {
     warn!(peer = node, error = %err, "closing connection: {what}");
     let reason = format!("{what}: {err}");
@@ -120,7 +124,7 @@ async fn inbound_announce(
             return;
         }
     };
-    let Some(fill) = shared.content(&content_id) else {
+    let Some(fill) = shared.wait_content(&content_id, CONTENT_WAIT).await else {
         debug!(peer = %node, content = %content_id, "announce for a content we do not hold");
         let _ = recv.stop(0u32.into());
         return;
@@ -280,10 +284,20 @@ async fn fetch(
         }
     }
     shared.metrics.piece_verified();
-    match fill
-        .store_verified(Some(sid), &shared.opts.node, piece, data, None)
-        .await
-    {
+    // Detached so that cancelling this request (endgame, session end) cannot
+    // interrupt the write half-way and leave the piece marked as being written.
+    let store = {
+        let (fill, me) = (fill.clone(), shared.opts.node.clone());
+        tokio::spawn(async move { fill.store_verified(Some(sid), &me, piece, data, None).await })
+    };
+    let stored = match store.await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "store task failed");
+            return;
+        }
+    };
+    match stored {
         Ok(true) => {
             shared.metrics.received(Source::Peer, u64::from(len));
             fill.stats
