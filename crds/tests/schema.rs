@@ -4,6 +4,7 @@
 //! the API server and `Distribution::validate()` agree on what is valid.
 
 use std::path::Path;
+use std::sync::LazyLock;
 
 use peerfill_crds::validation::{
     check_digest, check_dns_subdomain, check_piece_size, check_relative_path, check_url,
@@ -11,7 +12,18 @@ use peerfill_crds::validation::{
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-fn crd(file: &str) -> Value {
+/// Each CRD file, parsed once (the property tests look at it per case).
+fn crd(file: &str) -> &'static Value {
+    static DISTRIBUTION: LazyLock<Value> = LazyLock::new(|| parse_crd("distribution.yaml"));
+    static NODEFILL: LazyLock<Value> = LazyLock::new(|| parse_crd("nodefill.yaml"));
+    match file {
+        "distribution.yaml" => &DISTRIBUTION,
+        "nodefill.yaml" => &NODEFILL,
+        other => panic!("no CRD file {other}"),
+    }
+}
+
+fn parse_crd(file: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
@@ -112,7 +124,7 @@ fn distribution_names_columns_and_subresources() {
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     assert_eq!(crd["spec"]["names"]["kind"], "Distribution");
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["dist"]));
-    let v = version(&crd);
+    let v = version(crd);
     assert_eq!(v["subresources"]["status"], json!({}));
     let columns: Vec<(&str, &str, &str)> = v["additionalPrinterColumns"]
         .as_array()
@@ -136,7 +148,7 @@ fn distribution_names_columns_and_subresources() {
             ("Age", "date", ".metadata.creationTimestamp"),
         ]
     );
-    let root = root_schema(&crd);
+    let root = root_schema(crd);
     let phase = field(root, "status.phase");
     assert_eq!(
         phase["enum"],
@@ -156,7 +168,7 @@ fn nodefill_is_cluster_scoped_with_columns() {
     assert_eq!(crd["spec"]["scope"], "Cluster");
     assert_eq!(crd["spec"]["names"]["kind"], "NodeFill");
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["nf"]));
-    let v = version(&crd);
+    let v = version(crd);
     assert_eq!(v["subresources"]["status"], json!({}));
     let names: Vec<&str> = v["additionalPrinterColumns"]
         .as_array()
@@ -175,7 +187,7 @@ fn nodefill_is_cluster_scoped_with_columns() {
             "Age"
         ]
     );
-    let root = root_schema(&crd);
+    let root = root_schema(crd);
     for (list, key) in [
         ("spec.distributions", "uid"),
         ("status.distributions", "uid"),
@@ -260,14 +272,14 @@ fn assert_structural(schema: &Value, at: &str) {
 fn schemas_are_structural() {
     for file in ["distribution.yaml", "nodefill.yaml"] {
         let crd = crd(file);
-        assert_structural(root_schema(&crd), file);
+        assert_structural(root_schema(crd), file);
     }
 }
 
 #[test]
 fn distribution_bounds() {
     let crd = crd("distribution.yaml");
-    let root = root_schema(&crd);
+    let root = root_schema(crd);
     let bounds = |f: &str| {
         let s = field(root, f);
         (s["minimum"].as_f64(), s["maximum"].as_f64())
@@ -304,7 +316,7 @@ fn distribution_bounds() {
 #[test]
 fn source_rule_requires_exactly_one() {
     let crd = crd("distribution.yaml");
-    let source = field(root_schema(&crd), "spec.source");
+    let source = field(root_schema(crd), "spec.source");
     let rules = rules(source);
     assert_eq!(rules.len(), 1);
     let (rule, message) = &rules[0];
@@ -320,7 +332,7 @@ fn source_rule_requires_exactly_one() {
 #[test]
 fn piece_size_rule_matches_rust() {
     let crd = crd("distribution.yaml");
-    let schema = field(root_schema(&crd), "spec.strategy.pieceSize");
+    let schema = field(root_schema(crd), "spec.strategy.pieceSize");
     let rules = rules(schema);
     assert_eq!(rules.len(), 1);
     let (min, max) = (
@@ -341,7 +353,7 @@ fn piece_size_rule_matches_rust() {
 #[test]
 fn path_rules_match_rust() {
     let crd = crd("distribution.yaml");
-    let root = root_schema(&crd);
+    let root = root_schema(crd);
     for f in ["spec.target.path", "spec.source.node.path"] {
         let schema = field(root, f);
         assert_eq!(rules(schema).len(), 4, "{f}");
@@ -380,7 +392,7 @@ fn path_rules_match_rust() {
 #[test]
 fn string_patterns_match_rust() {
     let crd = crd("distribution.yaml");
-    let root = root_schema(&crd);
+    let root = root_schema(crd);
     let hex = "0123456789abcdef".repeat(4);
     let url = field(root, "spec.source.http.url");
     for s in [
@@ -434,7 +446,7 @@ proptest! {
     #[test]
     fn path_schema_and_rust_agree(s in "[a./]{0,12}") {
         let crd = crd("distribution.yaml");
-        let schema = field(root_schema(&crd), "spec.target.path");
+        let schema = field(root_schema(crd), "spec.target.path");
         prop_assert_eq!(string_schema_accepts(schema, &s), check_relative_path(&s).is_ok());
     }
 
@@ -442,7 +454,7 @@ proptest! {
     #[test]
     fn url_schema_and_rust_agree(s in "(https?|ftp|HTTP)?(://)?[a/?# \t\u{7f}\u{a0}]{0,8}") {
         let crd = crd("distribution.yaml");
-        let schema = field(root_schema(&crd), "spec.source.http.url");
+        let schema = field(root_schema(crd), "spec.source.http.url");
         prop_assert_eq!(string_schema_accepts(schema, &s), check_url(&s).is_ok());
     }
 
@@ -450,7 +462,7 @@ proptest! {
     #[test]
     fn dns_schema_and_rust_agree(s in "[a0.\\-A_]{0,10}") {
         let crd = crd("distribution.yaml");
-        let schema = field(root_schema(&crd), "spec.source.node.nodeName");
+        let schema = field(root_schema(crd), "spec.source.node.nodeName");
         prop_assert_eq!(string_schema_accepts(schema, &s), check_dns_subdomain(&s).is_ok());
     }
 }
