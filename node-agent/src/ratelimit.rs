@@ -13,6 +13,8 @@ use tokio::time::Instant;
 
 use crate::content::DEFAULT_PIECE_SIZE;
 
+const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A shared byte-rate limiter; cheap to clone (clones share the bucket).
 #[derive(Clone, Debug)]
 pub struct RateLimiter {
@@ -91,7 +93,9 @@ impl RateLimiter {
             if b.tokens >= 0.0 {
                 return;
             }
-            Duration::from_secs_f64(-b.tokens / b.rate)
+            // Absurd debts (n near u64::MAX at a tiny rate) exceed what a
+            // Duration holds; a year is "forever" for a transfer.
+            Duration::try_from_secs_f64(-b.tokens / b.rate).unwrap_or(FOREVER)
         };
         tokio::time::sleep(wait).await;
     }
@@ -146,6 +150,22 @@ mod tests {
         // 2 MB through a shared 1 MB/s bucket.
         let took = start.elapsed().as_secs_f64();
         assert!((1.99..=2.01).contains(&took), "took {took}s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_requests_do_not_panic() {
+        let rl = RateLimiter::with_burst(Some(1), 1);
+        let waiter = tokio::spawn({
+            let rl = rl.clone();
+            async move {
+                rl.acquire(u64::MAX).await;
+                rl.acquire(u64::MAX).await;
+            }
+        });
+        // The waiter sleeps (virtually) far in the future instead of panicking.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!waiter.is_finished());
+        waiter.abort();
     }
 
     #[tokio::test(start_paused = true)]
