@@ -64,6 +64,17 @@ fn valid_examples_parse_and_validate() {
 }
 
 #[test]
+fn examples_round_trip_through_yaml() {
+    for path in yaml_files(&examples_dir()) {
+        let dist = parse(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let yaml = serde_saphyr::to_string(&dist).expect("serializes");
+        let again: Distribution = serde_saphyr::from_str(&yaml)
+            .unwrap_or_else(|e| panic!("{} re-parsed: {e}\n{yaml}", path.display()));
+        assert_eq!(dist, again, "{}", path.display());
+    }
+}
+
+#[test]
 fn valid_examples_cover_each_source_and_targeting() {
     let http = parse(&examples_dir().join("http.yaml")).expect("http.yaml parses");
     let http_source = http.spec.source.http.as_ref().expect("http source");
