@@ -469,7 +469,7 @@ impl Node {
         };
         if let Some(p) = m.get("pattern").and_then(Value::as_str) {
             // Go's RE2 `MatchString` is unanchored, as is `Regex::is_match`.
-            let re = Regex::new(p).map_err(|e| SchemaError::Pattern {
+            let re = go_regex(p).map_err(|e| SchemaError::Pattern {
                 path: path.to_string(),
                 pattern: p.to_string(),
                 source: Box::new(e),
@@ -1460,6 +1460,86 @@ fn old_item<'a>(s: &Node, old: Option<&'a Value>, item: &Value) -> Option<&'a Va
         Some(ListType::Set) => olds.iter().find(|o| json_equal(o, item)),
         _ => None,
     }
+}
+
+// ---------------------------------------------------------------------------
+// Go-compatible regular expressions
+
+/// Compiles a Go (RE2) pattern. The syntax is the same; what differs is that
+/// Go's `\d`, `\s` and `\w` are ASCII-only while Rust's are Unicode-aware,
+/// so those are spelled out as Go defines them.
+fn go_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&go_classes_to_ascii(pattern))
+}
+
+fn go_classes_to_ascii(pattern: &str) -> String {
+    const DIGIT: &str = "0-9";
+    const SPACE: &str = "\\t\\n\\f\\r ";
+    const WORD: &str = "0-9A-Za-z_";
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut chars = pattern.chars().peekable();
+    // Inside `[...]`; `class_start` while a `]` would still be a literal.
+    let mut in_class = false;
+    let mut class_start = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let Some(next) = chars.next() else {
+                    out.push(c);
+                    break;
+                };
+                let ascii = match next {
+                    'd' | 'D' => Some(DIGIT),
+                    's' | 'S' => Some(SPACE),
+                    'w' | 'W' => Some(WORD),
+                    _ => None,
+                };
+                match ascii {
+                    Some(set) if in_class && next.is_ascii_lowercase() => out.push_str(set),
+                    Some(set) if !in_class => {
+                        let neg = if next.is_ascii_uppercase() { "^" } else { "" };
+                        let _ = write!(out, "[{neg}{set}]");
+                    }
+                    // A negated shorthand inside a class has no ASCII spelling
+                    // short of rewriting the class; keep it.
+                    _ => {
+                        out.push(c);
+                        out.push(next);
+                    }
+                }
+                class_start = false;
+            }
+            '[' if !in_class => {
+                out.push(c);
+                in_class = true;
+                class_start = true;
+                if chars.peek() == Some(&'^') {
+                    out.push('^');
+                    chars.next();
+                }
+            }
+            '[' if in_class && chars.peek() == Some(&':') => {
+                // POSIX class such as `[:alpha:]`: copy through its `]`.
+                out.push(c);
+                for p in chars.by_ref() {
+                    out.push(p);
+                    if p == ']' {
+                        break;
+                    }
+                }
+                class_start = false;
+            }
+            ']' if in_class && !class_start => {
+                out.push(c);
+                in_class = false;
+            }
+            _ => {
+                out.push(c);
+                class_start = false;
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------

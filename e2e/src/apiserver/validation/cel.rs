@@ -98,7 +98,7 @@ fn cached_regex(pattern: &str) -> Result<Arc<regex::Regex>, regex::Error> {
     if let Some(re) = cache.get(pattern) {
         return Ok(Arc::clone(re));
     }
-    let re = Arc::new(regex::Regex::new(pattern)?);
+    let re = Arc::new(super::go_regex(pattern)?);
     if cache.len() >= REGEX_CACHE_CAP {
         cache.clear();
     }

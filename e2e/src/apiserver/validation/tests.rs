@@ -1021,3 +1021,40 @@ fn cel_matches_uses_re2_semantics_and_reports_bad_patterns() {
         "{msgs:?}"
     );
 }
+
+#[test]
+fn go_regex_classes_are_ascii() {
+    for (go, rust) in [
+        (r"^\d+$", r"^[0-9]+$"),
+        (r"\S\W", r"[^\t\n\f\r ][^0-9A-Za-z_]"),
+        (
+            r"^https?://[^\s/?#]+([/?#]\S*)?$",
+            r"^https?://[^\t\n\f\r /?#]+([/?#][^\t\n\f\r ]*)?$",
+        ),
+        (r"[]\d]", r"[]0-9]"),
+        (r"[[:alpha:]\w]", r"[[:alpha:]0-9A-Za-z_]"),
+        (r"\\d\.", r"\\d\."),
+        (r"[^\S]", r"[^\S]"),
+    ] {
+        assert_eq!(go_classes_to_ascii(go), rust, "{go}");
+    }
+    // Go's \s does not include a no-break space, and \d no other digits.
+    run_table(vec![
+        (
+            "no-break space is not \\s in Go",
+            json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "^\\S+$"}}}),
+            json!({"s": "a\u{a0}b"}),
+            vec![],
+        ),
+        (
+            "Arabic-Indic digits are not \\d in Go",
+            json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "^\\d+$"}}}),
+            json!({"s": "\u{661}"}),
+            vec![(
+                "spec.s",
+                Invalid,
+                "spec.s: Invalid value: \"\u{661}\": spec.s in body should match '^\\d+$'",
+            )],
+        ),
+    ]);
+}
