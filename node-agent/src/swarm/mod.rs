@@ -108,7 +108,12 @@ pub enum SwarmError {
 struct PeerConn {
     conn: quinn::Connection,
     dialed_by_me: bool,
+    since: std::time::Instant,
 }
+
+/// Simultaneous dials settle within this time; an incoming connection next
+/// to an older one means the peer restarted.
+const RESTART_GRACE: Duration = Duration::from_secs(3);
 
 pub(crate) struct Shared {
     pub(crate) opts: SwarmOptions,
@@ -351,11 +356,16 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, node: Stri
         if let Some(existing) = conns.get(&node)
             && existing.conn.close_reason().is_none()
         {
-            // Keep the connection dialed by the smaller node name.
+            // A peer only dials when it has no connection to us, so a new
+            // incoming connection next to an established one means the peer
+            // lost the old one (restarted): the old one is dead, replace it.
+            // Otherwise both dialed at once: keep the connection dialed by
+            // the smaller node name, which both sides choose alike.
+            let peer_restarted = !dialed && existing.since.elapsed() > RESTART_GRACE;
             let me_smaller = shared.opts.node < node;
             let new_canonical = dialed == me_smaller;
             let old_canonical = existing.dialed_by_me == me_smaller;
-            if old_canonical || !new_canonical {
+            if !peer_restarted && (old_canonical || !new_canonical) {
                 debug!(peer = %node, "duplicate connection closed");
                 conn.close(close::DUPLICATE, b"duplicate");
                 return;
@@ -369,6 +379,7 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, node: Stri
             PeerConn {
                 conn: conn.clone(),
                 dialed_by_me: dialed,
+                since: std::time::Instant::now(),
             },
         );
         shared.metrics.peer_connected();
