@@ -20,8 +20,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # placed there earlier. The chart drops every capability, forbids privilege
 # escalation and keeps the root filesystem read-only, so root here is only
 # file ownership on the data directory, not extra kernel privilege.
-FROM gcr.io/distroless/cc-debian12
+# distroless publishes no version tags; pin a digest (@sha256:...) for releases.
+# hadolint ignore=DL3007
+FROM gcr.io/distroless/cc-debian12:latest
 COPY --from=build /out/peerfill-agent /usr/local/bin/peerfill-agent
+# hadolint ignore=DL3002
 USER 0:0
 EXPOSE 7443/udp 9464/tcp
 ENTRYPOINT ["/usr/local/bin/peerfill-agent"]

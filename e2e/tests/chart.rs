@@ -11,8 +11,11 @@
 //! - every `peerfill_*` metric the Grafana dashboard queries is exported by
 //!   the code.
 //!
+//! - the images' Dockerfiles are multi-stage, minimal, lint-clean (hadolint).
+//!
 //! helm comes from `$HELM`, else `<repo>/.tools/bin/helm`, else this test
-//! installs it with `e2e/tools/install-helm.sh` (no root needed).
+//! installs it with `e2e/tools/install-helm.sh` (no root needed); hadolint
+//! likewise (`$HADOLINT`, `e2e/tools/install-hadolint.sh`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -58,22 +61,24 @@ fn all_features_values() -> PathBuf {
 /// Path of a working helm binary, installed once per test process.
 fn helm() -> Result<PathBuf> {
     static HELM: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    HELM.get_or_init(|| find_or_install_helm().map_err(|e| format!("{e:#}")))
+    HELM.get_or_init(|| find_or_install_tool("helm", "HELM").map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow!(e))
 }
 
-fn find_or_install_helm() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("HELM").filter(|p| !p.is_empty()) {
+/// A tool from `$<env_var>`, else `<repo>/.tools/bin/<name>`, else installed
+/// there by `e2e/tools/install-<name>.sh` (which prints the path last).
+fn find_or_install_tool(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
-        ensure!(path.is_file(), "HELM={} is not a file", path.display());
+        ensure!(path.is_file(), "{env_var}={} is not a file", path.display());
         return Ok(path);
     }
-    let local = repo_root().join(".tools/bin/helm");
+    let local = repo_root().join(".tools/bin").join(name);
     if local.is_file() {
         return Ok(local);
     }
-    let script = repo_root().join("e2e/tools/install-helm.sh");
+    let script = repo_root().join(format!("e2e/tools/install-{name}.sh"));
     let out = Command::new("bash")
         .arg(&script)
         .output()
@@ -85,13 +90,14 @@ fn find_or_install_helm() -> Result<PathBuf> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8(out.stdout).context("install-helm.sh printed non-UTF-8")?;
+    let stdout = String::from_utf8(out.stdout)
+        .with_context(|| format!("{} printed non-UTF-8", script.display()))?;
     let path = stdout
         .lines()
         .last()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .ok_or_else(|| anyhow!("install-helm.sh printed no path"))?;
+        .ok_or_else(|| anyhow!("{} printed no path", script.display()))?;
     Ok(PathBuf::from(path))
 }
 
@@ -1657,5 +1663,100 @@ fn install_notes_and_docs_show_valid_distributions() -> Result<()> {
     let docs = std::fs::read_to_string(repo_root().join("docs/install.md"))
         .context("reading docs/install.md")?;
     check_distribution_example("docs/install.md", &distribution_block(&docs)?)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Images
+
+/// `FROM` lines of a Dockerfile: (image, stage name).
+fn from_lines(dockerfile: &str) -> Vec<(String, Option<String>)> {
+    dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("FROM "))
+        .map(|rest| {
+            let mut words = rest.split_whitespace().filter(|w| !w.starts_with("--"));
+            let image = words.next().unwrap_or("").to_string();
+            let stage = match (words.next(), words.next()) {
+                (Some(kw), Some(name)) if kw.eq_ignore_ascii_case("AS") => Some(name.to_string()),
+                _ => None,
+            };
+            (image, stage)
+        })
+        .collect()
+}
+
+#[test]
+fn images_are_multi_stage_minimal_and_lint_clean() -> Result<()> {
+    for (file, package, runtime, user) in [
+        (
+            "images/operator.Dockerfile",
+            "peerfill-operator",
+            "gcr.io/distroless/cc-debian12:nonroot",
+            "USER 65532:65532",
+        ),
+        (
+            "images/agent.Dockerfile",
+            "peerfill-agent",
+            "gcr.io/distroless/cc-debian12:latest",
+            "USER 0:0",
+        ),
+    ] {
+        let text = std::fs::read_to_string(repo_root().join(file))
+            .with_context(|| format!("reading {file}"))?;
+        let froms = from_lines(&text);
+        assert_eq!(froms.len(), 2, "{file}: a build stage and a runtime stage");
+        assert_eq!(
+            froms[0],
+            ("rust:1-bookworm".to_string(), Some("build".to_string())),
+            "{file}: builder"
+        );
+        assert_eq!(froms[1].0, runtime, "{file}: runtime image");
+        assert!(
+            text.contains(&format!("cargo build --release --locked -p {package}")),
+            "{file}: builds {package} from the lock file"
+        );
+        assert!(
+            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{package}\"]")),
+            "{file}: entrypoint"
+        );
+        let last_user = text.lines().rfind(|l| l.starts_with("USER ")).unwrap_or("");
+        assert_eq!(last_user, user, "{file}: runtime user");
+    }
+    // The build context must hold the workspace: no crate may be ignored.
+    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore"))
+        .context("reading .dockerignore")?;
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "crds",
+        "operator",
+        "node-agent",
+        "e2e",
+    ] {
+        assert!(
+            !ignore
+                .lines()
+                .any(|l| l.trim().trim_start_matches('/') == needed),
+            ".dockerignore excludes {needed}, which the build needs"
+        );
+    }
+
+    let hadolint = find_or_install_tool("hadolint", "HADOLINT")?;
+    let out = Command::new(&hadolint)
+        .args([
+            "--no-color",
+            "images/operator.Dockerfile",
+            "images/agent.Dockerfile",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .with_context(|| format!("running {}", hadolint.display()))?;
+    ensure!(
+        out.status.success(),
+        "hadolint found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
