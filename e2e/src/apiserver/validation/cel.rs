@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
+use cel::common::functions as types_fn;
 use cel::common::types::{self, CelBool, CelOptional, CelString};
 use cel::common::value::{CowVal, Val};
 use cel::objects::{Key, Map};
@@ -74,6 +75,32 @@ fn build_env() -> Result<Env, cel::DeclarationError> {
         Ok(()) | Err(cel::DeclarationError::DuplicateOverload { .. }) => {}
         Err(e) => return Err(e),
     }
+    // Kubernetes' list library.
+    for (name, id, args, op) in [
+        (
+            "isSorted",
+            "k8s_list_is_sorted",
+            vec![],
+            list_is_sorted as types_fn::Function,
+        ),
+        ("sum", "k8s_list_sum", vec![], list_sum),
+        ("min", "k8s_list_min", vec![], list_min),
+        ("max", "k8s_list_max", vec![], list_max),
+        (
+            "indexOf",
+            "k8s_list_index_of",
+            vec![types::DYN_TYPE],
+            list_index_of,
+        ),
+        (
+            "lastIndexOf",
+            "k8s_list_last_index_of",
+            vec![types::DYN_TYPE],
+            list_last_index_of,
+        ),
+    ] {
+        env.add_member_overload(name, id, types::LIST_TYPE, args, op)?;
+    }
     env.add_overload("isURL", "isURL_string", vec![types::STRING_TYPE], |args| {
         let s = args
             .first()
@@ -129,6 +156,129 @@ fn matches<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Executio
     Ok(CowVal::owned(CelBool::from(re.is_match(subject.inner()))))
 }
 
+fn list_of(v: &CowVal<'_, '_>, function: &str) -> Result<Arc<Vec<cel::Value>>, ExecutionError> {
+    match cel::Value::try_from(v.as_ref())? {
+        cel::Value::List(items) => Ok(items),
+        other => Err(ExecutionError::function_error(
+            function,
+            format!("not a list: {}", other.type_of()),
+        )),
+    }
+}
+
+fn owned<'b, 'v>(v: cel::Value) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let boxed: Box<dyn Val> = v.try_into()?;
+    Ok(CowVal::Owned(boxed))
+}
+
+fn receiver<'a, 'b, 'v>(
+    args: &'a [CowVal<'b, 'v>],
+    want: usize,
+) -> Result<&'a CowVal<'b, 'v>, ExecutionError> {
+    match args.first() {
+        Some(r) if args.len() == want => Ok(r),
+        _ => Err(ExecutionError::invalid_argument_count(want, args.len())),
+    }
+}
+
+fn ordered(
+    a: &cel::Value,
+    b: &cel::Value,
+    function: &str,
+) -> Result<std::cmp::Ordering, ExecutionError> {
+    a.partial_cmp(b).ok_or_else(|| {
+        ExecutionError::function_error(
+            function,
+            format!("cannot compare {} and {}", a.type_of(), b.type_of()),
+        )
+    })
+}
+
+/// `[1, 2, 2].isSorted()`
+fn list_is_sorted<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let items = list_of(receiver(&args, 1)?, "isSorted")?;
+    for pair in items.windows(2) {
+        if ordered(&pair[0], &pair[1], "isSorted")? == std::cmp::Ordering::Greater {
+            return owned(cel::Value::Bool(false));
+        }
+    }
+    owned(cel::Value::Bool(true))
+}
+
+/// `[1, 2].sum()`; 0 for an empty list.
+fn list_sum<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let items = list_of(receiver(&args, 1)?, "sum")?;
+    let mut iter = items.iter().cloned();
+    let Some(first) = iter.next() else {
+        return owned(cel::Value::Int(0));
+    };
+    let mut total = first;
+    for v in iter {
+        total = (total + v)?;
+    }
+    owned(total)
+}
+
+fn list_extreme<'b, 'v>(
+    args: Vec<CowVal<'b, 'v>>,
+    function: &str,
+    keep: std::cmp::Ordering,
+) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let items = list_of(receiver(&args, 1)?, function)?;
+    let mut best: Option<&cel::Value> = None;
+    for v in items.iter() {
+        best = match best {
+            Some(b) if ordered(v, b, function)? != keep => Some(b),
+            _ => Some(v),
+        };
+    }
+    match best {
+        Some(v) => owned(v.clone()),
+        None => Err(ExecutionError::function_error(
+            function,
+            format!("{function} called on empty list"),
+        )),
+    }
+}
+
+/// `[3, 1].min()`
+fn list_min<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    list_extreme(args, "min", std::cmp::Ordering::Less)
+}
+
+/// `[3, 1].max()`
+fn list_max<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    list_extreme(args, "max", std::cmp::Ordering::Greater)
+}
+
+fn list_position<'b, 'v>(
+    args: Vec<CowVal<'b, 'v>>,
+    function: &str,
+    last: bool,
+) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let items = list_of(receiver(&args, 2)?, function)?;
+    let needle = match args.get(1) {
+        Some(n) => cel::Value::try_from(n.as_ref())?,
+        None => return Err(ExecutionError::invalid_argument_count(2, args.len())),
+    };
+    let found = if last {
+        items.iter().rposition(|v| *v == needle)
+    } else {
+        items.iter().position(|v| *v == needle)
+    };
+    owned(cel::Value::Int(found.map_or(-1, |i| i as i64)))
+}
+
+/// `['a', 'b'].indexOf('b')`; -1 when absent.
+fn list_index_of<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    list_position(args, "indexOf", false)
+}
+
+/// `['a', 'a'].lastIndexOf('a')`; -1 when absent.
+fn list_last_index_of<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    list_position(args, "lastIndexOf", true)
+}
+
 /// Kubernetes' `isURL`: an absolute URL with a scheme and a host or path.
 fn is_absolute_url(s: &str) -> bool {
     let Some((scheme, rest)) = s.split_once(':') else {
@@ -148,8 +298,36 @@ fn env() -> Result<&'static Arc<Env>, String> {
     ENV.as_ref().map_err(Clone::clone)
 }
 
+/// Parses a rule and, like the server's type-checking compile, refuses one
+/// that calls a function the environment does not have (the crate would only
+/// notice when evaluating it, failing every admission).
 fn compile_program(src: &str) -> Result<Program, String> {
-    env()?.compile(src).map_err(|e| e.to_string())
+    let env = env()?;
+    let program = env.compile(src).map_err(|e| e.to_string())?;
+    for f in program.references().functions() {
+        // Operators (`_+_`, `!_`, `-_`, `@in`, ...) are the interpreter's own.
+        if f.starts_with(['_', '!', '-', '@']) || env_has_function(env, f) {
+            continue;
+        }
+        // Namespaced calls (`optional.of(x)`) are referenced by their last part.
+        if NAMESPACES
+            .iter()
+            .any(|ns| env_has_function(env, &format!("{ns}.{f}")))
+        {
+            continue;
+        }
+        return Err(format!("undeclared reference to '{f}'"));
+    }
+    Ok(program)
+}
+
+const NAMESPACES: [&str; 4] = ["optional", "math", "strings", "lists"];
+
+/// Whether `name` is declared in the environment: a context refuses a
+/// function of its own under a name the environment already declares.
+fn env_has_function(env: &Arc<Env>, name: &str) -> bool {
+    let mut probe = Context::with_env(Arc::clone(env));
+    probe.add_function(name, |x: i64| x).is_err()
 }
 
 impl Rule {

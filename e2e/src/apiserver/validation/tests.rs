@@ -1058,3 +1058,57 @@ fn go_regex_classes_are_ascii() {
         ),
     ]);
 }
+
+#[test]
+fn kubernetes_list_library_and_unknown_functions() {
+    let schema = cel_schema(
+        json!([
+            {"rule": "!has(self.nums) || self.nums.isSorted()", "message": "must be sorted"},
+            {"rule": "!has(self.nums) || size(self.nums) == 0 || (self.nums.sum() <= 10 && self.nums.min() >= 0 && self.nums.max() < 10)", "message": "bounds"},
+            {"rule": "!has(self.names) || self.names.indexOf('root') == -1", "message": "no root"},
+            {"rule": "!has(self.names) || self.names.lastIndexOf('a') <= 1", "message": "a late"},
+            {"rule": "!has(self.names) || self.names.all(n, n.lowerAscii() == n) && [1, 2].exists_one(x, x == 2) && optional.of(1).hasValue()", "message": "lower"}
+        ]),
+        json!({
+            "nums": {"type": "array", "items": {"type": "integer"}},
+            "names": {"type": "array", "items": {"type": "string"}}
+        }),
+    );
+    let cases: Vec<(Value, Vec<&str>)> = vec![
+        (
+            json!({"node": {}, "nums": [1, 2, 3], "names": ["a", "b"]}),
+            vec![],
+        ),
+        (json!({"node": {}, "nums": []}), vec![]),
+        (
+            json!({"node": {}, "nums": [3, 1], "names": ["x", "root", "a", "a"]}),
+            vec![
+                "spec: Invalid value: \"object\": must be sorted",
+                "spec: Invalid value: \"object\": no root",
+                "spec: Invalid value: \"object\": a late",
+            ],
+        ),
+        (
+            json!({"node": {}, "nums": [5, 6], "names": ["B"]}),
+            vec![
+                "spec: Invalid value: \"object\": bounds",
+                "spec: Invalid value: \"object\": lower",
+            ],
+        ),
+    ];
+    for (spec, want) in cases {
+        let mut obj = object(spec.clone());
+        assert_eq!(messages(schema.admit(&mut obj, None)), want, "spec {spec}");
+    }
+
+    // A function the environment does not have fails at compile, not on
+    // every admission.
+    let unknown =
+        json!({"type": "object", "x-kubernetes-validations": [{"rule": "self.noSuchFunction()"}]});
+    match CompiledSchema::compile(&unknown) {
+        Err(SchemaError::Rule { message, .. }) => {
+            assert_eq!(message, "undeclared reference to 'noSuchFunction'")
+        }
+        other => panic!("expected a rule compile error, got {other:?}"),
+    }
+}
