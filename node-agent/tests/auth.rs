@@ -1,0 +1,146 @@
+//! Mutual TLS and per-content authorisation: a client without a certificate
+//! of the cluster CA gets nothing (refused in the handshake), a valid node
+//! not allowed a content is refused that content, an allowed node gets it.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use peerfill_agent::agent::{AgentConfig, ContentConfig, IdentityFiles, Phase, SourceConfig};
+use peerfill_agent::tls::{self, ClusterCa, NodeIdentity};
+use peerfill_agent::wire::{self, Message, RejectReason};
+
+const ID: &str = "seeded";
+const PIECE: u32 = 1 << 20;
+
+/// Connects as `client`, asks for piece 0 and returns what came back.
+async fn ask_piece(addr: SocketAddr, client: quinn::ClientConfig) -> Result<Message, String> {
+    let endpoint = quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).map_err(|e| e.to_string())?;
+    let attempt = async {
+        let conn = endpoint
+            .connect_with(client, addr, "node-0")
+            .map_err(|e| format!("connect: {e}"))?
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open: {e}"))?;
+        let req = Message::Request { content: ID.into(), piece: 0 };
+        send.write_all(&req.encode()).await.map_err(|e| format!("write: {e}"))?;
+        let _ = send.finish();
+        match wire::read_frame(&mut recv, wire::MAX_FRAME_LEN).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err("no response".to_string()),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+    endpoint.close(0u32.into(), b"");
+    out
+}
+
+/// A client presenting no certificate at all (but trusting the cluster CA).
+fn anonymous_client(ca_pem: &str) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(c.expect("ca pem")).expect("add root");
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![tls::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    quinn::ClientConfig::new(Arc::new(quic))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_valid_allowed_nodes_get_data() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let certs = tmp.path().join("certs");
+    let names: Vec<String> = ["node-0", "node-1", "node-2"].map(String::from).to_vec();
+    let ca = make_identities(&certs, &names);
+    let data = random_bytes(8 * PIECE as usize, 4);
+    let seed_file = tmp.path().join("seed.bin");
+    std::fs::write(&seed_file, &data).expect("seed file");
+
+    let node = &nodes(tmp.path(), 1)[0];
+    let cfg = AgentConfig {
+        node: "node-0".into(),
+        listen: node.addr,
+        data_dir: node.data_dir.clone(),
+        identity: IdentityFiles::in_dir(&certs.join("node-0")),
+        metrics_addr: Some(node.metrics),
+        status_dir: None,
+        limits: Default::default(),
+        tuning: Default::default(),
+        stay: true,
+        fault: None,
+        contents: vec![ContentConfig {
+            id: ID.into(),
+            path: PathBuf::from("out/seeded.bin"),
+            size: None,
+            piece_size: PIECE,
+            digest: Some(format!("blake3:{}", blake3::hash(&data).to_hex()).parse().expect("digest")),
+            source: SourceConfig::Node { node: "node-0".into(), path: Some(seed_file) },
+            peers: vec![],
+            // node-2 holds a valid certificate but is not allowed this content.
+            allowed_peers: vec!["node-1".into()],
+        }],
+    };
+    let agent = Agent::spawn(node, &cfg);
+    assert!(
+        wait_until(Duration::from_secs(30), || agent.status(ID).is_some_and(|s| s.phase == Phase::Complete)).await,
+        "seeder not ready: {:?}\n{}",
+        agent.status(ID),
+        agent.log_tail()
+    );
+    let addr = node.addr;
+
+    // 1. A certificate from another CA: refused before any data moves.
+    let rogue_ca = ClusterCa::generate("rogue-ca").expect("rogue ca");
+    let rogue = rogue_ca.issue("mallory").expect("rogue cert");
+    let mallory = NodeIdentity { ca_pem: ca.cert_pem().to_string(), ..rogue };
+    let got = ask_piece(addr, tls::client_config(&mallory).expect("client cfg")).await;
+    assert!(got.is_err(), "rogue-CA client got {got:?}");
+
+    // 2. No certificate at all.
+    let got = ask_piece(addr, anonymous_client(ca.cert_pem())).await;
+    assert!(got.is_err(), "anonymous client got {got:?}");
+
+    // 3. A cluster node not allowed this content: an explicit refusal.
+    let id2 = NodeIdentity::load(
+        &certs.join("node-2/tls.crt"),
+        &certs.join("node-2/tls.key"),
+        &certs.join("node-2/ca.crt"),
+    )
+    .expect("node-2 identity");
+    let got = ask_piece(addr, tls::client_config(&id2).expect("client cfg")).await;
+    assert!(
+        matches!(got, Ok(Message::Reject { reason: RejectReason::NotAllowed, .. })),
+        "node-2 got {got:?}"
+    );
+
+    // Nothing has been served so far.
+    let sent = metric_value(&agent.metrics(), "peerfill_agent_sent_bytes_total");
+    assert_eq!(sent, Some(0.0), "bytes served to refused clients");
+
+    // 4. An allowed node gets the verified piece.
+    let id1 = NodeIdentity::load(
+        &certs.join("node-1/tls.crt"),
+        &certs.join("node-1/tls.key"),
+        &certs.join("node-1/ca.crt"),
+    )
+    .expect("node-1 identity");
+    match ask_piece(addr, tls::client_config(&id1).expect("client cfg")).await {
+        Ok(Message::Piece { piece: 0, data: got }) => assert_eq!(&got[..], &data[..PIECE as usize]),
+        other => panic!("allowed node got {other:?}\n{}", agent.log_tail()),
+    }
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(log.contains("refused incoming connection"), "refusals are logged:\n{}", agent.log_tail());
+}
