@@ -237,12 +237,17 @@ impl AgentConfig {
         tls::validate_node_name(&self.node)?;
         let mut ids = HashSet::new();
         for c in &self.contents {
-            if c.id.is_empty() || c.id.contains('/') || c.id.starts_with('.') || c.id.len() > 253
-            {
-                return Err(AgentError::Invalid(format!("invalid content id {:?}", c.id)));
+            if c.id.is_empty() || c.id.contains('/') || c.id.starts_with('.') || c.id.len() > 253 {
+                return Err(AgentError::Invalid(format!(
+                    "invalid content id {:?}",
+                    c.id
+                )));
             }
             if !ids.insert(&c.id) {
-                return Err(AgentError::Invalid(format!("duplicate content id {:?}", c.id)));
+                return Err(AgentError::Invalid(format!(
+                    "duplicate content id {:?}",
+                    c.id
+                )));
             }
             dest_path(&self.data_dir, &c.path)?;
             if let Some(size) = c.size {
@@ -271,8 +276,8 @@ impl AgentConfig {
 
 /// `data_dir/rel`, refusing anything that could leave the data root.
 pub fn dest_path(data_dir: &Path, rel: &Path) -> Result<PathBuf, AgentError> {
-    let ok = !rel.as_os_str().is_empty()
-        && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    let ok =
+        !rel.as_os_str().is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
     if !ok {
         return Err(AgentError::Invalid(format!(
             "path {} must be relative to the data root, without '..'",
@@ -382,8 +387,7 @@ pub type Summary = BTreeMap<String, Phase>;
 /// `stay`, until `shutdown`). Returns the final phase of each content.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summary, AgentError> {
     cfg.validate()?;
-    let identity =
-        NodeIdentity::load(&cfg.identity.cert, &cfg.identity.key, &cfg.identity.ca)?;
+    let identity = NodeIdentity::load(&cfg.identity.cert, &cfg.identity.key, &cfg.identity.ca)?;
     if identity.node != cfg.node {
         return Err(AgentError::NodeMismatch {
             cert: identity.node,
@@ -479,10 +483,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summar
         Ok(Ok(())) => {}
     }
     swarm.shutdown().await;
-    Ok(runs
-        .iter()
-        .map(|r| (r.cfg.id.clone(), r.phase()))
-        .collect())
+    Ok(runs.iter().map(|r| (r.cfg.id.clone(), r.phase())).collect())
 }
 
 fn headers(h: &BTreeMap<String, String>) -> Vec<(String, String)> {
@@ -506,12 +507,12 @@ async fn content_task(
     };
     // Layout: configured, or the origin's length.
     let origin = match &c.source {
-        SourceConfig::Http { url, headers: h, .. } => {
-            match OriginClient::new(url, headers(h), OriginOptions::default()) {
-                Ok(o) => Some(o.with_metrics(metrics.clone())),
-                Err(e) => return run.fail(e.reason(), e.to_string()),
-            }
-        }
+        SourceConfig::Http {
+            url, headers: h, ..
+        } => match OriginClient::new(url, headers(h), OriginOptions::default()) {
+            Ok(o) => Some(o.with_metrics(metrics.clone())),
+            Err(e) => return run.fail(e.reason(), e.to_string()),
+        },
         SourceConfig::Node { .. } => None,
     };
     let size = match (c.size, &origin) {
@@ -549,7 +550,9 @@ async fn content_task(
         allowed: c.allowed_peers.iter().cloned().collect(),
     };
     let seed_path = match &c.source {
-        SourceConfig::Node { node, path } if node == me => Some(path.clone().unwrap_or(dest.clone())),
+        SourceConfig::Node { node, path } if node == me => {
+            Some(path.clone().unwrap_or(dest.clone()))
+        }
         _ => None,
     };
     let partial_dir = cfg.data_dir.join(PARTIAL_DIR);
@@ -625,8 +628,12 @@ async fn content_task(
             .map(|(_, r)| r.clone())
             .collect();
         if !mine.is_empty() {
-            let (fill, me, limiter, metrics) =
-                (fill.clone(), me.to_string(), origin_limiter, metrics.clone());
+            let (fill, me, limiter, metrics) = (
+                fill.clone(),
+                me.to_string(),
+                origin_limiter,
+                metrics.clone(),
+            );
             let concurrency = cfg.tuning.origin_concurrency;
             origin_task = Some(tokio::spawn(async move {
                 for range in mine {

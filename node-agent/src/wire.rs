@@ -359,7 +359,9 @@ pub fn piece_header(piece: u32, data_len: usize) -> Bytes {
 pub fn hash_messages(entries: &[(u32, Hash32)]) -> Vec<Message> {
     entries
         .chunks(MAX_HASHES_PER_FRAME)
-        .map(|c| Message::Hashes { entries: c.to_vec() })
+        .map(|c| Message::Hashes {
+            entries: c.to_vec(),
+        })
         .collect()
 }
 

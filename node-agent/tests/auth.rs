@@ -19,7 +19,8 @@ const PIECE: u32 = 1 << 20;
 
 /// Connects as `client`, asks for piece 0 and returns what came back.
 async fn ask_piece(addr: SocketAddr, client: quinn::ClientConfig) -> Result<Message, String> {
-    let endpoint = quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).map_err(|e| e.to_string())?;
+    let endpoint =
+        quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).map_err(|e| e.to_string())?;
     let attempt = async {
         let conn = endpoint
             .connect_with(client, addr, "node-0")
@@ -27,8 +28,13 @@ async fn ask_piece(addr: SocketAddr, client: quinn::ClientConfig) -> Result<Mess
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open: {e}"))?;
-        let req = Message::Request { content: ID.into(), piece: 0 };
-        send.write_all(&req.encode()).await.map_err(|e| format!("write: {e}"))?;
+        let req = Message::Request {
+            content: ID.into(),
+            piece: 0,
+        };
+        send.write_all(&req.encode())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         let _ = send.finish();
         match wire::read_frame(&mut recv, wire::MAX_FRAME_LEN).await {
             Ok(Some(m)) => Ok(m),
@@ -49,11 +55,13 @@ fn anonymous_client(ca_pem: &str) -> quinn::ClientConfig {
     for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
         roots.add(c.expect("ca pem")).expect("add root");
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls13")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tls.alpn_protocols = vec![tls::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
     quinn::ClientConfig::new(Arc::new(quic))
@@ -86,8 +94,15 @@ async fn only_valid_allowed_nodes_get_data() {
             path: PathBuf::from("out/seeded.bin"),
             size: None,
             piece_size: PIECE,
-            digest: Some(format!("blake3:{}", blake3::hash(&data).to_hex()).parse().expect("digest")),
-            source: SourceConfig::Node { node: "node-0".into(), path: Some(seed_file) },
+            digest: Some(
+                format!("blake3:{}", blake3::hash(&data).to_hex())
+                    .parse()
+                    .expect("digest"),
+            ),
+            source: SourceConfig::Node {
+                node: "node-0".into(),
+                path: Some(seed_file),
+            },
             peers: vec![],
             // node-2 holds a valid certificate but is not allowed this content.
             allowed_peers: vec!["node-1".into()],
@@ -95,7 +110,10 @@ async fn only_valid_allowed_nodes_get_data() {
     };
     let agent = Agent::spawn(node, &cfg);
     assert!(
-        wait_until(Duration::from_secs(30), || agent.status(ID).is_some_and(|s| s.phase == Phase::Complete)).await,
+        wait_until(Duration::from_secs(30), || agent
+            .status(ID)
+            .is_some_and(|s| s.phase == Phase::Complete))
+        .await,
         "seeder not ready: {:?}\n{}",
         agent.status(ID),
         agent.log_tail()
@@ -105,7 +123,10 @@ async fn only_valid_allowed_nodes_get_data() {
     // 1. A certificate from another CA: refused before any data moves.
     let rogue_ca = ClusterCa::generate("rogue-ca").expect("rogue ca");
     let rogue = rogue_ca.issue("mallory").expect("rogue cert");
-    let mallory = NodeIdentity { ca_pem: ca.cert_pem().to_string(), ..rogue };
+    let mallory = NodeIdentity {
+        ca_pem: ca.cert_pem().to_string(),
+        ..rogue
+    };
     let got = ask_piece(addr, tls::client_config(&mallory).expect("client cfg")).await;
     assert!(got.is_err(), "rogue-CA client got {got:?}");
 
@@ -122,7 +143,13 @@ async fn only_valid_allowed_nodes_get_data() {
     .expect("node-2 identity");
     let got = ask_piece(addr, tls::client_config(&id2).expect("client cfg")).await;
     assert!(
-        matches!(got, Ok(Message::Reject { reason: RejectReason::NotAllowed, .. })),
+        matches!(
+            got,
+            Ok(Message::Reject {
+                reason: RejectReason::NotAllowed,
+                ..
+            })
+        ),
         "node-2 got {got:?}"
     );
 
@@ -138,9 +165,16 @@ async fn only_valid_allowed_nodes_get_data() {
     )
     .expect("node-1 identity");
     match ask_piece(addr, tls::client_config(&id1).expect("client cfg")).await {
-        Ok(Message::Piece { piece: 0, data: got }) => assert_eq!(&got[..], &data[..PIECE as usize]),
+        Ok(Message::Piece {
+            piece: 0,
+            data: got,
+        }) => assert_eq!(&got[..], &data[..PIECE as usize]),
         other => panic!("allowed node got {other:?}\n{}", agent.log_tail()),
     }
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-    assert!(log.contains("refused incoming connection"), "refusals are logged:\n{}", agent.log_tail());
+    assert!(
+        log.contains("refused incoming connection"),
+        "refusals are logged:\n{}",
+        agent.log_tail()
+    );
 }

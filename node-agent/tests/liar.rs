@@ -49,29 +49,57 @@ async fn liar_is_banned_and_honest_agents_complete() {
         .collect();
     let honest = &agents[..4];
     let done = wait_until(Duration::from_secs(120), || {
-        honest
-            .iter()
-            .all(|a| a.status(ID).is_some_and(|s| s.phase == Phase::Complete || s.phase == Phase::Failed))
+        honest.iter().all(|a| {
+            a.status(ID)
+                .is_some_and(|s| s.phase == Phase::Complete || s.phase == Phase::Failed)
+        })
     })
     .await;
     for a in honest {
         let st = a.status(ID).expect("status");
         assert!(done, "{}: {st:?}\n{}", a.node.name, a.log_tail());
-        assert_eq!(st.phase, Phase::Complete, "{}: {st:?}\n{}", a.node.name, a.log_tail());
-        assert_eq!(file_blake3(&a.dest(ID)).as_deref(), Some(want.as_str()), "{}", a.node.name);
+        assert_eq!(
+            st.phase,
+            Phase::Complete,
+            "{}: {st:?}\n{}",
+            a.node.name,
+            a.log_tail()
+        );
+        assert_eq!(
+            file_blake3(&a.dest(ID)).as_deref(),
+            Some(want.as_str()),
+            "{}",
+            a.node.name
+        );
         // Only the liar's pieces were ever rejected: no honest agent
         // forwarded a corrupted piece.
         for from in st.rejected_from.keys() {
-            assert_eq!(from, &liar, "{} rejected a piece from honest {from}", a.node.name);
+            assert_eq!(
+                from, &liar,
+                "{} rejected a piece from honest {from}",
+                a.node.name
+            );
         }
     }
     // The downloaders (not the origin reader, which never asks peers) met
     // the liar, rejected its pieces and banned it.
     for a in &honest[1..] {
         let st = a.status(ID).expect("status");
-        assert!(st.rejected_from.get(&liar).is_some_and(|n| *n >= 1), "{}: {st:?}", a.node.name);
-        assert!(st.banned_peers.contains(&liar), "{} did not ban the liar: {st:?}", a.node.name);
-        assert!(!st.connected_peers.contains(&liar), "{}: {st:?}", a.node.name);
+        assert!(
+            st.rejected_from.get(&liar).is_some_and(|n| *n >= 1),
+            "{}: {st:?}",
+            a.node.name
+        );
+        assert!(
+            st.banned_peers.contains(&liar),
+            "{} did not ban the liar: {st:?}",
+            a.node.name
+        );
+        assert!(
+            !st.connected_peers.contains(&liar),
+            "{}: {st:?}",
+            a.node.name
+        );
         let m = a.metrics();
         assert!(
             metric_value(&m, "peerfill_agent_peers_banned_total").is_some_and(|v| v >= 1.0),

@@ -57,10 +57,18 @@ async fn killed_agent_resumes_and_completes() {
             .is_some_and(|s| s.piece_count > 0 && s.pieces_done >= s.piece_count / 2)
     })
     .await;
-    assert!(half, "victim never got half way: {:?}\n{}", agents[3].status(ID), agents[3].log_tail());
+    assert!(
+        half,
+        "victim never got half way: {:?}\n{}",
+        agents[3].status(ID),
+        agents[3].log_tail()
+    );
     let before = agents[3].status(ID).expect("status before kill");
     agents[3].kill();
-    assert!(before.phase == Phase::Fetching, "killed too late: {before:?}");
+    assert!(
+        before.phase == Phase::Fetching,
+        "killed too late: {before:?}"
+    );
     assert!(before.pieces_done < before.piece_count);
 
     agents[3].start();
@@ -71,8 +79,17 @@ async fn killed_agent_resumes_and_completes() {
     })
     .await;
     let after = agents[3].status(ID).expect("status after restart");
-    assert!(done, "victim did not finish: {after:?}\n{}", agents[3].log_tail());
-    assert_eq!(after.phase, Phase::Complete, "{after:?}\n{}", agents[3].log_tail());
+    assert!(
+        done,
+        "victim did not finish: {after:?}\n{}",
+        agents[3].log_tail()
+    );
+    assert_eq!(
+        after.phase,
+        Phase::Complete,
+        "{after:?}\n{}",
+        agents[3].log_tail()
+    );
     assert_eq!(
         file_blake3(&agents[3].dest(ID)).as_deref(),
         Some(want.as_str()),
@@ -106,7 +123,10 @@ async fn killed_agent_resumes_and_completes() {
     // Every other agent completed too.
     for a in &agents[..3] {
         assert!(
-            wait_until(Duration::from_secs(30), || a.status(ID).is_some_and(|s| s.phase == Phase::Complete)).await,
+            wait_until(Duration::from_secs(30), || a
+                .status(ID)
+                .is_some_and(|s| s.phase == Phase::Complete))
+            .await,
             "{}: {:?}",
             a.node.name,
             a.status(ID)

@@ -29,21 +29,48 @@ async fn eight_agents_fill_from_one_origin_copy() {
     let agents: Vec<Agent> = nodes
         .iter()
         .map(|n| {
-            let cfg = http_config(n, &nodes, &tmp.path().join("certs"), ID, &origin.url(), &readers, None);
+            let cfg = http_config(
+                n,
+                &nodes,
+                &tmp.path().join("certs"),
+                ID,
+                &origin.url(),
+                &readers,
+                None,
+            );
             Agent::spawn(n, &cfg)
         })
         .collect();
 
-    let done = wait_until(Duration::from_secs(std::env::var("PEERFILL_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(240)), || {
-        agents
-            .iter()
-            .all(|a| a.status(ID).is_some_and(|s| s.phase != Phase::Fetching && s.phase != Phase::Pending))
-    })
+    let done = wait_until(
+        Duration::from_secs(
+            std::env::var("PEERFILL_TIMEOUT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(240),
+        ),
+        || {
+            agents.iter().all(|a| {
+                a.status(ID)
+                    .is_some_and(|s| s.phase != Phase::Fetching && s.phase != Phase::Pending)
+            })
+        },
+    )
     .await;
     let elapsed = started.elapsed();
     if !done {
         for a in &agents {
-            eprintln!("{}: {:?}", a.node.name, a.status(ID).map(|s| (s.phase, s.pieces_done, s.bytes_from_origin, s.bytes_from_peers, s.connected_peers)));
+            eprintln!(
+                "{}: {:?}",
+                a.node.name,
+                a.status(ID).map(|s| (
+                    s.phase,
+                    s.pieces_done,
+                    s.bytes_from_origin,
+                    s.bytes_from_peers,
+                    s.connected_peers
+                ))
+            );
         }
         if std::env::var_os("PEERFILL_KEEP").is_some() {
             eprintln!("kept {}", tmp.keep().display());
@@ -52,11 +79,29 @@ async fn eight_agents_fill_from_one_origin_copy() {
     }
     for a in &agents {
         let st = a.status(ID);
-        assert!(done, "timed out; {} status {:?}\n{}", a.node.name, st, a.log_tail());
+        assert!(
+            done,
+            "timed out; {} status {:?}\n{}",
+            a.node.name,
+            st,
+            a.log_tail()
+        );
         let st = st.expect("status");
-        assert_eq!(st.phase, Phase::Complete, "{}: {:?}\n{}", a.node.name, st, a.log_tail());
+        assert_eq!(
+            st.phase,
+            Phase::Complete,
+            "{}: {:?}\n{}",
+            a.node.name,
+            st,
+            a.log_tail()
+        );
         assert_eq!(st.pieces_done, st.piece_count);
-        assert_eq!(file_blake3(&a.dest(ID)).as_deref(), Some(want.as_str()), "{} has wrong bytes", a.node.name);
+        assert_eq!(
+            file_blake3(&a.dest(ID)).as_deref(),
+            Some(want.as_str()),
+            "{} has wrong bytes",
+            a.node.name
+        );
     }
     let served = origin.served();
     eprintln!(
@@ -65,16 +110,27 @@ async fn eight_agents_fill_from_one_origin_copy() {
         elapsed.as_secs_f64(),
         served as f64 / SIZE as f64
     );
-    assert!(served as f64 <= 1.1 * SIZE as f64, "origin served {served} bytes for a {SIZE}-byte content");
+    assert!(
+        served as f64 <= 1.1 * SIZE as f64,
+        "origin served {served} bytes for a {SIZE}-byte content"
+    );
     // Non-readers got everything from peers, readers only their own half
     // from the origin.
     for a in &agents[2..] {
         let st = a.status(ID).expect("status");
         assert_eq!(st.bytes_from_origin, 0, "{} read the origin", a.node.name);
-        assert!(st.bytes_from_peers >= SIZE as u64, "{}: {:?}", a.node.name, st);
+        assert!(
+            st.bytes_from_peers >= SIZE as u64,
+            "{}: {:?}",
+            a.node.name,
+            st
+        );
     }
     // Metrics agree with the status.
     let m = agents[2].metrics();
     let peer_bytes = metric_value(&m, "peerfill_agent_received_bytes_total{source=\"peer\"}");
-    assert!(peer_bytes.is_some_and(|v| v >= SIZE as f64), "metrics:\n{m}");
+    assert!(
+        peer_bytes.is_some_and(|v| v >= SIZE as f64),
+        "metrics:\n{m}"
+    );
 }

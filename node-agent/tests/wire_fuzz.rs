@@ -11,27 +11,42 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (id, 1u32..=wire::MAX_PIECE_SIZE)
             .prop_flat_map(|(c, ps)| {
-                (Just(c), 0..=u64::from(ps) * u64::from(wire::MAX_PIECES), Just(ps))
+                (
+                    Just(c),
+                    0..=u64::from(ps) * u64::from(wire::MAX_PIECES),
+                    Just(ps),
+                )
             })
             .prop_map(|(content, size, piece_size)| Message::Hello {
                 content,
                 size,
                 piece_size,
             }),
-        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| Message::Bitfield { bits: Bytes::from(b) }),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| Message::Bitfield {
+            bits: Bytes::from(b)
+        }),
         (0..wire::MAX_PIECES).prop_map(|piece| Message::Have { piece }),
         proptest::collection::vec((0..wire::MAX_PIECES, any::<[u8; 32]>()), 0..8)
             .prop_map(|entries| Message::Hashes { entries }),
         (id, 0..wire::MAX_PIECES).prop_map(|(content, piece)| Message::Request { content, piece }),
-        (0..wire::MAX_PIECES, proptest::collection::vec(any::<u8>(), 0..256))
-            .prop_map(|(piece, d)| Message::Piece { piece, data: Bytes::from(d) }),
-        (0..wire::MAX_PIECES, prop_oneof![
-            Just(RejectReason::NotAllowed),
-            Just(RejectReason::UnknownContent),
-            Just(RejectReason::NotHeld),
-            Just(RejectReason::Unavailable)
-        ])
-        .prop_map(|(piece, reason)| Message::Reject { piece, reason }),
+        (
+            0..wire::MAX_PIECES,
+            proptest::collection::vec(any::<u8>(), 0..256)
+        )
+            .prop_map(|(piece, d)| Message::Piece {
+                piece,
+                data: Bytes::from(d)
+            }),
+        (
+            0..wire::MAX_PIECES,
+            prop_oneof![
+                Just(RejectReason::NotAllowed),
+                Just(RejectReason::UnknownContent),
+                Just(RejectReason::NotHeld),
+                Just(RejectReason::Unavailable)
+            ]
+        )
+            .prop_map(|(piece, reason)| Message::Reject { piece, reason }),
     ]
 }
 
@@ -115,14 +130,27 @@ async fn read_frame_rejects_oversized_and_truncated_streams() {
     let mut huge = (wire::MAX_FRAME_LEN + 1).to_be_bytes().to_vec();
     huge.extend_from_slice(&[1, 3]);
     let err = wire::read_frame(&mut std::io::Cursor::new(huge), wire::MAX_FRAME_LEN).await;
-    assert!(matches!(err, Err(wire::WireError::FrameTooLarge(_))), "{err:?}");
+    assert!(
+        matches!(err, Err(wire::WireError::FrameTooLarge(_))),
+        "{err:?}"
+    );
 
     // A per-stream cap below the global one (piece streams use the piece length).
-    let frame = Message::Piece { piece: 1, data: Bytes::from(vec![0u8; 100]) }.encode();
+    let frame = Message::Piece {
+        piece: 1,
+        data: Bytes::from(vec![0u8; 100]),
+    }
+    .encode();
     let err = wire::read_frame(&mut std::io::Cursor::new(frame.to_vec()), 50).await;
-    assert!(matches!(err, Err(wire::WireError::FrameTooLarge(_))), "{err:?}");
+    assert!(
+        matches!(err, Err(wire::WireError::FrameTooLarge(_))),
+        "{err:?}"
+    );
 
     let cut = &frame[..frame.len() - 10];
     let err = wire::read_frame(&mut std::io::Cursor::new(cut.to_vec()), wire::MAX_FRAME_LEN).await;
-    assert!(matches!(err, Err(wire::WireError::UnexpectedEof)), "{err:?}");
+    assert!(
+        matches!(err, Err(wire::WireError::UnexpectedEof)),
+        "{err:?}"
+    );
 }

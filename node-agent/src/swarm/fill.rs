@@ -312,11 +312,7 @@ impl Fill {
     /// and the hashes we are the authority for, then every later `Have`.
     /// Done under the state lock so no piece falls between snapshot and
     /// registration.
-    pub(crate) fn register_announcer(
-        &self,
-        me: &str,
-        tx: mpsc::UnboundedSender<Message>,
-    ) -> u64 {
+    pub(crate) fn register_announcer(&self, me: &str, tx: mpsc::UnboundedSender<Message>) -> u64 {
         let mut st = self.lock();
         let layout = self.spec.layout;
         let n = layout.piece_count();
@@ -509,7 +505,12 @@ impl Fill {
         if let Some(h) = st.hashes[piece as usize]
             && self.spec.authority.of(piece) == Some(me)
         {
-            msgs.insert(0, Message::Hashes { entries: vec![(piece, h)] });
+            msgs.insert(
+                0,
+                Message::Hashes {
+                    entries: vec![(piece, h)],
+                },
+            );
         }
         st.announcers
             .retain(|_, tx| msgs.iter().all(|m| tx.send(m.clone()).is_ok()));

@@ -271,7 +271,8 @@ impl Swarm {
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
         self.shared.endpoint.close(close::SHUTDOWN, b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
     }
 }
 
@@ -328,7 +329,10 @@ impl Shared {
             *e += 1;
             *e
         };
-        warn!(peer = node, strikes, "peer sent a piece that failed verification");
+        warn!(
+            peer = node,
+            strikes, "peer sent a piece that failed verification"
+        );
         if strikes < self.opts.strikes_to_ban || !lock(&self.banned).insert(node.to_string()) {
             return;
         }
@@ -512,7 +516,11 @@ enum DialError {
     WrongNode { want: String, got: String },
 }
 
-async fn dial(shared: &Shared, node: &str, addr: SocketAddr) -> Result<quinn::Connection, DialError> {
+async fn dial(
+    shared: &Shared,
+    node: &str,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, DialError> {
     let conn = shared
         .endpoint
         .connect_with(shared.client_config.clone(), addr, node)?

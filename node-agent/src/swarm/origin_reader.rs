@@ -68,8 +68,7 @@ pub async fn seed_hashes(
             .await
             .map_err(|source| OriginReadError::Store { piece, source })?;
         let hash =
-            tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data))
-                .await?;
+            tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data)).await?;
         batch.push((piece, hash));
         hashed += 1;
         if batch.len() >= 256 {
@@ -125,9 +124,11 @@ pub async fn read_origin_range(
                 metrics.piece_verified();
                 // Detached: a write must not be interrupted half-way.
                 let f = fill.clone();
-                tokio::spawn(async move { f.store_verified(None, &me, piece, data, Some(hash)).await })
-                    .await?
-                    .map_err(|source| OriginReadError::Store { piece, source })?;
+                tokio::spawn(
+                    async move { f.store_verified(None, &me, piece, data, Some(hash)).await },
+                )
+                .await?
+                .map_err(|source| OriginReadError::Store { piece, source })?;
                 debug!(content = %fill.spec.id, piece, "piece read from origin");
                 Ok::<(), OriginReadError>(())
             }

@@ -116,7 +116,12 @@ async fn inbound_announce(
         })) => (content, size, piece_size),
         Ok(None) => return,
         Ok(Some(other)) => {
-            protocol_error(&conn, &node, "announce stream must start with Hello", &format!("{other:?}").chars().take(60).collect::<String>());
+            protocol_error(
+                &conn,
+                &node,
+                "announce stream must start with Hello",
+                &format!("{other:?}").chars().take(60).collect::<String>(),
+            );
             return;
         }
         Err(e) => {
@@ -254,8 +259,12 @@ async fn fetch(
         Ok(d) => d,
         Err(e) => {
             match e {
-                FetchError::Rejected(r) => debug!(peer = %node, piece, reason = ?r, "request rejected"),
-                FetchError::Transport(e) => debug!(peer = %node, piece, error = %e, "request failed"),
+                FetchError::Rejected(r) => {
+                    debug!(peer = %node, piece, reason = ?r, "request rejected")
+                }
+                FetchError::Transport(e) => {
+                    debug!(peer = %node, piece, error = %e, "request failed")
+                }
                 FetchError::Timeout => warn!(peer = %node, piece, "request timed out"),
                 FetchError::Protocol(e) => protocol_error(&conn, &node, "bad piece response", &e),
             }
@@ -345,9 +354,14 @@ async fn request_piece(
         }
         Ok(Some(Message::Reject { reason, .. })) => Err(FetchError::Rejected(reason)),
         Ok(Some(other)) => Err(FetchError::Protocol(
-            format!("unexpected response {other:?}").chars().take(80).collect(),
+            format!("unexpected response {other:?}")
+                .chars()
+                .take(80)
+                .collect(),
         )),
-        Ok(None) => Err(FetchError::Transport("stream ended without a response".into())),
+        Ok(None) => Err(FetchError::Transport(
+            "stream ended without a response".into(),
+        )),
         Err(WireError::Io(e)) => Err(FetchError::Transport(e.to_string())),
         Err(WireError::UnexpectedEof) => Err(FetchError::Transport("stream ended early".into())),
         Err(e) => Err(FetchError::Protocol(e.to_string())),

@@ -355,7 +355,10 @@ mod tests {
         p.remove_peer(1);
         assert!(!p.is_endgame());
         assert!(p.interesting(2));
-        let mut got = vec![p.pick(2, &mut rng()).unwrap(), p.pick(2, &mut rng()).unwrap()];
+        let mut got = vec![
+            p.pick(2, &mut rng()).unwrap(),
+            p.pick(2, &mut rng()).unwrap(),
+        ];
         got.sort();
         assert_eq!(got, vec![0, 1]);
     }

@@ -114,7 +114,11 @@ fn serve(
         .and_then(|v| {
             let (a, b) = v.split_once('-')?;
             let a: u64 = a.parse().ok()?;
-            let b: u64 = if b.is_empty() { total - 1 } else { b.parse().ok()? };
+            let b: u64 = if b.is_empty() {
+                total - 1
+            } else {
+                b.parse().ok()?
+            };
             (a <= b && b < total).then_some((a, b))
         });
     let (status, body, content_range) = match range {
@@ -243,8 +247,11 @@ impl Agent {
     pub fn spawn(node: &Node, cfg: &AgentConfig) -> Agent {
         std::fs::create_dir_all(&node.data_dir).expect("data dir");
         let config = node.data_dir.join("agent.json");
-        std::fs::write(&config, serde_json::to_vec_pretty(cfg).expect("config json"))
-            .expect("write config");
+        std::fs::write(
+            &config,
+            serde_json::to_vec_pretty(cfg).expect("config json"),
+        )
+        .expect("write config");
         let log = node.data_dir.join("agent.log");
         let mut agent = Agent {
             node: node.clone(),
@@ -309,7 +316,8 @@ impl Agent {
     /// Scrapes the Prometheus endpoint.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.node.metrics, Duration::from_secs(2))
+        let Ok(mut s) =
+            std::net::TcpStream::connect_timeout(&self.node.metrics, Duration::from_secs(2))
         else {
             return String::new();
         };
