@@ -1060,7 +1060,24 @@ fn validate_node(
         }
         for (k, cs) in &s.properties {
             if is_resource_root && k == "metadata" {
-                // ObjectMeta is validated by the server itself, not by the schema.
+                // ObjectMeta is validated by the server itself; a CRD schema
+                // may only constrain its name and generateName further.
+                for field in ["name", "generateName"] {
+                    if let (Some(fs), Some(fv)) = (
+                        cs.properties.get(field),
+                        map.get(k).and_then(|m| m.get(field)),
+                    ) {
+                        let old_field = old.and_then(|o| o.get(k)).and_then(|m| m.get(field));
+                        validate_node(
+                            fv,
+                            old_field,
+                            fs,
+                            &path.child(k).child(field),
+                            false,
+                            errors,
+                        );
+                    }
+                }
                 continue;
             }
             if let Some(child) = map.get(k) {

@@ -1112,3 +1112,31 @@ fn kubernetes_list_library_and_unknown_functions() {
         other => panic!("expected a rule compile error, got {other:?}"),
     }
 }
+
+#[test]
+fn metadata_only_name_and_generate_name_are_checked_by_the_schema() {
+    let root = json!({
+        "type": "object",
+        "properties": {
+            "metadata": {"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 5},
+                "labels": {"type": "string"}}},
+            "spec": {"type": "object"}
+        }
+    });
+    let schema = match CompiledSchema::compile(&root) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let mut ok = json!({"apiVersion": "v", "kind": "K", "metadata": {"name": "short", "labels": {"a": "b"}}, "spec": {}});
+    assert_eq!(schema.admit(&mut ok, None), Ok(()));
+    let mut long =
+        json!({"apiVersion": "v", "kind": "K", "metadata": {"name": "too-long"}, "spec": {}});
+    assert_eq!(
+        messages(schema.admit(&mut long, None)),
+        vec![
+            "metadata.name: Too long: may not be more than 5 bytes",
+            CEL_SKIPPED
+        ]
+    );
+}
