@@ -9,13 +9,15 @@
 //!   node, selectors that match, the binaries' command-line contract;
 //! - the chart's CRDs are byte-identical to the generated ones in `crds/`;
 //! - every `peerfill_*` metric the Grafana dashboard queries is exported by
-//!   the code.
-//!
-//! - the images' Dockerfiles are multi-stage, minimal, lint-clean (hadolint).
+//!   the code;
+//! - the examples in the install notes and docs are valid Distributions, and
+//!   the admission policy's CEL allows and denies what it should;
+//! - the images' Dockerfiles are multi-stage, minimal, lint-clean (hadolint),
+//!   and the install and kind scripts pass shellcheck.
 //!
 //! helm comes from `$HELM`, else `<repo>/.tools/bin/helm`, else this test
 //! installs it with `e2e/tools/install-helm.sh` (no root needed); hadolint
-//! likewise (`$HADOLINT`, `e2e/tools/install-hadolint.sh`).
+//! and shellcheck likewise (`$HADOLINT`, `$SHELLCHECK`, `e2e/tools/install-*.sh`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -1755,6 +1757,36 @@ fn images_are_multi_stage_minimal_and_lint_clean() -> Result<()> {
     ensure!(
         out.status.success(),
         "hadolint found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn install_and_kind_scripts_pass_shellcheck() -> Result<()> {
+    let mut scripts = vec!["e2e/kind/run.sh".to_string()];
+    let tools = repo_root().join("e2e/tools");
+    for entry in
+        std::fs::read_dir(&tools).with_context(|| format!("reading {}", tools.display()))?
+    {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".sh") {
+            scripts.push(format!("e2e/tools/{name}"));
+        }
+    }
+    scripts.sort();
+    assert!(scripts.len() >= 5, "scripts found: {scripts:?}");
+    let shellcheck = find_or_install_tool("shellcheck", "SHELLCHECK")?;
+    let out = Command::new(&shellcheck)
+        .arg("--external-sources")
+        .args(&scripts)
+        .current_dir(repo_root())
+        .output()
+        .with_context(|| format!("running {}", shellcheck.display()))?;
+    ensure!(
+        out.status.success(),
+        "shellcheck found problems:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
