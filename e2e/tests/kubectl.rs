@@ -364,6 +364,56 @@ async fn builtin_kinds_via_kubectl() -> anyhow::Result<()> {
         "{}",
         o.stderr
     );
+
+    // Typed generators send protobuf bodies.
+    k.ok(&["create", "namespace", "gen"]).await?;
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "tok",
+        "-n",
+        "gen",
+        "--from-literal=Authorization=Bearer x",
+    ])
+    .await?;
+    let data = k
+        .ok(&[
+            "get",
+            "secret",
+            "tok",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.type} {.data.Authorization}",
+        ])
+        .await?;
+    ensure!(data == "Opaque QmVhcmVyIHg=", "{data}");
+    k.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "-n",
+        "gen",
+        "--from-literal=a=b",
+    ])
+    .await?;
+    let cm = k
+        .ok(&[
+            "get",
+            "configmap",
+            "cfg",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.data.a}",
+        ])
+        .await?;
+    ensure!(cm == "b", "{cm}");
+    k.ok(&["delete", "namespace", "gen", "--timeout=20s"])
+        .await?;
+    let gone = k.run(&["get", "namespace", "gen"]).await?;
+    ensure!(!gone.ok, "namespace survived deletion");
     server.shutdown().await;
     Ok(())
 }

@@ -356,14 +356,14 @@ fn parse_json(body: &[u8]) -> ApiResult<Value> {
     })
 }
 
-/// Create/update bodies: JSON or YAML. Protobuf (which kubectl's typed
-/// `create <generator>` commands send) is not decoded: 415 as a server
-/// without that codec would answer.
+/// Create/update bodies: JSON, YAML, or protobuf for the few built-in kinds
+/// kubectl's typed `create <generator>` commands send that way.
 fn parse_object_body(body: &[u8], content_type: &str) -> ApiResult<Value> {
     let mime = content_type.split(';').next().unwrap_or("").trim();
     match mime {
         "" | "application/json" | "*/*" => parse_json(body),
         "application/yaml" => parse_yaml_or_json(body),
+        "application/vnd.kubernetes.protobuf" => super::protobuf::decode_object(body),
         _ => {
             let mut e = ApiError::bad_request(format!(
                 "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml; got {mime:?}"
@@ -591,7 +591,15 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> ApiResult<Response
             if let Some(n) = &t.name {
                 lq.fields.push_name(n);
             }
-            Ok(watch(inner.clone(), def, t.namespace.clone(), lq, &q))
+            let table_include = table.then(|| include.clone());
+            Ok(watch(
+                inner.clone(),
+                def,
+                t.namespace.clone(),
+                lq,
+                &q,
+                table_include,
+            ))
         }
         "create" => {
             let ctx = write_ctx(&q, &req)?;
@@ -784,6 +792,7 @@ fn watch(
     ns: Option<String>,
     lq: ListQuery,
     q: &Query,
+    table_include: Option<String>,
 ) -> Response<Body> {
     let bookmarks = q.flag("allowWatchBookmarks");
     let send_initial = q.flag("sendInitialEvents");
@@ -801,6 +810,23 @@ fn watch(
     let interval = inner.bookmark_interval;
     let key = def.store_key();
     tokio::spawn(async move {
+        // Table watches (kubectl get -w): every object becomes a one-row
+        // Table; column definitions only in the first, as the real server.
+        let mut first_table = true;
+        let mut render = |o: Value| -> Value {
+            let o = served(&def, o);
+            match &table_include {
+                Some(include) => {
+                    let mut t = table::to_table(&def, &[o], None, include);
+                    if !first_table {
+                        t["columnDefinitions"] = json!([]);
+                    }
+                    first_table = false;
+                    t
+                }
+                None => o,
+            }
+        };
         let mut start = match start {
             Ok(s) => s,
             Err(e) => {
@@ -810,11 +836,7 @@ fn watch(
             }
         };
         for o in start.initial.drain(..) {
-            if tx
-                .send(event_line("ADDED", &served(&def, o)))
-                .await
-                .is_err()
-            {
+            if tx.send(event_line("ADDED", &render(o))).await.is_err() {
                 return;
             }
         }
@@ -829,10 +851,7 @@ fn watch(
         for e in start.backlog.drain(..) {
             last = e.rv;
             if let Some((t, o)) = translate(&e, ns.as_deref(), &lq)
-                && tx
-                    .send(event_line(t.as_str(), &served(&def, o)))
-                    .await
-                    .is_err()
+                && tx.send(event_line(t.as_str(), &render(o))).await.is_err()
             {
                 return;
             }
@@ -861,7 +880,7 @@ fn watch(
                                 if e.store != key || e.rv <= last { continue; }
                                 last = e.rv;
                                 if let Some((t, o)) = translate(&e, ns.as_deref(), &lq)
-                                    && tx.send(event_line(t.as_str(), &served(&def, o))).await.is_err() {
+                                    && tx.send(event_line(t.as_str(), &render(o))).await.is_err() {
                                     return;
                                 }
                             }
@@ -884,7 +903,7 @@ fn watch(
                         if e.store != key || e.rv <= last { continue; }
                         last = e.rv;
                         if let Some((t, o)) = translate(&e, ns.as_deref(), &lq)
-                            && tx.send(event_line(t.as_str(), &served(&def, o))).await.is_err() {
+                            && tx.send(event_line(t.as_str(), &render(o))).await.is_err() {
                             return;
                         }
                     }

@@ -27,6 +27,7 @@ mod error;
 mod handler;
 mod meta;
 mod patch;
+mod protobuf;
 mod registry;
 mod selector;
 mod store;
