@@ -421,20 +421,45 @@ impl Rule {
                 to_cel(value, Some(s))
             }
         };
+        let eval_error = |message: String| {
+            Some(FieldError::new(
+                path.field(),
+                FieldErrorKind::Invalid,
+                Some(type_name.clone()),
+                format!("{message} evaluating rule: {}", self.rule_error_string()),
+            ))
+        };
         let mut ctx = Context::with_env(Arc::clone(env));
-        ctx.add_variable_from_value("self", view(v));
+        match Box::<dyn Val>::try_from(view(v)) {
+            Ok(val) => ctx.add_variable_as_val("self", val),
+            Err(e) => return eval_error(go_style_error(&e)),
+        }
         if self.transition || self.optional_old_self {
-            if self.optional_old_self {
-                let opt = match old.map(|o| Box::<dyn Val>::try_from(view(o))) {
-                    Some(Ok(boxed)) => CelOptional::from(boxed),
-                    _ => CelOptional::none(),
-                };
-                ctx.add_variable_as_val("oldSelf", Box::new(opt));
-            } else if let Some(o) = old {
-                ctx.add_variable_from_value("oldSelf", view(o));
+            let old_val = old.map(|o| Box::<dyn Val>::try_from(view(o))).transpose();
+            match (old_val, self.optional_old_self) {
+                (Err(e), _) => return eval_error(go_style_error(&e)),
+                (Ok(Some(val)), true) => {
+                    ctx.add_variable_as_val("oldSelf", Box::new(CelOptional::from(val)))
+                }
+                (Ok(None), true) => {
+                    ctx.add_variable_as_val("oldSelf", Box::new(CelOptional::none()))
+                }
+                (Ok(Some(val)), false) => ctx.add_variable_as_val("oldSelf", val),
+                (Ok(None), false) => {}
             }
         }
-        match self.program.execute(&ctx) {
+        // The interpreter is third-party code fed with request data: a panic
+        // in it must fail this rule, not the API server's request handler.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.program.execute(&ctx)));
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::warn!(rule = %self.source, "CEL evaluation panicked");
+                return eval_error("internal error: CEL evaluation panicked".to_string());
+            }
+        };
+        match outcome {
             Ok(cel::Value::Bool(true)) => None,
             Ok(cel::Value::Bool(false)) => {
                 let detail = self.failure_message(&ctx);
