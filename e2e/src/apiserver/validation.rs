@@ -13,6 +13,8 @@
 mod cel;
 #[path = "validation/format.rs"]
 mod format;
+#[path = "validation/url.rs"]
+mod url;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

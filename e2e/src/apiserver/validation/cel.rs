@@ -101,14 +101,7 @@ fn build_env() -> Result<Env, cel::DeclarationError> {
     ] {
         env.add_member_overload(name, id, types::LIST_TYPE, args, op)?;
     }
-    env.add_overload("isURL", "isURL_string", vec![types::STRING_TYPE], |args| {
-        let s = args
-            .first()
-            .and_then(|a| a.downcast_ref::<CelString>())
-            .map(|s| is_absolute_url(s.inner()))
-            .unwrap_or(false);
-        Ok(CowVal::owned(CelBool::from(s)))
-    })?;
+    super::url::register(&mut env)?;
     Ok(env)
 }
 
@@ -277,21 +270,6 @@ fn list_index_of<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Ex
 /// `['a', 'a'].lastIndexOf('a')`; -1 when absent.
 fn list_last_index_of<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
     list_position(args, "lastIndexOf", true)
-}
-
-/// Kubernetes' `isURL`: an absolute URL with a scheme and a host or path.
-fn is_absolute_url(s: &str) -> bool {
-    let Some((scheme, rest)) = s.split_once(':') else {
-        return false;
-    };
-    let scheme_ok = scheme
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    scheme_ok && !rest.is_empty() && !s.chars().any(|c| c.is_control() || c == ' ')
 }
 
 fn env() -> Result<&'static Arc<Env>, String> {

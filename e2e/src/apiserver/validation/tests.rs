@@ -1140,3 +1140,50 @@ fn metadata_only_name_and_generate_name_are_checked_by_the_schema() {
         ]
     );
 }
+
+#[test]
+fn kubernetes_url_library() {
+    let schema = cel_schema(
+        json!([
+            {"rule": "!has(self.http) || isURL(self.http.url)", "message": "not a URL", "fieldPath": ".http.url"},
+            {"rule": "!has(self.http) || !isURL(self.http.url) || url(self.http.url).getScheme() in ['http', 'https']",
+             "message": "scheme must be http or https", "fieldPath": ".http.url"},
+            {"rule": "!has(self.http) || !isURL(self.http.url) || url(self.http.url).getHostname() != 'localhost'",
+             "message": "no localhost"},
+            {"rule": "!has(self.http) || !isURL(self.http.url) || url(self.http.url).getPort() == '' || int(url(self.http.url).getPort()) > 1024",
+             "message": "no privileged port"},
+            {"rule": "!has(self.http) || !isURL(self.http.url) || !('token' in url(self.http.url).getQuery())",
+             "message": "no token in the query"},
+            {"rule": "!has(self.http) || !isURL(self.http.url) || url(self.http.url).getEscapedPath().startsWith('/')",
+             "message": "needs a path"}
+        ]),
+        json!({}),
+    );
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("https://origin.example:8443/blob?x=1", vec![]),
+        (
+            "not a url",
+            vec!["spec.http.url: Invalid value: \"object\": not a URL"],
+        ),
+        (
+            "ftp://origin.example/blob",
+            vec!["spec.http.url: Invalid value: \"object\": scheme must be http or https"],
+        ),
+        (
+            "http://localhost:80/x?token=a%20b",
+            vec![
+                "spec: Invalid value: \"object\": no localhost",
+                "spec: Invalid value: \"object\": no privileged port",
+                "spec: Invalid value: \"object\": no token in the query",
+            ],
+        ),
+        (
+            "https://origin.example",
+            vec!["spec: Invalid value: \"object\": needs a path"],
+        ),
+    ];
+    for (url, want) in cases {
+        let mut obj = object(json!({"http": {"url": url}}));
+        assert_eq!(messages(schema.admit(&mut obj, None)), want, "{url}");
+    }
+}
