@@ -611,3 +611,57 @@ async fn reqwest_get(url: &str) -> anyhow::Result<String> {
     common::within(10, "GET /metrics", s.read_to_end(&mut buf)).await??;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
+
+#[tokio::test]
+async fn recorder_events_visible_as_core_events() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let server = common::start_with_widgets().await?;
+    let client = server.client()?;
+    let api = widgets(client.clone());
+    let w = api
+        .create(&PostParams::default(), &widget("ev", 1)?)
+        .await?;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "peerfill-operator".into(),
+            instance: Some("op-0".into()),
+        },
+    );
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("test.peerfill.dev/v1".into()),
+        kind: Some("Widget".into()),
+        name: Some("ev".into()),
+        namespace: Some("default".into()),
+        uid: w.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Progressing".into(),
+        note: Some("3/10 nodes hold the content".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // The second identical event is folded into a series (a merge patch).
+    recorder.publish(&ev, &reference).await?;
+    recorder.publish(&ev, &reference).await?;
+    let core: Api<CoreEvent> = Api::default_namespaced(client);
+    let list = core
+        .list(&ListParams::default().fields("involvedObject.kind=Widget,involvedObject.name=ev"))
+        .await?;
+    ensure!(list.items.len() == 1, "{:?}", list.items);
+    let e = &list.items[0];
+    ensure!(
+        e.message.as_deref() == Some("3/10 nodes hold the content"),
+        "{e:?}"
+    );
+    ensure!(
+        e.reporting_component.as_deref() == Some("peerfill-operator"),
+        "{e:?}"
+    );
+    ensure!(e.series.as_ref().map(|s| s.count) == Some(Some(2)), "{e:?}");
+    server.shutdown().await;
+    Ok(())
+}

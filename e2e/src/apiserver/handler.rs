@@ -442,9 +442,8 @@ fn list_query(q: &Query, def: &ResourceDef) -> ApiResult<ListQuery> {
     })
 }
 
-fn served(def: &ResourceDef, mut o: Value) -> Value {
-    o["apiVersion"] = json!(def.api_version());
-    o
+fn served(def: &ResourceDef, o: Value) -> Value {
+    def.to_served(o)
 }
 
 async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> ApiResult<Response<Body>> {
@@ -560,7 +559,8 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> ApiResult<Response
         }
         "list" => {
             let lq = list_query(&q, &def)?;
-            let res = inner.lock()?.list(&def, ns_opt, &lq)?;
+            let mut res = inner.lock()?.list(&def, ns_opt, &lq)?;
+            res.items = res.items.into_iter().map(|o| served(&def, o)).collect();
             if table {
                 let mut t = table::to_table(
                     &def,
@@ -606,7 +606,7 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> ApiResult<Response
             let (body, ct) = read_body(req).await?;
             let obj = parse_object_body(&body, &ct)?;
             let w = inner.lock()?.create(&def, ns_opt, obj, &ctx)?;
-            Ok(json_response(201, &w.object, &w.warnings))
+            Ok(json_response(201, &served(&def, w.object), &w.warnings))
         }
         "update" => {
             let ctx = write_ctx(&q, &req)?;
@@ -760,8 +760,20 @@ async fn delete_opts(q: &Query, req: Request<Incoming>) -> ApiResult<DeleteOpts>
 }
 
 /// Turns a logged change into what a filtered watch should see.
-fn translate(entry: &LogEntry, ns: Option<&str>, q: &ListQuery) -> Option<(EventType, Value)> {
+fn translate(
+    def: &ResourceDef,
+    entry: &LogEntry,
+    ns: Option<&str>,
+    q: &ListQuery,
+) -> Option<(EventType, Value)> {
     let matches = |o: &Value| {
+        let view;
+        let o = if def.converts() {
+            view = def.to_served(o.clone());
+            &view
+        } else {
+            o
+        };
         ns.is_none_or(|n| o.pointer("/metadata/namespace").and_then(Value::as_str) == Some(n))
             && q.labels.matches(o)
             && q.fields.matches(o)
@@ -850,7 +862,7 @@ fn watch(
         let mut last = start.start_rv;
         for e in start.backlog.drain(..) {
             last = e.rv;
-            if let Some((t, o)) = translate(&e, ns.as_deref(), &lq)
+            if let Some((t, o)) = translate(&def, &e, ns.as_deref(), &lq)
                 && tx.send(event_line(t.as_str(), &render(o))).await.is_err()
             {
                 return;
@@ -879,7 +891,7 @@ fn watch(
                             Ok(WatchMsg::Event(e)) => {
                                 if e.store != key || e.rv <= last { continue; }
                                 last = e.rv;
-                                if let Some((t, o)) = translate(&e, ns.as_deref(), &lq)
+                                if let Some((t, o)) = translate(&def, &e, ns.as_deref(), &lq)
                                     && tx.send(event_line(t.as_str(), &render(o))).await.is_err() {
                                     return;
                                 }
@@ -902,7 +914,7 @@ fn watch(
                     Ok(WatchMsg::Event(e)) => {
                         if e.store != key || e.rv <= last { continue; }
                         last = e.rv;
-                        if let Some((t, o)) = translate(&e, ns.as_deref(), &lq)
+                        if let Some((t, o)) = translate(&def, &e, ns.as_deref(), &lq)
                             && tx.send(event_line(t.as_str(), &render(o))).await.is_err() {
                             return;
                         }

@@ -62,9 +62,40 @@ impl ResourceDef {
         }
     }
 
-    /// Storage identity: one store per group and resource whatever the version.
+    /// Storage identity: one store per group and resource whatever the
+    /// version. Core v1 Events share the events.k8s.io store, as in the real
+    /// server, and are converted on the way in and out.
     pub fn store_key(&self) -> (String, String) {
+        if self.is_core_event() {
+            return ("events.k8s.io".into(), "events".into());
+        }
         (self.group.clone(), self.plural.clone())
+    }
+
+    fn is_core_event(&self) -> bool {
+        self.group.is_empty() && self.plural == "events"
+    }
+
+    /// Stored form -> the form this endpoint serves.
+    pub fn to_served(&self, mut o: Value) -> Value {
+        if self.is_core_event() {
+            rename_fields(&mut o, EVENT_FIELDS, false);
+        }
+        o["apiVersion"] = json!(self.api_version());
+        o
+    }
+
+    /// Form this endpoint accepts -> stored form.
+    pub fn from_served(&self, mut o: Value) -> Value {
+        if self.is_core_event() {
+            rename_fields(&mut o, EVENT_FIELDS, true);
+        }
+        o
+    }
+
+    /// True when stored and served forms differ (selectors must see the served one).
+    pub fn converts(&self) -> bool {
+        self.is_core_event()
     }
 
     /// Generation is tracked for custom resources and for kinds with a spec/status split.
@@ -97,6 +128,31 @@ impl ResourceDef {
             }));
         }
         out
+    }
+}
+
+/// events.k8s.io/v1 field -> core/v1 field.
+const EVENT_FIELDS: &[(&str, &str)] = &[
+    ("regarding", "involvedObject"),
+    ("note", "message"),
+    ("deprecatedSource", "source"),
+    ("deprecatedFirstTimestamp", "firstTimestamp"),
+    ("deprecatedLastTimestamp", "lastTimestamp"),
+    ("deprecatedCount", "count"),
+    ("reportingController", "reportingComponent"),
+];
+
+fn rename_fields(o: &mut Value, pairs: &[(&str, &str)], core_to_stored: bool) {
+    let Some(m) = o.as_object_mut() else { return };
+    for (stored, core) in pairs {
+        let (from, to) = if core_to_stored {
+            (core, stored)
+        } else {
+            (stored, core)
+        };
+        if let Some(v) = m.remove(*from) {
+            m.insert((*to).to_string(), v);
+        }
     }
 }
 

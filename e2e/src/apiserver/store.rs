@@ -525,10 +525,11 @@ impl State {
         &mut self,
         def: &ResourceDef,
         ns: Option<&str>,
-        mut obj: Value,
+        obj: Value,
         ctx: &WriteCtx,
     ) -> ApiResult<Written> {
         Self::check_type(def, &obj)?;
+        let mut obj = def.from_served(obj);
         obj["apiVersion"] = json!(def.api_version());
         obj["kind"] = json!(def.kind);
         let ns = ns.unwrap_or("").to_string();
@@ -648,6 +649,7 @@ impl State {
         ctx: &WriteCtx,
     ) -> ApiResult<Written> {
         Self::check_type(def, &obj)?;
+        let obj = def.from_served(obj);
         let url_name = name;
         let body_name = meta_str(&obj, "name");
         if !body_name.is_empty() && body_name != url_name {
@@ -871,7 +873,8 @@ impl State {
             }
             Err(e) => return Err(e),
         };
-        let mut new = old.clone();
+        // Patches apply to the served form (core/v1 Events differ from storage).
+        let mut new = def.to_served(old.clone());
         match kind {
             PatchKind::Merge => patch::merge_patch(&mut new, body),
             PatchKind::Json => patch::json_patch(&mut new, body)?,
@@ -896,6 +899,7 @@ impl State {
                 )?;
             }
         }
+        let new = def.from_served(new);
         // A patch may carry a resourceVersion precondition.
         let rv = meta_str(&new, "resourceVersion");
         if !rv.is_empty() && rv != meta_str(&old, "resourceVersion") {
@@ -1223,7 +1227,14 @@ impl State {
                 {
                     continue;
                 }
-                if !q.labels.matches(o) || !q.fields.matches(o) {
+                let view;
+                let seen = if def.converts() {
+                    view = def.to_served(o.clone());
+                    &view
+                } else {
+                    o
+                };
+                if !q.labels.matches(seen) || !q.fields.matches(seen) {
                     continue;
                 }
                 if q.limit.is_some_and(|l| l > 0 && items.len() >= l) {
