@@ -86,7 +86,7 @@ impl ResourceDef {
     }
 
     /// Form this endpoint accepts -> stored form.
-    pub fn from_served(&self, mut o: Value) -> Value {
+    pub fn to_stored(&self, mut o: Value) -> Value {
         if self.is_core_event() {
             rename_fields(&mut o, EVENT_FIELDS, true);
         }

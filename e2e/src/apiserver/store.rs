@@ -529,7 +529,7 @@ impl State {
         ctx: &WriteCtx,
     ) -> ApiResult<Written> {
         Self::check_type(def, &obj)?;
-        let mut obj = def.from_served(obj);
+        let mut obj = def.to_stored(obj);
         obj["apiVersion"] = json!(def.api_version());
         obj["kind"] = json!(def.kind);
         let ns = ns.unwrap_or("").to_string();
@@ -649,7 +649,7 @@ impl State {
         ctx: &WriteCtx,
     ) -> ApiResult<Written> {
         Self::check_type(def, &obj)?;
-        let obj = def.from_served(obj);
+        let obj = def.to_stored(obj);
         let url_name = name;
         let body_name = meta_str(&obj, "name");
         if !body_name.is_empty() && body_name != url_name {
@@ -899,7 +899,7 @@ impl State {
                 )?;
             }
         }
-        let new = def.from_served(new);
+        let new = def.to_stored(new);
         // A patch may carry a resourceVersion precondition.
         let rv = meta_str(&new, "resourceVersion");
         if !rv.is_empty() && rv != meta_str(&old, "resourceVersion") {
