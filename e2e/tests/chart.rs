@@ -1843,3 +1843,88 @@ fn tool_installers_fail_clearly_when_the_index_is_unreachable() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn everything_optional_can_be_turned_off() -> Result<()> {
+    let minimal = [
+        "rbac.create=false",
+        "operator.serviceAccount.create=false",
+        "operator.serviceAccount.name=platform-operator",
+        "agent.serviceAccount.create=false",
+        "agent.serviceAccount.name=platform-agent",
+        "agent.priorityClass.create=false",
+        "metrics.service.enabled=false",
+        "grafana.dashboard.enabled=false",
+        "admissionPolicy.enabled=false",
+        "operator.podDisruptionBudget.enabled=false",
+    ]
+    .join(",");
+    let r = type_all(&template(None, &["--set", &minimal])?)?;
+    let kinds = (
+        r.deployments.len(),
+        r.daemon_sets.len(),
+        r.crds.len(),
+        r.service_accounts.len() + r.cluster_roles.len() + r.roles.len(),
+        r.services.len() + r.config_maps.len() + r.priority_classes.len(),
+        r.admission_policies.len() + r.pod_disruption_budgets.len(),
+    );
+    assert_eq!(
+        kinds,
+        (1, 1, 2, 0, 0, 0),
+        "only the workloads and the CRDs remain"
+    );
+    let ag_pod =
+        pod_spec_of_daemon_set(agent(&r)?).ok_or_else(|| anyhow!("agent has no pod spec"))?;
+    assert_eq!(
+        ag_pod.service_account_name.as_deref(),
+        Some("platform-agent")
+    );
+    assert_eq!(ag_pod.priority_class_name, None);
+
+    // An existing priority class by name.
+    let r = type_all(&template(
+        None,
+        &[
+            "--set",
+            "agent.priorityClass.create=false,agent.priorityClass.name=system-node-critical",
+        ],
+    )?)?;
+    assert!(r.priority_classes.is_empty());
+    let ag_pod =
+        pod_spec_of_daemon_set(agent(&r)?).ok_or_else(|| anyhow!("agent has no pod spec"))?;
+    assert_eq!(
+        ag_pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+
+    // Inconsistent choices fail with a message, not a broken manifest.
+    let chart = chart_dir();
+    let chart = chart.to_string_lossy();
+    let err = run_helm(&[
+        "template",
+        RELEASE,
+        chart.as_ref(),
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",
+    ])
+    .err()
+    .ok_or_else(|| anyhow!("a ServiceMonitor without Services was rendered"))?;
+    assert!(
+        format!("{err:#}").contains("needs metrics.service.enabled"),
+        "{err:#}"
+    );
+    let err = run_helm(&[
+        "template",
+        RELEASE,
+        chart.as_ref(),
+        "--set",
+        "agent.serviceAccount.create=false",
+    ])
+    .err()
+    .ok_or_else(|| anyhow!("a missing ServiceAccount name was accepted"))?;
+    assert!(
+        format!("{err:#}").contains("agent.serviceAccount.name is required"),
+        "{err:#}"
+    );
+    Ok(())
+}
