@@ -399,14 +399,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max_len.min(MAX_FRAME_LEN) {
         return Err(WireError::FrameTooLarge(u64::from(len)));
     }
-    let mut body = BytesMut::zeroed(len as usize);
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::UnexpectedEof
-        } else {
-            WireError::Io(e)
+    // Read straight into uninitialised capacity (no zeroing of up to a
+    // whole piece), never past this frame.
+    let mut body = BytesMut::with_capacity(len as usize);
+    let mut limited = r.take(u64::from(len));
+    while body.len() < len as usize {
+        if limited.read_buf(&mut body).await? == 0 {
+            return Err(WireError::UnexpectedEof);
         }
-    })?;
+    }
     Message::decode_body(body.freeze()).map(Some)
 }
 
