@@ -75,6 +75,28 @@ fn build_env() -> Result<Env, cel::DeclarationError> {
         Ok(()) | Err(cel::DeclarationError::DuplicateOverload { .. }) => {}
         Err(e) => return Err(e),
     }
+    // Kubernetes' regex library.
+    env.add_member_overload(
+        "find",
+        "k8s_string_find",
+        types::STRING_TYPE,
+        vec![types::STRING_TYPE],
+        regex_find,
+    )?;
+    env.add_member_overload(
+        "findAll",
+        "k8s_string_find_all",
+        types::STRING_TYPE,
+        vec![types::STRING_TYPE],
+        regex_find_all,
+    )?;
+    env.add_member_overload(
+        "findAll",
+        "k8s_string_find_all_n",
+        types::STRING_TYPE,
+        vec![types::STRING_TYPE, types::INT_TYPE],
+        regex_find_all,
+    )?;
     // Kubernetes' list library.
     for (name, id, args, op) in [
         (
@@ -147,6 +169,60 @@ fn matches<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Executio
         )
     })?;
     Ok(CowVal::owned(CelBool::from(re.is_match(subject.inner()))))
+}
+
+fn regex_args<'a>(
+    args: &'a [CowVal<'_, '_>],
+    function: &str,
+) -> Result<(&'a str, Arc<regex::Regex>), ExecutionError> {
+    let (Some(subject), Some(pattern)) = (
+        args.first().and_then(|a| a.downcast_ref::<CelString>()),
+        args.get(1).and_then(|a| a.downcast_ref::<CelString>()),
+    ) else {
+        return Err(ExecutionError::function_error(
+            function,
+            "arguments must be strings",
+        ));
+    };
+    let re = cached_regex(pattern.inner()).map_err(|e| {
+        ExecutionError::function_error(
+            function,
+            format!("'{}' not a valid regex: {e}", pattern.inner()),
+        )
+    })?;
+    Ok((subject.inner(), re))
+}
+
+/// `'abc 123'.find('[0-9]+')`: the first match, or `''`.
+fn regex_find<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let (subject, re) = regex_args(&args, "find")?;
+    let found = re.find(subject).map_or("", |m| m.as_str());
+    owned(cel::Value::String(Arc::new(found.to_string())))
+}
+
+/// `'a1 b2'.findAll('[0-9]')`, `'a1 b2'.findAll('[0-9]', 1)`: every match, or
+/// at most n (all when n < 0).
+fn regex_find_all<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let (subject, re) = regex_args(&args, "findAll")?;
+    let limit = match args.get(2) {
+        None => usize::MAX,
+        Some(n) => match cel::Value::try_from(n.as_ref())? {
+            cel::Value::Int(n) if n < 0 => usize::MAX,
+            cel::Value::Int(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            other => {
+                return Err(ExecutionError::function_error(
+                    "findAll",
+                    format!("limit must be an int, not {}", other.type_of()),
+                ));
+            }
+        },
+    };
+    let found: Vec<cel::Value> = re
+        .find_iter(subject)
+        .take(limit)
+        .map(|m| cel::Value::String(Arc::new(m.as_str().to_string())))
+        .collect();
+    owned(cel::Value::List(Arc::new(found)))
 }
 
 fn list_of(v: &CowVal<'_, '_>, function: &str) -> Result<Arc<Vec<cel::Value>>, ExecutionError> {
@@ -587,6 +663,60 @@ fn go_style_error(e: &ExecutionError) -> String {
     }
 }
 
+/// CEL's reserved words; a property with such a name is `__<name>__`.
+const CEL_RESERVED: [&str; 21] = [
+    "true",
+    "false",
+    "null",
+    "in",
+    "as",
+    "break",
+    "const",
+    "continue",
+    "else",
+    "for",
+    "function",
+    "if",
+    "import",
+    "let",
+    "loop",
+    "package",
+    "namespace",
+    "return",
+    "var",
+    "void",
+    "while",
+];
+
+/// The name a property has in CEL (Kubernetes' escaping): `__` becomes
+/// `__underscores__`, `.` `__dot__`, `-` `__dash__`, `/` `__slash__`, a
+/// reserved word `__word__`. `None` for a name that cannot be spelled (it
+/// starts with a digit or has other characters): rules cannot see it.
+fn escape_property(name: &str) -> Option<String> {
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    if CEL_RESERVED.contains(&name) {
+        return Some(format!("__{name}__"));
+    }
+    let mut out = String::with_capacity(name.len());
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '_' if chars.peek() == Some(&'_') => {
+                chars.next();
+                out.push_str("__underscores__");
+            }
+            '.' => out.push_str("__dot__"),
+            '-' => out.push_str("__dash__"),
+            '/' => out.push_str("__slash__"),
+            c if c.is_ascii_alphanumeric() || c == '_' => out.push(c),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 /// JSON to CEL, typed by the schema as the server does: `number` is a double
 /// even when written as an integer, `date-time` strings are timestamps,
 /// `byte` strings are bytes.
@@ -634,11 +764,15 @@ fn to_cel(v: &Json, s: Option<&Node>) -> cel::Value {
         Json::Object(map) => {
             let m: HashMap<Key, cel::Value> = map
                 .iter()
-                .map(|(k, val)| {
-                    (
-                        Key::String(Arc::new(k.clone())),
-                        to_cel(val, s.and_then(|s| s.property_schema(k))),
-                    )
+                .filter_map(|(k, val)| {
+                    let child = s.and_then(|s| s.property_schema(k));
+                    // Declared properties are struct fields, named as CEL
+                    // identifiers; map entries keep their keys.
+                    let name = match s {
+                        Some(s) if s.properties.contains_key(k) => escape_property(k)?,
+                        _ => k.clone(),
+                    };
+                    Some((Key::String(Arc::new(name)), to_cel(val, child)))
                 })
                 .collect();
             cel::Value::Map(Map { map: Arc::new(m) })

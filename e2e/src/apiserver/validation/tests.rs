@@ -1187,3 +1187,57 @@ fn kubernetes_url_library() {
         assert_eq!(messages(schema.admit(&mut obj, None)), want, "{url}");
     }
 }
+
+#[test]
+fn cel_sees_escaped_property_names_and_raw_map_keys() {
+    let schema = cel_schema(
+        json!([
+            {"rule": "!has(self.__namespace__) || self.__namespace__ != 'kube-system'", "message": "not kube-system"},
+            {"rule": "!has(self.max__dash__rate) || self.max__dash__rate > 0", "message": "positive rate"},
+            {"rule": "!has(self.labels) || !('app.kubernetes.io/name' in self.labels) || self.labels['app.kubernetes.io/name'] != ''",
+             "message": "empty app name"}
+        ]),
+        json!({
+            "namespace": {"type": "string"},
+            "max-rate": {"type": "integer"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}}
+        }),
+    );
+    let mut ok = object(
+        json!({"node": {}, "namespace": "apps", "max-rate": 1, "labels": {"app.kubernetes.io/name": "x"}}),
+    );
+    assert_eq!(schema.admit(&mut ok, None), Ok(()));
+    let mut bad = object(
+        json!({"node": {}, "namespace": "kube-system", "max-rate": 0, "labels": {"app.kubernetes.io/name": ""}}),
+    );
+    assert_eq!(
+        messages(schema.admit(&mut bad, None)),
+        vec![
+            "spec: Invalid value: \"object\": not kube-system",
+            "spec: Invalid value: \"object\": positive rate",
+            "spec: Invalid value: \"object\": empty app name",
+        ]
+    );
+}
+
+#[test]
+fn kubernetes_regex_library() {
+    let schema = cel_schema(
+        json!([
+            {"rule": "!has(self.path) || self.path.find('[0-9]+') == '' || int(self.path.find('[0-9]+')) < 100", "message": "version below 100"},
+            {"rule": "!has(self.path) || size(self.path.findAll('/')) < 3", "message": "at most 3 segments"},
+            {"rule": "!has(self.path) || self.path.findAll('[a-z]', 2) == ['v', 'v'] || !self.path.startsWith('vv')", "message": "limit"}
+        ]),
+        json!({}),
+    );
+    let mut ok = object(json!({"node": {}, "path": "vv42/a"}));
+    assert_eq!(schema.admit(&mut ok, None), Ok(()));
+    let mut bad = object(json!({"node": {}, "path": "v420/a/b/c"}));
+    assert_eq!(
+        messages(schema.admit(&mut bad, None)),
+        vec![
+            "spec: Invalid value: \"object\": version below 100",
+            "spec: Invalid value: \"object\": at most 3 segments"
+        ]
+    );
+}
