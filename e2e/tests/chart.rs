@@ -603,6 +603,43 @@ fn helm_lint_passes_with_default_and_all_features_values() -> Result<()> {
         "--values",
         values.to_string_lossy().as_ref(),
     ])?;
+    // The packaged chart holds what an install needs, and not ci/.
+    let out = tempfile::tempdir()?;
+    run_helm(&[
+        "package",
+        chart.as_ref(),
+        "--destination",
+        out.path().to_string_lossy().as_ref(),
+    ])?;
+    let package = out.path().join("peerfill-0.1.0.tgz");
+    let listing = Command::new("tar")
+        .arg("-tzf")
+        .arg(&package)
+        .output()
+        .with_context(|| format!("listing {}", package.display()))?;
+    ensure!(
+        listing.status.success(),
+        "tar -tzf {} failed",
+        package.display()
+    );
+    let files = String::from_utf8_lossy(&listing.stdout);
+    for needed in [
+        "peerfill/Chart.yaml",
+        "peerfill/values.schema.json",
+        "peerfill/crds/distribution.yaml",
+        "peerfill/crds/nodefill.yaml",
+        "peerfill/dashboards/peerfill.json",
+        "peerfill/templates/NOTES.txt",
+    ] {
+        assert!(
+            files.lines().any(|l| l == needed),
+            "package lacks {needed}:\n{files}"
+        );
+    }
+    assert!(
+        !files.contains("peerfill/ci/"),
+        "package carries ci/ values"
+    );
     Ok(())
 }
 
