@@ -617,7 +617,9 @@ impl CompiledSchema {
     /// never touching apiVersion/kind/metadata), apply defaults (`default`, also
     /// inside arrays/maps), then validate. `old` is the stored object on update
     /// (for CEL transition rules with `oldSelf`, which are skipped on create as
-    /// the real server does). Returns every error, not just the first.
+    /// the real server does; values equal to their stored counterpart are not
+    /// re-validated, the server's validation ratcheting). Returns every error,
+    /// not just the first.
     pub fn admit(&self, obj: &mut Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
         self.admit_reporting_unknown(obj, old).1
     }
@@ -847,49 +849,36 @@ fn validate_node(
         return;
     }
 
-    // type
+    // type (a mismatch does not stop the other checks: go-openapi runs each
+    // validator that applies to the value's actual kind)
     let actual = json_type(v);
-    let type_ok = match s.ty {
-        None => {
-            if s.int_or_string
-                && !matches!(actual, "integer" | "string")
-                && !(actual == "number" && is_integral(v))
-            {
-                errors.push(openapi_err(
-                    path,
-                    FieldErrorKind::TypeInvalid,
-                    Some(Value::String(actual.into())),
-                    format!(
-                        "{name} in body must be of type integer,string: {}",
-                        go_quote(actual)
-                    ),
-                ));
-                false
-            } else {
-                true
-            }
-        }
+    let expected = match s.ty {
         Some(t) => {
             let ok = match t {
                 Type::Integer => actual == "integer" || (actual == "number" && is_integral(v)),
                 Type::Number => actual == "integer" || actual == "number",
                 other => other.name() == actual,
             };
-            if !ok {
-                errors.push(openapi_err(
-                    path,
-                    FieldErrorKind::TypeInvalid,
-                    Some(Value::String(actual.into())),
-                    format!(
-                        "{name} in body must be of type {}: {}",
-                        t.name(),
-                        go_quote(actual)
-                    ),
-                ));
-            }
-            ok
+            (!ok).then_some(t.name())
+        }
+        None => {
+            let ok = !s.int_or_string
+                || matches!(actual, "integer" | "string")
+                || (actual == "number" && is_integral(v));
+            (!ok).then_some("integer,string")
         }
     };
+    if let Some(expected) = expected {
+        errors.push(openapi_err(
+            path,
+            FieldErrorKind::TypeInvalid,
+            Some(Value::String(actual.into())),
+            format!(
+                "{name} in body must be of type {expected}: {}",
+                go_quote(actual)
+            ),
+        ));
+    }
 
     // composition
     validate_composition(v, old, s, path, errors);
@@ -1104,7 +1093,6 @@ fn validate_node(
             }
         }
     }
-    let _ = type_ok;
 }
 
 fn check_enum(v: &Value, s: &Node, path: &Path, errors: &mut Vec<FieldError>) {
