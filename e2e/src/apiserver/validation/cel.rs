@@ -14,18 +14,13 @@ use serde_json::Value as Json;
 
 use super::{Additional, FieldError, FieldErrorKind, Node, Path, Type};
 
-/// One step of a rule's `fieldPath` (`.name` or `['name']`).
-#[derive(Debug, Clone)]
-enum FieldPathSeg {
-    Name(String),
-}
-
 pub(super) struct Rule {
     source: String,
     program: Program,
     message: Option<String>,
     message_expression: Option<Program>,
-    field_path: Vec<FieldPathSeg>,
+    /// The rule's `fieldPath` as names (`.a['b.c']` is `a`, `b.c`).
+    field_path: Vec<String>,
     reason: Option<FieldErrorKind>,
     /// References `oldSelf`: only evaluated when there is an old value.
     transition: bool,
@@ -42,8 +37,10 @@ impl std::fmt::Debug for Rule {
     }
 }
 
-/// The environment: the CEL standard library with the extension libraries
-/// Kubernetes enables (strings, lists, math) and the URL check CRD authors use.
+/// The environment: the CEL standard library, the extension libraries
+/// Kubernetes enables (strings, lists, math) and the Kubernetes libraries
+/// reproduced here (regex `find`/`findAll`, list `isSorted`/`sum`/`min`/`max`/
+/// `indexOf`/`lastIndexOf`, URLs).
 static ENV: LazyLock<Result<Arc<Env>, String>> =
     LazyLock::new(|| build_env().map(Arc::new).map_err(|e| e.to_string()));
 
@@ -590,8 +587,7 @@ impl Rule {
     fn error_path(&self, path: &Path, s: &Node) -> Path {
         let mut at = path.clone();
         let mut node = Some(s);
-        for seg in &self.field_path {
-            let FieldPathSeg::Name(name) = seg;
+        for name in &self.field_path {
             match node {
                 Some(n) if n.properties.contains_key(name) => {
                     at = at.child(name);
@@ -625,7 +621,7 @@ fn resource_root_view(v: &Json) -> Json {
 }
 
 /// Parses `.a.b['c.d']` into names.
-fn parse_field_path(fp: &str) -> Result<Vec<FieldPathSeg>, String> {
+fn parse_field_path(fp: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     let mut rest = fp;
     while !rest.is_empty() {
@@ -635,13 +631,13 @@ fn parse_field_path(fp: &str) -> Result<Vec<FieldPathSeg>, String> {
             if name.is_empty() {
                 return Err(format!("fieldPath {fp:?}: empty segment"));
             }
-            out.push(FieldPathSeg::Name(name.to_string()));
+            out.push(name.to_string());
             rest = &r[end..];
         } else if let Some(r) = rest.strip_prefix("['") {
             let end = r
                 .find("']")
                 .ok_or_else(|| format!("fieldPath {fp:?}: unterminated ['"))?;
-            out.push(FieldPathSeg::Name(r[..end].to_string()));
+            out.push(r[..end].to_string());
             rest = &r[end + 2..];
         } else {
             return Err(format!("fieldPath {fp:?}: expected '.' or \"['\""));
