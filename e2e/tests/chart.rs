@@ -1306,6 +1306,8 @@ fn dashboard_queries_use_exported_metrics() -> Result<()> {
             .and_then(Value::as_array)
             .ok_or_else(|| anyhow!("no panels"))?;
         let mut ids = BTreeSet::new();
+        // Grid cells (24 columns) taken so far: panels must not overlap.
+        let mut cells: BTreeMap<(u64, u64), u64> = BTreeMap::new();
         for p in panels {
             let id = p
                 .get("id")
@@ -1316,6 +1318,23 @@ fn dashboard_queries_use_exported_metrics() -> Result<()> {
                 "{}: duplicate panel id {id}",
                 path.display()
             );
+            let grid = |k: &str| p.pointer(&format!("/gridPos/{k}")).and_then(Value::as_u64);
+            let (Some(x), Some(y), Some(w), Some(h)) = (grid("x"), grid("y"), grid("w"), grid("h"))
+            else {
+                bail!("{}: panel {id} has no complete gridPos", path.display());
+            };
+            ensure!(
+                x + w <= 24,
+                "{}: panel {id} is wider than the grid",
+                path.display()
+            );
+            for cx in x..x + w {
+                for cy in y..y + h {
+                    if let Some(other) = cells.insert((cx, cy), id) {
+                        bail!("{}: panels {other} and {id} overlap", path.display());
+                    }
+                }
+            }
             if p.get("type").and_then(Value::as_str) == Some("row") {
                 continue;
             }
