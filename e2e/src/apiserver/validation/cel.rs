@@ -760,6 +760,8 @@ fn to_cel(v: &Json, s: Option<&Node>) -> cel::Value {
         Json::Object(map) => {
             let m: HashMap<Key, cel::Value> = map
                 .iter()
+                // A field set to null is absent to CEL: `has()` is false.
+                .filter(|(_, val)| !val.is_null())
                 .filter_map(|(k, val)| {
                     let child = s.and_then(|s| s.property_schema(k));
                     // Declared properties are struct fields, named as CEL

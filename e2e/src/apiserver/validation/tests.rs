@@ -1241,3 +1241,31 @@ fn kubernetes_regex_library() {
         ]
     );
 }
+
+#[test]
+fn cel_treats_null_fields_as_absent() {
+    // The generated Distribution rule: `http: null` next to `node` is fine.
+    let schema = resource(json!({
+        "type": "object",
+        "properties": {"source": {
+            "type": "object",
+            "properties": {
+                "http": {"type": "object", "nullable": true, "properties": {"url": {"type": "string"}}},
+                "node": {"type": "object", "nullable": true, "properties": {"path": {"type": "string"}}}
+            },
+            "x-kubernetes-validations": [{"rule": "has(self.http) != has(self.node)", "message": "exactly one"}]
+        }}
+    }));
+    let mut one = object(json!({"source": {"http": null, "node": {"path": "a"}}}));
+    assert_eq!(schema.admit(&mut one, None), Ok(()));
+    assert_eq!(
+        one["spec"]["source"]["http"],
+        Value::Null,
+        "nullable null is kept"
+    );
+    let mut none = object(json!({"source": {"http": null, "node": null}}));
+    assert_eq!(
+        messages(schema.admit(&mut none, None)),
+        vec!["spec.source: Invalid value: \"object\": exactly one"]
+    );
+}
