@@ -678,7 +678,7 @@ impl State {
         if !rv.is_empty() && rv != meta_str(&old, "resourceVersion") {
             return Err(ApiError::conflict_modified(&def.plural, &def.group, name));
         }
-        self.write_over(def, ns, name, old, obj, status_only, ctx)
+        self.write_over(def, ns, name, old, obj, status_only, ctx, None)
     }
 
     /// Applies the update rules to `new` replacing `old`, and commits.
@@ -692,6 +692,7 @@ impl State {
         new: Value,
         status_only: bool,
         ctx: &WriteCtx,
+        managed_fields: Option<Value>,
     ) -> ApiResult<Written> {
         let mut obj = if status_only {
             // Only status changes through /status; metadata and spec stay.
@@ -782,14 +783,19 @@ impl State {
         } else {
             None
         };
-        patch::record_update(
-            Some(&old),
-            &mut obj,
-            &ctx.manager,
-            &def.api_version(),
-            if status_only { "status" } else { "" },
-            &meta::now_rfc3339(),
-        );
+        match managed_fields {
+            Some(mf) => {
+                meta_mut(&mut obj).insert("managedFields".into(), mf);
+            }
+            None => patch::record_update(
+                Some(&old),
+                &mut obj,
+                &ctx.manager,
+                &def.api_version(),
+                if status_only { "status" } else { "" },
+                &meta::now_rfc3339(),
+            ),
+        }
         if comparable(&obj) == comparable(&old) {
             // No-op writes keep the resourceVersion and send no event.
             return Ok(Written {
@@ -905,21 +911,13 @@ impl State {
         if !rv.is_empty() && rv != meta_str(&old, "resourceVersion") {
             return Err(ApiError::conflict_modified(&def.plural, &def.group, name));
         }
-        let apply_fields =
-            (kind == PatchKind::Apply).then(|| new.pointer("/metadata/managedFields").cloned());
-        let mut w = self.write_over(def, ns, name, old, new, status_only, ctx)?;
-        // write_over recorded the change as an Update; apply keeps its own entry.
-        if let Some(Some(mf)) = apply_fields
-            && !ctx.dry_run
-        {
-            meta_mut(&mut w.object).insert("managedFields".into(), mf);
-            let key = def.store_key();
-            if let Some(m) = self.objects.get_mut(&key)
-                && let Some(slot) = m.get_mut(&(ns.to_string(), name.to_string()))
-            {
-                *slot = w.object.clone();
-            }
-        }
+        // Apply carries its own managedFields (computed by server_side_apply).
+        let apply_fields = if kind == PatchKind::Apply {
+            new.pointer("/metadata/managedFields").cloned()
+        } else {
+            None
+        };
+        let w = self.write_over(def, ns, name, old, new, status_only, ctx, apply_fields)?;
         Ok(w)
     }
 
