@@ -49,6 +49,28 @@ async fn ask_piece(addr: SocketAddr, client: quinn::ClientConfig) -> Result<Mess
     out
 }
 
+/// Sends raw bytes on a request stream and returns why the agent closed
+/// the connection.
+async fn send_raw(addr: SocketAddr, client: quinn::ClientConfig, raw: &[u8]) -> String {
+    let endpoint =
+        quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).expect("client endpoint");
+    let attempt = async {
+        let conn = endpoint
+            .connect_with(client, addr, "node-0")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, _recv) = conn.open_bi().await.expect("open");
+        send.write_all(raw).await.expect("write");
+        conn.closed().await.to_string()
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| "not closed".into());
+    endpoint.close(0u32.into(), b"");
+    out
+}
+
 /// A client presenting no certificate at all (but trusting the cluster CA).
 fn anonymous_client(ca_pem: &str) -> quinn::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
@@ -171,6 +193,30 @@ async fn only_valid_allowed_nodes_get_data() {
         }) => assert_eq!(&got[..], &data[..PIECE as usize]),
         other => panic!("allowed node got {other:?}\n{}", agent.log_tail()),
     }
+
+    // 5. Malformed and oversized frames close that connection, logged, and
+    // nothing else: the agent keeps serving on new connections.
+    for garbage in [
+        vec![0u8, 0, 0, 3, 99, 5, 0],         // unknown protocol version
+        vec![0xffu8, 0xff, 0xff, 0xff, 1, 5], // 4 GiB frame
+        vec![0u8, 0, 0, 4, wire::PROTOCOL_VERSION, 42, 0, 0], // unknown type
+    ] {
+        let reason = send_raw(
+            addr,
+            tls::client_config(&id1).expect("client cfg"),
+            &garbage,
+        )
+        .await;
+        assert!(
+            reason.contains("malformed frame"),
+            "garbage {garbage:?} closed with {reason:?}"
+        );
+    }
+    match ask_piece(addr, tls::client_config(&id1).expect("client cfg")).await {
+        Ok(Message::Piece { piece: 0, .. }) => {}
+        other => panic!("agent stopped serving after bad frames: {other:?}"),
+    }
+
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
     assert!(
         log.contains("refused incoming connection"),

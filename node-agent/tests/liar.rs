@@ -27,26 +27,36 @@ async fn liar_is_banned_and_honest_agents_complete() {
     make_identities(&tmp.path().join("certs"), &names);
     let liar = names[4].clone();
     let readers = vec![names[0].clone()];
-    let agents: Vec<Agent> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let mut cfg = http_config(
-                n,
-                &nodes,
-                &tmp.path().join("certs"),
-                ID,
-                &origin.url(),
-                &readers,
-                Some(format!("blake3:{want}")),
-            );
-            cfg.contents[0].piece_size = PIECE;
-            if i == 4 {
-                cfg.fault = Some(Fault::CorruptUploads);
-            }
-            Agent::spawn(n, &cfg)
-        })
+    let config = |i: usize| {
+        let mut cfg = http_config(
+            &nodes[i],
+            &nodes,
+            &tmp.path().join("certs"),
+            ID,
+            &origin.url(),
+            &readers,
+            Some(format!("blake3:{want}")),
+        );
+        cfg.contents[0].piece_size = PIECE;
+        if i == 4 {
+            cfg.fault = Some(Fault::CorruptUploads);
+        }
+        cfg
+    };
+    // The liar is up first, so every honest agent meets it.
+    let liar_agent = Agent::spawn(&nodes[4], &config(4));
+    assert!(
+        wait_until(Duration::from_secs(30), || liar_agent
+            .status(ID)
+            .is_some_and(|s| s.phase == Phase::Fetching))
+        .await,
+        "liar did not start: {}",
+        liar_agent.log_tail()
+    );
+    let mut agents: Vec<Agent> = (0..4)
+        .map(|i| Agent::spawn(&nodes[i], &config(i)))
         .collect();
+    agents.push(liar_agent);
     let honest = &agents[..4];
     let done = wait_until(Duration::from_secs(120), || {
         honest.iter().all(|a| {

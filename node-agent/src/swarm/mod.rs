@@ -490,7 +490,13 @@ async fn dial_loop(shared: Arc<Shared>, node: String, addr: SocketAddr) {
         match dial(&shared, &node, addr).await {
             Ok(conn) => {
                 backoff = Duration::from_millis(200);
-                run_connection(shared.clone(), conn, node.clone(), true).await;
+                run_connection(shared.clone(), conn.clone(), node.clone(), true).await;
+                if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason()
+                    && c.error_code == close::BANNED
+                {
+                    warn!(peer = %node, "the peer banned this node; not redialing");
+                    return;
+                }
             }
             Err(e) => {
                 debug!(peer = %node, %addr, error = %e, "dial failed");
