@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
 
 struct Kubectl {
     dir: tempfile::TempDir,
@@ -56,6 +57,20 @@ impl Kubectl {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// A long-running kubectl (e.g. `get -w`) with piped stdout.
+    fn spawn(&self, args: &[&str]) -> anyhow::Result<tokio::process::Child> {
+        Ok(tokio::process::Command::new(kubectl_path())
+            .arg("--kubeconfig")
+            .arg(self.dir.path().join("kubeconfig"))
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .args(args)
+            .env("HOME", self.dir.path())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?)
     }
 
     async fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -193,6 +208,75 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
         String::from_utf8_lossy(&waited.stderr)
     );
     ensure!(String::from_utf8_lossy(&waited.stdout).contains("condition met"));
+
+    // get -w streams Table rows as the status changes.
+    let mut watch = k.spawn(&[
+        "get",
+        "dist",
+        &name,
+        "-n",
+        &ns,
+        "-w",
+        "--output-watch-events",
+    ])?;
+    let stdout = watch.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = common::within(20, "first watch row", lines.next_line()).await??;
+    ensure!(
+        first
+            .as_deref()
+            .is_some_and(|l| l.contains("EVENT") && l.contains("PHASE")),
+        "{first:?}"
+    );
+    k.ok(&[
+        "patch",
+        "dist",
+        &name,
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"ready":"3/3"}}"#,
+    ])
+    .await?;
+    let seen = common::within(20, "MODIFIED row", async {
+        while let Some(l) = lines.next_line().await? {
+            if l.starts_with("MODIFIED") && l.contains("3/3") {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await??;
+    ensure!(seen, "no MODIFIED row from get -w");
+    watch.kill().await?;
+
+    // Events about the object show in describe (core/v1 Events).
+    let uid = k
+        .ok(&[
+            "get",
+            "dist",
+            &name,
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .await?;
+    let ev = k.dir.path().join("event.yaml");
+    std::fs::write(
+        &ev,
+        format!(
+            "apiVersion: v1\nkind: Event\nmetadata: {{name: {name}.1, namespace: {ns}}}\ninvolvedObject: {{apiVersion: peerfill.dev/v1alpha1, kind: Distribution, name: {name}, namespace: {ns}, uid: {uid}}}\nreason: Completed\nmessage: all nodes hold the content\ntype: Normal\nsource: {{component: peerfill-operator}}\n"
+        ),
+    )?;
+    k.ok(&["apply", "-f", &ev.to_string_lossy()]).await?;
+    let described = k.ok(&["describe", "dist", &name, "-n", &ns]).await?;
+    ensure!(
+        described.contains("all nodes hold the content"),
+        "{described}"
+    );
 
     let row = k.ok(&["get", "dist", &name, "-n", &ns]).await?;
     ensure!(row.contains("Complete"), "phase column: {row}");
