@@ -650,6 +650,7 @@ impl CompiledSchema {
     /// makes the rules meaningless.
     pub fn validate(&self, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
         let mut errors = Vec::new();
+        validate_embedded(obj, old, &self.root, &Path::default(), &mut errors);
         validate_list_types(obj, old, &self.root, &Path::default(), &mut errors);
         validate_node(obj, old, &self.root, &Path::default(), true, &mut errors);
         if errors.iter().any(|e| e.kind.blocks_cel()) {
@@ -1294,6 +1295,78 @@ fn validate_composition(
             "{} must not validate the schema (not)",
             go_quote(&name)
         )));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// x-kubernetes-embedded-resource: an embedded object needs a kind and a
+// well-formed apiVersion (its metadata is left to the schema).
+
+fn validate_embedded(
+    v: &Value,
+    old: Option<&Value>,
+    s: &Node,
+    path: &Path,
+    errors: &mut Vec<FieldError>,
+) {
+    if old.is_some_and(|o| json_equal(o, v)) {
+        return;
+    }
+    match v {
+        Value::Object(map) => {
+            if s.embedded_resource && !path.0.is_empty() {
+                for key in ["apiVersion", "kind"] {
+                    let at = path.child(key);
+                    match map.get(key) {
+                        None => errors.push(FieldError::new(
+                            at.field(),
+                            FieldErrorKind::Required,
+                            None,
+                            "must not be empty".into(),
+                        )),
+                        Some(Value::String(x)) if x.is_empty() => errors.push(FieldError::new(
+                            at.field(),
+                            FieldErrorKind::Invalid,
+                            Some(Value::String(String::new())),
+                            "must not be empty".into(),
+                        )),
+                        Some(Value::String(x))
+                            if key == "apiVersion" && x.matches('/').count() > 1 =>
+                        {
+                            errors.push(FieldError::new(
+                                at.field(),
+                                FieldErrorKind::Invalid,
+                                Some(Value::String(x.clone())),
+                                format!("unexpected GroupVersion string: {x}"),
+                            ))
+                        }
+                        Some(Value::String(_)) => {}
+                        Some(other) => errors.push(FieldError::new(
+                            at.field(),
+                            FieldErrorKind::Invalid,
+                            Some(other.clone()),
+                            "must be a string".into(),
+                        )),
+                    }
+                }
+            }
+            for (k, child) in map {
+                let old_child = old.and_then(|o| o.get(k));
+                if let Some(cs) = s.properties.get(k) {
+                    validate_embedded(child, old_child, cs, &path.child(k), errors);
+                } else if let Some(Additional::Schema(cs)) = &s.additional {
+                    validate_embedded(child, old_child, cs, &path.key(k), errors);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(is) = &s.items {
+                for (i, item) in items.iter().enumerate() {
+                    validate_embedded(item, old_item(s, old, item), is, &path.index(i), errors);
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -1269,3 +1269,45 @@ fn cel_treats_null_fields_as_absent() {
         vec!["spec.source: Invalid value: \"object\": exactly one"]
     );
 }
+
+#[test]
+fn embedded_resources_need_kind_and_api_version() {
+    let spec = json!({"type": "object", "properties": {"template": {
+        "type": "object", "x-kubernetes-embedded-resource": true, "x-kubernetes-preserve-unknown-fields": true}}});
+    run_table(vec![
+        (
+            "complete",
+            spec.clone(),
+            json!({"template": {"apiVersion": "v1", "kind": "Pod", "spec": {}}}),
+            vec![],
+        ),
+        (
+            "missing kind, bad apiVersion",
+            spec.clone(),
+            json!({"template": {"apiVersion": "a/b/c"}}),
+            vec![
+                (
+                    "spec.template.apiVersion",
+                    Invalid,
+                    "spec.template.apiVersion: Invalid value: \"a/b/c\": unexpected GroupVersion string: a/b/c",
+                ),
+                (
+                    "spec.template.kind",
+                    Required,
+                    "spec.template.kind: Required value: must not be empty",
+                ),
+                ("<nil>", Invalid, CEL_SKIPPED),
+            ],
+        ),
+        (
+            "empty kind",
+            spec,
+            json!({"template": {"apiVersion": "v1", "kind": ""}}),
+            vec![(
+                "spec.template.kind",
+                Invalid,
+                "spec.template.kind: Invalid value: \"\": must not be empty",
+            )],
+        ),
+    ]);
+}
