@@ -505,7 +505,7 @@ impl State {
     }
 
     fn check_type(def: &ResourceDef, obj: &Value) -> ApiResult<()> {
-        if !obj.is_object() {
+        if !obj.is_object() || obj.get("metadata").is_some_and(|m| !m.is_object()) {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
             ));
@@ -694,6 +694,12 @@ impl State {
         ctx: &WriteCtx,
         managed_fields: Option<Value>,
     ) -> ApiResult<Written> {
+        // A patch can turn the document into anything; objects only from here.
+        if !new.is_object() || new.get("metadata").is_some_and(|m| !m.is_object()) {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object whose metadata is an object",
+            ));
+        }
         let mut obj = if status_only {
             // Only status changes through /status; metadata and spec stay.
             let mut o = old.clone();
@@ -846,6 +852,11 @@ impl State {
         force: bool,
         ctx: &WriteCtx,
     ) -> ApiResult<Written> {
+        if kind == PatchKind::Apply && !body.is_object() {
+            return Err(ApiError::bad_request(
+                "an apply configuration must be an object",
+            ));
+        }
         let old = match self.get(def, ns, name) {
             Ok(o) => o,
             Err(_) if kind == PatchKind::Apply && !status_only => {
@@ -1352,6 +1363,42 @@ mod tests {
         assert_ne!(meta_str(&w2.object, "resourceVersion"), rv1);
         let err = s.update(&def, "default", "c", changed, false, &ctx());
         assert!(err.is_err_and(|e| e.code == 409 && e.message.contains("has been modified")));
+        Ok(())
+    }
+
+    #[test]
+    fn non_object_patches_are_refused() -> Result<(), ApiError> {
+        let mut s = State::new(100);
+        let def = s
+            .registry
+            .get("", "v1", "configmaps")
+            .ok_or_else(|| ApiError::internal("no def"))?;
+        s.create(
+            &def,
+            Some("default"),
+            json!({"metadata": {"name": "c"}}),
+            &ctx(),
+        )?;
+        for (kind, body) in [
+            (PatchKind::Merge, json!("scalar")),
+            (PatchKind::Merge, json!({"metadata": 5})),
+            (
+                PatchKind::Json,
+                json!([{"op": "replace", "path": "", "value": 1}]),
+            ),
+            (PatchKind::Apply, json!([1])),
+            (PatchKind::Strategic, json!(null)),
+        ] {
+            let r = s.patch(&def, "default", "c", kind, &body, false, false, &ctx());
+            assert!(
+                r.is_err_and(|e| e.code == 400 || e.code == 500),
+                "{kind:?} {body}"
+            );
+        }
+        for (kind, body) in [(PatchKind::Apply, json!("x")), (PatchKind::Merge, json!(1))] {
+            let r = s.patch(&def, "default", "new", kind, &body, false, false, &ctx());
+            assert!(r.is_err(), "{kind:?} {body}");
+        }
         Ok(())
     }
 
