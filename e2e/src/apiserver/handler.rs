@@ -816,7 +816,7 @@ fn watch(
     let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(256);
     let start = inner
         .lock()
-        .and_then(|s| s.watch(&def, ns.as_deref(), &lq, send_initial));
+        .and_then(|mut s| s.watch(&def, ns.as_deref(), &lq, send_initial));
     let bookmark_kind = json!({"kind": def.kind, "apiVersion": def.api_version()});
     let shutdown = inner.shutdown.clone();
     let interval = inner.bookmark_interval;

@@ -141,8 +141,13 @@ pub struct State {
     history: usize,
     /// Watches and exact lists from a resourceVersion below this get 410.
     compacted_rv: u64,
-    tx: broadcast::Sender<WatchMsg>,
+    /// One channel per store, so a busy resource cannot make watchers of
+    /// another lag (and get 410) behind it.
+    channels: HashMap<StoreKey, broadcast::Sender<WatchMsg>>,
 }
+
+/// Events a watcher may fall behind by before it is ended with 410.
+const WATCH_BUFFER: usize = 8192;
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
     obj.get("metadata")
@@ -239,7 +244,6 @@ fn pruned_paths(before: &Value, after: &Value, prefix: &str, out: &mut Vec<Strin
 
 impl State {
     pub fn new(history: usize) -> Self {
-        let (tx, _) = broadcast::channel(8192);
         let mut s = Self {
             registry: Registry::with_builtins(),
             objects: HashMap::new(),
@@ -248,7 +252,7 @@ impl State {
             log: VecDeque::new(),
             history: history.max(1),
             compacted_rv: 0,
-            tx,
+            channels: HashMap::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
@@ -273,12 +277,21 @@ impl State {
         self.rv
     }
 
+    fn subscribe(&mut self, key: &StoreKey) -> broadcast::Receiver<WatchMsg> {
+        self.channels
+            .entry(key.clone())
+            .or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
+            .subscribe()
+    }
+
     /// Forgets all history and ends every open watch with 410 Gone, as when
     /// etcd compacts past a watcher's position.
     pub fn compact(&mut self) {
         self.log.clear();
         self.compacted_rv = self.rv;
-        let _ = self.tx.send(WatchMsg::Expire);
+        for tx in self.channels.values() {
+            let _ = tx.send(WatchMsg::Expire);
+        }
     }
 
     fn record(&mut self, store: StoreKey, etype: EventType, object: Value, prev: Option<Value>) {
@@ -296,7 +309,9 @@ impl State {
             }
         }
         // No receivers is fine.
-        let _ = self.tx.send(WatchMsg::Event(entry));
+        if let Some(tx) = self.channels.get(&entry.store) {
+            let _ = tx.send(WatchMsg::Event(entry));
+        }
     }
 
     /// Stores `obj` under a new resourceVersion and logs the event.
@@ -1272,7 +1287,7 @@ impl State {
     /// Starts a watch: the snapshot or backlog to send first, and a receiver
     /// subscribed under the lock so no event is missed or duplicated.
     pub fn watch(
-        &self,
+        &mut self,
         def: &ResourceDef,
         ns: Option<&str>,
         q: &ListQuery,
@@ -1294,7 +1309,7 @@ impl State {
             return Ok(WatchStart {
                 initial: list.items,
                 backlog: Vec::new(),
-                rx: self.tx.subscribe(),
+                rx: self.subscribe(&key),
                 start_rv: self.rv,
             });
         }
@@ -1317,7 +1332,7 @@ impl State {
         Ok(WatchStart {
             initial: Vec::new(),
             backlog,
-            rx: self.tx.subscribe(),
+            rx: self.subscribe(&key),
             start_rv: n,
         })
     }
