@@ -119,6 +119,56 @@ pub fn validate_labels_annotations(meta: &Value) -> Vec<FieldCause> {
     causes
 }
 
+/// Finalizer and ownerReference checks, as the real server's
+/// ValidateObjectMeta performs them.
+pub fn validate_finalizers_owners(meta: &Value) -> Vec<FieldCause> {
+    let mut causes = Vec::new();
+    if let Some(fins) = meta.get("finalizers").and_then(Value::as_array) {
+        for (i, f) in fins.iter().enumerate() {
+            let field = format!("metadata.finalizers[{i}]");
+            match f.as_str() {
+                Some(s) if is_qualified_name(s) => {}
+                Some(s) => causes.push(FieldCause::invalid(
+                    &field,
+                    s,
+                    "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+                )),
+                None => causes.push(FieldCause::invalid(&field, &f.to_string(), "must be a string")),
+            }
+        }
+    }
+    if let Some(refs) = meta.get("ownerReferences").and_then(Value::as_array) {
+        let mut controllers = 0;
+        for r in refs {
+            for (key, what) in [
+                ("apiVersion", "version must not be empty"),
+                ("kind", "kind must not be empty"),
+                ("name", "name must not be empty"),
+                ("uid", "uid must not be empty"),
+            ] {
+                if r.get(key).and_then(Value::as_str).is_none_or(str::is_empty) {
+                    causes.push(FieldCause::invalid(
+                        &format!("metadata.ownerReferences.{key}"),
+                        "",
+                        what,
+                    ));
+                }
+            }
+            if r.get("controller").and_then(Value::as_bool) == Some(true) {
+                controllers += 1;
+            }
+        }
+        if controllers > 1 {
+            causes.push(FieldCause::invalid(
+                "metadata.ownerReferences",
+                "",
+                "Only one reference can have Controller set to true",
+            ));
+        }
+    }
+    causes
+}
+
 /// A random RFC 4122 version-4 uid.
 pub fn new_uid() -> String {
     let mut b: [u8; 16] = rand::rng().random();
@@ -241,6 +291,29 @@ mod tests {
         assert!(!is_qualified_name("-x"));
         assert!(is_label_value(""));
         assert!(!is_label_value("a b"));
+    }
+
+    #[test]
+    fn finalizers_and_owner_references() {
+        use serde_json::json;
+        let ok = json!({"finalizers": ["peerfill.dev/cleanup"], "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Node", "name": "n", "uid": "u", "controller": true}]});
+        assert!(validate_finalizers_owners(&ok).is_empty());
+        let bad = json!({"finalizers": ["not valid"], "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Node", "name": "n", "controller": true},
+            {"apiVersion": "v1", "kind": "Node", "name": "m", "uid": "x", "controller": true}]});
+        let fields: Vec<String> = validate_finalizers_owners(&bad)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "metadata.finalizers[0]",
+                "metadata.ownerReferences.uid",
+                "metadata.ownerReferences"
+            ]
+        );
     }
 
     #[test]

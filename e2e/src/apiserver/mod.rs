@@ -11,15 +11,27 @@
 //!
 //! Known simplifications (each documented where it is implemented):
 //! - one store per group/resource, no version conversion (the served
-//!   version's `apiVersion` is stamped on the way out);
+//!   version's `apiVersion` is stamped on the way out); core/v1 Events share
+//!   the events.k8s.io/v1 store and are converted field by field;
 //! - lists at an older exact resourceVersion serve the current state (or 410
-//!   when it is older than the retained history);
+//!   when it is older than the retained history); continue tokens are not
+//!   snapshots either;
 //! - server-side apply tracks ownership per manager as leaf paths (see
-//!   [`patch`]);
-//! - strategic merge patch is approximated (see [`patch::strategic_merge`]);
-//! - garbage collection runs synchronously after each deletion;
-//! - pods are deleted at once (no kubelet grace period);
+//!   `patch.rs`); strategic merge patch is approximated with the merge keys
+//!   of the built-in lists;
+//! - garbage collection runs synchronously after each deletion; deleting a
+//!   CRD removes its objects at once (their finalizers are not waited for);
+//! - pods are deleted at once (no kubelet grace period), and only a few
+//!   kind-specific defaults are applied (namespace phase, pod phase, secret
+//!   `stringData`);
+//! - protobuf request bodies are decoded only for the kinds kubectl's typed
+//!   `create` generators send (Namespace, Secret, ConfigMap, ServiceAccount);
+//!   responses are always JSON;
+//! - `fieldValidation` acts on unknown fields of custom resources only;
 //! - no authentication or authorisation: any (or no) credential is accepted.
+//!
+//! Faithfulness is checked by the tests in `e2e/tests/` with the real
+//! kubectl, kube-rs `Api` calls and the kube-runtime watcher.
 
 pub mod validation;
 

@@ -511,6 +511,7 @@ impl State {
         }
         if let Some(m) = obj.get("metadata") {
             causes.extend(meta::validate_labels_annotations(m));
+            causes.extend(meta::validate_finalizers_owners(m));
         }
         if causes.is_empty() {
             Ok(())
