@@ -461,6 +461,45 @@ async fn finalizers_gc_and_namespaces() -> anyhow::Result<()> {
         kept.metadata.owner_references
     );
 
+    // ...and foreground deletion waits for dependents, whose own
+    // finalizers are honoured.
+    let owner = api
+        .create(&PostParams::default(), &widget("owner3", 1)?)
+        .await?;
+    let uid = owner.metadata.uid.clone().unwrap_or_default();
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "held", "finalizers": ["test.peerfill.dev/hold"], "ownerReferences": [
+            {"apiVersion": "test.peerfill.dev/v1", "kind": "Widget", "name": "owner3", "uid": uid, "blockOwnerDeletion": true}
+        ]}}))?,
+    )
+    .await?;
+    let pending = api.delete("owner3", &DeleteParams::foreground()).await?;
+    let o = pending
+        .left()
+        .context("foreground delete should leave the owner pending")?;
+    ensure!(
+        o.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == "foregroundDeletion"),
+        "{:?}",
+        o.metadata.finalizers
+    );
+    ensure!(cms.get("held").await?.metadata.deletion_timestamp.is_some());
+    ensure!(
+        api.get_opt("owner3").await?.is_some(),
+        "owner gone before its dependent"
+    );
+    cms.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await?;
+    ensure!(cms.get_opt("held").await?.is_none() && api.get_opt("owner3").await?.is_none());
+
     // Namespaces: content needs one; deleting it removes the content.
     let ns: Api<Namespace> = Api::all(client.clone());
     let in_missing: Api<ConfigMap> = Api::namespaced(client.clone(), "gone");
