@@ -232,3 +232,30 @@ async fn streaming_list_initial_events() -> anyhow::Result<()> {
     server.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn abandoned_watches_end_promptly() -> anyhow::Result<()> {
+    let server = common::start_with_widgets().await?;
+    let api: Api<ConfigMap> = Api::default_namespaced(server.client()?);
+    let stream = api
+        .watch(&WatchParams::default().timeout(290), "0")
+        .await?
+        .boxed();
+    common::within(10, "watch registered", async {
+        while server.active_watches() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    // Dropping the stream closes the connection; the server notices without
+    // waiting for the 290 s timeout or an event to write.
+    drop(stream);
+    common::within(10, "watch released", async {
+        while server.active_watches() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    server.shutdown().await;
+    Ok(())
+}

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
@@ -759,6 +759,22 @@ async fn delete_opts(q: &Query, req: Request<Incoming>) -> ApiResult<DeleteOpts>
     })
 }
 
+/// Counts a watch as open for as long as its task lives.
+struct WatchGuard(Arc<Inner>);
+
+impl WatchGuard {
+    fn new(inner: Arc<Inner>) -> Self {
+        inner.active_watches.fetch_add(1, Ordering::Relaxed);
+        Self(inner)
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.active_watches.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Turns a logged change into what a filtered watch should see.
 fn translate(
     def: &ResourceDef,
@@ -813,7 +829,7 @@ fn watch(
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800));
-    let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(256);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let start = inner
         .lock()
         .and_then(|mut s| s.watch(&def, ns.as_deref(), &lq, send_initial));
@@ -822,6 +838,7 @@ fn watch(
     let interval = inner.bookmark_interval;
     let key = def.store_key();
     tokio::spawn(async move {
+        let _active = WatchGuard::new(inner.clone());
         // Table watches (kubectl get -w): every object becomes a one-row
         // Table; column definitions only in the first, as the real server.
         let mut first_table = true;
@@ -882,6 +899,8 @@ fn watch(
             tokio::select! {
                 _ = &mut deadline => return,
                 _ = shutdown.cancelled() => return,
+                // The client went away: stop now rather than at the timeout.
+                _ = tx.closed() => return,
                 _ = ticker.tick(), if bookmarks => {
                     // Everything up to the current RV is already queued in rx
                     // (events are broadcast under the lock): drain, then mark.
@@ -928,7 +947,12 @@ fn watch(
             }
         }
     });
-    let body = StreamBody::new(rx.map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    let frames = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let body = StreamBody::new(frames);
     Response::builder()
         .status(200)
         .header(header::CONTENT_TYPE, "application/json")

@@ -48,6 +48,7 @@ mod table;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -126,6 +127,7 @@ pub(crate) struct Inner {
     shutdown: CancellationToken,
     bookmark_interval: Duration,
     port: u16,
+    active_watches: AtomicUsize,
 }
 
 impl Inner {
@@ -153,6 +155,10 @@ impl Inner {
                 ));
             }
         }
+        out.push_str(&format!(
+            "# HELP peerfill_apiserver_watches Watch streams currently open.\n# TYPE peerfill_apiserver_watches gauge\npeerfill_apiserver_watches {}\n",
+            self.active_watches.load(Ordering::Relaxed)
+        ));
         if let Ok(s) = self.state.lock() {
             out.push_str(&format!(
                 "# HELP peerfill_apiserver_resource_version Current resourceVersion.\n# TYPE peerfill_apiserver_resource_version gauge\npeerfill_apiserver_resource_version {}\n",
@@ -189,6 +195,7 @@ impl ApiServer {
             shutdown: shutdown.clone(),
             bookmark_interval: opts.bookmark_interval,
             port: addr.port(),
+            active_watches: AtomicUsize::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, inner.clone()));
         tracing::info!(%addr, "in-memory API server listening");
@@ -336,6 +343,11 @@ impl ApiServerHandle {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default()
+    }
+
+    /// Watch streams currently open.
+    pub fn active_watches(&self) -> usize {
+        self.inner.active_watches.load(Ordering::Relaxed)
     }
 
     /// Current global resourceVersion.
