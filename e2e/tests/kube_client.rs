@@ -223,6 +223,26 @@ async fn selectors_and_pagination() -> anyhow::Result<()> {
     }
     ensure!(seen == ["a", "b", "c", "d"], "{seen:?}");
 
+    // dryRun=All answers as if written but stores nothing.
+    let dry = api
+        .create(
+            &PostParams {
+                dry_run: true,
+                field_manager: None,
+            },
+            &widget("dry", 1)?,
+        )
+        .await?;
+    ensure!(dry.metadata.name.as_deref() == Some("dry") && api.get_opt("dry").await?.is_none());
+
+    // deletecollection with a selector.
+    api.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("tier=small"),
+    )
+    .await?;
+    ensure!(names(api.list(&ListParams::default()).await?) == ["b", "c"]);
+
     // Across namespaces, and nodes (cluster-scoped) by label.
     let ns: Api<Namespace> = Api::all(client.clone());
     ns.create(
@@ -248,7 +268,7 @@ async fn selectors_and_pagination() -> anyhow::Result<()> {
             "widgets",
         ),
     );
-    ensure!(all.list(&ListParams::default()).await?.items.len() == 5);
+    ensure!(all.list(&ListParams::default()).await?.items.len() == 3);
 
     let nodes: Api<Node> = Api::all(client);
     for (n, zone) in [("n1", "a"), ("n2", "b"), ("n3", "c")] {
