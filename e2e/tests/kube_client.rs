@@ -416,6 +416,10 @@ async fn finalizers_gc_and_namespaces() -> anyhow::Result<()> {
         .left()
         .context("delete with a finalizer should return the object")?;
     ensure!(obj.metadata.deletion_timestamp.is_some());
+    ensure!(
+        obj.metadata.generation == Some(2),
+        "deletion must bump generation"
+    );
     ensure!(api.get("f").await?.metadata.deletion_timestamp.is_some());
     // No new finalizers once deleting.
     let e = api_err(

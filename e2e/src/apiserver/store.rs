@@ -1047,6 +1047,13 @@ impl State {
             if !m.contains_key("deletionTimestamp") {
                 m.insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
                 m.insert("deletionGracePeriodSeconds".into(), json!(0));
+                // As the real server's BeforeDelete: generation moves when
+                // deletion starts, so generation-filtered controllers see it.
+                if let Some(g) = m.get("generation").and_then(Value::as_i64)
+                    && g > 0
+                {
+                    m.insert("generation".into(), json!(g + 1));
+                }
             }
         }
         if is_namespace {
