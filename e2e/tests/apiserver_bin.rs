@@ -62,3 +62,29 @@ async fn process_serves_and_exits_on_sigint() -> anyhow::Result<()> {
     ensure!(status.success(), "exit status {status:?}");
     Ok(())
 }
+
+/// The in-process server has its own runtime thread: a current-thread test
+/// that blocks on a child process is still served.
+#[tokio::test(flavor = "current_thread")]
+async fn in_process_server_survives_a_blocking_caller() -> anyhow::Result<()> {
+    let server = common::start_with_project_crds().await?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    // Deliberately blocking: this thread cannot drive any server task.
+    let out = std::process::Command::new("/usr/bin/kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .args(["get", "namespaces", "-o", "name", "--request-timeout=20s"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("namespace/default"));
+    server.shutdown().await;
+    Ok(())
+}

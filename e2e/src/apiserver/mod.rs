@@ -178,16 +178,14 @@ impl ApiServer {
         if let Some(dir) = &opts.crd_dir {
             load_crds(&mut state, dir)?;
         }
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], opts.port)))
-            .await
-            .map_err(|source| ServerError::Bind {
-                port: opts.port,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        let bind_err = |source| ServerError::Bind {
             port: opts.port,
             source,
-        })?;
+        };
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], opts.port)))
+            .map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
         let shutdown = CancellationToken::new();
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
@@ -197,12 +195,42 @@ impl ApiServer {
             port: addr.port(),
             active_watches: AtomicUsize::new(0),
         });
-        let task = tokio::spawn(accept_loop(listener, inner.clone()));
+        // The server runs on its own thread and runtime, so it keeps serving
+        // while the caller blocks (e.g. a current-thread test running a
+        // process synchronously).
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let thread_inner = inner.clone();
+        std::thread::Builder::new()
+            .name(format!("apiserver-{}", addr.port()))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("apiserver-worker")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the API server runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => accept_loop(l, thread_inner).await,
+                        Err(e) => tracing::error!(error = %e, "cannot register the listener"),
+                    }
+                });
+                // Dropping the runtime ends any remaining watch tasks.
+                drop(rt);
+                let _ = done_tx.send(());
+            })
+            .map_err(bind_err)?;
         tracing::info!(%addr, "in-memory API server listening");
         Ok(ApiServerHandle {
             inner,
             addr,
-            task: Some(task),
+            done: Some(done_rx),
         })
     }
 }
@@ -297,7 +325,7 @@ fn load_crds(state: &mut State, dir: &Path) -> Result<(), ServerError> {
 pub struct ApiServerHandle {
     inner: Arc<Inner>,
     addr: SocketAddr,
-    task: Option<tokio::task::JoinHandle<()>>,
+    done: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl ApiServerHandle {
@@ -366,8 +394,8 @@ impl ApiServerHandle {
     /// Stops accepting, ends watches and closes connections.
     pub async fn shutdown(mut self) {
         self.inner.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
         }
     }
 }
