@@ -118,7 +118,7 @@ fn spawn(bin: &Path, cfg: &AgentConfig) -> BenchResult<Proc> {
     let child = Command::new(bin)
         .args(["run", "--config"])
         .arg(&path)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -382,5 +382,8 @@ async fn main() -> BenchResult<()> {
     let tmp = tempfile::tempdir()?;
     single(&bin, &tmp.path().join("single"), single_size).await?;
     swarm(&bin, &tmp.path().join("swarm"), swarm_size, 8).await?;
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("kept {}", tmp.keep().display());
+    }
     Ok(())
 }

@@ -241,7 +241,7 @@ async fn fetch(
     piece: u32,
     hash: PieceHash,
     token: CancellationToken,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let layout = fill.layout();
     let len = layout.piece_len(piece);
@@ -293,33 +293,30 @@ async fn fetch(
         }
     }
     shared.metrics.piece_verified();
-    // Detached so that cancelling this request (endgame, session end) cannot
-    // interrupt the write half-way and leave the piece marked as being written.
-    let store = {
-        let (fill, me) = (fill.clone(), shared.opts.node.clone());
-        tokio::spawn(async move { fill.store_verified(Some(sid), &me, piece, data, None).await })
-    };
-    let stored = match store.await {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "store task failed");
-            return;
+    // The request is done: returning frees this peer's pipeline slot so the
+    // link stays busy while the piece is written. The write runs detached
+    // (cancelling the request cannot interrupt it half-way) and keeps the
+    // global in-flight permit, which bounds the piece buffers held.
+    tokio::spawn(async move {
+        let stored = fill
+            .store_verified(Some(sid), &shared.opts.node, piece, data, None)
+            .await;
+        drop(permit);
+        match stored {
+            Ok(true) => {
+                shared.metrics.received(Source::Peer, u64::from(len));
+                fill.stats
+                    .bytes_from_peers
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
+            }
+            Ok(false) => {
+                fill.stats
+                    .bytes_wasted
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
+            }
+            Err(e) => warn!(content = %fill.spec.id, piece, error = %e, "cannot store piece"),
         }
-    };
-    match stored {
-        Ok(true) => {
-            shared.metrics.received(Source::Peer, u64::from(len));
-            fill.stats
-                .bytes_from_peers
-                .fetch_add(u64::from(len), Ordering::Relaxed);
-        }
-        Ok(false) => {
-            fill.stats
-                .bytes_wasted
-                .fetch_add(u64::from(len), Ordering::Relaxed);
-        }
-        Err(e) => warn!(content = %fill.spec.id, piece, error = %e, "cannot store piece"),
-    }
+    });
 }
 
 async fn request_piece(
