@@ -776,3 +776,91 @@ fn snapshot(
     }
     st
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+node: node-a
+listen: 127.0.0.1:7100
+dataDir: /var/lib/peerfill
+identity: { cert: /etc/peerfill/tls.crt, key: /etc/peerfill/tls.key, ca: /etc/peerfill/ca.crt }
+limits: { downloadBytesPerSec: 104857600 }
+stay: true
+contents:
+  - id: model-a
+    path: models/a.bin
+    digest: "blake3:0000000000000000000000000000000000000000000000000000000000000000"
+    source:
+      http: { url: "http://127.0.0.1:8080/a.bin", readers: [node-a, node-b] }
+    peers: [{ node: node-b, addr: "127.0.0.2:7100" }]
+    allowedPeers: [node-a, node-b]
+  - id: build-b
+    path: builds/b.tar
+    size: 1048576
+    pieceSize: 65536
+    source:
+      node: { node: node-b }
+"#;
+
+    fn load_str(text: &str, ext: &str) -> Result<AgentConfig, AgentError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(format!("agent.{ext}"));
+        std::fs::write(&path, text).expect("write config");
+        AgentConfig::load(&path)
+    }
+
+    #[test]
+    fn loads_yaml_and_json_alike() {
+        let cfg = load_str(YAML, "yaml").expect("yaml config");
+        assert_eq!(cfg.contents.len(), 2);
+        assert_eq!(cfg.contents[0].piece_size, DEFAULT_PIECE_SIZE);
+        assert_eq!(cfg.limits.download_bytes_per_sec, Some(100 << 20));
+        assert!(matches!(
+            &cfg.contents[1].source,
+            SourceConfig::Node { node, path: None } if node == "node-b"
+        ));
+        let json = serde_json::to_string(&cfg).expect("to json");
+        let back = load_str(&json, "json").expect("json config");
+        assert_eq!(serde_json::to_string(&back).expect("to json"), json);
+    }
+
+    #[test]
+    fn rejects_paths_escaping_the_data_root() {
+        let root = Path::new("/var/lib/peerfill");
+        assert!(dest_path(root, Path::new("a/b.bin")).is_ok());
+        for bad in ["../etc/passwd", "/etc/passwd", "a/../../b", ""] {
+            assert!(dest_path(root, Path::new(bad)).is_err(), "{bad:?} accepted");
+        }
+        let escaping = YAML.replace("models/a.bin", "../../etc/shadow");
+        assert!(matches!(
+            load_str(&escaping, "yaml"),
+            Err(AgentError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_contents() {
+        let no_readers = YAML.replace("readers: [node-a, node-b]", "readers: []");
+        assert!(matches!(
+            load_str(&no_readers, "yml"),
+            Err(AgentError::Invalid(_))
+        ));
+        let bad_piece = YAML.replace("pieceSize: 65536", "pieceSize: 65537");
+        assert!(matches!(
+            load_str(&bad_piece, "yml"),
+            Err(AgentError::Invalid(_))
+        ));
+        let unknown_field = YAML.replace("stay: true", "stay: true\nbogus: 1");
+        assert!(matches!(
+            load_str(&unknown_field, "yaml"),
+            Err(AgentError::ParseConfig { .. })
+        ));
+        let dup = YAML.replace("id: build-b", "id: model-a");
+        assert!(matches!(
+            load_str(&dup, "yaml"),
+            Err(AgentError::Invalid(_))
+        ));
+    }
+}
