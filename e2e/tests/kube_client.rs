@@ -728,3 +728,60 @@ async fn recorder_events_visible_as_core_events() -> anyhow::Result<()> {
     server.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn crd_applied_at_runtime_is_discovered_and_served() -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let server = kube_server_without_crds().await?;
+    let client = server.client()?;
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/widgets-crd.yaml"),
+    )?;
+    let crd: CustomResourceDefinition =
+        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("fixture: {e}"))?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let created = crds.create(&PostParams::default(), &crd).await?;
+    let established = created
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True");
+    ensure!(established, "CRD not Established");
+
+    let discovery = kube::Discovery::new(client.clone()).run().await?;
+    let found = discovery
+        .groups()
+        .flat_map(|g| g.recommended_resources())
+        .any(|(ar, caps)| {
+            ar.kind == "Widget"
+                && ar.plural == "widgets"
+                && caps.scope == kube::discovery::Scope::Namespaced
+        });
+    ensure!(found, "widgets not in discovery");
+
+    let api = widgets(client.clone());
+    api.create(&PostParams::default(), &widget("rt", 1)?)
+        .await?;
+    ensure!(api.get("rt").await?.data["spec"]["max"] == json!(100));
+
+    // Deleting the CRD removes the kind and its objects.
+    crds.delete("widgets.test.peerfill.dev", &DeleteParams::default())
+        .await?;
+    let e = api_err(
+        api.get("rt")
+            .await
+            .err()
+            .context("kind still served after CRD deletion")?,
+    )?;
+    ensure!(e.code == 404, "{e:?}");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn kube_server_without_crds() -> anyhow::Result<peerfill_e2e::apiserver::ApiServerHandle> {
+    Ok(peerfill_e2e::apiserver::ApiServer::start(
+        peerfill_e2e::apiserver::ApiServerOptions::default(),
+    )
+    .await?)
+}
