@@ -85,6 +85,21 @@ async fn crud_conflicts_and_status_subresource() -> anyhow::Result<()> {
         e.message
     );
 
+    // Custom resources refuse unconditional updates.
+    let mut unconditional = replaced.clone();
+    unconditional.metadata.resource_version = None;
+    let e = api_err(
+        api.replace("w1", &PostParams::default(), &unconditional)
+            .await
+            .err()
+            .context("update without resourceVersion accepted")?,
+    )?;
+    ensure!(
+        e.code == 422 && e.message.contains("metadata.resourceVersion"),
+        "{}",
+        e.message
+    );
+
     // Status is ignored on the main endpoint and written only via /status,
     // which leaves generation alone.
     let mut with_status = replaced.clone();

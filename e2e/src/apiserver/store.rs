@@ -691,6 +691,19 @@ impl State {
             }
         };
         let rv = meta_str(&obj, "resourceVersion");
+        if rv.is_empty() && def.custom {
+            // Custom resources do not allow unconditional updates.
+            return Err(ApiError::invalid(
+                &def.kind,
+                &def.group,
+                name,
+                vec![FieldCause::invalid(
+                    "metadata.resourceVersion",
+                    "0x0",
+                    "must be specified for an update",
+                )],
+            ));
+        }
         if !rv.is_empty() && rv != meta_str(&old, "resourceVersion") {
             return Err(ApiError::conflict_modified(&def.plural, &def.group, name));
         }
