@@ -31,6 +31,9 @@ use crate::wire::{self, Message, RejectReason, WireError};
 /// Largest control frame (bitfields, hash batches, requests).
 const MAX_CONTROL_FRAME: u32 = 1 << 20;
 
+/// Largest request frame (a content id and a piece index).
+const MAX_REQUEST_FRAME: u32 = 1024;
+
 /// How long an announcement for a content not (yet) configured here is kept
 /// open: peers may learn of a content before we finish preparing it.
 const CONTENT_WAIT: Duration = Duration::from_secs(120);
@@ -373,7 +376,7 @@ async fn serve_request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let (content_id, piece) = match wire::read_frame(&mut recv, MAX_CONTROL_FRAME).await {
+    let (content_id, piece) = match wire::read_frame(&mut recv, MAX_REQUEST_FRAME).await {
         Ok(Some(Message::Request { content, piece })) => (content, piece),
         Ok(None) | Err(WireError::Io(_)) => return,
         Ok(Some(other)) => {
@@ -433,7 +436,11 @@ async fn serve_request(
     }
     let _ = send.finish();
     // Hold the slot until the peer has the data, so slots bound memory too.
-    let delivered = matches!(send.stopped().await, Ok(None));
+    // A peer that stops reading must not hold a slot forever.
+    let delivered = matches!(
+        tokio::time::timeout(shared.opts.request_timeout, send.stopped()).await,
+        Ok(Ok(None))
+    );
     drop(permit);
     if delivered {
         shared.metrics.sent(u64::from(len));
