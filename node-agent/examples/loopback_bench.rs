@@ -118,7 +118,10 @@ fn spawn(bin: &Path, cfg: &AgentConfig) -> BenchResult<Proc> {
     let child = Command::new(bin)
         .args(["run", "--config"])
         .arg(&path)
-        .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
