@@ -592,3 +592,96 @@ impl Fill {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::piece_hash;
+
+    const PIECE: u32 = 16 << 10;
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    fn fill(dir: &std::path::Path, size: usize, digest: Option<Digest>) -> Arc<Fill> {
+        let layout = Layout::new(size as u64, PIECE).expect("layout");
+        let store = PieceStore::open(dir, "c", layout).expect("store");
+        let spec = FillSpec {
+            id: "c".into(),
+            layout,
+            digest,
+            authority: Authority::Readers(vec![("r0".into(), 0..2), ("r1".into(), 2..4)]),
+            allowed: ["a".to_string()].into(),
+        };
+        Fill::new(spec, store, false)
+    }
+
+    #[test]
+    fn hashes_are_taken_only_from_the_authority_of_each_piece() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = fill(dir.path(), 4 * PIECE as usize, None);
+        f.hashes_from("r1", &[(0, [1; 32]), (2, [2; 32])]);
+        assert_eq!(f.hash(0), None, "r1 is not the authority of piece 0");
+        assert_eq!(f.hash(2), Some([2; 32]));
+        f.hashes_from("mallory", &[(1, [9; 32])]);
+        assert_eq!(f.hash(1), None);
+        // A conflicting second value from the authority is ignored.
+        f.hashes_from("r1", &[(2, [3; 32])]);
+        assert_eq!(f.hash(2), Some([2; 32]));
+    }
+
+    #[tokio::test]
+    async fn completes_and_checks_the_whole_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = data(4 * PIECE as usize);
+        let digest = Digest::Blake3(*blake3::hash(&bytes).as_bytes());
+        let f = fill(dir.path(), bytes.len(), Some(digest));
+        let layout = f.layout();
+        let hashes: Vec<(u32, PieceHash)> = (0..4)
+            .map(|i| {
+                let r = layout.piece_range(i);
+                (
+                    i,
+                    piece_hash(&layout, i, &bytes[r.start as usize..r.end as usize]),
+                )
+            })
+            .collect();
+        f.hashes_from("r0", &hashes[..2]);
+        f.hashes_from("r1", &hashes[2..]);
+        for i in 0..4 {
+            let r = layout.piece_range(i);
+            let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+            assert!(
+                f.store_verified(None, "me", i, piece, None)
+                    .await
+                    .expect("store")
+            );
+        }
+        assert!(f.is_complete());
+        let dest = dir.path().join("out/c.bin");
+        f.finish(&dest).await.expect("finish");
+        assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
+    }
+
+    #[tokio::test]
+    async fn a_manifest_not_matching_the_digest_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = data(2 * PIECE as usize);
+        let f = fill(dir.path(), bytes.len(), Some(Digest::Blake3([7; 32])));
+        let layout = f.layout();
+        for i in 0..2 {
+            let r = layout.piece_range(i);
+            let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+            let h = piece_hash(&layout, i, &piece);
+            f.store_verified(None, "r0", i, piece, Some(h))
+                .await
+                .expect("store");
+        }
+        let err = f
+            .finish(&dir.path().join("out"))
+            .await
+            .expect_err("must fail");
+        assert_eq!(err.reason(), "DigestMismatch");
+    }
+}
