@@ -800,3 +800,44 @@ async fn kube_server_without_crds() -> anyhow::Result<peerfill_e2e::apiserver::A
     )
     .await?)
 }
+
+#[tokio::test]
+async fn aggregated_discovery_when_asked() -> anyhow::Result<()> {
+    let server = common::start_with_project_crds().await?;
+    let client = server.client()?;
+    let req = http::Request::get("/apis")
+        .header(
+            "Accept",
+            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json",
+        )
+        .body(Vec::new())?;
+    let doc: serde_json::Value = client.request(req).await?;
+    ensure!(doc["kind"] == json!("APIGroupDiscoveryList"), "{doc}");
+    let peerfill = doc["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["metadata"]["name"] == json!("peerfill.dev"))
+        .context("peerfill.dev missing")?;
+    let dist = peerfill["versions"][0]["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["resource"] == json!("distributions"))
+        .context("distributions missing")?;
+    ensure!(
+        dist["scope"] == json!("Namespaced") && dist["shortNames"] == json!(["dist"]),
+        "{dist}"
+    );
+    ensure!(
+        dist["subresources"][0]["subresource"] == json!("status"),
+        "{dist}"
+    );
+    // Without the media type, the legacy group list.
+    let legacy: serde_json::Value = client
+        .request(http::Request::get("/apis").body(Vec::new())?)
+        .await?;
+    ensure!(legacy["kind"] == json!("APIGroupList"), "{legacy}");
+    server.shutdown().await;
+    Ok(())
+}

@@ -424,6 +424,22 @@ fn write_ctx(q: &Query, req: &Request<Incoming>) -> ApiResult<WriteCtx> {
     })
 }
 
+const AGGREGATED_V2: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+fn wants_aggregated(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| {
+            a.split(',').any(|m| {
+                let m: String = m.chars().filter(|c| !c.is_whitespace()).collect();
+                m.contains("g=apidiscovery.k8s.io")
+                    && m.contains("v=v2;")
+                    && m.contains("as=APIGroupDiscoveryList")
+            })
+        })
+}
+
 fn wants_table(req: &Request<Incoming>) -> bool {
     req.headers()
         .get(header::ACCEPT)
@@ -489,6 +505,19 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> ApiResult<Response
                 .ok_or_else(not_found_generic);
         }
         _ => {}
+    }
+    // Aggregated discovery when the client asks for it (kubectl does).
+    if method == Method::GET
+        && matches!(segs.as_slice(), ["api"] | ["apis"])
+        && wants_aggregated(&req)
+    {
+        let doc = inner.lock()?.registry.aggregated(segs == ["api"]);
+        let body = serde_json::to_vec(&doc).unwrap_or_default();
+        return Ok(Response::builder()
+            .header(header::CONTENT_TYPE, AGGREGATED_V2)
+            .header("Vary", "Accept")
+            .body(full(body))
+            .unwrap_or_else(|_| Response::new(full(""))));
     }
     if method == Method::GET
         && let Some(doc) = discovery(inner, &segs)?

@@ -103,6 +103,28 @@ impl ResourceDef {
         self.custom || self.has_status
     }
 
+    /// Entry of an aggregated (apidiscovery.k8s.io/v2) discovery document.
+    fn aggregated_entry(&self) -> Value {
+        let kind = json!({"group": self.group, "version": self.version, "kind": self.kind});
+        let mut e = json!({
+            "resource": self.plural,
+            "responseKind": kind,
+            "scope": if self.namespaced { "Namespaced" } else { "Cluster" },
+            "singularResource": self.singular,
+            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+        });
+        if !self.short_names.is_empty() {
+            e["shortNames"] = json!(self.short_names);
+        }
+        if !self.categories.is_empty() {
+            e["categories"] = json!(self.categories);
+        }
+        if self.has_status {
+            e["subresources"] = json!([{"subresource": "status", "responseKind": kind, "verbs": ["get", "patch", "update"]}]);
+        }
+        e
+    }
+
     fn discovery_entry(&self) -> Vec<Value> {
         let mut main = json!({
             "name": self.plural,
@@ -295,7 +317,7 @@ impl Registry {
                 "events",
                 "Event",
                 true,
-                &["ev"],
+                &[],
                 false,
                 &[
                     "regarding.kind",
@@ -383,6 +405,40 @@ impl Registry {
             .flat_map(|(_, d)| d.discovery_entry())
             .collect();
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+    }
+
+    /// Aggregated discovery (`APIGroupDiscoveryList`, apidiscovery.k8s.io/v2)
+    /// for the core group (`core`) or all named groups.
+    pub fn aggregated(&self, core: bool) -> Value {
+        let groups: Vec<(String, Vec<String>)> = if core {
+            vec![(String::new(), vec!["v1".to_string()])]
+        } else {
+            self.groups().into_iter().collect()
+        };
+        let items: Vec<Value> = groups
+            .into_iter()
+            .map(|(g, versions)| {
+                let versions: Vec<Value> = versions
+                    .iter()
+                    .map(|v| {
+                        let resources: Vec<Value> = self
+                            .defs
+                            .iter()
+                            .filter(|((dg, dv, _), _)| *dg == g && dv == v)
+                            .map(|(_, d)| d.aggregated_entry())
+                            .collect();
+                        json!({"version": v, "resources": resources, "freshness": "Current"})
+                    })
+                    .collect();
+                let metadata = if g.is_empty() {
+                    json!({})
+                } else {
+                    json!({"name": g})
+                };
+                json!({"metadata": metadata, "versions": versions})
+            })
+            .collect();
+        json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items})
     }
 
     /// Registers (or replaces) the kinds a CRD defines; returns the CRD's
