@@ -158,6 +158,17 @@ fn template(values: Option<&Path>, extra: &[&str]) -> Result<Vec<Doc>> {
     split_documents(&run_helm(&args)?)
 }
 
+/// Helm's message when `helm template --set <set>` fails; an error saying
+/// `accepted` when it renders anyway.
+fn template_error(set: &str, accepted: &str) -> Result<String> {
+    let chart = chart_dir();
+    let chart = chart.to_string_lossy();
+    let err = run_helm(&["template", RELEASE, chart.as_ref(), "--set", set])
+        .err()
+        .ok_or_else(|| anyhow!("{accepted}"))?;
+    Ok(format!("{err:#}"))
+}
+
 /// One rendered manifest.
 #[derive(Debug, Clone)]
 struct Doc {
@@ -1125,34 +1136,13 @@ fn admission_policy_is_left_out_before_kubernetes_1_32() -> Result<()> {
 
 #[test]
 fn values_schema_rejects_typos() -> Result<()> {
-    let chart = chart_dir();
-    let chart = chart.to_string_lossy();
-    let err = run_helm(&[
-        "template",
-        RELEASE,
-        chart.as_ref(),
-        "--set",
-        "agent.quicport=7000",
-    ])
-    .err()
-    .ok_or_else(|| anyhow!("a misspelt value key was accepted"))?;
-    assert!(
-        format!("{err:#}").contains("quicport"),
-        "error names the bad key: {err:#}"
-    );
-    let err = run_helm(&[
-        "template",
-        RELEASE,
-        chart.as_ref(),
-        "--set",
+    let err = template_error("agent.quicport=7000", "a misspelt value key was accepted")?;
+    assert!(err.contains("quicport"), "error names the bad key: {err}");
+    let err = template_error(
         "operator.image.pullPolicy=Sometimes",
-    ])
-    .err()
-    .ok_or_else(|| anyhow!("an invalid pullPolicy was accepted"))?;
-    assert!(
-        format!("{err:#}").contains("pullPolicy"),
-        "error names the bad key: {err:#}"
-    );
+        "an invalid pullPolicy was accepted",
+    )?;
+    assert!(err.contains("pullPolicy"), "error names the bad key: {err}");
     Ok(())
 }
 
@@ -1954,33 +1944,18 @@ fn everything_optional_can_be_turned_off() -> Result<()> {
     );
 
     // Inconsistent choices fail with a message, not a broken manifest.
-    let chart = chart_dir();
-    let chart = chart.to_string_lossy();
-    let err = run_helm(&[
-        "template",
-        RELEASE,
-        chart.as_ref(),
-        "--set",
+    let err = template_error(
         "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",
-    ])
-    .err()
-    .ok_or_else(|| anyhow!("a ServiceMonitor without Services was rendered"))?;
-    assert!(
-        format!("{err:#}").contains("needs metrics.service.enabled"),
-        "{err:#}"
-    );
-    let err = run_helm(&[
-        "template",
-        RELEASE,
-        chart.as_ref(),
-        "--set",
+        "a ServiceMonitor without Services was rendered",
+    )?;
+    assert!(err.contains("needs metrics.service.enabled"), "{err}");
+    let err = template_error(
         "agent.serviceAccount.create=false",
-    ])
-    .err()
-    .ok_or_else(|| anyhow!("a missing ServiceAccount name was accepted"))?;
+        "a missing ServiceAccount name was accepted",
+    )?;
     assert!(
-        format!("{err:#}").contains("agent.serviceAccount.name is required"),
-        "{err:#}"
+        err.contains("agent.serviceAccount.name is required"),
+        "{err}"
     );
     Ok(())
 }
