@@ -1312,62 +1312,46 @@ fn validate_embedded(
     if old.is_some_and(|o| json_equal(o, v)) {
         return;
     }
-    match v {
-        Value::Object(map) => {
-            if s.embedded_resource && !path.0.is_empty() {
-                for key in ["apiVersion", "kind"] {
-                    let at = path.child(key);
-                    match map.get(key) {
-                        None => errors.push(FieldError::new(
-                            at.field(),
-                            FieldErrorKind::Required,
-                            None,
-                            "must not be empty".into(),
-                        )),
-                        Some(Value::String(x)) if x.is_empty() => errors.push(FieldError::new(
-                            at.field(),
-                            FieldErrorKind::Invalid,
-                            Some(Value::String(String::new())),
-                            "must not be empty".into(),
-                        )),
-                        Some(Value::String(x))
-                            if key == "apiVersion" && x.matches('/').count() > 1 =>
-                        {
-                            errors.push(FieldError::new(
-                                at.field(),
-                                FieldErrorKind::Invalid,
-                                Some(Value::String(x.clone())),
-                                format!("unexpected GroupVersion string: {x}"),
-                            ))
-                        }
-                        Some(Value::String(_)) => {}
-                        Some(other) => errors.push(FieldError::new(
-                            at.field(),
-                            FieldErrorKind::Invalid,
-                            Some(other.clone()),
-                            "must be a string".into(),
-                        )),
-                    }
+    if let Value::Object(map) = v
+        && s.embedded_resource
+        && !path.0.is_empty()
+    {
+        for key in ["apiVersion", "kind"] {
+            let at = path.child(key);
+            match map.get(key) {
+                None => errors.push(FieldError::new(
+                    at.field(),
+                    FieldErrorKind::Required,
+                    None,
+                    "must not be empty".into(),
+                )),
+                Some(Value::String(x)) if x.is_empty() => errors.push(FieldError::new(
+                    at.field(),
+                    FieldErrorKind::Invalid,
+                    Some(Value::String(String::new())),
+                    "must not be empty".into(),
+                )),
+                Some(Value::String(x)) if key == "apiVersion" && x.matches('/').count() > 1 => {
+                    errors.push(FieldError::new(
+                        at.field(),
+                        FieldErrorKind::Invalid,
+                        Some(Value::String(x.clone())),
+                        format!("unexpected GroupVersion string: {x}"),
+                    ))
                 }
-            }
-            for (k, child) in map {
-                let old_child = old.and_then(|o| o.get(k));
-                if let Some(cs) = s.properties.get(k) {
-                    validate_embedded(child, old_child, cs, &path.child(k), errors);
-                } else if let Some(Additional::Schema(cs)) = &s.additional {
-                    validate_embedded(child, old_child, cs, &path.key(k), errors);
-                }
+                Some(Value::String(_)) => {}
+                Some(other) => errors.push(FieldError::new(
+                    at.field(),
+                    FieldErrorKind::Invalid,
+                    Some(other.clone()),
+                    "must be a string".into(),
+                )),
             }
         }
-        Value::Array(items) => {
-            if let Some(is) = &s.items {
-                for (i, item) in items.iter().enumerate() {
-                    validate_embedded(item, old_item(s, old, item), is, &path.index(i), errors);
-                }
-            }
-        }
-        _ => {}
     }
+    for_each_child(v, old, s, false, path, |child, old_child, cs, at| {
+        validate_embedded(child, old_child, cs, at, errors)
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -1384,82 +1368,56 @@ fn validate_list_types(
         // Ratcheting: an unchanged list keeps whatever duplicates it had.
         return;
     }
-    match v {
-        Value::Array(items) => {
-            match s.list_type {
-                Some(ListType::Set) => {
-                    for (i, item) in items.iter().enumerate() {
-                        if items[..i].iter().any(|b| json_equal(item, b)) {
-                            errors.push(FieldError::new(
-                                path.index(i).field(),
-                                FieldErrorKind::Duplicate,
-                                Some(item.clone()),
-                                String::new(),
-                            ));
-                        }
-                    }
-                }
-                Some(ListType::Map) => {
-                    let keys_of = |item: &Value| -> Map<String, Value> {
-                        let mut m = Map::new();
-                        for k in &s.list_map_keys {
-                            let kv = item.get(k).cloned().or_else(|| {
-                                s.items
-                                    .as_ref()
-                                    .and_then(|is| is.properties.get(k))
-                                    .and_then(|p| p.default.clone())
-                            });
-                            if let Some(kv) = kv {
-                                m.insert(k.clone(), kv);
-                            }
-                        }
-                        m
-                    };
-                    let keys: Vec<Map<String, Value>> = items.iter().map(keys_of).collect();
-                    for i in 0..keys.len() {
-                        if keys[..i].iter().any(|b| {
-                            json_equal(&Value::Object(keys[i].clone()), &Value::Object(b.clone()))
-                        }) {
-                            errors.push(FieldError::new(
-                                path.index(i).field(),
-                                FieldErrorKind::Duplicate,
-                                Some(Value::Object(keys[i].clone())),
-                                String::new(),
-                            ));
-                        }
-                    }
-                }
-                _ => {}
-            }
-            if let Some(is) = &s.items {
+    if let Value::Array(items) = v {
+        match s.list_type {
+            Some(ListType::Set) => {
                 for (i, item) in items.iter().enumerate() {
-                    validate_list_types(item, old_item(s, old, item), is, &path.index(i), errors);
+                    if items[..i].iter().any(|b| json_equal(item, b)) {
+                        errors.push(FieldError::new(
+                            path.index(i).field(),
+                            FieldErrorKind::Duplicate,
+                            Some(item.clone()),
+                            String::new(),
+                        ));
+                    }
                 }
             }
-        }
-        Value::Object(map) => {
-            for (k, child) in map {
-                if let Some(cs) = s.properties.get(k) {
-                    validate_list_types(
-                        child,
-                        old.and_then(|o| o.get(k)),
-                        cs,
-                        &path.child(k),
-                        errors,
-                    );
-                } else if let Some(Additional::Schema(cs)) = &s.additional {
-                    validate_list_types(
-                        child,
-                        old.and_then(|o| o.get(k)),
-                        cs,
-                        &path.key(k),
-                        errors,
-                    );
+            Some(ListType::Map) => {
+                let keys_of = |item: &Value| -> Map<String, Value> {
+                    let mut m = Map::new();
+                    for k in &s.list_map_keys {
+                        let kv = item.get(k).cloned().or_else(|| {
+                            s.items
+                                .as_ref()
+                                .and_then(|is| is.properties.get(k))
+                                .and_then(|p| p.default.clone())
+                        });
+                        if let Some(kv) = kv {
+                            m.insert(k.clone(), kv);
+                        }
+                    }
+                    m
+                };
+                let keys: Vec<Map<String, Value>> = items.iter().map(keys_of).collect();
+                for i in 0..keys.len() {
+                    if keys[..i].iter().any(|b| {
+                        json_equal(&Value::Object(keys[i].clone()), &Value::Object(b.clone()))
+                    }) {
+                        errors.push(FieldError::new(
+                            path.index(i).field(),
+                            FieldErrorKind::Duplicate,
+                            Some(Value::Object(keys[i].clone())),
+                            String::new(),
+                        ));
+                    }
                 }
             }
+            _ => {}
         }
-        _ => {}
     }
+    for_each_child(v, old, s, false, path, |child, old_child, cs, at| {
+        validate_list_types(child, old_child, cs, at, errors)
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -1488,31 +1446,46 @@ fn cel_walk(
             errors.push(err);
         }
     }
+    for_each_child(
+        v,
+        old,
+        s,
+        is_resource_root,
+        path,
+        |child, old_child, cs, at| cel_walk(child, old_child, cs, at, false, errors),
+    );
+}
+
+/// Calls `visit` on each child of `v` that has a schema: properties, then
+/// (for other keys) the additionalProperties schema, and list items; each
+/// with its stored counterpart. `skip_metadata` leaves out a resource root's
+/// `metadata` property, which the server validates itself.
+fn for_each_child<'v>(
+    v: &'v Value,
+    old: Option<&'v Value>,
+    s: &'v Node,
+    skip_metadata: bool,
+    path: &Path,
+    mut visit: impl FnMut(&'v Value, Option<&'v Value>, &'v Node, &Path),
+) {
     match v {
         Value::Object(map) => {
             for (k, child) in map {
                 let old_child = old.and_then(|o| o.get(k));
                 if let Some(cs) = s.properties.get(k) {
-                    if is_resource_root && k == "metadata" {
+                    if skip_metadata && k == "metadata" {
                         continue;
                     }
-                    cel_walk(child, old_child, cs, &path.child(k), false, errors);
+                    visit(child, old_child, cs, &path.child(k));
                 } else if let Some(Additional::Schema(cs)) = &s.additional {
-                    cel_walk(child, old_child, cs, &path.key(k), false, errors);
+                    visit(child, old_child, cs, &path.key(k));
                 }
             }
         }
         Value::Array(items) => {
             if let Some(is) = &s.items {
                 for (i, item) in items.iter().enumerate() {
-                    cel_walk(
-                        item,
-                        old_item(s, old, item),
-                        is,
-                        &path.index(i),
-                        false,
-                        errors,
-                    );
+                    visit(item, old_item(s, old, item), is, &path.index(i));
                 }
             }
         }
