@@ -41,6 +41,11 @@ async fn liar_is_banned_and_honest_agents_complete() {
         if i == 4 {
             cfg.fault = Some(Fault::CorruptUploads);
         }
+        if i == 0 {
+            // The reader releases pieces (and their hashes) over a few
+            // seconds, so every honest agent deals with the liar repeatedly.
+            cfg.limits.origin_bytes_per_sec = Some(16 << 20);
+        }
         cfg
     };
     // The liar is up first, so every honest agent meets it.
