@@ -673,39 +673,22 @@ mod tests {
 
     #[test]
     fn apply_conflicts_and_removal() {
-        let conflict = |m: String| ApiError::conflict("things", "", "t", m);
+        // Only the manager, the object and force vary between the applies.
+        let apply = |live: &Value, applied: &Value, manager: &str, force: bool| {
+            let conflict = |m: String| ApiError::conflict("things", "", "t", m);
+            server_side_apply(live, applied, manager, force, "v1", "", "t", conflict)
+        };
         let a1 = json!({"spec": {"x": 1, "y": 2}});
-        let live = server_side_apply(
-            &json!({"metadata": {}}),
-            &a1,
-            "m1",
-            false,
-            "v1",
-            "",
-            "t",
-            conflict,
-        )
-        .unwrap_or_default();
+        let live = apply(&json!({"metadata": {}}), &a1, "m1", false).unwrap_or_default();
         assert_eq!(live["spec"], json!({"x": 1, "y": 2}));
         // A second manager setting x differently conflicts unless forced.
         let a2 = json!({"spec": {"x": 5}});
-        let err = server_side_apply(&live, &a2, "m2", false, "v1", "", "t", conflict);
+        let err = apply(&live, &a2, "m2", false);
         assert!(err.is_err_and(|e| e.code == 409 && e.message.contains("\"m1\": .spec.x")));
-        let live2 =
-            server_side_apply(&live, &a2, "m2", true, "v1", "", "t", conflict).unwrap_or_default();
+        let live2 = apply(&live, &a2, "m2", true).unwrap_or_default();
         assert_eq!(live2["spec"]["x"], json!(5));
         // m1 drops y: removed; x now belongs to m2 and stays.
-        let live3 = server_side_apply(
-            &live2,
-            &json!({"spec": {}}),
-            "m1",
-            false,
-            "v1",
-            "",
-            "t",
-            conflict,
-        )
-        .unwrap_or_default();
+        let live3 = apply(&live2, &json!({"spec": {}}), "m1", false).unwrap_or_default();
         assert_eq!(live3["spec"], json!({"x": 5}));
     }
 }
