@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult, FieldCause};
+use super::meta;
 use super::validation::CompiledSchema;
 
 /// A printer column (`additionalPrinterColumns` of a CRD).
@@ -503,18 +504,6 @@ fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
 }
 
-fn strings_at(v: &Value, ptr: &str) -> Vec<String> {
-    v.pointer(ptr)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn parse_crd(crd: &Value) -> ApiResult<ParsedCrd> {
     let name = str_at(crd, "/metadata/name");
     let group = str_at(crd, "/spec/group").to_string();
@@ -577,8 +566,8 @@ fn parse_crd(crd: &Value) -> ApiResult<ParsedCrd> {
         "" => format!("{kind}List"),
         s => s.to_string(),
     };
-    let short_names = strings_at(crd, "/spec/names/shortNames");
-    let categories = strings_at(crd, "/spec/names/categories");
+    let short_names = meta::strings_at(crd, "/spec/names/shortNames");
+    let categories = meta::strings_at(crd, "/spec/names/categories");
     let mut defs = Vec::new();
     for (i, v) in versions.iter().enumerate() {
         if v.get("served").and_then(Value::as_bool) == Some(false) {
