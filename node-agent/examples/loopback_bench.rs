@@ -115,8 +115,8 @@ fn spawn(bin: &Path, cfg: &AgentConfig) -> BenchResult<Proc> {
     let path = cfg.data_dir.join("agent.json");
     std::fs::write(&path, serde_json::to_vec_pretty(cfg)?)?;
     let log = std::fs::File::create(cfg.data_dir.join("agent.log"))?;
-    let child = Command::new(bin)
-        .args(["run", "--config"])
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--config"])
         .arg(&path)
         .env(
             "RUST_LOG",
@@ -124,8 +124,9 @@ fn spawn(bin: &Path, cfg: &AgentConfig) -> BenchResult<Proc> {
         )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
+        .stderr(log);
+    kill_with_parent(&mut cmd);
+    let child = cmd.spawn()?;
     Ok(Proc {
         child,
         name: cfg.node.clone(),
@@ -389,4 +390,17 @@ async fn main() -> BenchResult<()> {
         println!("kept {}", tmp.keep().display());
     }
     Ok(())
+}
+
+/// Makes the kernel kill the child if this process dies without running
+/// destructors (e.g. the test runner kills it on timeout).
+fn kill_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }

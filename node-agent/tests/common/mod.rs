@@ -270,15 +270,15 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,peerfill_agent=debug,quinn=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
+            .stderr(log);
+        kill_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("spawn agent");
         self.child = Some(child);
     }
 
@@ -363,4 +363,17 @@ pub fn metric_value(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Makes the kernel kill the child if this process dies without running
+/// destructors (e.g. the test runner kills it on timeout).
+fn kill_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
