@@ -134,14 +134,22 @@ pub struct NodeSource {
     /// File or directory on that node, relative to the seeding agent's data
     /// root (the agent can read nothing outside it). Same rules as
     /// `target.path`.
-    #[schemars(length(min = 1, max = PATH_MAX_LEN))]
-    #[x_kube(
-        validation = Rule::new(PATH_RELATIVE_RULE).message(PATH_RELATIVE_MESSAGE),
-        validation = Rule::new(PATH_DOT_SEGMENT_RULE).message(PATH_DOT_SEGMENT_MESSAGE),
-        validation = Rule::new(PATH_EMPTY_SEGMENT_RULE).message(PATH_EMPTY_SEGMENT_MESSAGE),
-        validation = Rule::new(PATH_SEGMENT_LEN_RULE).message(PATH_SEGMENT_LEN_MESSAGE)
-    )]
+    #[schemars(length(min = 1, max = PATH_MAX_LEN), transform = relative_path_rules)]
     pub path: String,
+}
+
+/// Adds the CEL rules of a relative path under the data root (`source.node.path`
+/// and `target.path` share them).
+fn relative_path_rules(schema: &mut schemars::Schema) {
+    for (rule, message) in [
+        (PATH_RELATIVE_RULE, PATH_RELATIVE_MESSAGE),
+        (PATH_DOT_SEGMENT_RULE, PATH_DOT_SEGMENT_MESSAGE),
+        (PATH_EMPTY_SEGMENT_RULE, PATH_EMPTY_SEGMENT_MESSAGE),
+        (PATH_SEGMENT_LEN_RULE, PATH_SEGMENT_LEN_MESSAGE),
+    ] {
+        kube::core::validate(schema, kube::core::Rule::new(rule).message(message))
+            .expect("a CEL rule serializes");
+    }
 }
 
 /// Which nodes get the content, and where it goes on them.
@@ -161,13 +169,7 @@ pub struct Target {
     /// Where the content goes on each node, relative to the agent's data
     /// root: never absolute, no `.`/`..` or empty segments, at most 1024
     /// characters, segments at most 255.
-    #[schemars(length(min = 1, max = PATH_MAX_LEN))]
-    #[x_kube(
-        validation = Rule::new(PATH_RELATIVE_RULE).message(PATH_RELATIVE_MESSAGE),
-        validation = Rule::new(PATH_DOT_SEGMENT_RULE).message(PATH_DOT_SEGMENT_MESSAGE),
-        validation = Rule::new(PATH_EMPTY_SEGMENT_RULE).message(PATH_EMPTY_SEGMENT_MESSAGE),
-        validation = Rule::new(PATH_SEGMENT_LEN_RULE).message(PATH_SEGMENT_LEN_MESSAGE)
-    )]
+    #[schemars(length(min = 1, max = PATH_MAX_LEN), transform = relative_path_rules)]
     pub path: String,
 }
 
