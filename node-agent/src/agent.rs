@@ -351,6 +351,8 @@ struct Outcome {
 
 struct ContentRun {
     cfg: ContentConfig,
+    /// This agent's node name.
+    node: String,
     fill: Mutex<Option<Arc<Fill>>>,
     outcome: Mutex<Outcome>,
 }
@@ -430,6 +432,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summar
         .map(|c| {
             Arc::new(ContentRun {
                 cfg: c.clone(),
+                node: cfg.node.clone(),
                 fill: Mutex::new(None),
                 outcome: Mutex::new(Outcome {
                     phase: Phase::Pending,
@@ -766,6 +769,21 @@ fn snapshot(
         st.resumed_pieces = s.resumed_pieces.load(Ordering::Relaxed);
         st.pieces_rejected = s.pieces_rejected.load(Ordering::Relaxed);
         st.rejected_from = fill.rejected_from();
+        if phase == Phase::Fetching && st.message.is_none() {
+            // Pieces are only fetched once their hash is known, and hashes
+            // come from their authority only: say whom we are waiting for.
+            let missing: Vec<String> = fill
+                .pending_authorities()
+                .into_iter()
+                .filter(|n| n != &run.node && !connected.contains(n))
+                .collect();
+            if !missing.is_empty() {
+                st.message = Some(format!(
+                    "waiting for piece hashes from {} (not connected)",
+                    missing.join(", ")
+                ));
+            }
+        }
         let received = st.bytes_from_origin + st.bytes_from_peers;
         let now = Instant::now();
         let dt = now.duration_since(last.0).as_secs_f64();

@@ -243,6 +243,26 @@ impl Fill {
         }
     }
 
+    /// Nodes whose piece hashes we still wait for (the authorities of the
+    /// pieces with an unknown hash), sorted.
+    pub fn pending_authorities(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut nodes: Vec<String> = Vec::new();
+        if st.unknown_hashes == 0 {
+            return nodes;
+        }
+        for (i, h) in st.hashes.iter().enumerate() {
+            if h.is_none()
+                && let Some(n) = self.spec.authority.of(i as u32)
+                && !nodes.iter().any(|x| x == n)
+            {
+                nodes.push(n.to_string());
+            }
+        }
+        nodes.sort();
+        nodes
+    }
+
     /// The trusted hash of a piece, if known.
     pub fn hash(&self, piece: u32) -> Option<PieceHash> {
         self.lock().hashes.get(piece as usize).copied().flatten()
@@ -647,8 +667,11 @@ mod tests {
                 )
             })
             .collect();
+        assert_eq!(f.pending_authorities(), vec!["r0", "r1"]);
         f.hashes_from("r0", &hashes[..2]);
+        assert_eq!(f.pending_authorities(), vec!["r1"]);
         f.hashes_from("r1", &hashes[2..]);
+        assert!(f.pending_authorities().is_empty());
         for i in 0..4 {
             let r = layout.piece_range(i);
             let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
