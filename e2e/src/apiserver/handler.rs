@@ -924,6 +924,19 @@ fn watch(
             s["reason"] = json!("Expired");
             s
         };
+        // A broadcast event goes on only when it is this watch's and newer
+        // than `last` (the drain before a bookmark and the main loop both
+        // see it); false once the client is gone.
+        let mut forward = async |e: &LogEntry, last: &mut u64| -> bool {
+            if e.store != key || e.rv <= *last {
+                return true;
+            }
+            *last = e.rv;
+            match translate(&def, e, ns.as_deref(), &lq) {
+                Some((t, o)) => tx.send(event_line(t.as_str(), &render(o))).await.is_ok(),
+                None => true,
+            }
+        };
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
@@ -937,12 +950,7 @@ fn watch(
                     loop {
                         match rx.try_recv() {
                             Ok(WatchMsg::Event(e)) => {
-                                if e.store != key || e.rv <= last { continue; }
-                                last = e.rv;
-                                if let Some((t, o)) = translate(&def, &e, ns.as_deref(), &lq)
-                                    && tx.send(event_line(t.as_str(), &render(o))).await.is_err() {
-                                    return;
-                                }
+                                if !forward(&e, &mut last).await { return; }
                             }
                             Ok(WatchMsg::Expire) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
                                 let _ = tx.send(event_line("ERROR", &expired(last))).await;
@@ -960,12 +968,7 @@ fn watch(
                 }
                 msg = rx.recv() => match msg {
                     Ok(WatchMsg::Event(e)) => {
-                        if e.store != key || e.rv <= last { continue; }
-                        last = e.rv;
-                        if let Some((t, o)) = translate(&def, &e, ns.as_deref(), &lq)
-                            && tx.send(event_line(t.as_str(), &render(o))).await.is_err() {
-                            return;
-                        }
+                        if !forward(&e, &mut last).await { return; }
                     }
                     Ok(WatchMsg::Expire) | Err(RecvError::Lagged(_)) => {
                         let _ = tx.send(event_line("ERROR", &expired(last))).await;
