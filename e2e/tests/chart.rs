@@ -152,6 +152,24 @@ fn template(values: Option<&Path>, extra: &[&str]) -> Result<Vec<Doc>> {
     split_documents(&run_helm(&args)?)
 }
 
+/// Runs the linter `name` (as `find_or_install_tool` finds it) in the
+/// workspace root; what it prints is the error when it finds problems.
+fn run_linter(name: &str, env_var: &str, args: &[&str]) -> Result<()> {
+    let tool = find_or_install_tool(name, env_var)?;
+    let out = Command::new(&tool)
+        .args(args)
+        .current_dir(common::workspace_root())
+        .output()
+        .with_context(|| format!("running {}", tool.display()))?;
+    ensure!(
+        out.status.success(),
+        "{name} found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Helm's message when `helm template --set <set>` fails; an error saying
 /// `accepted` when it renders anyway.
 fn template_error(set: &str, accepted: &str) -> Result<String> {
@@ -1784,23 +1802,15 @@ fn images_are_multi_stage_minimal_and_lint_clean() -> Result<()> {
         );
     }
 
-    let hadolint = find_or_install_tool("hadolint", "HADOLINT")?;
-    let out = Command::new(&hadolint)
-        .args([
+    run_linter(
+        "hadolint",
+        "HADOLINT",
+        &[
             "--no-color",
             "images/operator.Dockerfile",
             "images/agent.Dockerfile",
-        ])
-        .current_dir(common::workspace_root())
-        .output()
-        .with_context(|| format!("running {}", hadolint.display()))?;
-    ensure!(
-        out.status.success(),
-        "hadolint found problems:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+        ],
+    )
 }
 
 #[test]
@@ -1817,20 +1827,9 @@ fn install_and_kind_scripts_pass_shellcheck() -> Result<()> {
     }
     scripts.sort();
     assert!(scripts.len() >= 5, "scripts found: {scripts:?}");
-    let shellcheck = find_or_install_tool("shellcheck", "SHELLCHECK")?;
-    let out = Command::new(&shellcheck)
-        .arg("--external-sources")
-        .args(&scripts)
-        .current_dir(common::workspace_root())
-        .output()
-        .with_context(|| format!("running {}", shellcheck.display()))?;
-    ensure!(
-        out.status.success(),
-        "shellcheck found problems:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    let mut args = vec!["--external-sources"];
+    args.extend(scripts.iter().map(String::as_str));
+    run_linter("shellcheck", "SHELLCHECK", &args)
 }
 
 #[test]
