@@ -372,19 +372,31 @@ impl std::fmt::Debug for Additional {
     }
 }
 
+/// The value of keyword `key` through `convert` (absent and null: `None`);
+/// a value `convert` refuses is an error saying it should be `expected`.
+fn get_keyword<T>(
+    m: &Map<String, Value>,
+    key: &'static str,
+    path: &str,
+    expected: &'static str,
+    convert: impl FnOnce(&Value) -> Option<T>,
+) -> Result<Option<T>, SchemaError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => convert(v).map(Some).ok_or_else(|| SchemaError::BadKeyword {
+            path: path.to_string(),
+            keyword: key,
+            expected,
+        }),
+    }
+}
+
 fn get_u64(
     m: &Map<String, Value>,
     key: &'static str,
     path: &str,
 ) -> Result<Option<u64>, SchemaError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| SchemaError::BadKeyword {
-            path: path.to_string(),
-            keyword: key,
-            expected: "a non-negative integer",
-        }),
-    }
+    get_keyword(m, key, path, "a non-negative integer", Value::as_u64)
 }
 
 fn get_f64(
@@ -392,26 +404,11 @@ fn get_f64(
     key: &'static str,
     path: &str,
 ) -> Result<Option<f64>, SchemaError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| SchemaError::BadKeyword {
-            path: path.to_string(),
-            keyword: key,
-            expected: "a number",
-        }),
-    }
+    get_keyword(m, key, path, "a number", Value::as_f64)
 }
 
 fn get_bool(m: &Map<String, Value>, key: &'static str, path: &str) -> Result<bool, SchemaError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(SchemaError::BadKeyword {
-            path: path.to_string(),
-            keyword: key,
-            expected: "a boolean",
-        }),
-    }
+    Ok(get_keyword(m, key, path, "a boolean", Value::as_bool)?.unwrap_or(false))
 }
 
 fn sub_path(path: &str, rest: &str) -> String {
