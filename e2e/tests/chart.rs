@@ -32,7 +32,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, PodTemplateSpec, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
@@ -606,6 +606,17 @@ fn all_grants_of_sa(r: &Rendered, sa: &str) -> Result<BTreeSet<(String, String, 
     Ok(all)
 }
 
+/// Whether a workload's `matchLabels` select the pods of its own template.
+fn selects_own_pods(selector: &LabelSelector, template: &PodTemplateSpec) -> bool {
+    let sel = selector.match_labels.clone().unwrap_or_default();
+    let labels = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    labels_match(&sel, &labels)
+}
+
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
@@ -874,27 +885,12 @@ fn default_render_type_checks_and_keeps_its_promises() -> Result<()> {
     }
 
     // Workload selectors match their own pod templates.
-    let dep_sel = op_spec.selector.match_labels.clone().unwrap_or_default();
-    let dep_labels = op_spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
     assert!(
-        labels_match(&dep_sel, &dep_labels),
+        selects_own_pods(&op_spec.selector, &op_spec.template),
         "operator selector matches its pods"
     );
-    let ds_spec = &ag.spec;
-    let ds_sel = ds_spec.selector.match_labels.clone().unwrap_or_default();
-    let ds_labels = ds_spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
     assert!(
-        labels_match(&ds_sel, &ds_labels),
+        selects_own_pods(&ag.spec.selector, &ag.spec.template),
         "agent selector matches its pods"
     );
 
