@@ -173,10 +173,9 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
             tokio::time::timeout(Duration::from_secs(40), cmd.output()).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let status = r#"{"status":{"phase":"Complete","conditions":[{"type":"Complete","status":"True","reason":"AllNodesHoldContent","message":"done","lastTransitionTime":"2026-01-01T00:00:00Z","observedGeneration":1}]}}"#;
-    let out = k
-        .ok(&[
+    // What the operator would write, as a merge patch of the status.
+    let patch_status = async |patch: &str| {
+        k.ok(&[
             "patch",
             "dist",
             &name,
@@ -185,9 +184,13 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
             "--subresource=status",
             "--type=merge",
             "-p",
-            status,
+            patch,
         ])
-        .await?;
+        .await
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = r#"{"status":{"phase":"Complete","conditions":[{"type":"Complete","status":"True","reason":"AllNodesHoldContent","message":"done","lastTransitionTime":"2026-01-01T00:00:00Z","observedGeneration":1}]}}"#;
+    let out = patch_status(status).await?;
     ensure!(out.contains("patched"), "{out}");
     let waited = waiter.await?.context("kubectl wait timed out")??;
     ensure!(
@@ -217,18 +220,7 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
             .is_some_and(|l| l.contains("EVENT") && l.contains("PHASE")),
         "{first:?}"
     );
-    k.ok(&[
-        "patch",
-        "dist",
-        &name,
-        "-n",
-        &ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"ready":"3/3"}}"#,
-    ])
-    .await?;
+    patch_status(r#"{"status":{"ready":"3/3"}}"#).await?;
     let seen = common::within(20, "MODIFIED row", async {
         while let Some(l) = lines.next_line().await? {
             if l.starts_with("MODIFIED") && l.contains("3/3") {
@@ -307,12 +299,8 @@ async fn invalid_manifests_are_refused_naming_the_field() -> anyhow::Result<()> 
     ensure!(!files.is_empty(), "no invalid example manifests found");
     for f in files {
         let text = std::fs::read_to_string(&f)?;
-        let field = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("# expect-field:"))
-            .map(str::trim)
-            .with_context(|| format!("{} lacks '# expect-field:'", f.display()))?
-            .to_string();
+        let field = common::expected_field(&text)
+            .with_context(|| format!("{} lacks '# expect-field:'", f.display()))?;
         let o = k.run(&["apply", "-f", &f.to_string_lossy()]).await?;
         if o.ok {
             bail!("{} was accepted: {}", f.display(), o.stdout);

@@ -117,13 +117,7 @@ fn invalid_examples_are_refused_naming_the_field() {
     assert!(!files.is_empty(), "no examples/invalid/*.yaml yet");
     for file in files {
         let text = read(&file);
-        let expect = text
-            .lines()
-            .find_map(|l| {
-                l.trim()
-                    .strip_prefix("# expect-field:")
-                    .map(|f| f.trim().to_string())
-            })
+        let expect = common::expected_field(&text)
             .unwrap_or_else(|| panic!("{}: no `# expect-field:` comment", file.display()));
         let mut docs = yaml_docs(&file);
         assert_eq!(

@@ -26,6 +26,15 @@ pub fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The field an invalid example's `# expect-field:` comment says its
+/// refusal names.
+pub fn expected_field(manifest: &str) -> Option<String> {
+    manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("# expect-field:"))
+        .map(|f| f.trim().to_string())
+}
+
 /// A server with the project's CRDs loaded, bookmarks every second.
 pub async fn start_with_project_crds() -> anyhow::Result<ApiServerHandle> {
     Ok(ApiServer::start(ApiServerOptions {
