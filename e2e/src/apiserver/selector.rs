@@ -63,6 +63,16 @@ fn check_value(sel: &str, v: &str) -> ApiResult<String> {
     }
 }
 
+/// The value of a `Gt`/`Lt` requirement.
+fn check_int(sel: &str, v: &str) -> ApiResult<i64> {
+    v.parse().map_err(|_| {
+        bad(
+            sel,
+            "for 'Gt', 'Lt' operators, the value must be an integer",
+        )
+    })
+}
+
 impl LabelSelector {
     pub fn parse(sel: &str) -> ApiResult<Self> {
         let mut reqs = Vec::new();
@@ -108,20 +118,10 @@ impl LabelSelector {
                     check_value(sel, v.trim())?,
                 ));
             } else if let Some((k, v)) = t.split_once('>') {
-                let n = v.trim().parse().map_err(|_| {
-                    bad(
-                        sel,
-                        "for 'Gt', 'Lt' operators, the value must be an integer",
-                    )
-                })?;
+                let n = check_int(sel, v.trim())?;
                 reqs.push(Req::Gt(check_key(sel, k.trim())?, n));
             } else if let Some((k, v)) = t.split_once('<') {
-                let n = v.trim().parse().map_err(|_| {
-                    bad(
-                        sel,
-                        "for 'Gt', 'Lt' operators, the value must be an integer",
-                    )
-                })?;
+                let n = check_int(sel, v.trim())?;
                 reqs.push(Req::Lt(check_key(sel, k.trim())?, n));
             } else {
                 reqs.push(Req::Exists(check_key(sel, t)?));
