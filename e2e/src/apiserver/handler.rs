@@ -17,6 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::Inner;
 use super::error::{ApiError, ApiResult};
+use super::meta;
 use super::registry::ResourceDef;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{
@@ -723,16 +724,8 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> ApiResult<Response
             let items = state.list(&def, ns_opt, &lq)?.items;
             let mut out = Vec::new();
             for o in items {
-                let n = o
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                let ons = o
-                    .pointer("/metadata/namespace")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
+                let n = meta::str_at(&o, "/metadata/name").to_string();
+                let ons = meta::str_at(&o, "/metadata/namespace").to_string();
                 if let Ok((obj, _)) = state.delete(&def, &ons, &n, &opts) {
                     out.push(served(&def, obj));
                 }

@@ -291,11 +291,7 @@ fn load_crds(state: &mut State, dir: &Path) -> Result<(), ServerError> {
             .into_iter()
             .filter(|d| d.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition"))
         {
-            let name = doc
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
+            let name = meta::str_at(&doc, "/metadata/name").to_string();
             let def = state
                 .registry
                 .get("apiextensions.k8s.io", "v1", "customresourcedefinitions")

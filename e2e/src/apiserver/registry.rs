@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult, FieldCause};
-use super::meta;
+use super::meta::{self, str_at};
 use super::validation::CompiledSchema;
 
 /// A printer column (`additionalPrinterColumns` of a CRD).
@@ -498,10 +498,6 @@ struct ParsedCrd {
     group: String,
     plural: String,
     defs: Vec<(ResourceDef, bool)>,
-}
-
-fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
-    v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
 }
 
 fn parse_crd(crd: &Value) -> ApiResult<ParsedCrd> {

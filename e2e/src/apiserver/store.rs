@@ -347,16 +347,8 @@ impl State {
     }
 
     fn drop_crd(&mut self, crd: &Value) {
-        let group = crd
-            .pointer("/spec/group")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let plural = crd
-            .pointer("/spec/names/plural")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
+        let group = meta::str_at(crd, "/spec/group").to_string();
+        let plural = meta::str_at(crd, "/spec/names/plural").to_string();
         let key = (group.clone(), plural.clone());
         let names: Vec<(String, String)> = self
             .objects

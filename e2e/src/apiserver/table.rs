@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::meta;
+use super::meta::{self, str_at};
 use super::registry::{PrinterColumn, ResourceDef};
 
 /// Evaluates the JSONPath subset CRD printer columns use: `.a.b`, `[n]`,
@@ -198,10 +198,6 @@ fn col(name: &str, type_: &str, format: &str, description: &str, priority: i64) 
 const NAME_DESC: &str = "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names";
 const AGE_DESC: &str =
     "CreationTimestamp is a timestamp representing the server time when this object was created.";
-
-fn str_at<'a>(o: &'a Value, ptr: &str) -> &'a str {
-    o.pointer(ptr).and_then(Value::as_str).unwrap_or("")
-}
 
 /// Columns and the cells of one object for a built-in kind.
 fn builtin_columns(def: &ResourceDef) -> Vec<PrinterColumn> {
