@@ -10,6 +10,18 @@ use super::error::{ApiError, ApiResult, FieldCause};
 use super::meta::{self, str_at};
 use super::validation::CompiledSchema;
 
+/// Verbs of every served resource, as discovery lists them.
+const RESOURCE_VERBS: [&str; 8] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
 /// A printer column (`additionalPrinterColumns` of a CRD).
 #[derive(Debug, Clone)]
 pub struct PrinterColumn {
@@ -104,6 +116,17 @@ impl ResourceDef {
         self.custom || self.has_status
     }
 
+    /// Short names and categories, present only when there are any, as in
+    /// both discovery formats.
+    fn add_aliases(&self, entry: &mut Value) {
+        if !self.short_names.is_empty() {
+            entry["shortNames"] = json!(self.short_names);
+        }
+        if !self.categories.is_empty() {
+            entry["categories"] = json!(self.categories);
+        }
+    }
+
     /// Entry of an aggregated (apidiscovery.k8s.io/v2) discovery document.
     fn aggregated_entry(&self) -> Value {
         let kind = json!({"group": self.group, "version": self.version, "kind": self.kind});
@@ -112,14 +135,9 @@ impl ResourceDef {
             "responseKind": kind,
             "scope": if self.namespaced { "Namespaced" } else { "Cluster" },
             "singularResource": self.singular,
-            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "verbs": RESOURCE_VERBS,
         });
-        if !self.short_names.is_empty() {
-            e["shortNames"] = json!(self.short_names);
-        }
-        if !self.categories.is_empty() {
-            e["categories"] = json!(self.categories);
-        }
+        self.add_aliases(&mut e);
         if self.has_status {
             e["subresources"] = json!([{"subresource": "status", "responseKind": kind, "verbs": ["get", "patch", "update"]}]);
         }
@@ -132,14 +150,9 @@ impl ResourceDef {
             "singularName": self.singular,
             "namespaced": self.namespaced,
             "kind": self.kind,
-            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "verbs": RESOURCE_VERBS,
         });
-        if !self.short_names.is_empty() {
-            main["shortNames"] = json!(self.short_names);
-        }
-        if !self.categories.is_empty() {
-            main["categories"] = json!(self.categories);
-        }
+        self.add_aliases(&mut main);
         let mut out = vec![main];
         if self.has_status {
             out.push(json!({
