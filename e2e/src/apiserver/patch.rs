@@ -456,29 +456,21 @@ pub fn read_managers(obj: &Value) -> Vec<Manager> {
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
-                .map(|e| Manager {
-                    manager: e
-                        .get("manager")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .into(),
-                    operation: e
-                        .get("operation")
-                        .and_then(Value::as_str)
-                        .unwrap_or("Update")
-                        .into(),
-                    api_version: e
-                        .get("apiVersion")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .into(),
-                    subresource: e
-                        .get("subresource")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .into(),
-                    time: e.get("time").and_then(Value::as_str).unwrap_or("").into(),
-                    fields: e.get("fieldsV1").map(from_fields_v1).unwrap_or_default(),
+                .map(|e| {
+                    let text = |key: &str, absent: &str| {
+                        e.get(key)
+                            .and_then(Value::as_str)
+                            .unwrap_or(absent)
+                            .to_string()
+                    };
+                    Manager {
+                        manager: text("manager", ""),
+                        operation: text("operation", "Update"),
+                        api_version: text("apiVersion", ""),
+                        subresource: text("subresource", ""),
+                        time: text("time", ""),
+                        fields: e.get("fieldsV1").map(from_fields_v1).unwrap_or_default(),
+                    }
                 })
                 .collect()
         })
