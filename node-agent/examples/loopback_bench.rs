@@ -143,18 +143,12 @@ fn config(
     peers: &[(String, SocketAddr)],
 ) -> AgentConfig {
     let certs = root.join("certs").join(name);
-    AgentConfig {
-        node: name.into(),
-        listen: addr,
-        data_dir: root.join(name),
-        identity: IdentityFiles::in_dir(&certs),
-        metrics_addr: None,
-        status_dir: None,
-        limits: Default::default(),
-        tuning: Default::default(),
-        stay: true,
-        fault: None,
-        contents: vec![ContentConfig {
+    AgentConfig::new(
+        name,
+        addr,
+        root.join(name),
+        IdentityFiles::in_dir(&certs),
+        vec![ContentConfig {
             id: ID.into(),
             path: PathBuf::from("out/bench.bin"),
             size: Some(size),
@@ -171,7 +165,7 @@ fn config(
                 .collect(),
             allowed_peers: peers.iter().map(|(n, _)| n.clone()).collect(),
         }],
-    }
+    )
 }
 
 async fn wait_complete(procs: &[&Proc], timeout: Duration) -> BenchResult<Vec<Duration>> {

@@ -206,6 +206,31 @@ pub enum AgentError {
 }
 
 impl AgentConfig {
+    /// A config with default limits and tuning, no metrics endpoint and the
+    /// default status directory, that keeps serving after completion (as a
+    /// DaemonSet agent does).
+    pub fn new(
+        node: impl Into<String>,
+        listen: SocketAddr,
+        data_dir: PathBuf,
+        identity: IdentityFiles,
+        contents: Vec<ContentConfig>,
+    ) -> Self {
+        AgentConfig {
+            node: node.into(),
+            listen,
+            data_dir,
+            identity,
+            metrics_addr: None,
+            status_dir: None,
+            limits: Limits::default(),
+            tuning: Tuning::default(),
+            stay: true,
+            fault: None,
+            contents,
+        }
+    }
+
     /// Loads a config from a `.json`, `.yaml` or `.yml` file.
     pub fn load(path: &Path) -> Result<Self, AgentError> {
         let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {

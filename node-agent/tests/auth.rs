@@ -100,35 +100,33 @@ async fn only_valid_allowed_nodes_get_data() {
     std::fs::write(&seed_file, &data).expect("seed file");
 
     let node = &nodes(tmp.path(), 1)[0];
+    let contents = vec![ContentConfig {
+        id: ID.into(),
+        path: PathBuf::from("out/seeded.bin"),
+        size: None,
+        piece_size: PIECE,
+        digest: Some(
+            format!("blake3:{}", blake3::hash(&data).to_hex())
+                .parse()
+                .expect("digest"),
+        ),
+        source: SourceConfig::Node {
+            node: "node-0".into(),
+            path: Some(seed_file),
+        },
+        peers: vec![],
+        // node-2 holds a valid certificate but is not allowed this content.
+        allowed_peers: vec!["node-1".into()],
+    }];
     let cfg = AgentConfig {
-        node: "node-0".into(),
-        listen: node.addr,
-        data_dir: node.data_dir.clone(),
-        identity: IdentityFiles::in_dir(&certs.join("node-0")),
         metrics_addr: Some(node.metrics),
-        status_dir: None,
-        limits: Default::default(),
-        tuning: Default::default(),
-        stay: true,
-        fault: None,
-        contents: vec![ContentConfig {
-            id: ID.into(),
-            path: PathBuf::from("out/seeded.bin"),
-            size: None,
-            piece_size: PIECE,
-            digest: Some(
-                format!("blake3:{}", blake3::hash(&data).to_hex())
-                    .parse()
-                    .expect("digest"),
-            ),
-            source: SourceConfig::Node {
-                node: "node-0".into(),
-                path: Some(seed_file),
-            },
-            peers: vec![],
-            // node-2 holds a valid certificate but is not allowed this content.
-            allowed_peers: vec!["node-1".into()],
-        }],
+        ..AgentConfig::new(
+            "node-0",
+            node.addr,
+            node.data_dir.clone(),
+            IdentityFiles::in_dir(&certs.join("node-0")),
+            contents,
+        )
     };
     let agent = Agent::spawn(node, &cfg);
     assert!(

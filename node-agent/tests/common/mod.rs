@@ -18,8 +18,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use peerfill_agent::agent::{
-    AgentConfig, ContentConfig, ContentStatus, IdentityFiles, Limits, PeerConfig, SourceConfig,
-    Tuning, status_path,
+    AgentConfig, ContentConfig, ContentStatus, IdentityFiles, PeerConfig, SourceConfig, status_path,
 };
 use peerfill_agent::tls::ClusterCa;
 use rand::{RngCore, SeedableRng};
@@ -200,38 +199,36 @@ pub fn http_config(
     readers: &[String],
     digest: Option<String>,
 ) -> AgentConfig {
+    let contents = vec![ContentConfig {
+        id: id.to_string(),
+        path: PathBuf::from(format!("out/{id}.bin")),
+        size: None,
+        piece_size: 4 << 20,
+        digest: digest.map(|d| d.parse().expect("digest")),
+        source: SourceConfig::Http {
+            url: url.to_string(),
+            headers: Default::default(),
+            readers: readers.to_vec(),
+        },
+        peers: all
+            .iter()
+            .filter(|n| n.name != me.name)
+            .map(|n| PeerConfig {
+                node: n.name.clone(),
+                addr: n.addr,
+            })
+            .collect(),
+        allowed_peers: all.iter().map(|n| n.name.clone()).collect(),
+    }];
     AgentConfig {
-        node: me.name.clone(),
-        listen: me.addr,
-        data_dir: me.data_dir.clone(),
-        identity: IdentityFiles::in_dir(&certs.join(&me.name)),
         metrics_addr: Some(me.metrics),
-        status_dir: None,
-        limits: Limits::default(),
-        tuning: Tuning::default(),
-        stay: true,
-        fault: None,
-        contents: vec![ContentConfig {
-            id: id.to_string(),
-            path: PathBuf::from(format!("out/{id}.bin")),
-            size: None,
-            piece_size: 4 << 20,
-            digest: digest.map(|d| d.parse().expect("digest")),
-            source: SourceConfig::Http {
-                url: url.to_string(),
-                headers: Default::default(),
-                readers: readers.to_vec(),
-            },
-            peers: all
-                .iter()
-                .filter(|n| n.name != me.name)
-                .map(|n| PeerConfig {
-                    node: n.name.clone(),
-                    addr: n.addr,
-                })
-                .collect(),
-            allowed_peers: all.iter().map(|n| n.name.clone()).collect(),
-        }],
+        ..AgentConfig::new(
+            me.name.clone(),
+            me.addr,
+            me.data_dir.clone(),
+            IdentityFiles::in_dir(&certs.join(&me.name)),
+            contents,
+        )
     }
 }
 
