@@ -11,6 +11,7 @@
 //! `cargo run -p peerfill-crds --bin crdgen`; [`crds`] returns the same
 //! objects for code that installs them.
 
+pub mod budget;
 pub mod crdgen;
 pub mod distribution;
 pub mod format;
@@ -29,9 +30,10 @@ pub use distribution::{
 };
 pub use format::{format_bytes, format_bytes_per_second, progress_string, ready_string};
 pub use nodefill::{
-    Assignment, FINALIZER, NODE_LABEL_PREFIX, NODE_LABEL_VALUE, NodeDistributionStatus, NodeFill,
-    NodeFillSpec, NodeFillStatus, NodePhase, OriginReader, PieceRange, ResolvedHttpSource,
-    ResolvedSource, Role, SecretRef, SeedNode, node_label_key,
+    Assignment, FINALIZER, IssuedIdentity, NODE_LABEL_PREFIX, NODE_LABEL_VALUE,
+    NodeDistributionStatus, NodeFill, NodeFillSpec, NodeFillStatus, NodePhase, OriginReader,
+    PeerEndpoint, PieceRange, ResolvedHttpSource, ResolvedSource, Role, SecretRef, SeedNode,
+    node_label_key,
 };
 pub use validation::{Problem, ValidationError, ValidationErrors};
 

@@ -86,6 +86,50 @@ pub struct NodeFillSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["uid".into()]))]
     pub distributions: Vec<Assignment>,
+    /// QUIC endpoints of every node named in the assignments (peers, origin
+    /// readers, seeders), so the agent needs to watch only its own object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
+    pub peers: Vec<PeerEndpoint>,
+    /// The node's certificate, issued by the operator in answer to the
+    /// agent's `status.certificateRequest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IssuedIdentity>,
+    /// How often the agent writes progress and heartbeats, in seconds. The
+    /// operator sets it from the node count so that the whole cluster stays
+    /// within its status write budget (see [`crate::budget`]); changes of
+    /// state are written at once regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_interval_seconds: Option<u32>,
+}
+
+/// Where a peer's agent listens.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerEndpoint {
+    /// Node name (the name in the peer's certificate).
+    pub node: String,
+    /// `host:port` of the peer's QUIC endpoint.
+    pub endpoint: String,
+    /// SHA-256 fingerprint of the peer's certificate (`sha256:<hex>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_fingerprint: Option<String>,
+    /// Zone of the peer, for topology-aware choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+/// A node certificate issued by the operator's cluster CA.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedIdentity {
+    /// PEM certificate of the node, naming the node.
+    pub certificate: String,
+    /// PEM certificate of the cluster CA (the trust anchor for peers).
+    pub ca_certificate: String,
+    /// `sha256:<hex>` of the PEM request this certificate answers, so an
+    /// agent with a new key knows an old answer is not for it.
+    pub request_digest: String,
 }
 
 /// One distribution assigned to one node.
@@ -278,6 +322,10 @@ pub struct NodeFillStatus {
     /// Version of the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// PEM certificate signing request for this node's key; the operator
+    /// answers in `spec.identity`. The key never leaves the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_request: Option<String>,
     /// Last time the agent wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
