@@ -290,6 +290,28 @@ impl PieceRange {
     }
 }
 
+/// Splits `piece_count` pieces into `readers` contiguous ranges whose sizes
+/// differ by at most one (the first ranges get the extra pieces). Operator
+/// and agents split the same way, so a reader's range follows from its
+/// position in `originReaders`. Fewer ranges than readers when there are
+/// fewer pieces; none for an empty content.
+pub fn split_ranges(piece_count: u64, readers: u32) -> Vec<PieceRange> {
+    if piece_count == 0 {
+        return Vec::new();
+    }
+    let r = u64::from(readers).clamp(1, piece_count);
+    let (base, extra) = (piece_count / r, piece_count % r);
+    let mut start = 0;
+    (0..r)
+        .map(|i| {
+            let end = start + base + u64::from(i < extra);
+            let range = PieceRange { start, end };
+            start = end;
+            range
+        })
+        .collect()
+}
+
 /// A node reading a piece range `[start, end)` from the origin.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
@@ -563,6 +585,21 @@ mod tests {
         }
         a.piece_size = 0;
         assert_eq!(a.piece_count(), None);
+    }
+
+    #[test]
+    fn split_ranges_cover_every_piece_once() {
+        assert!(split_ranges(0, 4).is_empty());
+        assert_eq!(split_ranges(3, 8).len(), 3);
+        assert_eq!(
+            split_ranges(10, 3),
+            vec![
+                PieceRange { start: 0, end: 4 },
+                PieceRange { start: 4, end: 7 },
+                PieceRange { start: 7, end: 10 },
+            ]
+        );
+        assert_eq!(split_ranges(5, 0), vec![PieceRange { start: 0, end: 5 }]);
     }
 
     #[test]
