@@ -1,2 +1,3 @@
 //! End-to-end harness.
 pub mod apiserver;
+pub mod demo;

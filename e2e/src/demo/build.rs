@@ -1,0 +1,209 @@
+//! Makes sure the operator and agent binaries exist and are current.
+//!
+//! `cargo run -p peerfill-e2e --bin peerfill-demo` builds only this package,
+//! so the demo builds the other two binaries itself, with the same cargo,
+//! the same profile and the same target directory as its own executable;
+//! they then sit next to it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+/// Binaries the local cluster runs.
+pub const BINARIES: [&str; 2] = ["peerfill-operator", "peerfill-agent"];
+/// Their packages.
+const PACKAGES: [&str; 2] = ["peerfill-operator", "peerfill-agent"];
+
+/// Why the binaries could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The demo's own path says nothing about the profile.
+    #[error("cannot tell the cargo profile from the demo's path {0}")]
+    NoProfile(PathBuf),
+    /// cargo could not be started.
+    #[error("starting {cargo}: {source}")]
+    Spawn {
+        /// The cargo executable.
+        cargo: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// cargo failed; its output went to the terminal.
+    #[error("`{command}` failed ({status})")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// cargo succeeded but a binary is not where it should be.
+    #[error("{0} is missing after the build")]
+    Missing(PathBuf),
+}
+
+/// How to build the binaries and where they end up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildPlan {
+    /// `$CARGO`, or `cargo`.
+    pub cargo: String,
+    /// The workspace manifest.
+    pub manifest: PathBuf,
+    /// cargo's `--target-dir`.
+    pub target_dir: PathBuf,
+    /// Profile arguments: none (dev), `--release`, or `--profile NAME`.
+    pub profile_args: Vec<String>,
+    /// Where the binaries land (the demo's own directory).
+    pub bin_dir: PathBuf,
+}
+
+impl BuildPlan {
+    /// The plan for a demo executable at `exe`
+    /// (`<target>/<profile dir>/peerfill-demo`).
+    pub fn for_exe(exe: &Path, cargo: Option<String>) -> Result<BuildPlan, BuildError> {
+        let no_profile = || BuildError::NoProfile(exe.to_owned());
+        let bin_dir = exe.parent().ok_or_else(no_profile)?;
+        let profile_dir = bin_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(no_profile)?;
+        let target_dir = bin_dir.parent().ok_or_else(no_profile)?;
+        let profile_args = match profile_dir {
+            "debug" => vec![],
+            "release" => vec!["--release".to_owned()],
+            other => vec!["--profile".to_owned(), other.to_owned()],
+        };
+        Ok(BuildPlan {
+            cargo: cargo
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| "cargo".to_owned()),
+            manifest: workspace_root().join("Cargo.toml"),
+            target_dir: target_dir.to_owned(),
+            profile_args,
+            bin_dir: bin_dir.to_owned(),
+        })
+    }
+
+    /// The plan for the running demo (`$CARGO` is set by `cargo run`).
+    pub fn current() -> Result<BuildPlan, BuildError> {
+        let exe = std::env::current_exe().map_err(|_| BuildError::NoProfile(PathBuf::new()))?;
+        BuildPlan::for_exe(&exe, std::env::var("CARGO").ok())
+    }
+
+    /// cargo's arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["build".to_owned(), "--bins".to_owned()];
+        for p in PACKAGES {
+            args.extend(["-p".to_owned(), p.to_owned()]);
+        }
+        args.extend(self.profile_args.iter().cloned());
+        args.extend([
+            "--manifest-path".to_owned(),
+            self.manifest.display().to_string(),
+            "--target-dir".to_owned(),
+            self.target_dir.display().to_string(),
+        ]);
+        args
+    }
+
+    /// The command as shown on screen.
+    pub fn command_line(&self) -> String {
+        let mut args = vec!["build".to_owned(), "--bins".to_owned()];
+        for p in PACKAGES {
+            args.extend(["-p".to_owned(), p.to_owned()]);
+        }
+        args.extend(self.profile_args.iter().cloned());
+        format!("{} {}", self.cargo, args.join(" "))
+    }
+
+    /// Where binary `name` is after the build.
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Runs cargo (its output goes to the terminal) and checks the binaries
+    /// are there. Dropping the future kills cargo.
+    pub async fn run(&self) -> Result<(), BuildError> {
+        let status = tokio::process::Command::new(&self.cargo)
+            .args(self.args())
+            .stdin(Stdio::null())
+            // cargo's progress lines go to stderr, like any build's.
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .map_err(|source| BuildError::Spawn {
+                cargo: self.cargo.clone(),
+                source,
+            })?;
+        if !status.success() {
+            return Err(BuildError::Failed {
+                command: self.command_line(),
+                status,
+            });
+        }
+        for name in BINARIES {
+            let path = self.binary(name);
+            if !path.is_file() {
+                return Err(BuildError::Missing(path));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The workspace this demo was built from.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_and_target_dir_follow_the_demo_binary() {
+        let dev =
+            BuildPlan::for_exe(Path::new("/w/target/debug/peerfill-demo"), None).expect("dev plan");
+        assert_eq!(dev.cargo, "cargo");
+        assert!(dev.profile_args.is_empty());
+        assert_eq!(dev.target_dir, Path::new("/w/target"));
+        assert_eq!(
+            dev.binary("peerfill-agent"),
+            Path::new("/w/target/debug/peerfill-agent")
+        );
+        assert_eq!(
+            dev.command_line(),
+            "cargo build --bins -p peerfill-operator -p peerfill-agent"
+        );
+
+        let release = BuildPlan::for_exe(
+            Path::new("/t/release/peerfill-demo"),
+            Some("/x/cargo".into()),
+        )
+        .expect("release plan");
+        assert_eq!(release.profile_args, ["--release"]);
+        let args = release.args();
+        assert_eq!(&args[..2], ["build", "--bins"]);
+        assert!(args.windows(2).any(|w| w == ["--target-dir", "/t"]));
+        assert!(args.contains(&"--release".to_owned()));
+        assert_eq!(
+            release.command_line(),
+            "/x/cargo build --bins -p peerfill-operator -p peerfill-agent --release"
+        );
+
+        let custom = BuildPlan::for_exe(Path::new("/t/bench/peerfill-demo"), Some(String::new()))
+            .expect("custom plan");
+        assert_eq!(custom.profile_args, ["--profile", "bench"]);
+        assert_eq!(custom.cargo, "cargo");
+    }
+
+    #[test]
+    fn the_manifest_is_the_workspace_one() {
+        let plan = BuildPlan::for_exe(Path::new("/t/debug/peerfill-demo"), None).expect("plan");
+        assert!(plan.manifest.is_file(), "{}", plan.manifest.display());
+        let text = std::fs::read_to_string(&plan.manifest).expect("read manifest");
+        assert!(text.contains("[workspace]"));
+    }
+}
