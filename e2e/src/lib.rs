@@ -1,3 +1,4 @@
 //! End-to-end harness.
 pub mod apiserver;
 pub mod demo;
+pub mod netbench;

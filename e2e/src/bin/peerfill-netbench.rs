@@ -1,0 +1,414 @@
+//! `peerfill-netbench`: peerfill agents against one HTTP server (nginx +
+//! curl) on an emulated network of Linux namespaces, against the Kumar–Ross
+//! lower bound. Root only. See `e2e/netbench/README.md`.
+//!
+//! ```text
+//! cargo build --release -p peerfill-agent --bin peerfill-agent
+//! cargo run --release -p peerfill-e2e --bin peerfill-netbench -- short
+//! cargo run --release -p peerfill-e2e --bin peerfill-netbench -- sweep
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use peerfill_e2e::netbench::report::{self, Context, Machine};
+use peerfill_e2e::netbench::scenario::{self, RunResult, RunSpec};
+use peerfill_e2e::netbench::testbed::{self, Caps};
+use peerfill_e2e::netbench::{
+    Deadline, MIB, NetbenchError, PREFIX, Result, install_signal_handlers,
+};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "peerfill-netbench",
+    about = "peerfill vs one server on an emulated network (root only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// N in {2,4,8,16} at 256 MiB and N=8 at 1 GiB; writes BENCHMARKS.md and the plot.
+    Sweep {
+        #[command(flatten)]
+        common: Common,
+        /// Node counts of the sweep.
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
+        nodes: Vec<usize>,
+        /// Artifact size of the sweep, MiB.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Extra runs after the sweep, as NODESxMIB (e.g. 8x1024); empty for none.
+        #[arg(long, value_delimiter = ',', default_value = "8x1024")]
+        extra: Vec<String>,
+        /// Markdown report to write.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        markdown: PathBuf,
+        /// PNG plot to write (time against N at the sweep size).
+        #[arg(long, default_value = "docs/bench/netbench.png")]
+        plot: PathBuf,
+        /// Hand-written notes appended to the markdown, if the file exists.
+        #[arg(long, default_value = "e2e/netbench/notes.md")]
+        notes: PathBuf,
+    },
+    /// CI form: N=4, 32 MiB, 200 Mbit/s links; asserts every copy verified and
+    /// the namespaces gone, prints figures, never asserts timings.
+    Short {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        #[arg(long, default_value_t = 32)]
+        mib: u64,
+    },
+    /// One run of both methods.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        nodes: usize,
+        #[arg(long)]
+        mib: u64,
+    },
+    /// Deletes namespaces and work dirs of earlier runs whose process is gone.
+    Cleanup,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The peerfill-agent binary (default: next to this one).
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Origin link cap, Mbit/s (default 100; 200 for `short`).
+    #[arg(long)]
+    origin_mbit: Option<f64>,
+    /// Every node's link cap, Mbit/s (default 100; 200 for `short`).
+    #[arg(long)]
+    node_mbit: Option<f64>,
+    /// One-way delay on each host's uplink, ms (needs sch_netem).
+    #[arg(long, default_value_t = 1.0)]
+    delay_ms: f64,
+    /// peerfill origin readers: the first min(N, readers) nodes.
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
+    /// Where the per-run scratch directory `pfnb-<pid>` goes.
+    #[arg(long, default_value = "/var/tmp")]
+    work_root: PathBuf,
+    /// Hard timeout of the whole command, seconds (default 3600; 180 for `short`).
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+}
+
+impl Common {
+    fn caps(&self, default_mbit: f64) -> Caps {
+        Caps {
+            origin_mbit: self.origin_mbit.unwrap_or(default_mbit),
+            node_mbit: self.node_mbit.unwrap_or(default_mbit),
+            delay_ms: self.delay_ms,
+        }
+    }
+}
+
+/// The scratch directory of this process, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(dir = %self.0.display(), error = %e, "cannot remove the work dir");
+        }
+    }
+}
+
+fn agent_bin(given: Option<&Path>) -> Result<PathBuf> {
+    let bin = match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|source| NetbenchError::Io {
+                what: "locating this binary".into(),
+                source,
+            })?
+            .with_file_name("peerfill-agent"),
+    };
+    if !bin.exists() {
+        return Err(NetbenchError::Config(format!(
+            "{} not found: run `cargo build --release -p peerfill-agent --bin peerfill-agent` first",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
+
+/// Removes work dirs `pfnb-<pid>` under `root` whose process is gone.
+fn remove_stale_work_dirs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            info!(dir = %e.path().display(), "removing a stale work dir");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn preflight(common: &Common) -> Result<(PathBuf, WorkDir)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(NetbenchError::NotRoot);
+    }
+    for tool in ["ip", "tc", "curl"] {
+        peerfill_e2e::netbench::procs::run("sh", &["-c", &format!("command -v {tool}")]).map_err(
+            |_| NetbenchError::Config(format!("{tool} not found (apt-get install iproute2 curl)")),
+        )?;
+    }
+    if !Path::new(peerfill_e2e::netbench::nginx::NGINX_BIN).exists() {
+        return Err(NetbenchError::Config(
+            "nginx not found: apt-get install nginx-light".into(),
+        ));
+    }
+    let bin = agent_bin(common.agent_bin.as_deref())?;
+    let removed = testbed::remove_stale()?;
+    if !removed.is_empty() {
+        warn!(?removed, "removed namespaces of an earlier run");
+    }
+    remove_stale_work_dirs(&common.work_root);
+    let dir = common
+        .work_root
+        .join(format!("{PREFIX}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| NetbenchError::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
+    Ok((bin, WorkDir(dir)))
+}
+
+fn spec(common: &Common, bin: &Path, work: &Path, nodes: usize, mib: u64, caps: Caps) -> RunSpec {
+    let run_dir = work.join(format!("n{nodes}-{mib}mib"));
+    RunSpec {
+        nodes,
+        size: mib * MIB,
+        caps,
+        readers: common.readers,
+        agent_bin: bin.to_path_buf(),
+        work: run_dir,
+        // About 2 s at the node cap, at least 8 MiB.
+        calib_size: ((caps.node_mbit * 1e6 / 8.0 * 2.0) as u64).max(8 * MIB) / MIB * MIB,
+    }
+}
+
+/// One run; its scratch dir is removed afterwards, whatever happened.
+fn one_run(spec: &RunSpec, deadline: Deadline) -> Result<RunResult> {
+    println!(
+        "run: N={} size={} MiB, caps origin {} / nodes {} Mbit/s, delay {} ms",
+        spec.nodes,
+        spec.size / MIB,
+        spec.caps.origin_mbit,
+        spec.caps.node_mbit,
+        spec.caps.delay_ms
+    );
+    let guard = WorkDir(spec.work.clone());
+    let r = scenario::run(spec, deadline);
+    drop(guard);
+    r
+}
+
+/// Our namespaces still present (must be none after a run).
+fn leftovers() -> Result<Vec<String>> {
+    let own = testbed::own_prefix();
+    Ok(testbed::list_ours()?
+        .into_iter()
+        .filter(|n| n.starts_with(&own))
+        .collect())
+}
+
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!(
+        "cargo build --release -p peerfill-agent --bin peerfill-agent\n\
+         cargo run --release -p peerfill-e2e --bin peerfill-netbench -- {}",
+        args.join(" ")
+    )
+}
+
+fn utc_now() -> String {
+    chrono::Utc::now().format("%Y-%m-%d %H:%M").to_string()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    install_signal_handlers();
+    let cli = Cli::parse();
+    let started = Instant::now();
+    let result = match cli.command {
+        Cmd::Cleanup => testbed::remove_stale().map(|removed| {
+            println!("removed {} namespaces: {removed:?}", removed.len());
+        }),
+        Cmd::Short { common, nodes, mib } => short(&common, nodes, mib),
+        Cmd::Run { common, nodes, mib } => single(&common, nodes, mib),
+        Cmd::Sweep {
+            common,
+            nodes,
+            mib,
+            extra,
+            markdown,
+            plot,
+            notes,
+        } => sweep(&common, &nodes, mib, &extra, &markdown, &plot, &notes),
+    };
+    match result {
+        Ok(()) => {
+            println!("done in {:.1} s", started.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!(error = %e, "netbench failed");
+            eprintln!("netbench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn short(common: &Common, nodes: usize, mib: u64) -> Result<()> {
+    let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(180)));
+    let (bin, work) = preflight(common)?;
+    let spec = spec(common, &bin, &work.0, nodes, mib, common.caps(200.0));
+    let outcome = one_run(&spec, deadline);
+    // Namespaces must be gone whether the run passed or not.
+    let left = leftovers()?;
+    let r = outcome?;
+    if !left.is_empty() {
+        return Err(NetbenchError::Leftovers(left));
+    }
+    for (method, f) in [("one server", &r.one_server), ("peerfill", &r.peerfill)] {
+        if f.verified != r.nodes {
+            return Err(NetbenchError::NodeFailed {
+                node: method.into(),
+                reason: format!("{} of {} copies verified", f.verified, r.nodes),
+            });
+        }
+    }
+    println!(
+        "short: ok: {} nodes x {} MiB, every copy verified by both methods, no namespace left",
+        r.nodes, mib
+    );
+    Ok(())
+}
+
+fn single(common: &Common, nodes: usize, mib: u64) -> Result<()> {
+    let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(3600)));
+    let (bin, work) = preflight(common)?;
+    let spec = spec(common, &bin, &work.0, nodes, mib, common.caps(100.0));
+    let r = one_run(&spec, deadline)?;
+    println!(
+        "{}",
+        serde_json::to_string(&r).unwrap_or_else(|e| format!("(json: {e})"))
+    );
+    Ok(())
+}
+
+fn parse_extra(s: &str) -> Result<(usize, u64)> {
+    s.split_once('x')
+        .and_then(|(n, m)| Some((n.trim().parse().ok()?, m.trim().parse().ok()?)))
+        .ok_or_else(|| NetbenchError::Config(format!("--extra {s:?}: expected NODESxMIB")))
+}
+
+fn sweep(
+    common: &Common,
+    nodes: &[usize],
+    mib: u64,
+    extra: &[String],
+    markdown: &Path,
+    plot: &Path,
+    notes: &Path,
+) -> Result<()> {
+    let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(3600)));
+    let mut plan: Vec<(usize, u64)> = nodes.iter().map(|&n| (n, mib)).collect();
+    for e in extra.iter().filter(|e| !e.trim().is_empty()) {
+        plan.push(parse_extra(e)?);
+    }
+    let (bin, work) = preflight(common)?;
+    let machine = Machine::read();
+    let load_before = report::loadavg();
+    let started_at = utc_now();
+    let started = Instant::now();
+    let command = command_line();
+    let notes_text = std::fs::read_to_string(notes).ok();
+    let plot_rel = relative_to(plot, markdown);
+    let mut runs: Vec<RunResult> = Vec::new();
+    for (n, m) in plan {
+        let spec = spec(common, &bin, &work.0, n, m, common.caps(100.0));
+        let r = one_run(&spec, deadline)?;
+        println!(
+            "result: {}",
+            serde_json::to_string(&r).unwrap_or_else(|e| format!("(json: {e})"))
+        );
+        runs.push(r);
+        // Rewritten after every run, so an interrupted sweep keeps its figures.
+        let load_after = report::loadavg();
+        let ctx = Context {
+            command: &command,
+            machine: &machine,
+            started: &started_at,
+            load_before: &load_before,
+            load_after: &load_after,
+            wall_secs: started.elapsed().as_secs_f64(),
+            plot: Some(&plot_rel),
+            notes: notes_text.as_deref(),
+        };
+        let text = report::markdown(&ctx, &runs);
+        std::fs::write(markdown, text).map_err(|source| NetbenchError::Io {
+            what: format!("writing {}", markdown.display()),
+            source,
+        })?;
+        if let Some(dir) = plot.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| NetbenchError::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+        }
+        report::plot(plot, &runs, mib * MIB)?;
+    }
+    let left = leftovers()?;
+    if !left.is_empty() {
+        return Err(NetbenchError::Leftovers(left));
+    }
+    println!(
+        "wrote {} and {}; load average before {load_before}, after {}",
+        markdown.display(),
+        plot.display(),
+        report::loadavg()
+    );
+    Ok(())
+}
+
+/// `target` as a path relative to the directory of `from` when `target` is
+/// under it (the markdown links to the plot).
+fn relative_to(target: &Path, from: &Path) -> String {
+    let base = from.parent().unwrap_or(Path::new(""));
+    target
+        .strip_prefix(base)
+        .unwrap_or(target)
+        .to_string_lossy()
+        .into_owned()
+}
