@@ -75,6 +75,9 @@ enum Cmd {
         nodes: usize,
         #[arg(long)]
         mib: u64,
+        /// Measure peerfill only.
+        #[arg(long)]
+        skip_one_server: bool,
     },
     /// Deletes namespaces and work dirs of earlier runs whose process is gone.
     Cleanup,
@@ -103,6 +106,9 @@ struct Common {
     /// Hard timeout of the whole command, seconds (default 3600; 180 for `short`).
     #[arg(long)]
     timeout_secs: Option<u64>,
+    /// Keep each run's scratch dir (agent logs and status files).
+    #[arg(long)]
+    keep_work: bool,
 }
 
 impl Common {
@@ -115,11 +121,14 @@ impl Common {
     }
 }
 
-/// The scratch directory of this process, removed when dropped.
-struct WorkDir(PathBuf);
+/// The scratch directory of this process, removed when dropped unless kept.
+struct WorkDir(PathBuf, bool);
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        if self.1 {
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.0)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -195,7 +204,7 @@ fn preflight(common: &Common) -> Result<(PathBuf, WorkDir)> {
         what: format!("creating {}", dir.display()),
         source,
     })?;
-    Ok((bin, WorkDir(dir)))
+    Ok((bin, WorkDir(dir, common.keep_work)))
 }
 
 fn spec(common: &Common, bin: &Path, work: &Path, nodes: usize, mib: u64, caps: Caps) -> RunSpec {
@@ -209,11 +218,12 @@ fn spec(common: &Common, bin: &Path, work: &Path, nodes: usize, mib: u64, caps: 
         work: run_dir,
         // About 2 s at the node cap, at least 8 MiB.
         calib_size: ((caps.node_mbit * 1e6 / 8.0 * 2.0) as u64).max(8 * MIB) / MIB * MIB,
+        skip_one_server: false,
     }
 }
 
 /// One run; its scratch dir is removed afterwards, whatever happened.
-fn one_run(spec: &RunSpec, deadline: Deadline) -> Result<RunResult> {
+fn one_run(spec: &RunSpec, deadline: Deadline, keep: bool) -> Result<RunResult> {
     println!(
         "run: N={} size={} MiB, caps origin {} / nodes {} Mbit/s, delay {} ms",
         spec.nodes,
@@ -222,8 +232,11 @@ fn one_run(spec: &RunSpec, deadline: Deadline) -> Result<RunResult> {
         spec.caps.node_mbit,
         spec.caps.delay_ms
     );
-    let guard = WorkDir(spec.work.clone());
+    let guard = WorkDir(spec.work.clone(), keep);
     let r = scenario::run(spec, deadline);
+    if keep {
+        println!("kept {}", spec.work.display());
+    }
     drop(guard);
     r
 }
@@ -265,7 +278,12 @@ fn main() -> ExitCode {
             println!("removed {} namespaces: {removed:?}", removed.len());
         }),
         Cmd::Short { common, nodes, mib } => short(&common, nodes, mib),
-        Cmd::Run { common, nodes, mib } => single(&common, nodes, mib),
+        Cmd::Run {
+            common,
+            nodes,
+            mib,
+            skip_one_server,
+        } => single(&common, nodes, mib, skip_one_server),
         Cmd::Sweep {
             common,
             nodes,
@@ -293,7 +311,7 @@ fn short(common: &Common, nodes: usize, mib: u64) -> Result<()> {
     let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(180)));
     let (bin, work) = preflight(common)?;
     let spec = spec(common, &bin, &work.0, nodes, mib, common.caps(200.0));
-    let outcome = one_run(&spec, deadline);
+    let outcome = one_run(&spec, deadline, common.keep_work);
     // Namespaces must be gone whether the run passed or not.
     let left = leftovers()?;
     let r = outcome?;
@@ -315,11 +333,12 @@ fn short(common: &Common, nodes: usize, mib: u64) -> Result<()> {
     Ok(())
 }
 
-fn single(common: &Common, nodes: usize, mib: u64) -> Result<()> {
+fn single(common: &Common, nodes: usize, mib: u64, skip_one_server: bool) -> Result<()> {
     let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(3600)));
     let (bin, work) = preflight(common)?;
-    let spec = spec(common, &bin, &work.0, nodes, mib, common.caps(100.0));
-    let r = one_run(&spec, deadline)?;
+    let mut spec = spec(common, &bin, &work.0, nodes, mib, common.caps(100.0));
+    spec.skip_one_server = skip_one_server;
+    let r = one_run(&spec, deadline, common.keep_work)?;
     println!(
         "{}",
         serde_json::to_string(&r).unwrap_or_else(|e| format!("(json: {e})"))
@@ -358,7 +377,7 @@ fn sweep(
     let mut runs: Vec<RunResult> = Vec::new();
     for (n, m) in plan {
         let spec = spec(common, &bin, &work.0, n, m, common.caps(100.0));
-        let r = one_run(&spec, deadline)?;
+        let r = one_run(&spec, deadline, common.keep_work)?;
         println!(
             "result: {}",
             serde_json::to_string(&r).unwrap_or_else(|e| format!("(json: {e})"))

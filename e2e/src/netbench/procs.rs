@@ -160,21 +160,17 @@ impl NsProc {
 
     /// SIGTERM, then SIGKILL after `grace`; reaps it.
     pub fn stop(&mut self, grace: Duration) {
-        if self.exit.is_some() {
-            return;
-        }
-        // SAFETY: a signal to our own unreaped child (its pid cannot be reused).
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let end = std::time::Instant::now() + grace;
-        while std::time::Instant::now() < end {
-            if matches!(self.try_reap(), Ok(Some(_)) | Err(_)) {
-                return;
+        stop_all(std::slice::from_mut(self), grace);
+    }
+
+    fn terminate(&self) {
+        if self.exit.is_none() {
+            // SAFETY: a signal to our own unreaped child (its pid cannot be
+            // reused before we reap it).
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        self.kill();
     }
 
     fn kill(&mut self) {
@@ -195,6 +191,30 @@ impl NsProc {
 impl Drop for NsProc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// SIGTERM to all at once (agents close their connections in parallel),
+/// SIGKILL to those still running after `grace`; reaps them all.
+pub fn stop_all(procs: &mut [NsProc], grace: Duration) {
+    for p in procs.iter() {
+        p.terminate();
+    }
+    let end = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < end {
+        let mut running = 0;
+        for p in procs.iter_mut() {
+            if matches!(p.try_reap(), Ok(None)) {
+                running += 1;
+            }
+        }
+        if running == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in procs.iter_mut() {
+        p.kill();
     }
 }
 

@@ -16,7 +16,7 @@ use rand::{RngCore, SeedableRng};
 use tracing::info;
 
 use super::nginx::Nginx;
-use super::procs::{NsProc, Usage, cpu_jiffies, run_in};
+use super::procs::{NsProc, Usage, cpu_jiffies, run_in, stop_all};
 use super::report::kumar_ross_secs;
 use super::testbed::{Caps, ORIGIN_IP, Testbed, node_ip};
 use super::{Deadline, GIB, MIB, NetbenchError, Result, io_err, sleep};
@@ -41,6 +41,8 @@ pub struct RunSpec {
     pub work: PathBuf,
     /// Size of the calibration download, bytes.
     pub calib_size: u64,
+    /// Measure peerfill only (investigations); the one-server figures stay zero.
+    pub skip_one_server: bool,
 }
 
 /// Figures of one method in one run.
@@ -111,14 +113,19 @@ pub fn run(spec: &RunSpec, global: Deadline) -> Result<RunResult> {
     // Generous per-method hard timeouts: 3x the one-server time (its own
     // lower bound) plus start-up slack.
     let cs_ideal = spec.nodes as f64 * spec.size as f64 * 8.0 / (spec.caps.origin_mbit * 1e6);
-    let one_server = one_server(
-        &tb,
-        &nginx,
-        &art,
-        spec,
-        global.min(Deadline::after(secs(3.0 * cs_ideal + 60.0))),
-    )?;
-    print_figures("one server", spec, bound, &one_server);
+    let one_server = if spec.skip_one_server {
+        Figures::default()
+    } else {
+        let f = one_server(
+            &tb,
+            &nginx,
+            &art,
+            spec,
+            global.min(Deadline::after(secs(3.0 * cs_ideal + 60.0))),
+        )?;
+        print_figures("one server", spec, bound, &f);
+        f
+    };
     let peerfill = peerfill(
         &tb,
         &nginx,
@@ -550,9 +557,7 @@ fn peerfill(
     for (u, a) in usage.iter_mut().zip(&agents) {
         *u = a.usage();
     }
-    for a in &mut agents {
-        a.stop(Duration::from_secs(5));
-    }
+    stop_all(&mut agents, Duration::from_secs(5));
     let times: Vec<f64> = done.into_iter().flatten().collect();
     let mut f = Figures {
         time_secs: times.iter().copied().fold(0.0, f64::max),
