@@ -1,4 +1,5 @@
 //! End-to-end harness.
 pub mod apiserver;
+pub mod cluster;
 pub mod demo;
 pub mod netbench;
