@@ -262,37 +262,12 @@ impl AgentConfig {
         tls::validate_node_name(&self.node)?;
         let mut ids = HashSet::new();
         for c in &self.contents {
-            if c.id.is_empty() || c.id.contains('/') || c.id.starts_with('.') || c.id.len() > 253 {
-                return Err(AgentError::Invalid(format!(
-                    "invalid content id {:?}",
-                    c.id
-                )));
-            }
+            validate_content(self, c)?;
             if !ids.insert(&c.id) {
                 return Err(AgentError::Invalid(format!(
                     "duplicate content id {:?}",
                     c.id
                 )));
-            }
-            dest_path(&self.data_dir, &c.path)?;
-            if let Some(size) = c.size {
-                Layout::new(size, c.piece_size)
-                    .map_err(|e| AgentError::Invalid(format!("content {}: {e}", c.id)))?;
-            }
-            match &c.source {
-                SourceConfig::Http { readers, .. } if readers.is_empty() => {
-                    return Err(AgentError::Invalid(format!(
-                        "content {}: an http source needs at least one origin reader",
-                        c.id
-                    )));
-                }
-                SourceConfig::Node { node, .. } if node != &self.node && c.size.is_none() => {
-                    return Err(AgentError::Invalid(format!(
-                        "content {}: size is required for a node source seeded elsewhere",
-                        c.id
-                    )));
-                }
-                _ => {}
             }
         }
         Ok(())
@@ -380,14 +355,35 @@ struct ContentRun {
     node: String,
     fill: Mutex<Option<Arc<Fill>>>,
     outcome: Mutex<Outcome>,
+    /// Received bytes at the last rate sample, and that rate.
+    rate_mark: Mutex<(Instant, u64, f64)>,
+    /// Woken on every change of phase, reason or size.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl ContentRun {
+    fn new(cfg: ContentConfig, node: String, changed: Arc<tokio::sync::Notify>) -> Self {
+        ContentRun {
+            cfg,
+            node,
+            fill: Mutex::new(None),
+            outcome: Mutex::new(Outcome {
+                phase: Phase::Pending,
+                reason: None,
+                message: None,
+            }),
+            rate_mark: Mutex::new((Instant::now(), 0, 0.0)),
+            changed,
+        }
+    }
     fn set(&self, phase: Phase, reason: Option<&str>, message: Option<String>) {
-        let mut o = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
-        o.phase = phase;
-        o.reason = reason.map(str::to_string);
-        o.message = message;
+        {
+            let mut o = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+            o.phase = phase;
+            o.reason = reason.map(str::to_string);
+            o.message = message;
+        }
+        self.changed.notify_waiters();
     }
     fn phase(&self) -> Phase {
         self.outcome
@@ -405,97 +401,399 @@ impl ContentRun {
         error!(content = %self.cfg.id, reason, %message, "content failed");
         self.set(Phase::Failed, Some(reason), Some(message));
     }
+    /// The node seeds this content from a file it already holds.
+    fn seeds(&self) -> bool {
+        matches!(&self.cfg.source, SourceConfig::Node { node, .. } if node == &self.node)
+    }
 }
 
 /// Final phase of each content when [`run`] returns.
 pub type Summary = BTreeMap<String, Phase>;
+
+/// Aborts a spawned task when dropped, so a cancelled content task takes
+/// its origin reader down with it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// First wait before retrying an origin that failed transiently.
+const ORIGIN_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts on such an origin.
+const ORIGIN_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// How the engine treats its contents beyond the agent config.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Retry an origin that fails transiently (unreachable, timeout, 5xx)
+    /// with capped exponential backoff, showing the content Failed with the
+    /// reason meanwhile, instead of giving up (a long-running node agent
+    /// does; a one-shot fill does not).
+    pub retry_transient_origin: bool,
+}
+
+struct Running {
+    run: Arc<ContentRun>,
+    task: tokio::task::JoinHandle<()>,
+    /// Current peers and allowed nodes (the config's at first).
+    peers: Vec<PeerConfig>,
+    allowed: HashSet<String>,
+}
+
+struct EngineInner {
+    cfg: AgentConfig,
+    opts: EngineOptions,
+    swarm: Swarm,
+    metrics: Metrics,
+    origin_limiter: RateLimiter,
+    status_dir: PathBuf,
+    contents: Mutex<BTreeMap<String, Running>>,
+    changed: Arc<tokio::sync::Notify>,
+    status_stop: CancellationToken,
+}
+
+/// The swarm engine with a changing set of contents: contents are added,
+/// removed and re-peered while it runs. [`run`] drives it from a config
+/// file; the Kubernetes agent from its NodeFill. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+/// Errors of adding or removing a content.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentOpError {
+    #[error(transparent)]
+    Invalid(#[from] AgentError),
+    #[error("content {0} is already running")]
+    Duplicate(String),
+    #[error("deleting the data of content {id}: {source}")]
+    Delete {
+        id: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl Engine {
+    /// Starts the QUIC endpoint, the metrics endpoint (if configured) and
+    /// the status writer, with no content yet (`cfg.contents` is ignored).
+    pub fn start(
+        cfg: &AgentConfig,
+        identity: &NodeIdentity,
+        opts: EngineOptions,
+    ) -> Result<Engine, AgentError> {
+        if identity.node != cfg.node {
+            return Err(AgentError::NodeMismatch {
+                cert: identity.node.clone(),
+                config: cfg.node.clone(),
+            });
+        }
+        let metrics = Metrics::new();
+        if let Some(addr) = cfg.metrics_addr {
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(addr, m).await {
+                    error!(%addr, error = %e, "metrics endpoint failed");
+                }
+            });
+        }
+        let mut sw = SwarmOptions::new(cfg.node.clone(), cfg.listen);
+        sw.max_inflight = cfg.tuning.max_inflight;
+        sw.pipeline = cfg.tuning.pipeline;
+        sw.upload_slots = cfg.tuning.upload_slots;
+        sw.strikes_to_ban = cfg.tuning.strikes_to_ban;
+        sw.request_timeout = Duration::from_secs(cfg.tuning.request_timeout_secs.max(1));
+        sw.download_rate = cfg.limits.download_bytes_per_sec;
+        sw.upload_rate = cfg.limits.upload_bytes_per_sec;
+        sw.fault = cfg.fault;
+        let swarm = Swarm::start(sw, identity, metrics.clone())?;
+
+        let status_dir = cfg
+            .status_dir
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join(STATUS_DIR));
+        std::fs::create_dir_all(&status_dir).map_err(|source| AgentError::Status {
+            path: status_dir.clone(),
+            source,
+        })?;
+        let mut cfg = cfg.clone();
+        cfg.contents.clear();
+        let engine = Engine {
+            inner: Arc::new(EngineInner {
+                origin_limiter: RateLimiter::new(cfg.limits.origin_bytes_per_sec),
+                cfg,
+                opts,
+                swarm,
+                metrics,
+                status_dir,
+                contents: Mutex::new(BTreeMap::new()),
+                changed: Arc::new(tokio::sync::Notify::new()),
+                status_stop: CancellationToken::new(),
+            }),
+        };
+        tokio::spawn(status_loop(engine.clone()));
+        Ok(engine)
+    }
+
+    fn contents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.inner
+            .contents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.cfg.node
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.swarm.local_addr()
+    }
+
+    pub fn swarm(&self) -> &Swarm {
+        &self.inner.swarm
+    }
+
+    /// Where the status files are written.
+    pub fn status_dir(&self) -> &Path {
+        &self.inner.status_dir
+    }
+
+    /// Woken whenever a content changes phase, reason or learns its size.
+    pub fn changed(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.changed.clone()
+    }
+
+    /// Ids of the contents running.
+    pub fn ids(&self) -> Vec<String> {
+        self.contents().keys().cloned().collect()
+    }
+
+    /// Starts filling (or seeding) a content and dials its peers.
+    pub fn add(&self, c: ContentConfig) -> Result<(), ContentOpError> {
+        validate_content(&self.inner.cfg, &c)?;
+        let mut contents = self.contents();
+        if contents.contains_key(&c.id) {
+            return Err(ContentOpError::Duplicate(c.id));
+        }
+        let run = Arc::new(ContentRun::new(
+            c.clone(),
+            self.inner.cfg.node.clone(),
+            self.inner.changed.clone(),
+        ));
+        let task = tokio::spawn(content_task(run.clone(), self.clone()));
+        contents.insert(
+            c.id.clone(),
+            Running {
+                run,
+                task,
+                peers: c.peers.clone(),
+                allowed: c.allowed_peers.iter().cloned().collect(),
+            },
+        );
+        drop(contents);
+        self.inner
+            .swarm
+            .connect(c.peers.iter().map(|p| (p.node.clone(), p.addr)));
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Stops a content. With `delete_data`, its final file, partial file,
+    /// bitmap and status file are deleted — never the file a seeder seeds
+    /// from. Without, the partial file and bitmap stay so a later `add`
+    /// resumes. Returns whether the content was running.
+    pub async fn remove(&self, id: &str, delete_data: bool) -> Result<bool, ContentOpError> {
+        let Some(running) = self.contents().remove(id) else {
+            if delete_data {
+                self.delete_data_of(id, None)?;
+            }
+            return Ok(false);
+        };
+        running.task.abort();
+        let _ = running.task.await;
+        self.inner.swarm.remove_content(id);
+        if let Some(fill) = running.run.fill() {
+            fill.close();
+        }
+        self.inner.metrics.remove_content(id);
+        self.redial();
+        let _ = std::fs::remove_file(status_path(&self.inner.status_dir, id));
+        if delete_data && !running.run.seeds() {
+            let dest = dest_path(&self.inner.cfg.data_dir, &running.run.cfg.path)?;
+            self.delete_data_of(id, Some(&dest))?;
+        }
+        info!(content = %id, delete_data, "content removed");
+        self.inner.changed.notify_waiters();
+        Ok(true)
+    }
+
+    /// Deletes the partial file and bitmap of `id`, and `dest` if given.
+    pub fn delete_data_of(&self, id: &str, dest: Option<&Path>) -> Result<(), ContentOpError> {
+        let del = |source| ContentOpError::Delete {
+            id: id.to_string(),
+            source,
+        };
+        PieceStore::remove(&self.inner.cfg.data_dir.join(PARTIAL_DIR), id).map_err(del)?;
+        if let Some(dest) = dest {
+            match std::fs::remove_file(dest) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(del(StoreError::Io {
+                        op: "removing",
+                        path: dest.to_path_buf(),
+                        source: e,
+                    }));
+                }
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_file(status_path(&self.inner.status_dir, id));
+        Ok(())
+    }
+
+    /// Replaces the peers of content `id` (dialing new ones, following
+    /// address changes) and the nodes it may be exchanged with.
+    pub fn set_peers(&self, id: &str, peers: Vec<PeerConfig>, allowed: Vec<String>) {
+        {
+            let mut contents = self.contents();
+            let Some(r) = contents.get_mut(id) else {
+                return;
+            };
+            r.peers = peers;
+            r.allowed = allowed.iter().cloned().collect();
+        }
+        self.inner
+            .swarm
+            .set_allowed(id, allowed.into_iter().collect());
+        self.redial();
+    }
+
+    /// Points the swarm at the union of the peers of every content.
+    fn redial(&self) {
+        let all: Vec<(String, SocketAddr)> = self
+            .contents()
+            .values()
+            .flat_map(|r| r.peers.iter().map(|p| (p.node.clone(), p.addr)))
+            .collect();
+        self.inner.swarm.set_peers(all);
+    }
+
+    /// The nodes content `id` may be exchanged with now.
+    fn allowed_of(&self, id: &str) -> Option<HashSet<String>> {
+        self.contents().get(id).map(|r| r.allowed.clone())
+    }
+
+    /// A snapshot of the status of content `id`.
+    pub fn status(&self, id: &str) -> Option<ContentStatus> {
+        let run = self.contents().get(id).map(|r| r.run.clone())?;
+        let banned = self.inner.swarm.banned();
+        let connected = self.inner.swarm.connected();
+        Some(snapshot(&run, &banned, &connected))
+    }
+
+    /// The content digest (`blake3:<hex>`) once every piece hash is known.
+    pub fn content_digest(&self, id: &str) -> Option<Digest> {
+        let run = self.contents().get(id).map(|r| r.run.clone())?;
+        run.fill()?.content_digest()
+    }
+
+    /// Resolves when no content task is running any more (every content
+    /// complete or failed).
+    pub async fn wait_idle(&self) {
+        loop {
+            let changed = self.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.contents().values().all(|r| r.task.is_finished()) {
+                return;
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Final phase of every content.
+    pub fn summary(&self) -> Summary {
+        self.contents()
+            .iter()
+            .map(|(id, r)| (id.clone(), r.run.phase()))
+            .collect()
+    }
+
+    /// Stops every content (keeping its data), writes the status files a
+    /// last time and closes the endpoint.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<_> = self
+            .contents()
+            .values()
+            .map(|r| {
+                r.task.abort();
+                r.run.clone()
+            })
+            .collect();
+        drop(tasks);
+        self.inner.status_stop.cancel();
+        if let Err(e) = write_status_files(self) {
+            warn!(error = %e, "writing the last status failed");
+        }
+        self.inner.swarm.shutdown().await;
+    }
+}
+
+/// Checks one content against the agent config: id, destination inside
+/// the data root, layout, readers.
+fn validate_content(cfg: &AgentConfig, c: &ContentConfig) -> Result<(), AgentError> {
+    if c.id.is_empty() || c.id.contains('/') || c.id.starts_with('.') || c.id.len() > 253 {
+        return Err(AgentError::Invalid(format!(
+            "invalid content id {:?}",
+            c.id
+        )));
+    }
+    dest_path(&cfg.data_dir, &c.path)?;
+    if let Some(size) = c.size {
+        Layout::new(size, c.piece_size)
+            .map_err(|e| AgentError::Invalid(format!("content {}: {e}", c.id)))?;
+    }
+    match &c.source {
+        SourceConfig::Http { readers, .. } if readers.is_empty() => {
+            Err(AgentError::Invalid(format!(
+                "content {}: an http source needs at least one origin reader",
+                c.id
+            )))
+        }
+        SourceConfig::Node { node, .. } if node != &cfg.node && c.size.is_none() => {
+            Err(AgentError::Invalid(format!(
+                "content {}: size is required for a node source seeded elsewhere",
+                c.id
+            )))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Runs an agent until every content is complete or failed (or, with
 /// `stay`, until `shutdown`). Returns the final phase of each content.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summary, AgentError> {
     cfg.validate()?;
     let identity = NodeIdentity::load(&cfg.identity.cert, &cfg.identity.key, &cfg.identity.ca)?;
-    if identity.node != cfg.node {
-        return Err(AgentError::NodeMismatch {
-            cert: identity.node,
-            config: cfg.node,
-        });
+    let engine = Engine::start(&cfg, &identity, EngineOptions::default())?;
+    for c in &cfg.contents {
+        engine.add(c.clone()).map_err(|e| match e {
+            ContentOpError::Invalid(e) => e,
+            other => AgentError::Invalid(other.to_string()),
+        })?;
     }
-    let metrics = Metrics::new();
-    if let Some(addr) = cfg.metrics_addr {
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
-                error!(%addr, error = %e, "metrics endpoint failed");
-            }
-        });
-    }
-    let mut opts = SwarmOptions::new(cfg.node.clone(), cfg.listen);
-    opts.max_inflight = cfg.tuning.max_inflight;
-    opts.pipeline = cfg.tuning.pipeline;
-    opts.upload_slots = cfg.tuning.upload_slots;
-    opts.strikes_to_ban = cfg.tuning.strikes_to_ban;
-    opts.request_timeout = Duration::from_secs(cfg.tuning.request_timeout_secs.max(1));
-    opts.download_rate = cfg.limits.download_bytes_per_sec;
-    opts.upload_rate = cfg.limits.upload_bytes_per_sec;
-    opts.fault = cfg.fault;
-    let swarm = Swarm::start(opts, &identity, metrics.clone())?;
-
-    let status_dir = cfg
-        .status_dir
-        .clone()
-        .unwrap_or_else(|| cfg.data_dir.join(STATUS_DIR));
-    std::fs::create_dir_all(&status_dir).map_err(|source| AgentError::Status {
-        path: status_dir.clone(),
-        source,
-    })?;
-    let origin_limiter = RateLimiter::new(cfg.limits.origin_bytes_per_sec);
-
-    let runs: Vec<Arc<ContentRun>> = cfg
-        .contents
-        .iter()
-        .map(|c| {
-            Arc::new(ContentRun {
-                cfg: c.clone(),
-                node: cfg.node.clone(),
-                fill: Mutex::new(None),
-                outcome: Mutex::new(Outcome {
-                    phase: Phase::Pending,
-                    reason: None,
-                    message: None,
-                }),
-            })
-        })
-        .collect();
-
-    let mut tasks = tokio::task::JoinSet::new();
-    for run in &runs {
-        tasks.spawn(content_task(
-            run.clone(),
-            swarm.clone(),
-            cfg.clone(),
-            origin_limiter.clone(),
-            metrics.clone(),
-        ));
-    }
-    swarm.connect(
-        cfg.contents
-            .iter()
-            .flat_map(|c| c.peers.iter().map(|p| (p.node.clone(), p.addr))),
-    );
-
-    let status_stop = CancellationToken::new();
-    let status_task = tokio::spawn(status_loop(
-        runs.clone(),
-        swarm.clone(),
-        status_dir.clone(),
-        metrics.clone(),
-        status_stop.clone(),
-    ));
-
     // Content tasks end when their content is complete or failed.
     tokio::select! {
-        _ = async { while tasks.join_next().await.is_some() {} } => {
+        _ = engine.wait_idle() => {
             info!("every content is complete or failed");
             if cfg.stay {
                 shutdown.cancelled().await;
@@ -503,30 +801,88 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summar
         }
         _ = shutdown.cancelled() => {}
     }
-    tasks.abort_all();
-    status_stop.cancel();
-    match status_task.await {
-        Ok(Err(e)) => warn!(error = %e, "status writer failed"),
-        Err(e) => warn!(error = %e, "status writer panicked"),
-        Ok(Ok(())) => {}
-    }
-    swarm.shutdown().await;
-    Ok(runs.iter().map(|r| (r.cfg.id.clone(), r.phase())).collect())
+    let summary = engine.summary();
+    engine.shutdown().await;
+    Ok(summary)
 }
 
 fn headers(h: &BTreeMap<String, String>) -> Vec<(String, String)> {
     h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// Runs `op` until it succeeds; a transient origin failure is shown as
+/// Failed with its reason and retried after a capped exponential backoff
+/// when the engine retries (otherwise it is returned).
+async fn with_origin_retry<T, E, F, Fut>(
+    run: &ContentRun,
+    retry: bool,
+    resume_phase: Phase,
+    mut op: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: OriginFailure,
+{
+    let mut backoff = ORIGIN_RETRY_MIN;
+    let mut failed = false;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if failed {
+                    info!(content = %run.cfg.id, "origin reachable again");
+                    run.set(resume_phase, None, None);
+                }
+                return Ok(v);
+            }
+            Err(e) if retry && e.transient() => {
+                warn!(content = %run.cfg.id, reason = e.reason_str(), error = %e, retry_in = ?backoff, "origin failed; retrying");
+                run.set(
+                    Phase::Failed,
+                    Some(e.reason_str()),
+                    Some(format!("{e} (retrying in {}s)", backoff.as_secs())),
+                );
+                failed = true;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ORIGIN_RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Origin errors as [`with_origin_retry`] sees them.
+trait OriginFailure: std::fmt::Display {
+    fn transient(&self) -> bool;
+    fn reason_str(&self) -> &'static str;
+}
+
+impl OriginFailure for crate::origin::OriginError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+    fn reason_str(&self) -> &'static str {
+        self.reason()
+    }
+}
+
+impl OriginFailure for crate::swarm::OriginReadError {
+    fn transient(&self) -> bool {
+        matches!(self, crate::swarm::OriginReadError::Origin(e) if e.is_transient())
+    }
+    fn reason_str(&self) -> &'static str {
+        self.reason()
+    }
+}
+
 /// Prepares one content (layout, store, hash authority), then fills or
 /// seeds it until complete or failed.
-async fn content_task(
-    run: Arc<ContentRun>,
-    swarm: Swarm,
-    cfg: AgentConfig,
-    origin_limiter: RateLimiter,
-    metrics: Metrics,
-) {
+async fn content_task(run: Arc<ContentRun>, engine: Engine) {
+    let inner = &engine.inner;
+    let cfg = &inner.cfg;
+    let swarm = &inner.swarm;
+    let metrics = &inner.metrics;
+    let retry = inner.opts.retry_transient_origin;
     let c = &run.cfg;
     let me = cfg.node.as_str();
     let Ok(dest) = dest_path(&cfg.data_dir, &c.path) else {
@@ -534,10 +890,19 @@ async fn content_task(
         return;
     };
     // Layout: configured, or the origin's length.
+    let origin_opts = if retry {
+        // The engine retries on its own, showing the failure meanwhile.
+        OriginOptions {
+            max_retries: 2,
+            ..OriginOptions::default()
+        }
+    } else {
+        OriginOptions::default()
+    };
     let origin = match &c.source {
         SourceConfig::Http {
             url, headers: h, ..
-        } => match OriginClient::new(url, headers(h), OriginOptions::default()) {
+        } => match OriginClient::new(url, headers(h), origin_opts) {
             Ok(o) => Some(o.with_metrics(metrics.clone())),
             Err(e) => return run.fail(e.reason(), e.to_string()),
         },
@@ -545,10 +910,12 @@ async fn content_task(
     };
     let size = match (c.size, &origin) {
         (Some(s), _) => s,
-        (None, Some(o)) => match o.content_length().await {
-            Ok(s) => s,
-            Err(e) => return run.fail(e.reason(), e.to_string()),
-        },
+        (None, Some(o)) => {
+            match with_origin_retry(&run, retry, Phase::Pending, || o.content_length()).await {
+                Ok(s) => s,
+                Err(e) => return run.fail(e.reason(), e.to_string()),
+            }
+        }
         (None, None) => match &c.source {
             SourceConfig::Node { path: Some(p), .. } => match tokio::fs::metadata(p).await {
                 Ok(m) => m.len(),
@@ -575,7 +942,9 @@ async fn content_task(
         layout,
         digest: c.digest,
         authority: authority.clone(),
-        allowed: c.allowed_peers.iter().cloned().collect(),
+        allowed: engine
+            .allowed_of(&c.id)
+            .unwrap_or_else(|| c.allowed_peers.iter().cloned().collect()),
     };
     let seed_path = match &c.source {
         SourceConfig::Node { node, path } if node == me => {
@@ -615,6 +984,10 @@ async fn content_task(
     *run.fill.lock().unwrap_or_else(PoisonError::into_inner) = Some(fill.clone());
     run.set(Phase::Fetching, None, None);
     swarm.add_content(fill.clone());
+    // The peer list may have changed while the content was being prepared.
+    if let Some(allowed) = engine.allowed_of(&c.id) {
+        swarm.set_allowed(&c.id, allowed);
+    }
 
     if let Some(path) = complete_file {
         // A seeder, or a content this node finished before a restart: hash
@@ -656,33 +1029,36 @@ async fn content_task(
             .map(|(_, r)| r.clone())
             .collect();
         if !mine.is_empty() {
-            let (fill, me, limiter, metrics) = (
+            let (fill, me, limiter, metrics, run) = (
                 fill.clone(),
                 me.to_string(),
-                origin_limiter,
+                inner.origin_limiter.clone(),
                 metrics.clone(),
+                run.clone(),
             );
             let concurrency = cfg.tuning.origin_concurrency;
-            origin_task = Some(tokio::spawn(async move {
+            origin_task = Some(AbortOnDrop(tokio::spawn(async move {
                 for range in mine {
-                    read_origin_range(
-                        fill.clone(),
-                        me.clone(),
-                        client.clone(),
-                        range,
-                        concurrency,
-                        limiter.clone(),
-                        metrics.clone(),
-                    )
+                    with_origin_retry(&run, retry, Phase::Fetching, || {
+                        read_origin_range(
+                            fill.clone(),
+                            me.clone(),
+                            client.clone(),
+                            range.clone(),
+                            concurrency,
+                            limiter.clone(),
+                            metrics.clone(),
+                        )
+                    })
                     .await?;
                 }
                 Ok::<(), crate::swarm::OriginReadError>(())
-            }));
+            })));
         }
     }
-    if let Some(task) = origin_task {
+    if let Some(mut task) = origin_task {
         let result = tokio::select! {
-            r = task => r,
+            r = &mut task.0 => r,
             _ = fill.wait_complete() => Ok(Ok(())),
         };
         match result {
@@ -714,47 +1090,48 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Writes every content's status file and progress metrics periodically,
-/// and once more when stopped.
-async fn status_loop(
-    runs: Vec<Arc<ContentRun>>,
-    swarm: Swarm,
-    dir: PathBuf,
-    metrics: Metrics,
-    stop: CancellationToken,
-) -> Result<(), AgentError> {
-    let mut last: Vec<(Instant, u64)> = vec![(Instant::now(), 0); runs.len()];
-    loop {
-        let stopping = tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
-            _ = stop.cancelled() => true,
-        };
-        let banned = swarm.banned();
-        let connected = swarm.connected();
-        for (run, last) in runs.iter().zip(last.iter_mut()) {
-            let st = snapshot(run, &banned, &connected, last);
-            if st.size > 0 {
-                metrics.set_progress(&st.id, st.bytes_done as f64 / st.size as f64);
-            } else {
-                metrics.set_progress(&st.id, 1.0);
-            }
-            metrics.set_rate(&st.id, st.rate);
-            let path = status_path(&dir, &st.id);
-            let json = serde_json::to_vec_pretty(&st).unwrap_or_default();
-            write_atomic(&path, &json).map_err(|source| AgentError::Status { path, source })?;
+/// Writes every content's status file and progress metrics.
+fn write_status_files(engine: &Engine) -> Result<(), AgentError> {
+    let inner = &engine.inner;
+    let runs: Vec<Arc<ContentRun>> = engine.contents().values().map(|r| r.run.clone()).collect();
+    let banned = inner.swarm.banned();
+    let connected = inner.swarm.connected();
+    for run in runs {
+        let st = snapshot(&run, &banned, &connected);
+        if st.size > 0 {
+            inner
+                .metrics
+                .set_progress(&st.id, st.bytes_done as f64 / st.size as f64);
+        } else {
+            inner.metrics.set_progress(&st.id, 1.0);
         }
-        if stopping {
-            return Ok(());
+        inner.metrics.set_rate(&st.id, st.rate);
+        let path = status_path(&inner.status_dir, &st.id);
+        let json = serde_json::to_vec_pretty(&st).unwrap_or_default();
+        // A content removed meanwhile must not get its file back.
+        if !engine.contents().contains_key(&st.id) {
+            continue;
+        }
+        write_atomic(&path, &json).map_err(|source| AgentError::Status { path, source })?;
+    }
+    Ok(())
+}
+
+/// Writes the status files and progress metrics about twice a second.
+async fn status_loop(engine: Engine) {
+    let stop = engine.inner.status_stop.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = write_status_files(&engine) {
+            warn!(error = %e, "status writer failed");
         }
     }
 }
 
-fn snapshot(
-    run: &ContentRun,
-    banned: &[String],
-    connected: &[String],
-    last: &mut (Instant, u64),
-) -> ContentStatus {
+fn snapshot(run: &ContentRun, banned: &[String], connected: &[String]) -> ContentStatus {
     let (phase, reason, message) = {
         let o = run.outcome.lock().unwrap_or_else(PoisonError::into_inner);
         (o.phase, o.reason.clone(), o.message.clone())
@@ -811,11 +1188,15 @@ fn snapshot(
         }
         let received = st.bytes_from_origin + st.bytes_from_peers;
         let now = Instant::now();
-        let dt = now.duration_since(last.0).as_secs_f64();
-        if dt > 0.0 {
-            st.rate = received.saturating_sub(last.1) as f64 / dt;
+        let mut mark = run.rate_mark.lock().unwrap_or_else(PoisonError::into_inner);
+        let dt = now.duration_since(mark.0).as_secs_f64();
+        // Rates over less than a quarter second are noise: callers that
+        // sample more often get the last rate.
+        if dt >= 0.25 {
+            let rate = received.saturating_sub(mark.1) as f64 / dt;
+            *mark = (now, received, rate);
         }
-        *last = (now, received);
+        st.rate = mark.2;
     }
     st
 }

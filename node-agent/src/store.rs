@@ -696,6 +696,14 @@ impl PieceStore {
         .await?
     }
 
+    /// Stops filling, keeping the partial file and bitmap (a fill that is
+    /// stopped or restarted with another role resumes from them). Takes the
+    /// bitmap lock so no write in flight records a piece afterwards.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        drop(self.lock_have());
+    }
+
     /// Stops filling and deletes the partial file and bitmap.
     pub async fn discard(self) -> Result<(), StoreError> {
         self.inner.closed.store(true, Ordering::Release);

@@ -162,6 +162,12 @@ pub struct Fill {
     complete: watch::Sender<bool>,
     /// Announce every piece and serve garbage (fault injection for tests).
     pub(crate) liar: bool,
+    /// Nodes this content may be exchanged with; starts as `spec.allowed`
+    /// and follows the assignment's peer list while the content runs.
+    allowed: Mutex<HashSet<String>>,
+    /// Cancelled when the content is removed from this agent: sessions and
+    /// announcements end, the store takes no more writes.
+    closed: CancellationToken,
 }
 
 impl std::fmt::Debug for Fill {
@@ -184,7 +190,10 @@ impl Fill {
             .resumed_pieces
             .store(u64::from(have.count_ones()), Ordering::Relaxed);
         let (complete, _) = watch::channel(false);
+        let allowed = Mutex::new(spec.allowed.clone());
         Arc::new(Fill {
+            allowed,
+            closed: CancellationToken::new(),
             spec,
             store,
             state: Mutex::new(State {
@@ -213,7 +222,63 @@ impl Fill {
     }
 
     pub fn allows(&self, node: &str) -> bool {
-        self.spec.allowed.contains(node)
+        self.allowed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(node)
+    }
+
+    /// Replaces the nodes this content may be exchanged with. Returns the
+    /// nodes newly allowed (to announce to); sessions with nodes no longer
+    /// allowed end.
+    pub fn set_allowed(&self, allowed: HashSet<String>) -> Vec<String> {
+        let (added, removed): (Vec<String>, Vec<String>) = {
+            let mut cur = self.allowed.lock().unwrap_or_else(PoisonError::into_inner);
+            let added = allowed.difference(&cur).cloned().collect();
+            let removed = cur.difference(&allowed).cloned().collect();
+            *cur = allowed;
+            (added, removed)
+        };
+        for node in &removed {
+            self.drop_node(node);
+        }
+        added
+    }
+
+    /// Stops this content: every session and announcement ends, and the
+    /// store refuses further writes (pieces in flight are dropped), so its
+    /// files can be deleted or reopened by a new fill.
+    pub fn close(&self) {
+        self.closed.cancel();
+        self.store.close();
+        let ids: Vec<PeerId> = {
+            let mut st = self.lock();
+            // Dropping the senders ends the announce streams.
+            st.announcers.clear();
+            st.sessions.keys().copied().collect()
+        };
+        for id in ids {
+            self.remove_session(id);
+        }
+    }
+
+    /// Whether [`Fill::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// BLAKE3 of the whole content (`blake3:<hex>`), merged from the piece
+    /// hashes once every one is known.
+    pub fn content_digest(&self) -> Option<Digest> {
+        let hashes: Vec<PieceHash> = {
+            let st = self.lock();
+            if st.unknown_hashes > 0 {
+                return None;
+            }
+            st.hashes.iter().flatten().copied().collect()
+        };
+        let root = content::root_from_pieces(&self.spec.layout, &hashes).ok()?;
+        Some(Digest::Blake3(*root.as_bytes()))
     }
 
     /// Pieces held (verified and durable).
@@ -334,6 +399,12 @@ impl Fill {
     /// registration.
     pub(crate) fn register_announcer(&self, me: &str, tx: mpsc::UnboundedSender<Message>) -> u64 {
         let mut st = self.lock();
+        if self.is_closed() {
+            // Dropping `tx` ends the announce stream at once.
+            let id = st.next_announcer;
+            st.next_announcer += 1;
+            return id;
+        }
         let layout = self.spec.layout;
         let n = layout.piece_count();
         let _ = tx.send(Message::Hello {
@@ -374,6 +445,10 @@ impl Fill {
     pub(crate) fn add_session(&self, id: PeerId, node: &str) -> CancellationToken {
         let cancel = CancellationToken::new();
         let mut st = self.lock();
+        if self.is_closed() {
+            cancel.cancel();
+            return cancel;
+        }
         st.picker.add_peer(id, |_| false);
         st.sessions.insert(
             id,

@@ -105,6 +105,11 @@ pub enum SwarmError {
     },
 }
 
+struct DialTarget {
+    addr: SocketAddr,
+    wanted: bool,
+}
+
 struct PeerConn {
     conn: quinn::Connection,
     dialed_by_me: bool,
@@ -122,6 +127,11 @@ pub(crate) struct Shared {
     contents: RwLock<HashMap<String, Arc<Fill>>>,
     contents_added: tokio::sync::Notify,
     conns: Mutex<HashMap<String, PeerConn>>,
+    /// Peers to keep a connection to, by node: their current address, and
+    /// whether they are still wanted. An entry exists while its dial loop
+    /// runs; the loop reads the address on every attempt, so a peer that
+    /// restarted elsewhere is redialed at its new address.
+    dial_targets: Mutex<HashMap<String, DialTarget>>,
     banned: Mutex<HashSet<String>>,
     strikes: Mutex<HashMap<String, u32>>,
     pub(crate) upload_slots: Arc<Semaphore>,
@@ -181,6 +191,7 @@ impl Swarm {
             contents: RwLock::new(HashMap::new()),
             contents_added: tokio::sync::Notify::new(),
             conns: Mutex::new(HashMap::new()),
+            dial_targets: Mutex::new(HashMap::new()),
             banned: Mutex::new(HashSet::new()),
             strikes: Mutex::new(HashMap::new()),
             metrics,
@@ -233,14 +244,93 @@ impl Swarm {
         }
     }
 
-    /// Keeps a connection to each of these peers (redialing with backoff).
+    /// Keeps a connection to each of these peers (redialing with backoff),
+    /// in addition to those already wanted. A known peer given a new
+    /// address is redialed there.
     pub fn connect(&self, peers: impl IntoIterator<Item = (String, SocketAddr)>) {
-        let mut seen = HashSet::new();
         for (node, addr) in peers {
-            if node == self.shared.opts.node || !seen.insert(node.clone()) {
-                continue;
+            self.want_peer(node, addr);
+        }
+    }
+
+    /// Keeps connections to exactly these peers: new ones are dialed, known
+    /// ones follow address changes, the others are no longer redialed (an
+    /// open connection to them stays until it closes).
+    pub fn set_peers(&self, peers: impl IntoIterator<Item = (String, SocketAddr)>) {
+        let mut keep = HashSet::new();
+        for (node, addr) in peers {
+            keep.insert(node.clone());
+            self.want_peer(node, addr);
+        }
+        for (node, t) in lock(&self.shared.dial_targets).iter_mut() {
+            if !keep.contains(node) {
+                t.wanted = false;
             }
-            tokio::spawn(dial_loop(self.shared.clone(), node, addr));
+        }
+    }
+
+    fn want_peer(&self, node: String, addr: SocketAddr) {
+        if node == self.shared.opts.node {
+            return;
+        }
+        let moved = {
+            let mut targets = lock(&self.shared.dial_targets);
+            match targets.get_mut(&node) {
+                Some(t) => {
+                    t.wanted = true;
+                    std::mem::replace(&mut t.addr, addr) != addr
+                }
+                None => {
+                    targets.insert(node.clone(), DialTarget { addr, wanted: true });
+                    tokio::spawn(dial_loop(self.shared.clone(), node.clone()));
+                    false
+                }
+            }
+        };
+        if moved {
+            // The peer restarted elsewhere: a connection to the old address
+            // is dead or about to be; drop it so the dial loop redials now.
+            let stale = lock(&self.shared.conns)
+                .get(&node)
+                .filter(|pc| pc.dialed_by_me && pc.conn.remote_address() != addr)
+                .map(|pc| pc.conn.clone());
+            if let Some(conn) = stale {
+                info!(peer = %node, %addr, "peer moved; redialing");
+                conn.close(close::SHUTDOWN, b"peer moved");
+            }
+        }
+    }
+
+    /// Removes a content: it is no longer served or fetched, and its fill
+    /// is closed (see [`Fill::close`]). Returns the fill, if it was there.
+    pub fn remove_content(&self, id: &str) -> Option<Arc<Fill>> {
+        let fill = self
+            .shared
+            .contents
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)?;
+        fill.close();
+        Some(fill)
+    }
+
+    /// Replaces the nodes content `id` may be exchanged with, announcing it
+    /// to connected nodes that are newly allowed.
+    pub fn set_allowed(&self, id: &str, allowed: HashSet<String>) {
+        let Some(fill) = self.shared.content(id) else {
+            return;
+        };
+        let added = fill.set_allowed(allowed);
+        for node in added {
+            let conn = lock(&self.shared.conns).get(&node).map(|c| c.conn.clone());
+            if let Some(conn) = conn {
+                tokio::spawn(peer::announce(
+                    self.shared.clone(),
+                    conn,
+                    node,
+                    fill.clone(),
+                ));
+            }
         }
     }
 
@@ -464,7 +554,7 @@ async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
-async fn dial_loop(shared: Arc<Shared>, node: String, addr: SocketAddr) {
+async fn dial_loop(shared: Arc<Shared>, node: String) {
     // The larger name waits a little so that, when both dial at once, the
     // preferred connection (dialed by the smaller name) usually wins outright.
     if shared.opts.node > node {
@@ -475,14 +565,25 @@ async fn dial_loop(shared: Arc<Shared>, node: String, addr: SocketAddr) {
     }
     let mut backoff = Duration::from_millis(200);
     loop {
-        if shared.shutdown.is_cancelled() || shared.is_banned(&node) {
+        let addr = {
+            let mut targets = lock(&shared.dial_targets);
+            match targets.get(&node) {
+                Some(t) if t.wanted && !shared.shutdown.is_cancelled() => t.addr,
+                _ => {
+                    targets.remove(&node);
+                    return;
+                }
+            }
+        };
+        if shared.is_banned(&node) {
+            lock(&shared.dial_targets).remove(&node);
             return;
         }
         let existing = lock(&shared.conns).get(&node).map(|c| c.conn.clone());
         if let Some(conn) = existing {
             tokio::select! {
                 _ = conn.closed() => {}
-                _ = shared.shutdown.cancelled() => return,
+                _ = shared.shutdown.cancelled() => {}
             }
             backoff = Duration::from_millis(200);
             continue;
@@ -495,6 +596,7 @@ async fn dial_loop(shared: Arc<Shared>, node: String, addr: SocketAddr) {
                     && c.error_code == close::BANNED
                 {
                     warn!(peer = %node, "the peer banned this node; not redialing");
+                    lock(&shared.dial_targets).remove(&node);
                     return;
                 }
             }
@@ -502,7 +604,7 @@ async fn dial_loop(shared: Arc<Shared>, node: String, addr: SocketAddr) {
                 debug!(peer = %node, %addr, error = %e, "dial failed");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.shutdown.cancelled() => return,
+                    _ = shared.shutdown.cancelled() => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
