@@ -120,21 +120,29 @@ impl BuildPlan {
     }
 
     /// Runs cargo (its output goes to the terminal) and checks the binaries
-    /// are there. Dropping the future kills cargo.
+    /// are there. Dropping the future kills cargo and its rustc jobs.
     pub async fn run(&self) -> Result<(), BuildError> {
-        let status = tokio::process::Command::new(&self.cargo)
+        let mut child = tokio::process::Command::new(&self.cargo)
             .args(self.args())
             .stdin(Stdio::null())
-            // cargo's progress lines go to stderr, like any build's.
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
+            // Its own process group, so that stopping the demo can stop
+            // cargo's compiler jobs too, not only cargo.
+            .process_group(0)
             .kill_on_drop(true)
-            .status()
-            .await
+            .spawn()
             .map_err(|source| BuildError::Spawn {
                 cargo: self.cargo.clone(),
                 source,
             })?;
+        let group = GroupGuard(child.id());
+        let status = child.wait().await.map_err(|source| BuildError::Spawn {
+            cargo: self.cargo.clone(),
+            source,
+        })?;
+        // cargo exited and took its jobs with it: nothing left to kill.
+        std::mem::forget(group);
         if !status.success() {
             return Err(BuildError::Failed {
                 command: self.command_line(),
@@ -148,6 +156,21 @@ impl BuildPlan {
             }
         }
         Ok(())
+    }
+}
+
+/// SIGKILLs a process group when dropped (the build was abandoned).
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) with a negative pid signals that process
+            // group; it has no memory effects.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
     }
 }
 

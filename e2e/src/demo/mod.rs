@@ -8,5 +8,8 @@ pub mod artifact;
 pub mod build;
 pub mod manifest;
 pub mod progress;
+pub mod run;
 pub mod summary;
 pub mod units;
+
+pub use run::{DemoError, DemoOptions, WorkDir, run};

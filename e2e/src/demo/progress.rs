@@ -171,7 +171,7 @@ impl NodeProgress {
     /// What a bar shows after its byte counts: phase, rate, origin/peer split.
     fn detail(&self) -> String {
         let mut s = format!(
-            "{:<11} {:>12}  origin {:>10}  peers {:>10}",
+            "{:<11} {:>11}  origin {:>9}  peers {:>9}",
             self.phase,
             mib_per_s(self.bytes_per_second as f64),
             bytes(self.from_origin),
@@ -238,12 +238,13 @@ impl Display {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout_with_hz(10));
         let header = multi.add(ProgressBar::new_spinner());
         header.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+            ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         header.enable_steady_tick(Duration::from_millis(200));
         let style = ProgressStyle::with_template(
-            "  {prefix:<10} [{bar:28.cyan/blue}] {bytes:>10}/{total_bytes:<10} {msg}",
+            // wide_msg is cut to the terminal width, so a line never wraps.
+            "  {prefix} [{bar:20.cyan/blue}] {bytes:>9}/{total_bytes:<9} {wide_msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
