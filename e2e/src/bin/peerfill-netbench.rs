@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use peerfill_e2e::netbench::report::{self, Context, Machine};
+use peerfill_e2e::netbench::report::{self, Machine, Render, Sweep};
 use peerfill_e2e::netbench::scenario::{self, RunResult, RunSpec};
 use peerfill_e2e::netbench::testbed::{self, Caps};
 use peerfill_e2e::netbench::{
@@ -47,15 +47,14 @@ enum Cmd {
         /// Extra runs after the sweep, as NODESxMIB (e.g. 8x1024); empty for none.
         #[arg(long, value_delimiter = ',', default_value = "8x1024")]
         extra: Vec<String>,
-        /// Markdown report to write.
-        #[arg(long, default_value = "BENCHMARKS.md")]
-        markdown: PathBuf,
-        /// PNG plot to write (time against N at the sweep size).
-        #[arg(long, default_value = "docs/bench/netbench.png")]
-        plot: PathBuf,
-        /// Hand-written notes appended to the markdown, if the file exists.
-        #[arg(long, default_value = "e2e/netbench/notes.md")]
-        notes: PathBuf,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Re-renders the markdown and the plot from a sweep's results JSON
+    /// (e.g. after editing the notes); no root needed.
+    Render {
+        #[command(flatten)]
+        out: Output,
     },
     /// CI form: N=4, 32 MiB, 200 Mbit/s links; asserts every copy verified and
     /// the namespaces gone, prints figures, never asserts timings.
@@ -81,6 +80,22 @@ enum Cmd {
     },
     /// Deletes namespaces and work dirs of earlier runs whose process is gone.
     Cleanup,
+}
+
+#[derive(Args, Clone)]
+struct Output {
+    /// Results JSON of the sweep (written by `sweep`, read by `render`).
+    #[arg(long, default_value = "docs/bench/netbench.json")]
+    results: PathBuf,
+    /// Markdown report to write.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    markdown: PathBuf,
+    /// PNG plot to write (time against N at the sweep size).
+    #[arg(long, default_value = "docs/bench/netbench.png")]
+    plot: PathBuf,
+    /// Hand-written notes appended to the markdown, if the file exists.
+    #[arg(long, default_value = "e2e/netbench/notes.md")]
+    notes: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -289,10 +304,9 @@ fn main() -> ExitCode {
             nodes,
             mib,
             extra,
-            markdown,
-            plot,
-            notes,
-        } => sweep(&common, &nodes, mib, &extra, &markdown, &plot, &notes),
+            out,
+        } => sweep(&common, &nodes, mib, &extra, &out),
+        Cmd::Render { out } => render_from(&out),
     };
     match result {
         Ok(()) => {
@@ -352,71 +366,102 @@ fn parse_extra(s: &str) -> Result<(usize, u64)> {
         .ok_or_else(|| NetbenchError::Config(format!("--extra {s:?}: expected NODESxMIB")))
 }
 
-fn sweep(
-    common: &Common,
-    nodes: &[usize],
-    mib: u64,
-    extra: &[String],
-    markdown: &Path,
-    plot: &Path,
-    notes: &Path,
-) -> Result<()> {
+fn sweep(common: &Common, nodes: &[usize], mib: u64, extra: &[String], out: &Output) -> Result<()> {
     let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(3600)));
     let mut plan: Vec<(usize, u64)> = nodes.iter().map(|&n| (n, mib)).collect();
     for e in extra.iter().filter(|e| !e.trim().is_empty()) {
         plan.push(parse_extra(e)?);
     }
     let (bin, work) = preflight(common)?;
-    let machine = Machine::read();
-    let load_before = report::loadavg();
-    let started_at = utc_now();
     let started = Instant::now();
-    let command = command_line();
-    let notes_text = std::fs::read_to_string(notes).ok();
-    let plot_rel = relative_to(plot, markdown);
-    let mut runs: Vec<RunResult> = Vec::new();
+    let mut sw = Sweep {
+        command: command_line(),
+        machine: Machine::read(),
+        started: utc_now(),
+        load_before: report::loadavg(),
+        load_after: String::new(),
+        wall_secs: 0.0,
+        size: mib * MIB,
+        runs: Vec::new(),
+    };
     for (n, m) in plan {
         let spec = spec(common, &bin, &work.0, n, m, common.caps(100.0));
         let r = one_run(&spec, deadline, common.keep_work)?;
-        println!(
-            "result: {}",
-            serde_json::to_string(&r).unwrap_or_else(|e| format!("(json: {e})"))
-        );
-        runs.push(r);
-        // Rewritten after every run, so an interrupted sweep keeps its figures.
-        let load_after = report::loadavg();
-        let ctx = Context {
-            command: &command,
-            machine: &machine,
-            started: &started_at,
-            load_before: &load_before,
-            load_after: &load_after,
-            wall_secs: started.elapsed().as_secs_f64(),
-            plot: Some(&plot_rel),
-            notes: notes_text.as_deref(),
-        };
-        let text = report::markdown(&ctx, &runs);
-        std::fs::write(markdown, text).map_err(|source| NetbenchError::Io {
-            what: format!("writing {}", markdown.display()),
-            source,
-        })?;
-        if let Some(dir) = plot.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| NetbenchError::Io {
-                what: format!("creating {}", dir.display()),
-                source,
-            })?;
-        }
-        report::plot(plot, &runs, mib * MIB)?;
+        sw.runs.push(r);
+        // Written after every run, so an interrupted sweep keeps its figures.
+        sw.load_after = report::loadavg();
+        sw.wall_secs = started.elapsed().as_secs_f64();
+        write_file(
+            &out.results,
+            &serde_json::to_vec_pretty(&sw).unwrap_or_default(),
+        )?;
+        render(&sw, out)?;
     }
     let left = leftovers()?;
     if !left.is_empty() {
         return Err(NetbenchError::Leftovers(left));
     }
     println!(
-        "wrote {} and {}; load average before {load_before}, after {}",
-        markdown.display(),
-        plot.display(),
-        report::loadavg()
+        "wrote {}, {} and {}; load average before {}, after {}",
+        out.results.display(),
+        out.markdown.display(),
+        out.plot.display(),
+        sw.load_before,
+        sw.load_after
+    );
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| NetbenchError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+    }
+    std::fs::write(path, bytes).map_err(|source| NetbenchError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}
+
+/// Writes the markdown (with the notes, if any) and the plot.
+fn render(sw: &Sweep, out: &Output) -> Result<()> {
+    let notes = std::fs::read_to_string(&out.notes).ok();
+    let plot_rel = relative_to(&out.plot, &out.markdown);
+    let results_rel = relative_to(&out.results, &out.markdown);
+    let text = report::markdown(
+        sw,
+        &Render {
+            plot: Some(&plot_rel),
+            results: Some(&results_rel),
+            notes: notes.as_deref(),
+        },
+    );
+    write_file(&out.markdown, text.as_bytes())?;
+    if let Some(dir) = out.plot.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| NetbenchError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+    }
+    report::plot(&out.plot, sw)
+}
+
+fn render_from(out: &Output) -> Result<()> {
+    let bytes = std::fs::read(&out.results).map_err(|source| NetbenchError::Io {
+        what: format!("reading {}", out.results.display()),
+        source,
+    })?;
+    let sw: Sweep = serde_json::from_slice(&bytes).map_err(|e| NetbenchError::Parse {
+        cmd: format!("reading {}", out.results.display()),
+        reason: e.to_string(),
+    })?;
+    render(&sw, out)?;
+    println!(
+        "wrote {} and {}",
+        out.markdown.display(),
+        out.plot.display()
     );
     Ok(())
 }

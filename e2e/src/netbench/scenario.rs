@@ -46,7 +46,7 @@ pub struct RunSpec {
 }
 
 /// Figures of one method in one run.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Figures {
     /// Start of the downloads to the last verified copy, seconds.
     pub time_secs: f64,
@@ -70,7 +70,7 @@ pub struct Figures {
 }
 
 /// Everything measured in one run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunResult {
     pub nodes: usize,
     pub size: u64,
