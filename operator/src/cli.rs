@@ -1,0 +1,106 @@
+//! Command line (charts/peerfill/README.md "Operator").
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::leader::Timing;
+
+/// The peerfill operator: Distributions -> per-node work -> status.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "peerfill-operator", version, about)]
+pub struct Args {
+    /// Address of the `/metrics` and `/healthz` endpoint (every replica).
+    #[arg(long, default_value = "0.0.0.0:9463")]
+    pub metrics: SocketAddr,
+    /// Namespace of the leader Lease and of the CA Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "peerfill-operator")]
+    pub leader_election_lease: String,
+    /// How long a leader's Lease is valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// How long the leader keeps trying to renew before it gives up (and
+    /// exits, so its pod restarts).
+    #[arg(long, default_value_t = 10)]
+    pub renew_deadline_seconds: u64,
+    /// Time between two attempts to acquire or renew.
+    #[arg(long, default_value_t = 2)]
+    pub retry_period_seconds: u64,
+    /// Name of the CA Secret in the leader election namespace.
+    #[arg(long, env = "PEERFILL_CA_SECRET", default_value = "peerfill-ca")]
+    pub ca_secret: String,
+    /// Identity in the Lease; default POD_NAME, else hostname-pid.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+impl Args {
+    /// The Lease holder identity of this replica.
+    pub fn identity(&self) -> String {
+        self.identity
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "peerfill-operator".into());
+                format!("{host}-{}", std::process::id())
+            })
+    }
+
+    /// Election timing, checked as client-go does: the lease outlives the
+    /// renew deadline, which outlives the retry period.
+    pub fn timing(&self) -> Result<Timing, String> {
+        let (lease, renew, retry) = (
+            self.lease_duration_seconds,
+            self.renew_deadline_seconds,
+            self.retry_period_seconds,
+        );
+        if retry == 0 || renew <= retry || lease <= renew {
+            return Err(format!(
+                "need lease duration ({lease}s) > renew deadline ({renew}s) > retry period ({retry}s) > 0"
+            ));
+        }
+        Ok(Timing {
+            lease_duration: Duration::from_secs(lease),
+            renew_deadline: Duration::from_secs(renew),
+            retry_period: Duration::from_secs(retry),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_command_line_parses() {
+        let a = Args::try_parse_from([
+            "peerfill-operator",
+            "--metrics",
+            "0.0.0.0:9463",
+            "--leader-election-namespace",
+            "peerfill-system",
+            "--leader-election-lease",
+            "peerfill-operator",
+        ])
+        .unwrap();
+        assert_eq!(a.leader_election_namespace, "peerfill-system");
+        assert_eq!(a.timing().unwrap().lease_duration, Duration::from_secs(15));
+        let bad = Args::try_parse_from([
+            "x",
+            "--lease-duration-seconds",
+            "5",
+            "--renew-deadline-seconds",
+            "5",
+        ])
+        .unwrap();
+        assert!(bad.timing().is_err());
+    }
+}

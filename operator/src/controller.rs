@@ -1,0 +1,572 @@
+//! The thin Kubernetes shell around the pure decisions: reflectors give the
+//! global view, a kube-runtime Controller reconciles Distributions (status,
+//! finalizer, Events), and a node loop keeps one NodeFill per Node, answers
+//! certificate requests and writes NodeFill specs that differ.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalized, finalizer};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use peerfill_agent::tls::ClusterCa;
+use peerfill_crds::{
+    Distribution, DistributionStatus, FINALIZER, NodeFill, NodeFillSpec, Phase, node_label_key,
+};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::ca::{self, CsrDecision};
+use crate::error::Error;
+use crate::events::{self, Planned};
+use crate::metrics::Metrics;
+use crate::plan::{self, World};
+use crate::status;
+
+/// The controller's name in Events and field managers.
+pub const CONTROLLER_NAME: &str = "peerfill-operator";
+/// Re-plan at least this often: agents go stale without any watch event.
+const RESYNC: Duration = Duration::from_secs(5);
+/// Changes arriving together are planned together.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Node/NodeFill changes reconcile every Distribution at most this often.
+const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
+/// How often a deleted Distribution checks whether the agents are done.
+const CLEANUP_POLL: Duration = Duration::from_secs(1);
+
+/// State shared by the reconciler and the node loop.
+pub struct Shared {
+    client: Client,
+    dists: Store<Distribution>,
+    nodes: Store<Node>,
+    fills: Store<NodeFill>,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    node_sync: Notify,
+    /// Consecutive failures per Distribution uid, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Shared {
+    fn world(&self) -> World {
+        World::new(
+            self.dists.state(),
+            self.nodes.state(),
+            self.fills.state(),
+            Timestamp::now(),
+        )
+    }
+
+    async fn publish(
+        &self,
+        planned: &Planned,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+    ) {
+        let ev = KubeEvent {
+            type_: if planned.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: planned.reason.clone(),
+            note: Some(planned.note.chars().take(1000).collect()),
+            action: planned.action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, reference).await {
+            tracing::warn!(error = %e, reason = %planned.reason, "publishing an Event");
+        }
+    }
+
+    async fn ready(&self) -> Result<(), Error> {
+        let ended = |what| move |_| Error::WatchEnded { what };
+        self.dists
+            .wait_until_ready()
+            .await
+            .map_err(ended("Distribution"))?;
+        self.nodes.wait_until_ready().await.map_err(ended("Node"))?;
+        self.fills
+            .wait_until_ready()
+            .await
+            .map_err(ended("NodeFill"))?;
+        Ok(())
+    }
+}
+
+/// A JSON merge patch turning `old` into `new` at the top level: keys `new`
+/// lacks are set to null (merge patches otherwise keep them).
+pub fn replace_patch(old: &Value, new: &Value) -> Value {
+    let mut patch = new.clone();
+    if let (Some(old), Some(p)) = (old.as_object(), patch.as_object_mut()) {
+        for key in old.keys() {
+            p.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    patch
+}
+
+fn to_value<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Value, Error> {
+    serde_json::to_value(v).map_err(|source| Error::Serialize { what, source })
+}
+
+/// Runs the controller until a watch or the node loop fails for good.
+pub async fn run(
+    client: Client,
+    ca: ClusterCa,
+    metrics: Arc<Metrics>,
+    instance: String,
+) -> Result<(), Error> {
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (fills, fill_writer) = reflector::store::<NodeFill>();
+    let node_events = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff();
+    let fill_events = reflector::reflector(
+        fill_writer,
+        watcher(
+            Api::<NodeFill>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff();
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::channel::<()>(1);
+    let controller = Controller::new(
+        Api::<Distribution>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .reconcile_all_on(trigger_rx);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: CONTROLLER_NAME.into(),
+            instance: Some(instance),
+        },
+    );
+    let shared = Arc::new(Shared {
+        client,
+        dists: controller.store(),
+        nodes,
+        fills,
+        metrics,
+        recorder,
+        node_sync: Notify::new(),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    // Any Node or NodeFill change may move targets, readers or statuses of
+    // every Distribution, and the per-node work. Heartbeats arrive all the
+    // time, so the reconcile-all trigger is throttled (not debounced: a
+    // debounce would starve while agents keep reporting).
+    let dirty = Arc::new(Notify::new());
+    let pump = {
+        let shared = shared.clone();
+        let dirty = dirty.clone();
+        async move {
+            let mut events = std::pin::pin!(stream::select(
+                node_events.map(|e| e.map(|_| ())),
+                fill_events.map(|e| e.map(|_| ())),
+            ));
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(()) => {
+                        dirty.notify_one();
+                        shared.node_sync.notify_one();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watching Nodes/NodeFills"),
+                }
+            }
+            Err::<(), _>(Error::WatchEnded {
+                what: "Node/NodeFill",
+            })
+        }
+    };
+    let throttle = async move {
+        let mut trigger_tx = trigger_tx;
+        loop {
+            dirty.notified().await;
+            // Full: a reconcile-all is already pending.
+            let _ = trigger_tx.try_send(());
+            tokio::time::sleep(RECONCILE_ALL_EVERY).await;
+        }
+    };
+    let reconciler = controller
+        .run(reconcile, error_policy, shared.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        });
+    tokio::select! {
+        r = pump => r,
+        r = node_loop(shared.clone(), ca) => r,
+        () = reconciler => Err(Error::WatchEnded { what: "Distribution" }),
+        () = throttle => Ok(()),
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.min(10)))
+        .min(Duration::from_secs(300))
+}
+
+fn error_policy(dist: Arc<Distribution>, error: &Error, shared: Arc<Shared>) -> Action {
+    if error.is_waiting() {
+        tracing::debug!(distribution = %dist.name_any(), %error, "cleanup pending");
+        return Action::requeue(CLEANUP_POLL);
+    }
+    shared.metrics.reconcile_errors.inc();
+    let uid = dist.uid().unwrap_or_default();
+    let failures = {
+        let mut map = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(uid).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(failures);
+    tracing::warn!(
+        distribution = %format!("{}/{}", dist.namespace().unwrap_or_default(), dist.name_any()),
+        %error,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+async fn reconcile(dist: Arc<Distribution>, shared: Arc<Shared>) -> Result<Action, Error> {
+    let _timer = shared.metrics.reconcile_duration.start_timer();
+    shared.ready().await?;
+    let ns = dist.namespace().unwrap_or_default();
+    let api: Api<Distribution> = Api::namespaced(shared.client.clone(), &ns);
+    if dist.finalizers().is_empty() && dist.metadata.deletion_timestamp.is_none() {
+        return add_first_finalizer(&dist, &api).await;
+    }
+    let result = finalizer(&api, FINALIZER, dist.clone(), |event| async {
+        match event {
+            Finalized::Apply(d) => apply(&d, &api, &shared).await,
+            Finalized::Cleanup(d) => cleanup(&d, &api, &shared).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        let uid = dist.uid().unwrap_or_default();
+        shared
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&uid);
+    }
+    result
+}
+
+/// Adds our finalizer to an object without any. kube's finalizer helper
+/// does this with a JSON patch `test /metadata/finalizers == null`, which
+/// the API stand-in (unlike the real API server) refuses for an absent
+/// field; guarding on the resourceVersion is as safe and works on both.
+async fn add_first_finalizer(
+    dist: &Distribution,
+    api: &Api<Distribution>,
+) -> Result<Action, Error> {
+    let name = dist.name_any();
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        { "op": "test", "path": "/metadata/resourceVersion", "value": dist.resource_version() },
+        { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] },
+    ]))
+    .map_err(|source| Error::Serialize {
+        what: "finalizer patch",
+        source,
+    })?;
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(Error::kube("add finalizer to", "Distribution", &name))?;
+    // The change triggers the next reconcile.
+    Ok(Action::await_change())
+}
+
+/// Writes `new` as the status when it differs, then publishes the Events
+/// of the change.
+async fn write_status(
+    dist: &Distribution,
+    api: &Api<Distribution>,
+    shared: &Shared,
+    new: DistributionStatus,
+) -> Result<(), Error> {
+    if dist.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let name = dist.name_any();
+    let old = to_value("status", &dist.status.clone().unwrap_or_default())?;
+    let patch = json!({ "status": replace_patch(&old, &to_value("status", &new)?) });
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(Error::kube("patch status of", "Distribution", &name))?;
+    let reference = dist.object_ref(&());
+    for planned in events::events(dist.status.as_ref(), &new) {
+        shared.publish(&planned, &reference).await;
+    }
+    Ok(())
+}
+
+async fn apply(
+    dist: &Distribution,
+    api: &Api<Distribution>,
+    shared: &Shared,
+) -> Result<Action, Error> {
+    shared.node_sync.notify_one();
+    let world = shared.world();
+    let plan = plan::plan_distribution(dist, &world);
+    let new = status::aggregate(dist, plan.as_ref(), &world);
+    write_status(dist, api, shared, new).await?;
+    // Agents go stale without any event: look again now and then.
+    Ok(Action::requeue(Duration::from_secs(15)))
+}
+
+/// control-path.md "Removal": the plan already leaves the Distribution out
+/// (it is being deleted); wait until no up agent lists it, removing the
+/// node label ourselves where the agent is down.
+async fn cleanup(
+    dist: &Distribution,
+    api: &Api<Distribution>,
+    shared: &Shared,
+) -> Result<Action, Error> {
+    shared.node_sync.notify_one();
+    let world = shared.world();
+    let uid = dist.uid().unwrap_or_default();
+    let label = node_label_key(&dist.namespace().unwrap_or_default(), &dist.name_any());
+    let mut waiting = Vec::new();
+    for (name, fill) in &world.fills {
+        let listed = fill.spec.distributions.iter().any(|a| a.uid == uid)
+            || fill
+                .status
+                .as_ref()
+                .is_some_and(|s| s.distributions.iter().any(|d| d.uid == uid));
+        if listed && world.nodes.contains_key(name) && world.agent_up(name) {
+            waiting.push(name.clone());
+        }
+    }
+    let nodes_api: Api<Node> = Api::all(shared.client.clone());
+    for (name, node) in &world.nodes {
+        if node.labels().contains_key(&label) && !world.agent_up(name) {
+            let patch = json!({ "metadata": { "labels": { label.clone(): null } } });
+            nodes_api
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(Error::kube("remove label from", "Node", name))?;
+            tracing::info!(node = %name, %label, "removed the label of a node whose agent is down");
+        }
+    }
+    write_status(
+        dist,
+        api,
+        shared,
+        status::deleting_status(dist, waiting.len(), world.now),
+    )
+    .await?;
+    if waiting.is_empty() {
+        tracing::info!(distribution = %format!("{}/{}", dist.namespace().unwrap_or_default(), dist.name_any()), "content removed from every node; releasing the finalizer");
+        Ok(Action::await_change())
+    } else {
+        Err(Error::CleanupPending {
+            remaining: waiting.len(),
+            nodes: waiting.join(", "),
+        })
+    }
+}
+
+/// Keeps one NodeFill per Node, answers certificate requests and writes the
+/// planned specs, on every change and every [`RESYNC`].
+async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
+    shared.ready().await?;
+    let mut refused: HashSet<(String, String)> = HashSet::new();
+    let mut failures = 0u32;
+    loop {
+        match sync_nodes(&shared, &ca, &mut refused).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                shared.metrics.reconcile_errors.inc();
+                let delay = backoff(failures);
+                tracing::warn!(error = %e, retry_in = ?delay, "syncing NodeFills failed");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            () = shared.node_sync.notified() => tokio::time::sleep(DEBOUNCE).await,
+            () = tokio::time::sleep(RESYNC) => {}
+        }
+    }
+}
+
+async fn sync_nodes(
+    shared: &Shared,
+    ca: &ClusterCa,
+    refused: &mut HashSet<(String, String)>,
+) -> Result<(), Error> {
+    let world = shared.world();
+    let fills_api: Api<NodeFill> = Api::all(shared.client.clone());
+    let interval = peerfill_crds::budget::report_interval_seconds(world.nodes.len());
+
+    // One NodeFill per Node, owned by it so it goes with the Node.
+    for (name, node) in &world.nodes {
+        if world.fills.contains_key(name) || node.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let fill = NodeFill {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Node".into(),
+                    name: name.clone(),
+                    uid: node.uid().unwrap_or_default(),
+                    controller: Some(false),
+                    block_owner_deletion: None,
+                }]),
+                ..ObjectMeta::default()
+            },
+            spec: NodeFillSpec {
+                report_interval_seconds: Some(interval),
+                ..NodeFillSpec::default()
+            },
+            status: None,
+        };
+        match fills_api.create(&PostParams::default(), &fill).await {
+            Ok(_) => tracing::info!(node = %name, "created NodeFill"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(Error::kube("create", "NodeFill", name)(e)),
+        }
+    }
+
+    // Certificate requests.
+    let mut identities = HashMap::new();
+    for (name, fill) in &world.fills {
+        match ca::csr_decision(fill, world.nodes.get(name).map(Arc::as_ref)) {
+            CsrDecision::Nothing => {}
+            CsrDecision::Sign { csr, digest } => {
+                if refused.contains(&(name.clone(), digest.clone())) {
+                    continue;
+                }
+                match ca::answer(ca, name, &csr, digest.clone()) {
+                    Ok(identity) => {
+                        identities.insert(name.clone(), identity);
+                    }
+                    Err(e) => refuse(shared, fill, refused, digest, e.to_string()).await,
+                }
+            }
+            CsrDecision::Refuse { digest, reason } => {
+                if !refused.contains(&(name.clone(), digest.clone())) {
+                    refuse(shared, fill, refused, digest, reason).await;
+                }
+            }
+        }
+    }
+
+    // The planned specs, written where they differ.
+    let planned = plan::plan(&world);
+    for (name, mut spec) in planned.specs {
+        let issued = identities.remove(&name);
+        if let Some(identity) = &issued {
+            spec.identity = Some(identity.clone());
+        }
+        let Some(fill) = world.fills.get(&name) else {
+            continue;
+        };
+        if fill.spec == spec {
+            continue;
+        }
+        let patch = json!({ "spec": replace_patch(&to_value("spec", &fill.spec)?, &to_value("spec", &spec)?) });
+        fills_api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(Error::kube("patch spec of", "NodeFill", &name))?;
+        if issued.is_some() {
+            shared.metrics.certificates_issued.inc();
+            tracing::info!(node = %name, "issued the node certificate");
+        }
+        tracing::debug!(node = %name, assignments = spec.distributions.len(), "wrote NodeFill spec");
+    }
+
+    // Distributions by phase.
+    let mut by_phase: HashMap<&str, i64> = HashMap::new();
+    for dist in &world.distributions {
+        let phase = dist
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .map_or("Unknown", Phase::as_str);
+        *by_phase.entry(phase).or_default() += 1;
+    }
+    for phase in [
+        "Pending",
+        "Progressing",
+        "Complete",
+        "Failed",
+        "Deleting",
+        "Unknown",
+    ] {
+        shared
+            .metrics
+            .distributions
+            .with_label_values(&[phase])
+            .set(by_phase.get(phase).copied().unwrap_or(0));
+    }
+    Ok(())
+}
+
+async fn refuse(
+    shared: &Shared,
+    fill: &NodeFill,
+    refused: &mut HashSet<(String, String)>,
+    digest: String,
+    reason: String,
+) {
+    let name = fill.name_any();
+    tracing::warn!(node = %name, %reason, "refused a certificate request");
+    let planned = Planned {
+        warning: true,
+        reason: "CertificateRequestRefused".into(),
+        action: "IssueCertificate",
+        note: reason,
+    };
+    shared.publish(&planned, &fill.object_ref(&())).await;
+    refused.insert((name, digest));
+}
+
+/// The CA Secret API of the operator's namespace.
+pub fn secrets(client: &Client, namespace: &str) -> Api<Secret> {
+    Api::namespaced(client.clone(), namespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_patches_null_what_is_gone() {
+        let old = json!({"a": 1, "b": [1], "c": "x"});
+        let new = json!({"a": 2});
+        assert_eq!(
+            replace_patch(&old, &new),
+            json!({"a": 2, "b": null, "c": null})
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(40), Duration::from_secs(300));
+    }
+}

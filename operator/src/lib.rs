@@ -1,0 +1,90 @@
+//! The peerfill operator: turns Distributions into per-node work
+//! (`NodeFill` specs) and the nodes' reports into Distribution status.
+//!
+//! Read top-down: the pure decisions ([`select`] which nodes, [`plan`] what
+//! each node does, [`status`] how a Distribution is doing, [`events`] what
+//! deserves an Event, [`leader::decide`] the Lease), then the thin shell
+//! ([`controller`], [`ca`], [`leader`], [`metrics`]) and [`run`].
+
+pub mod ca;
+pub mod cli;
+pub mod controller;
+pub mod error;
+pub mod events;
+pub mod leader;
+pub mod metrics;
+pub mod plan;
+pub mod select;
+pub mod status;
+
+use std::sync::Arc;
+
+use kube::Client;
+use tokio::task::JoinSet;
+
+pub use cli::Args;
+pub use error::Error;
+
+/// Runs one replica: serves metrics at once, waits for the leader Lease,
+/// then reconciles until something fails for good — losing the Lease
+/// included, after which the caller should exit non-zero (as client-go
+/// does) so that the pod restarts as a standby. Dropping the future stops
+/// everything it started.
+pub async fn run(args: Args, client: Client) -> Result<(), Error> {
+    run_with_metrics(args, client, Arc::new(metrics::Metrics::new()?)).await
+}
+
+/// [`run`] with a given metrics registry (tests read it directly).
+pub async fn run_with_metrics(
+    args: Args,
+    client: Client,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<(), Error> {
+    let timing = args.timing().map_err(Error::Task)?;
+    let listener = metrics::bind(args.metrics).await?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics and /healthz");
+    }
+    let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
+    tasks.spawn(metrics::serve(listener, metrics.clone()));
+
+    let identity = args.identity();
+    let namespace = args.leader_election_namespace.clone();
+    let mut elector = leader::Elector::new(
+        client.clone(),
+        &namespace,
+        &args.leader_election_lease,
+        &identity,
+        timing,
+    );
+    tracing::info!(%identity, lease = %format!("{namespace}/{}", args.leader_election_lease), "waiting for the leader lease");
+    tokio::select! {
+        r = elector.acquire() => r?,
+        Some(r) = tasks.join_next() => return flatten(r),
+    }
+    metrics.leader.set(1);
+    tasks.spawn(elector.hold());
+    {
+        let client = client.clone();
+        let metrics = metrics.clone();
+        let secret = args.ca_secret.clone();
+        tasks.spawn(async move {
+            let ca = ca::load_or_create(&controller::secrets(&client, &namespace), &secret).await?;
+            controller::run(client, ca, metrics, identity).await
+        });
+    }
+    let result = match tasks.join_next().await {
+        Some(r) => flatten(r),
+        None => Err(Error::Task("no task left".into())),
+    };
+    metrics.leader.set(0);
+    result
+}
+
+fn flatten(r: Result<Result<(), Error>, tokio::task::JoinError>) -> Result<(), Error> {
+    match r {
+        Ok(Ok(())) => Err(Error::Task("a task ended unexpectedly".into())),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(Error::Task(e.to_string())),
+    }
+}

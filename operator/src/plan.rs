@@ -1,0 +1,856 @@
+//! The per-node work: from the observed Distributions, Nodes and NodeFills
+//! to the desired `NodeFill.spec` of every node (control-path.md "Per-node
+//! work"). Pure: no I/O, the clock is passed in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use peerfill_crds::nodefill::split_ranges;
+use peerfill_crds::{
+    Assignment, Distribution, FINALIZER, NodeFill, NodeFillSpec, OriginReader, PeerEndpoint,
+    PieceRange, ResolvedHttpSource, ResolvedSource, Role, SecretRef, SeedNode, budget,
+};
+
+use crate::select::{self, NodeMatch};
+
+/// Nodes a node exchanges a content with before the swarm switches from a
+/// full mesh to a bounded ring (control-path.md "Peers").
+pub const FULL_MESH_MAX_PEERS: usize = 64;
+/// Ring neighbours on each side in a large swarm (64 peers per node).
+pub const RING_NEIGHBOURS_PER_SIDE: usize = 32;
+/// Node label of the zone, for topology-aware peers.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Everything the decisions read: the reflector stores' contents and the
+/// time.
+#[derive(Clone, Debug, Default)]
+pub struct World {
+    pub distributions: Vec<Arc<Distribution>>,
+    /// By name.
+    pub nodes: BTreeMap<String, Arc<Node>>,
+    /// By name (= node name).
+    pub fills: BTreeMap<String, Arc<NodeFill>>,
+    pub now: Timestamp,
+}
+
+impl World {
+    pub fn new(
+        distributions: Vec<Arc<Distribution>>,
+        nodes: Vec<Arc<Node>>,
+        fills: Vec<Arc<NodeFill>>,
+        now: Timestamp,
+    ) -> Self {
+        World {
+            distributions,
+            nodes: nodes.into_iter().map(|n| (n.name_any(), n)).collect(),
+            fills: fills.into_iter().map(|f| (f.name_any(), f)).collect(),
+            now,
+        }
+    }
+
+    /// Whether the node's agent is up (control-path.md "An agent is up").
+    pub fn agent_up(&self, node: &str) -> bool {
+        self.fills
+            .get(node)
+            .is_some_and(|f| select::agent_up(f, self.now))
+    }
+
+    fn zone(&self, node: &str) -> Option<String> {
+        self.fills
+            .get(node)
+            .and_then(|f| f.status.as_ref())
+            .and_then(|s| s.zone.clone())
+            .or_else(|| {
+                self.nodes
+                    .get(node)
+                    .and_then(|n| n.labels().get(ZONE_LABEL).cloned())
+            })
+    }
+}
+
+/// The decisions for one Distribution.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DistPlan {
+    pub uid: String,
+    /// Target nodes (selected, not deleting, agent up), sorted; never the
+    /// seeder.
+    pub targets: Vec<String>,
+    /// Selected nodes whose agent is not up, sorted.
+    pub agent_down: Vec<String>,
+    /// The seeding node of a `node` source, when it has a NodeFill.
+    pub seeder: Option<String>,
+    /// Origin readers in reader order with their piece ranges.
+    pub readers: Vec<OriginReader>,
+    /// Content size, once reported.
+    pub size: Option<u64>,
+    /// Peers of every assigned node (targets and seeder).
+    pub peers: BTreeMap<String, Vec<String>>,
+}
+
+impl DistPlan {
+    /// Targets and the seeder: every node holding an assignment.
+    pub fn assigned(&self) -> impl Iterator<Item = &String> {
+        self.targets.iter().chain(self.seeder.iter())
+    }
+
+    /// Origin readers and the seeder: the nodes others cannot finish without.
+    pub fn authorities(&self) -> BTreeSet<&str> {
+        self.readers
+            .iter()
+            .map(|r| r.node.as_str())
+            .chain(self.seeder.as_deref())
+            .collect()
+    }
+}
+
+/// The assignments for `uid` currently in the NodeFill specs (the first
+/// one by node name): where the stable choices (readers, size) come from.
+fn current_assignment<'a>(world: &'a World, uid: &str) -> Option<&'a Assignment> {
+    world
+        .fills
+        .values()
+        .flat_map(|f| f.spec.distributions.iter())
+        .find(|a| a.uid == uid && !a.origin_readers.is_empty())
+        .or_else(|| {
+            world
+                .fills
+                .values()
+                .flat_map(|f| f.spec.distributions.iter())
+                .find(|a| a.uid == uid)
+        })
+}
+
+/// The size a node reported for `uid`.
+fn reported_size(world: &World, node: &str, uid: &str) -> Option<u64> {
+    world
+        .fills
+        .get(node)?
+        .status
+        .as_ref()?
+        .distributions
+        .iter()
+        .find(|d| d.uid == uid)?
+        .size
+}
+
+/// Whether the Distribution takes part in planning: has a uid, carries our
+/// finalizer (so no node gets content that a deletion could leave behind),
+/// is not being deleted and has a valid spec.
+pub fn active(dist: &Distribution) -> bool {
+    dist.metadata.uid.is_some()
+        && dist.finalizers().iter().any(|f| f == FINALIZER)
+        && dist.metadata.deletion_timestamp.is_none()
+        && dist.validate().is_ok()
+}
+
+/// The decisions for one Distribution (None when it is not [`active`]).
+pub fn plan_distribution(dist: &Distribution, world: &World) -> Option<DistPlan> {
+    if !active(dist) {
+        return None;
+    }
+    let uid = dist.metadata.uid.clone()?;
+    let seeder = dist
+        .spec
+        .source
+        .node
+        .as_ref()
+        .map(|n| n.node_name.clone())
+        .filter(|n| {
+            world.fills.contains_key(n)
+                && world
+                    .nodes
+                    .get(n)
+                    .is_some_and(|node| node.metadata.deletion_timestamp.is_none())
+        });
+    let mut targets = Vec::new();
+    let mut agent_down = Vec::new();
+    for (name, node) in &world.nodes {
+        if Some(name) == seeder.as_ref() {
+            continue;
+        }
+        let fill = world.fills.get(name).map(Arc::as_ref);
+        match select::classify(&dist.spec.target, node, fill, world.now) {
+            NodeMatch::Target => targets.push(name.clone()),
+            NodeMatch::AgentDown => agent_down.push(name.clone()),
+            NodeMatch::NotSelected => {}
+        }
+    }
+
+    let current = current_assignment(world, &uid);
+    let size = current.and_then(|a| a.size).or_else(|| {
+        let first_reporters = seeder.iter().cloned().chain(
+            current
+                .map(|a| {
+                    a.origin_readers
+                        .iter()
+                        .map(|r| r.node.clone())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        );
+        first_reporters
+            .chain(world.fills.keys().cloned())
+            .find_map(|n| reported_size(world, &n, &uid))
+    });
+
+    let readers = if dist.spec.source.http.is_some() {
+        let previous: Vec<String> = current
+            .map(|a| a.origin_readers.iter().map(|r| r.node.clone()).collect())
+            .unwrap_or_default();
+        let max = usize::try_from(dist.spec.strategy.max_origin_connections).unwrap_or(usize::MAX);
+        let names = choose_readers(&uid, &targets, &previous, max);
+        reader_ranges(names, size, dist.spec.strategy.piece_size)
+    } else {
+        Vec::new()
+    };
+
+    let mut plan = DistPlan {
+        uid,
+        targets,
+        agent_down,
+        seeder,
+        readers,
+        size,
+        peers: BTreeMap::new(),
+    };
+    plan.peers = choose_peers(&plan, world);
+    Some(plan)
+}
+
+/// Origin readers: the previous ones that are still targets keep their
+/// position (so their ranges hold), holes and new slots are filled by
+/// rendezvous hashing (`blake3(uid/node)`, so different distributions
+/// spread their reads over different nodes), up to `min(max, targets)`.
+pub fn choose_readers(
+    uid: &str,
+    targets: &[String],
+    previous: &[String],
+    max: usize,
+) -> Vec<String> {
+    let want = max.min(targets.len());
+    let is_target: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let mut slots: Vec<Option<String>> = previous
+        .iter()
+        .map(|p| is_target.contains(p.as_str()).then(|| p.clone()))
+        .collect();
+    let kept: BTreeSet<String> = slots.iter().flatten().cloned().collect();
+    let mut candidates: Vec<&String> = targets.iter().filter(|t| !kept.contains(*t)).collect();
+    candidates.sort_by_key(|t| {
+        (
+            blake3::hash(format!("{uid}/{t}").as_bytes()).to_hex(),
+            t.as_str(),
+        )
+    });
+    let mut candidates = candidates.into_iter();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match candidates.next() {
+            Some(c) => *slot = Some(c.clone()),
+            None => break,
+        }
+    }
+    let mut readers: Vec<String> = slots.into_iter().flatten().collect();
+    readers.extend(candidates.cloned());
+    readers.truncate(want);
+    readers
+}
+
+/// Ranges per reader once the size is known (readers beyond the number of
+/// pieces are dropped), `0..0` before.
+pub fn reader_ranges(names: Vec<String>, size: Option<u64>, piece_size: u64) -> Vec<OriginReader> {
+    let piece_count = size
+        .filter(|_| piece_size > 0)
+        .map(|s| s.div_ceil(piece_size));
+    match piece_count {
+        None => names
+            .into_iter()
+            .map(|node| OriginReader {
+                node,
+                start: 0,
+                end: 0,
+            })
+            .collect(),
+        Some(count) => {
+            let readers = u32::try_from(names.len()).unwrap_or(u32::MAX);
+            split_ranges(count, readers)
+                .into_iter()
+                .zip(names)
+                .map(|(r, node)| OriginReader {
+                    node,
+                    start: r.start,
+                    end: r.end,
+                })
+                .collect()
+        }
+    }
+}
+
+/// Peers of every assigned node: a full mesh up to
+/// [`FULL_MESH_MAX_PEERS`] others; beyond, a ring ordered by (zone, name),
+/// each node with its [`RING_NEIGHBOURS_PER_SIDE`] neighbours on each side
+/// (symmetric, mostly the same zone), plus the authorities (readers,
+/// seeder), whose own lists name every assigned node.
+pub fn choose_peers(plan: &DistPlan, world: &World) -> BTreeMap<String, Vec<String>> {
+    let assigned: BTreeSet<&String> = plan.assigned().collect();
+    let mut peers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if assigned.len() <= FULL_MESH_MAX_PEERS + 1 {
+        for node in &assigned {
+            let others = assigned.iter().filter(|o| *o != node).map(|o| (*o).clone());
+            peers.insert((*node).clone(), others.collect());
+        }
+        return peers;
+    }
+    let authorities = plan.authorities();
+    let mut ring: Vec<(Option<String>, &String)> = assigned
+        .iter()
+        .filter(|n| !authorities.contains(n.as_str()))
+        .map(|n| (world.zone(n), *n))
+        .collect();
+    ring.sort();
+    let len = ring.len();
+    for (i, (_, node)) in ring.iter().enumerate() {
+        let mut set: BTreeSet<String> = authorities.iter().map(|a| a.to_string()).collect();
+        for d in 1..=RING_NEIGHBOURS_PER_SIDE.min(len.saturating_sub(1) / 2) {
+            set.insert(ring[(i + d) % len].1.clone());
+            set.insert(ring[(i + len - d) % len].1.clone());
+        }
+        set.remove(*node);
+        peers.insert((*node).clone(), set.into_iter().collect());
+    }
+    for authority in authorities {
+        let everyone = assigned.iter().filter(|n| n.as_str() != authority);
+        peers.insert(
+            authority.to_string(),
+            everyone.map(|n| (*n).clone()).collect(),
+        );
+    }
+    peers
+}
+
+fn resolved_source(dist: &Distribution) -> ResolvedSource {
+    let ns = dist.namespace().unwrap_or_default();
+    ResolvedSource {
+        http: dist.spec.source.http.as_ref().map(|h| ResolvedHttpSource {
+            url: h.url.clone(),
+            digest: h.digest.clone(),
+            headers_secret: h.headers_from.as_ref().map(|f| SecretRef {
+                namespace: ns.clone(),
+                name: f.secret_name.clone(),
+            }),
+        }),
+        node: dist.spec.source.node.as_ref().map(|n| SeedNode {
+            node_name: n.node_name.clone(),
+            path: n.path.clone(),
+        }),
+    }
+}
+
+/// The assignment of `node` in `dist`.
+pub fn assignment(dist: &Distribution, plan: &DistPlan, node: &str) -> Assignment {
+    let s = &dist.spec.strategy;
+    let origin_ranges = plan
+        .readers
+        .iter()
+        .filter(|r| r.node == node)
+        .map(|r| PieceRange {
+            start: r.start,
+            end: r.end,
+        })
+        .collect();
+    Assignment {
+        namespace: dist.namespace().unwrap_or_default(),
+        name: dist.name_any(),
+        uid: plan.uid.clone(),
+        generation: dist.metadata.generation.unwrap_or_default(),
+        content_id: Assignment::content_id_for_uid(&plan.uid),
+        source: resolved_source(dist),
+        path: dist.spec.target.path.clone(),
+        size: plan.size,
+        piece_size: s.piece_size,
+        manifest_digest: None,
+        role: Role {
+            origin_ranges,
+            seed: plan.seeder.as_deref() == Some(node),
+        },
+        origin_readers: plan.readers.clone(),
+        max_download_bytes_per_second: s.max_download_bytes_per_second,
+        max_upload_bytes_per_second: s.max_upload_bytes_per_second,
+        priority: s.priority,
+        peers: plan.peers.get(node).cloned().unwrap_or_default(),
+    }
+}
+
+/// The result of planning: every active Distribution's decisions and the
+/// desired spec of every existing NodeFill.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// By Distribution uid.
+    pub distributions: BTreeMap<String, DistPlan>,
+    /// By node name; `identity` is copied from the current spec.
+    pub specs: BTreeMap<String, NodeFillSpec>,
+}
+
+/// Plans the whole cluster.
+pub fn plan(world: &World) -> Plan {
+    let interval = budget::report_interval_seconds(world.nodes.len());
+    let mut assignments: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
+    let mut distributions = BTreeMap::new();
+    for dist in &world.distributions {
+        let Some(p) = plan_distribution(dist, world) else {
+            continue;
+        };
+        for node in p.assigned() {
+            assignments
+                .entry(node.clone())
+                .or_default()
+                .push(assignment(dist, &p, node));
+        }
+        distributions.insert(p.uid.clone(), p);
+    }
+    let specs = world
+        .fills
+        .iter()
+        .map(|(name, fill)| {
+            let mut list = assignments.remove(name).unwrap_or_default();
+            list.sort_by(|a, b| {
+                (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid))
+            });
+            let named: BTreeSet<&String> = list
+                .iter()
+                .flat_map(|a| {
+                    a.peers
+                        .iter()
+                        .chain(a.origin_readers.iter().map(|r| &r.node))
+                })
+                .filter(|n| *n != name)
+                .collect();
+            let peers = named
+                .into_iter()
+                .filter_map(|n| peer_endpoint(world, n))
+                .collect();
+            let spec = NodeFillSpec {
+                distributions: list,
+                peers,
+                identity: fill.spec.identity.clone(),
+                report_interval_seconds: Some(interval),
+            };
+            (name.clone(), spec)
+        })
+        .collect();
+    Plan {
+        distributions,
+        specs,
+    }
+}
+
+fn peer_endpoint(world: &World, node: &str) -> Option<PeerEndpoint> {
+    let status = world.fills.get(node)?.status.as_ref()?;
+    Some(PeerEndpoint {
+        node: node.to_string(),
+        endpoint: status.endpoint.clone().filter(|e| !e.is_empty())?,
+        certificate_fingerprint: status.certificate_fingerprint.clone(),
+        zone: status.zone.clone().or_else(|| world.zone(node)),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::select::tests::up_fill;
+    use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use peerfill_crds::{
+        DistributionSpec, HttpSource, NodeDistributionStatus, NodePhase, NodeSource, Source,
+        Strategy, Target,
+    };
+
+    pub fn now() -> Timestamp {
+        Timestamp::from_second(1_700_000_000).unwrap()
+    }
+
+    pub fn node(name: &str, labels: &[(&str, &str)]) -> Arc<Node> {
+        Arc::new(Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec::default()),
+            status: None,
+        })
+    }
+
+    pub fn tainted(name: &str) -> Arc<Node> {
+        let mut n = (*node(name, &[])).clone();
+        n.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "dedicated".into(),
+                value: None,
+                effect: "NoSchedule".into(),
+                time_added: None,
+            }]),
+            ..NodeSpec::default()
+        });
+        Arc::new(n)
+    }
+
+    pub fn http_dist(name: &str, uid: &str, readers: u32) -> Arc<Distribution> {
+        let mut d = Distribution::new(
+            name,
+            DistributionSpec {
+                source: Source {
+                    http: Some(HttpSource {
+                        url: "http://127.0.0.1:8080/model.bin".into(),
+                        headers_from: None,
+                        digest: None,
+                    }),
+                    node: None,
+                },
+                target: Target {
+                    path: "models/model.bin".into(),
+                    ..Target::default()
+                },
+                strategy: Strategy {
+                    piece_size: 1 << 20,
+                    max_origin_connections: readers,
+                    ..Strategy::default()
+                },
+            },
+        );
+        d.metadata.namespace = Some("default".into());
+        d.metadata.uid = Some(uid.into());
+        d.metadata.generation = Some(1);
+        d.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        Arc::new(d)
+    }
+
+    pub fn report(fill: &mut NodeFill, uid: &str, phase: NodePhase, size: Option<u64>, done: u64) {
+        let status = fill.status.get_or_insert_with(Default::default);
+        status.distributions.retain(|d| d.uid != uid);
+        status.distributions.push(NodeDistributionStatus {
+            namespace: "default".into(),
+            name: "d".into(),
+            uid: uid.into(),
+            phase,
+            bytes_done: done,
+            size,
+            pieces_done: 0,
+            piece_count: 0,
+            bytes_from_origin: 0,
+            bytes_from_peers: 0,
+            bytes_per_second: 100,
+            manifest_digest: None,
+            digest: None,
+            reason: None,
+            message: None,
+            last_transition_time: None,
+        });
+    }
+
+    pub fn world(dists: Vec<Arc<Distribution>>, nodes: Vec<Arc<Node>>, up: &[&str]) -> World {
+        let fills = nodes
+            .iter()
+            .map(|n| {
+                let name = n.name_any();
+                if up.contains(&name.as_str()) {
+                    Arc::new(up_fill(&name, now()))
+                } else {
+                    Arc::new(NodeFill::new(&name, NodeFillSpec::default()))
+                }
+            })
+            .collect();
+        World::new(dists, nodes, fills, now())
+    }
+
+    #[test]
+    fn targets_are_selected_untainted_up_nodes() {
+        let mut d = (*http_dist("d", "u1", 2)).clone();
+        d.spec.target.node_selector = [("pool".to_string(), "gpu".to_string())].into();
+        let w = world(
+            vec![Arc::new(d)],
+            vec![
+                node("a", &[("pool", "gpu")]),
+                node("b", &[("pool", "gpu")]),
+                node("c", &[("pool", "cpu")]),
+                node("down", &[("pool", "gpu")]),
+                tainted("t"),
+            ],
+            &["a", "b", "c", "t"],
+        );
+        let p = plan(&w);
+        let dp = &p.distributions["u1"];
+        assert_eq!(dp.targets, ["a", "b"]);
+        assert_eq!(dp.agent_down, ["down"]);
+        assert_eq!(p.specs["a"].distributions.len(), 1);
+        assert_eq!(p.specs["b"].distributions.len(), 1);
+        for n in ["c", "down", "t"] {
+            assert!(p.specs[n].distributions.is_empty(), "{n}");
+        }
+        let a = &p.specs["a"].distributions[0];
+        assert_eq!(a.content_id, Assignment::content_id_for_uid("u1"));
+        assert_eq!(a.path, "models/model.bin");
+        assert_eq!(a.piece_size, 1 << 20);
+        assert_eq!(a.peers, ["b"]);
+        assert_eq!(
+            a.source.http.as_ref().unwrap().url,
+            "http://127.0.0.1:8080/model.bin"
+        );
+        assert_eq!(p.specs["a"].report_interval_seconds, Some(2));
+        assert_eq!(p.specs["a"].peers.len(), 1);
+        assert_eq!(p.specs["a"].peers[0].node, "b");
+        // Both readers before the size is known, ranges 0..0.
+        assert_eq!(a.origin_readers.len(), 2);
+        assert!(a.origin_readers.iter().all(|r| r.start == 0 && r.end == 0));
+    }
+
+    #[test]
+    fn readers_get_ranges_once_a_size_is_reported_and_stay_stable() {
+        let nodes: Vec<_> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|n| node(n, &[]))
+            .collect();
+        let w = world(
+            vec![http_dist("d", "u1", 3)],
+            nodes.clone(),
+            &["a", "b", "c", "d", "e"],
+        );
+        let first = plan(&w);
+        let readers: Vec<String> = first.distributions["u1"]
+            .readers
+            .iter()
+            .map(|r| r.node.clone())
+            .collect();
+        assert_eq!(readers.len(), 3);
+
+        // Specs written; the first reader reports 10 MiB + 1 byte: 11 pieces.
+        let mut fills: BTreeMap<String, NodeFill> = w
+            .fills
+            .iter()
+            .map(|(n, f)| {
+                let mut f = (**f).clone();
+                f.spec = first.specs[n].clone();
+                (n.clone(), f)
+            })
+            .collect();
+        report(
+            fills.get_mut(&readers[0]).unwrap(),
+            "u1",
+            NodePhase::Downloading,
+            Some((10 << 20) + 1),
+            0,
+        );
+        let w2 = World::new(
+            w.distributions.clone(),
+            nodes.clone(),
+            fills.values().cloned().map(Arc::new).collect(),
+            now(),
+        );
+        let second = plan(&w2);
+        let dp = &second.distributions["u1"];
+        assert_eq!(dp.size, Some((10 << 20) + 1));
+        let got: Vec<(String, u64, u64)> = dp
+            .readers
+            .iter()
+            .map(|r| (r.node.clone(), r.start, r.end))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (readers[0].clone(), 0, 4),
+                (readers[1].clone(), 4, 8),
+                (readers[2].clone(), 8, 11)
+            ]
+        );
+        for (i, r) in readers.iter().enumerate() {
+            let a = &second.specs[r].distributions[0];
+            assert_eq!(
+                a.role.origin_ranges,
+                [PieceRange {
+                    start: got[i].1,
+                    end: got[i].2
+                }]
+            );
+            assert_eq!(a.size, Some((10 << 20) + 1));
+        }
+        let non_reader = ["a", "b", "c", "d", "e"]
+            .into_iter()
+            .find(|n| !readers.iter().any(|r| r == n))
+            .unwrap();
+        assert!(
+            second.specs[non_reader].distributions[0]
+                .role
+                .origin_ranges
+                .is_empty()
+        );
+        assert_eq!(
+            second.specs[non_reader].distributions[0].size,
+            Some((10 << 20) + 1)
+        );
+    }
+
+    #[test]
+    fn reader_choice_keeps_positions_and_fills_holes() {
+        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases: Vec<(&str, Vec<String>, Vec<String>, usize, Vec<Option<&str>>)> = vec![
+            (
+                "all kept",
+                t(&["a", "b", "c", "d"]),
+                t(&["c", "a"]),
+                2,
+                vec![Some("c"), Some("a")],
+            ),
+            (
+                "hole filled in place",
+                t(&["a", "b", "d"]),
+                t(&["c", "a"]),
+                2,
+                vec![None, Some("a")],
+            ),
+            (
+                "fewer targets than max",
+                t(&["a"]),
+                t(&[]),
+                4,
+                vec![Some("a")],
+            ),
+            (
+                "max lowered",
+                t(&["a", "b", "c"]),
+                t(&["c", "b", "a"]),
+                2,
+                vec![Some("c"), Some("b")],
+            ),
+            ("no targets", t(&[]), t(&["a"]), 2, vec![]),
+        ];
+        for (what, targets, previous, max, want) in cases {
+            let got = choose_readers("u", &targets, &previous, max);
+            assert_eq!(got.len(), want.len(), "{what}: {got:?}");
+            for (g, w) in got.iter().zip(&want) {
+                if let Some(w) = w {
+                    assert_eq!(g, w, "{what}: {got:?}");
+                } else {
+                    assert!(
+                        targets.contains(g) && !previous.contains(g),
+                        "{what}: {got:?}"
+                    );
+                }
+            }
+            let unique: BTreeSet<_> = got.iter().collect();
+            assert_eq!(unique.len(), got.len(), "{what}: duplicates");
+        }
+    }
+
+    #[test]
+    fn ranges_split_pieces_and_drop_idle_readers() {
+        let names = |n: usize| (0..n).map(|i| format!("n{i}")).collect::<Vec<_>>();
+        assert!(
+            reader_ranges(names(3), None, 1 << 20)
+                .iter()
+                .all(|r| r.start == 0 && r.end == 0)
+        );
+        let r = reader_ranges(names(4), Some(2 << 20), 1 << 20);
+        assert_eq!(r.len(), 2, "two pieces need only two readers");
+        assert_eq!((r[1].start, r[1].end), (1, 2));
+        assert!(reader_ranges(names(4), Some(0), 1 << 20).is_empty());
+    }
+
+    #[test]
+    fn node_source_seeder_is_assigned_but_not_a_target() {
+        let mut d = (*http_dist("d", "u2", 4)).clone();
+        d.spec.source = Source {
+            http: None,
+            node: Some(NodeSource {
+                node_name: "build".into(),
+                path: "out/image.tar".into(),
+            }),
+        };
+        let w = world(
+            vec![Arc::new(d)],
+            vec![node("build", &[]), node("a", &[]), node("b", &[])],
+            &["build", "a", "b"],
+        );
+        let p = plan(&w);
+        let dp = &p.distributions["u2"];
+        assert_eq!(dp.targets, ["a", "b"]);
+        assert_eq!(dp.seeder.as_deref(), Some("build"));
+        assert!(dp.readers.is_empty());
+        let seed = &p.specs["build"].distributions[0];
+        assert!(seed.role.seed);
+        assert_eq!(seed.peers, ["a", "b"]);
+        assert_eq!(seed.source.node.as_ref().unwrap().path, "out/image.tar");
+        let a = &p.specs["a"].distributions[0];
+        assert!(!a.role.seed);
+        assert_eq!(a.peers, ["b", "build"]);
+    }
+
+    #[test]
+    fn large_swarms_get_bounded_symmetric_peers() {
+        let names: Vec<String> = (0..300).map(|i| format!("n{i:03}")).collect();
+        let nodes: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| node(n, &[(ZONE_LABEL, if i % 2 == 0 { "z1" } else { "z2" })]))
+            .collect();
+        let up: Vec<&str> = names.iter().map(String::as_str).collect();
+        let w = world(vec![http_dist("d", "u", 4)], nodes, &up);
+        let dp = &plan(&w).distributions["u"];
+        let authorities: BTreeSet<String> = dp.readers.iter().map(|r| r.node.clone()).collect();
+        assert_eq!(authorities.len(), 4);
+        for (node, peers) in &dp.peers {
+            assert!(!peers.contains(node), "{node} lists itself");
+            if authorities.contains(node) {
+                assert_eq!(peers.len(), 299, "an authority names every node");
+            } else {
+                assert!(
+                    peers.len() <= 2 * RING_NEIGHBOURS_PER_SIDE + 4,
+                    "{node}: {}",
+                    peers.len()
+                );
+                assert!(authorities.iter().all(|a| peers.contains(a)));
+            }
+            for p in peers {
+                assert!(dp.peers[p].contains(node), "{node} -> {p} is not symmetric");
+            }
+        }
+        // Same zone first: most ring neighbours of an even node are in z1.
+        let p0 = &dp.peers["n000"];
+        let same_zone = p0
+            .iter()
+            .filter(|p| !authorities.contains(*p))
+            .filter(|p| p[1..].parse::<usize>().unwrap() % 2 == 0);
+        assert!(same_zone.count() >= RING_NEIGHBOURS_PER_SIDE);
+    }
+
+    #[test]
+    fn deleted_invalid_and_unfinalized_distributions_get_no_work() {
+        let mut deleting = (*http_dist("d1", "u1", 1)).clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+        let mut invalid = (*http_dist("d2", "u2", 1)).clone();
+        invalid.spec.target.path = "/etc/passwd".into();
+        let w = world(
+            vec![Arc::new(deleting), Arc::new(invalid)],
+            vec![node("a", &[])],
+            &["a"],
+        );
+        let p = plan(&w);
+        assert!(p.distributions.is_empty());
+        assert!(p.specs["a"].distributions.is_empty());
+    }
+
+    #[test]
+    fn identity_is_kept_and_interval_follows_node_count() {
+        let nodes: Vec<_> = (0..100).map(|i| node(&format!("n{i}"), &[])).collect();
+        let w = world(vec![], nodes, &["n1"]);
+        let p = plan(&w);
+        assert_eq!(p.specs["n1"].identity, w.fills["n1"].spec.identity);
+        assert_eq!(p.specs["n1"].report_interval_seconds, Some(3));
+    }
+}

@@ -1,0 +1,617 @@
+//! The operator's shell against the in-process API stand-in, with fake
+//! agents: test code that writes NodeFill status as the contract says.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeSpec, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use peerfill_crds::{
+    CONDITION_COMPLETE, CONDITION_FAILED, Distribution, DistributionSpec, FINALIZER, HttpSource,
+    NodeFill, Phase, Source, Strategy, Target,
+};
+use peerfill_e2e::apiserver::{ApiServer, ApiServerHandle, ApiServerOptions};
+use peerfill_operator::metrics::Metrics;
+use peerfill_operator::{Args, run_with_metrics};
+use serde_json::{Value, json};
+
+const NS: &str = "peerfill-system";
+const MIB: u64 = 1 << 20;
+
+async fn start_api() -> Result<ApiServerHandle> {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "peerfill_operator=debug".into()),
+        )
+        .try_init();
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let api = ApiServer::start(ApiServerOptions {
+        crd_dir: Some(crds),
+        bookmark_interval: Duration::from_secs(1),
+        ..ApiServerOptions::default()
+    })
+    .await?;
+    let client = api.client()?;
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(NS.into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client)
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(api)
+}
+
+fn args(identity: &str) -> Args {
+    use clap::Parser;
+    Args::parse_from([
+        "peerfill-operator",
+        "--metrics",
+        "127.0.0.1:0",
+        "--leader-election-namespace",
+        NS,
+        "--leader-election-lease",
+        "peerfill-operator",
+        "--identity",
+        identity,
+        "--lease-duration-seconds",
+        "3",
+        "--renew-deadline-seconds",
+        "2",
+        "--retry-period-seconds",
+        "1",
+    ])
+}
+
+/// An operator instance running in a task; aborting the task stops it.
+struct Operator {
+    task: tokio::task::JoinHandle<Result<(), peerfill_operator::Error>>,
+    metrics: Arc<Metrics>,
+}
+
+fn start_operator(client: &Client, identity: &str) -> Result<Operator> {
+    let metrics = Arc::new(Metrics::new()?);
+    let task = tokio::spawn(run_with_metrics(
+        args(identity),
+        client.clone(),
+        metrics.clone(),
+    ));
+    Ok(Operator { task, metrics })
+}
+
+async fn create_node(
+    client: &Client,
+    name: &str,
+    labels: &[(&str, &str)],
+    tainted: bool,
+) -> Result<()> {
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NodeSpec {
+            taints: tainted.then(|| {
+                vec![Taint {
+                    key: "dedicated".into(),
+                    value: Some("x".into()),
+                    effect: "NoSchedule".into(),
+                    time_added: None,
+                }]
+            }),
+            ..NodeSpec::default()
+        }),
+        status: None,
+    };
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await?;
+    Ok(())
+}
+
+/// Polls `check` until it yields a value, failing after `secs`.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {secs}s waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn sha256(s: &str) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(s.as_bytes())))
+}
+
+/// A fake agent: writes its NodeFill status like the real one would.
+#[derive(Clone)]
+struct FakeAgent {
+    name: String,
+    api: Api<NodeFill>,
+    csr: String,
+    endpoint: String,
+    /// Per-distribution status entries by uid.
+    distributions: Arc<Mutex<BTreeMap<String, Value>>>,
+}
+
+impl FakeAgent {
+    fn new(client: &Client, name: &str, port: u16) -> Result<Self> {
+        let (csr, _key) = peerfill_agent::tls::generate_csr(name)?;
+        Ok(FakeAgent {
+            name: name.into(),
+            api: Api::all(client.clone()),
+            csr,
+            endpoint: format!("127.0.0.1:{port}"),
+            distributions: Arc::default(),
+        })
+    }
+
+    async fn patch_status(&self, status: Value) -> Result<()> {
+        self.api
+            .patch_status(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "status": status })),
+            )
+            .await
+            .with_context(|| format!("status of {}", self.name))?;
+        Ok(())
+    }
+
+    fn ready_condition(ready: bool) -> Value {
+        json!([{
+            "type": "AgentReady",
+            "status": if ready { "True" } else { "False" },
+            "reason": if ready { "Ready" } else { "WaitingForCertificate" },
+            "message": "",
+            "lastTransitionTime": Timestamp::now().to_string(),
+        }])
+    }
+
+    /// Steps 2 and 4 of "Node identity": request, wait for the answer,
+    /// check it, publish the endpoint. Returns the certificate PEM.
+    async fn join(&self) -> Result<String> {
+        eventually(10, &format!("NodeFill {}", self.name), || async {
+            Ok(self.api.get_opt(&self.name).await?)
+        })
+        .await?;
+        self.patch_status(json!({
+            "certificateRequest": self.csr,
+            "agentVersion": "fake",
+            "lastHeartbeat": Timestamp::now().to_string(),
+            "conditions": Self::ready_condition(false),
+        }))
+        .await?;
+        let digest = sha256(&self.csr);
+        let identity = eventually(10, &format!("certificate of {}", self.name), || async {
+            let fill = self.api.get(&self.name).await?;
+            Ok(fill.spec.identity.filter(|i| i.request_digest == digest))
+        })
+        .await?;
+        self.patch_status(json!({
+            "endpoint": self.endpoint,
+            "certificateFingerprint": format!("sha256:{}", self.name),
+            "lastHeartbeat": Timestamp::now().to_string(),
+            "conditions": Self::ready_condition(true),
+        }))
+        .await?;
+        Ok(identity.certificate)
+    }
+
+    /// Heartbeats (with the current per-distribution list) every 500 ms.
+    fn heartbeat(&self) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = me.report().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    }
+
+    async fn report(&self) -> Result<()> {
+        let list: Vec<Value> = self
+            .distributions
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?
+            .values()
+            .cloned()
+            .collect();
+        self.patch_status(
+            json!({ "lastHeartbeat": Timestamp::now().to_string(), "distributions": list }),
+        )
+        .await
+    }
+
+    async fn set(
+        &self,
+        dist: &Distribution,
+        phase: &str,
+        size: Option<u64>,
+        done: u64,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let uid = dist.uid().context("uid")?;
+        let mut entry = json!({
+            "namespace": dist.namespace(), "name": dist.name_any(), "uid": uid, "phase": phase,
+            "bytesDone": done, "bytesPerSecond": if phase == "Downloading" { 1000 } else { 0 },
+        });
+        if let Some(size) = size {
+            entry["size"] = json!(size);
+        }
+        if let Some(reason) = reason {
+            entry["reason"] = json!(reason);
+            entry["message"] = json!("GET http://127.0.0.1:9/model.bin: 404 Not Found");
+        }
+        self.distributions
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?
+            .insert(uid, entry);
+        self.report().await
+    }
+
+    async fn drop_entry(&self, uid: &str) -> Result<()> {
+        self.distributions
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?
+            .remove(uid);
+        self.report().await
+    }
+}
+
+fn distribution(name: &str, readers: u32) -> Distribution {
+    let mut d = Distribution::new(
+        name,
+        DistributionSpec {
+            source: Source {
+                http: Some(HttpSource {
+                    url: "http://127.0.0.1:9/model.bin".into(),
+                    headers_from: None,
+                    digest: None,
+                }),
+                node: None,
+            },
+            target: Target {
+                node_selector: [("pool".to_string(), "gpu".to_string())].into(),
+                path: format!("models/{name}.bin"),
+                ..Target::default()
+            },
+            strategy: Strategy {
+                piece_size: MIB,
+                max_origin_connections: readers,
+                ..Strategy::default()
+            },
+        },
+    );
+    d.metadata.namespace = Some("default".into());
+    d
+}
+
+async fn assignments(
+    api: &Api<NodeFill>,
+    node: &str,
+    uid: &str,
+) -> Result<Option<peerfill_crds::Assignment>> {
+    Ok(api
+        .get(node)
+        .await?
+        .spec
+        .distributions
+        .into_iter()
+        .find(|a| a.uid == uid))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distribution_lifecycle_with_fake_agents() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(120), lifecycle())
+        .await
+        .context("test timed out")?
+}
+
+async fn lifecycle() -> Result<()> {
+    let api = start_api().await?;
+    let client = api.client()?;
+    for (name, labels, tainted) in [
+        ("gpu-1", vec![("pool", "gpu")], false),
+        ("gpu-2", vec![("pool", "gpu")], false),
+        ("cpu-1", vec![("pool", "cpu")], false),
+        ("gpu-tainted", vec![("pool", "gpu")], true),
+    ] {
+        create_node(&client, name, &labels, tainted).await?;
+    }
+    let operator = start_operator(&client, "op-a")?;
+    let fills: Api<NodeFill> = Api::all(client.clone());
+
+    // NodeFills appear for every node, owned by the Node.
+    let mut agents = Vec::new();
+    for (i, name) in ["gpu-1", "gpu-2", "cpu-1", "gpu-tainted"]
+        .iter()
+        .enumerate()
+    {
+        let agent = FakeAgent::new(&client, name, 7001 + i as u16)?;
+        let cert = agent.join().await?;
+        // The certificate names the node.
+        let der = rustls_pemfile::certs(&mut cert.as_bytes())
+            .next()
+            .context("no certificate")??;
+        assert_eq!(peerfill_agent::tls::node_name_of_cert(der.as_ref())?, *name);
+        let fill = fills.get(name).await?;
+        let owner = &fill.owner_references()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", *name));
+        assert_eq!(fill.spec.report_interval_seconds, Some(2));
+        agent.heartbeat();
+        agents.push(agent);
+    }
+    assert!(operator.metrics.certificates_issued.get() >= 4);
+
+    // Apply: only the matching, untainted nodes get work.
+    let dists: Api<Distribution> = Api::namespaced(client.clone(), "default");
+    let d1 = dists
+        .create(&PostParams::default(), &distribution("d1", 2))
+        .await?;
+    let uid = d1.uid().context("uid")?;
+    let a1 = eventually(15, "assignments on gpu-1 and gpu-2", || async {
+        let (a, b) = (
+            assignments(&fills, "gpu-1", &uid).await?,
+            assignments(&fills, "gpu-2", &uid).await?,
+        );
+        Ok(a.zip(b))
+    })
+    .await?
+    .0;
+    for other in ["cpu-1", "gpu-tainted"] {
+        assert!(
+            assignments(&fills, other, &uid).await?.is_none(),
+            "{other} got work"
+        );
+    }
+    assert_eq!(a1.origin_readers.len(), 2);
+    assert!(a1.origin_readers.iter().all(|r| (r.start, r.end) == (0, 0)));
+    assert_eq!(a1.peers, ["gpu-2"]);
+    let spec1 = fills.get("gpu-1").await?.spec;
+    assert_eq!(spec1.peers.len(), 1);
+    assert_eq!(spec1.peers[0].endpoint, "127.0.0.1:7002");
+    let d1 = dists.get("d1").await?;
+    assert!(d1.finalizers().iter().any(|f| f == FINALIZER));
+
+    // The first reader learns the size: 3 MiB + 1 byte = 4 pieces.
+    let reader0 = a1.origin_readers[0].node.clone();
+    let by_name = |n: &str| {
+        agents
+            .iter()
+            .find(|a| a.name == n)
+            .cloned()
+            .context("agent")
+    };
+    let size = 3 * MIB + 1;
+    by_name(&reader0)?
+        .set(&d1, "Downloading", Some(size), 0, None)
+        .await?;
+    let sized = eventually(15, "size and ranges in the assignments", || async {
+        let a = assignments(&fills, "gpu-2", &uid).await?;
+        Ok(a.filter(|a| a.size == Some(size)))
+    })
+    .await?;
+    let ranges: Vec<(String, u64, u64)> = sized
+        .origin_readers
+        .iter()
+        .map(|r| (r.node.clone(), r.start, r.end))
+        .collect();
+    assert_eq!(ranges[0], (reader0.clone(), 0, 2));
+    assert_eq!((ranges[1].1, ranges[1].2), (2, 4));
+    let reader_assignment = assignments(&fills, &reader0, &uid)
+        .await?
+        .context("reader assignment")?;
+    assert_eq!(reader_assignment.role.origin_ranges.len(), 1);
+    assert_eq!(reader_assignment.role.origin_ranges[0].end, 2);
+
+    // Progress, then both complete.
+    by_name("gpu-1")?
+        .set(&d1, "Downloading", Some(size), MIB, None)
+        .await?;
+    by_name("gpu-2")?
+        .set(&d1, "Downloading", Some(size), MIB, None)
+        .await?;
+    eventually(15, "Progressing", || async {
+        let st = dists.get("d1").await?.status;
+        Ok(st.filter(|s| s.phase == Some(Phase::Progressing) && s.bytes_per_second == Some(2000)))
+    })
+    .await?;
+    by_name("gpu-1")?
+        .set(&d1, "Complete", Some(size), size, None)
+        .await?;
+    by_name("gpu-2")?
+        .set(&d1, "Complete", Some(size), size, None)
+        .await?;
+    let st = eventually(15, "Complete", || async {
+        Ok(dists
+            .get("d1")
+            .await?
+            .status
+            .filter(|s| s.phase == Some(Phase::Complete)))
+    })
+    .await?;
+    assert_eq!(st.ready.as_deref(), Some("2/2"));
+    assert_eq!(
+        (st.desired_nodes, st.complete_nodes, st.failed_nodes),
+        (Some(2), Some(2), Some(0))
+    );
+    assert_eq!(st.progress.as_deref(), Some("100%"));
+    assert_eq!(st.size, Some(size));
+    let complete = st
+        .condition(CONDITION_COMPLETE)
+        .context("Complete condition")?;
+    assert_eq!(
+        (complete.status.as_str(), complete.observed_generation),
+        ("True", Some(1))
+    );
+    assert!(st.completion_time.is_some() && st.start_time.is_some());
+
+    // Origin 404 reported by a reader fails the Distribution with its reason.
+    let d2 = dists
+        .create(&PostParams::default(), &distribution("d2", 1))
+        .await?;
+    let uid2 = d2.uid().context("uid")?;
+    let a2 = eventually(15, "d2 assignment", || async {
+        assignments(&fills, "gpu-1", &uid2).await
+    })
+    .await?;
+    let reader = by_name(&a2.origin_readers[0].node)?;
+    reader
+        .set(&d2, "Failed", None, 0, Some("OriginNotFound"))
+        .await?;
+    let st2 = eventually(15, "d2 Failed", || async {
+        Ok(dists
+            .get("d2")
+            .await?
+            .status
+            .filter(|s| s.phase == Some(Phase::Failed)))
+    })
+    .await?;
+    let failed = st2
+        .condition(CONDITION_FAILED)
+        .context("Failed condition")?;
+    assert_eq!(
+        (failed.status.as_str(), failed.reason.as_str()),
+        ("True", "OriginNotFound")
+    );
+    assert_eq!(st2.failing_nodes[0].reason, "OriginNotFound");
+
+    // Delete: assignments dropped, the finalizer holds until the agents
+    // drop their status entries.
+    dists.delete("d1", &DeleteParams::default()).await?;
+    eventually(15, "d1 assignments dropped", || async {
+        let a = assignments(&fills, "gpu-1", &uid).await?;
+        let b = assignments(&fills, "gpu-2", &uid).await?;
+        Ok((a.is_none() && b.is_none()).then_some(()))
+    })
+    .await?;
+    let deleting = eventually(10, "d1 Deleting", || async {
+        Ok(dists
+            .get_opt("d1")
+            .await?
+            .and_then(|d| d.status)
+            .filter(|s| s.phase == Some(Phase::Deleting)))
+    })
+    .await?;
+    assert_eq!(deleting.phase, Some(Phase::Deleting));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        dists.get_opt("d1").await?.is_some(),
+        "finalizer released while agents still list d1"
+    );
+    by_name("gpu-1")?.drop_entry(&uid).await?;
+    by_name("gpu-2")?.drop_entry(&uid).await?;
+    eventually(15, "d1 gone", || async {
+        Ok(dists.get_opt("d1").await?.is_none().then_some(()))
+    })
+    .await?;
+
+    assert!(
+        operator
+            .metrics
+            .render()
+            .contains("peerfill_operator_distributions{phase=\"Failed\"} 1")
+    );
+    operator.task.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_when_the_leader_dies() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), failover())
+        .await
+        .context("test timed out")?
+}
+
+async fn failover() -> Result<()> {
+    let api = start_api().await?;
+    let client = api.client()?;
+    create_node(&client, "n1", &[], false).await?;
+    let a = start_operator(&client, "op-a")?;
+    // Let op-a win, so the roles are known.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity);
+    eventually(10, "op-a leads", || async {
+        Ok(leases
+            .get_opt("peerfill-operator")
+            .await?
+            .and_then(holder)
+            .filter(|h| h == "op-a"))
+    })
+    .await?;
+    let b = start_operator(&client, "op-b")?;
+    let fills: Api<NodeFill> = Api::all(client.clone());
+    eventually(10, "NodeFill n1", || async {
+        Ok(fills.get_opt("n1").await?)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!((a.metrics.leader.get(), b.metrics.leader.get()), (1, 0));
+    // Only the leader reconciles: the standby's reconcile histogram is empty
+    // while the leader answers a certificate request.
+    let agent = FakeAgent::new(&client, "n1", 7001)?;
+    agent.join().await?;
+    assert_eq!(a.metrics.certificates_issued.get(), 1);
+    assert_eq!(b.metrics.certificates_issued.get(), 0);
+
+    // Kill the leader: the standby takes over within the lease duration.
+    a.task.abort();
+    let killed = tokio::time::Instant::now();
+    eventually(10, "op-b leads", || async {
+        Ok(leases
+            .get_opt("peerfill-operator")
+            .await?
+            .and_then(holder)
+            .filter(|h| h == "op-b"))
+    })
+    .await?;
+    let took = killed.elapsed();
+    // 3 s lease + one 1 s retry period + scheduling slack.
+    assert!(took < Duration::from_secs(6), "takeover took {took:?}");
+    let lease = leases
+        .get("peerfill-operator")
+        .await?
+        .spec
+        .context("lease spec")?;
+    assert_eq!(lease.lease_transitions, Some(1));
+    assert_eq!(b.metrics.leader.get(), 1);
+
+    // The new leader reconciles: a new node gets its NodeFill.
+    create_node(&client, "n2", &[], false).await?;
+    eventually(10, "NodeFill n2 from op-b", || async {
+        Ok(fills.get_opt("n2").await?)
+    })
+    .await?;
+    b.task.abort();
+    Ok(())
+}
