@@ -8,7 +8,7 @@ use plotters::prelude::*;
 
 use super::scenario::RunResult;
 use super::testbed::Caps;
-use super::{MIB, NetbenchError, Result, io_err};
+use super::{GIB, MIB, NetbenchError, Result, io_err};
 
 /// Lower bound on the time to give all `nodes` a copy of `size` bytes
 /// (Kumar & Ross, 2006), from the link caps, seconds:
@@ -227,7 +227,7 @@ pub fn markdown(sw: &Sweep, opts: &Render<'_>) -> String {
             "![time to fill N nodes: peerfill, one server, lower bound]({plot})\n"
         );
     }
-    targets(&mut s, runs, sw.size);
+    targets(&mut s, runs, sw.size, m.cores);
     if let Some(notes) = opts.notes {
         let _ = writeln!(s, "{}", notes.trim_end());
     }
@@ -235,7 +235,7 @@ pub fn markdown(sw: &Sweep, opts: &Render<'_>) -> String {
 }
 
 /// The issue's targets at the largest N of the sweep size, reported only.
-fn targets(s: &mut String, runs: &[RunResult], size: u64) {
+fn targets(s: &mut String, runs: &[RunResult], size: u64, cores: usize) {
     let Some(r) = runs
         .iter()
         .filter(|r| r.size == size)
@@ -278,6 +278,38 @@ fn targets(s: &mut String, runs: &[RunResult], size: u64) {
         p.peak_rss_mib,
         mark(p.peak_rss_mib <= 64.0)
     );
+    // Every emulated host shares the machine's cores: the agents' own CPU
+    // time alone puts a floor under the time, whatever the links allow.
+    let agent_cpu = p.cpu_secs_per_gib_per_node * r.nodes as f64 * r.size as f64 / GIB as f64;
+    if cores > 0 && agent_cpu > 0.0 {
+        let floor = agent_cpu / cores as f64;
+        let _ = writeln!(
+            s,
+            "CPU: the {} agents used {:.0} CPU s in all; on {} cores that alone takes at least \
+             {:.1} s ({:.2}x the lower bound), with the machine {:.0}% busy during the peerfill \
+             run. The links' payload ceiling (calibration {:.1} of {} Mbit/s) puts the \
+             reachable time at {:.2}x the bound.\n",
+            r.nodes,
+            agent_cpu,
+            cores,
+            floor,
+            floor / r.bound_secs,
+            p.machine_busy * 100.0,
+            r.calib_mbit,
+            r.node_mbit.min(r.origin_mbit),
+            r.node_mbit.min(r.origin_mbit) / r.calib_mbit,
+        );
+    }
+    if p.origin_copy_secs > 0.0 {
+        let _ = writeln!(
+            s,
+            "The origin's link had sent one copy's worth of bytes after {:.1} s ({:.2}x the \
+             bound); the last node completed {:.1} s later.\n",
+            p.origin_copy_secs,
+            p.origin_copy_secs / r.bound_secs,
+            p.time_secs - p.origin_copy_secs
+        );
+    }
 }
 
 /// Registers DejaVu Sans (Debian's fonts-dejavu-core) as plotters'
@@ -437,6 +469,96 @@ mod tests {
         // A slow origin dominates when the nodes are fast.
         let t = kumar_ross_secs(f, 2, &caps(10.0, 1000.0));
         assert!((t - bits / 10e6).abs() < 1e-9, "{t}");
+    }
+
+    fn run(nodes: usize, peerfill: f64, one_server: f64) -> RunResult {
+        use super::super::scenario::Figures;
+        let size = 256 * MIB;
+        let c = caps(100.0, 100.0);
+        RunResult {
+            nodes,
+            size,
+            origin_mbit: 100.0,
+            node_mbit: 100.0,
+            delay_ms: 1.0,
+            delay_emulated: false,
+            readers: nodes.min(4),
+            calib_mbit: 95.7,
+            bound_secs: kumar_ross_secs(size, nodes, &c),
+            one_server: Figures {
+                time_secs: one_server,
+                verified: nodes,
+                origin_body_bytes: nodes as u64 * size,
+                ..Figures::default()
+            },
+            peerfill: Figures {
+                time_secs: peerfill,
+                verified: nodes,
+                origin_body_bytes: size + size / 20,
+                peak_rss_mib: 70.5,
+                ..Figures::default()
+            },
+        }
+    }
+
+    fn sweep() -> Sweep {
+        Sweep {
+            command: "peerfill-netbench sweep".into(),
+            machine: Machine::read(),
+            started: "2026-01-01 00:00".into(),
+            load_before: "1.00 1.00 1.00".into(),
+            load_after: "2.00 2.00 2.00".into(),
+            wall_secs: 60.0,
+            size: 256 * MIB,
+            runs: vec![run(2, 25.0, 45.0), run(16, 30.0, 360.0)],
+        }
+    }
+
+    #[test]
+    fn markdown_has_a_row_per_run_and_judges_the_targets_at_the_largest_n() {
+        let md = markdown(
+            &sweep(),
+            &Render {
+                plot: Some("docs/bench/netbench.png"),
+                results: None,
+                notes: Some("## Notes\nhand-written"),
+            },
+        );
+        assert!(
+            md.contains("| 2 | 256 MiB | 21.5 s | 25.0 s | 1.16x | 45.0 s | 1.8x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 16 | 256 MiB | 21.5 s | 30.0 s | 1.40x | 360.0 s | 12.0x |"),
+            "{md}"
+        );
+        assert!(md.contains("### Targets at N = 16 (256 MiB)"));
+        assert!(
+            md.contains("within 1.25x the lower bound: 1.40x — **missed**"),
+            "{md}"
+        );
+        assert!(md.contains("faster than one server: 12.0x — met"), "{md}");
+        assert!(
+            md.contains("origin bytes at most 1.1x the size: 1.050x"),
+            "{md}"
+        );
+        assert!(
+            md.contains("peak RSS at most 64 MiB: 70.5 MiB — **missed**"),
+            "{md}"
+        );
+        assert!(md.contains("![time to fill N nodes"));
+        assert!(md.trim_end().ends_with("hand-written"));
+    }
+
+    #[test]
+    fn plot_writes_a_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plot.png");
+        plot(&path, &sweep()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // A blank 1000x640 canvas compresses to a few KiB; lines and text add more.
+        assert!(bytes.len() > 20_000, "{} bytes", bytes.len());
     }
 
     #[test]

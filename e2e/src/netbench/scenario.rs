@@ -67,6 +67,11 @@ pub struct Figures {
     /// Share of the machine's CPU time that was busy during the run (all
     /// processes, all cores), 0..1.
     pub machine_busy: f64,
+    /// peerfill: when the origin's link had sent as many bytes as the
+    /// artifact (sampled every 250 ms); the rest of the time is the swarm
+    /// spreading the last pieces. Zero when not measured.
+    #[serde(default)]
+    pub origin_copy_secs: f64,
 }
 
 /// Everything measured in one run.
@@ -177,6 +182,12 @@ fn print_figures(method: &str, spec: &RunSpec, bound: f64, f: &Figures) {
         f.verified,
         spec.nodes,
     );
+    if f.origin_copy_secs > 0.0 {
+        println!(
+            "  {method:<10} the origin link had sent one copy after {:.2} s",
+            f.origin_copy_secs
+        );
+    }
 }
 
 /// Writes `size` seeded random bytes and returns their BLAKE3 hash.
@@ -495,7 +506,16 @@ fn peerfill(
         .collect();
     let mut done: Vec<Option<f64>> = vec![None; agents.len()];
     let mut usage = vec![Usage::default(); agents.len()];
+    let mut origin_copy_secs = 0.0;
+    let mut next_link_sample = Instant::now();
     while done.iter().any(Option::is_none) {
+        if origin_copy_secs == 0.0 && Instant::now() >= next_link_sample {
+            next_link_sample += Duration::from_millis(250);
+            let sent = tb.origin_tx_bytes()?.saturating_sub(win.link0);
+            if sent >= art.size {
+                origin_copy_secs = win.start.elapsed().as_secs_f64();
+            }
+        }
         for (i, a) in agents.iter_mut().enumerate() {
             if done[i].is_some() {
                 continue;
@@ -563,6 +583,7 @@ fn peerfill(
         time_secs: times.iter().copied().fold(0.0, f64::max),
         first_secs: times.iter().copied().fold(f64::INFINITY, f64::min),
         machine_busy: busy,
+        origin_copy_secs,
         ..Figures::default()
     };
     win.origin(tb, nginx, &mut f)?;
