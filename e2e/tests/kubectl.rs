@@ -4,81 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::kubectl::{Kubectl, kubectl_path};
+
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
-
-struct Kubectl {
-    dir: tempfile::TempDir,
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn kubectl_path() -> PathBuf {
-    let p = PathBuf::from("/usr/bin/kubectl");
-    if p.exists() {
-        p
-    } else {
-        PathBuf::from("kubectl")
-    }
-}
-
-impl Kubectl {
-    fn new(server: &peerfill_e2e::apiserver::ApiServerHandle) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        server.write_kubeconfig(&dir.path().join("kubeconfig"))?;
-        Ok(Self { dir })
-    }
-
-    async fn run(&self, args: &[&str]) -> anyhow::Result<Out> {
-        let kubeconfig = self.dir.path().join("kubeconfig");
-        let cache = self.dir.path().join("cache");
-        let mut cmd = tokio::process::Command::new(kubectl_path());
-        cmd.arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .args(args)
-            .env("HOME", self.dir.path())
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-            .await
-            .with_context(|| format!("kubectl {args:?} timed out"))?
-            .with_context(|| format!("running kubectl {args:?}"))?;
-        Ok(Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
-    }
-
-    /// A long-running kubectl (e.g. `get -w`) with piped stdout.
-    fn spawn(&self, args: &[&str]) -> anyhow::Result<tokio::process::Child> {
-        Ok(tokio::process::Command::new(kubectl_path())
-            .arg("--kubeconfig")
-            .arg(self.dir.path().join("kubeconfig"))
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
-            .args(args)
-            .env("HOME", self.dir.path())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?)
-    }
-
-    async fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
-        let o = self.run(args).await?;
-        ensure!(o.ok, "kubectl {args:?} failed: {}{}", o.stdout, o.stderr);
-        Ok(o.stdout)
-    }
-}
 
 fn docs(path: &Path) -> anyhow::Result<Vec<Value>> {
     let text = std::fs::read_to_string(path)?;
@@ -295,23 +228,7 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
 async fn invalid_manifests_are_refused_naming_the_field() -> anyhow::Result<()> {
     let server = common::start_with_project_crds().await?;
     let k = Kubectl::new(&server)?;
-    let files = common::yaml_files(&common::workspace_root().join("examples/invalid"))?;
-    ensure!(!files.is_empty(), "no invalid example manifests found");
-    for f in files {
-        let text = std::fs::read_to_string(&f)?;
-        let field = common::expected_field(&text)
-            .with_context(|| format!("{} lacks '# expect-field:'", f.display()))?;
-        let o = k.run(&["apply", "-f", &f.to_string_lossy()]).await?;
-        if o.ok {
-            bail!("{} was accepted: {}", f.display(), o.stdout);
-        }
-        ensure!(
-            o.stderr.contains(&field),
-            "{}: error does not name {field:?}: {}",
-            f.display(),
-            o.stderr
-        );
-    }
+    common::kubectl::check_invalid_examples_refused(&k).await?;
     server.shutdown().await;
     Ok(())
 }

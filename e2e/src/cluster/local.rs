@@ -64,7 +64,14 @@ pub struct LocalClusterOptions {
 
 impl LocalClusterOptions {
     /// Short leader-election timings so failover takes seconds.
-    pub const TEST_OPERATOR_ARGS: &'static [&'static str] = &[];
+    pub const TEST_OPERATOR_ARGS: &'static [&'static str] = &[
+        "--lease-duration-seconds",
+        "4",
+        "--renew-deadline-seconds",
+        "3",
+        "--retry-period-seconds",
+        "1",
+    ];
 }
 
 impl Default for LocalClusterOptions {

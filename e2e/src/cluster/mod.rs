@@ -64,7 +64,8 @@ use k8s_openapi::api::core::v1::Taint;
 use peerfill_crds::{Distribution, NodeDistributionStatus};
 
 pub use dist::{
-    TestNode, http_distribution, is_complete, is_failed, matching_nodes, node_source_distribution,
+    TestNode, agent_ready, http_distribution, is_complete, is_failed, matching_nodes,
+    node_source_distribution, progress_in,
 };
 pub use local::{LocalCluster, LocalClusterOptions, LocalNode};
 pub use origin::{Blob, NOT_FOUND_PATH, Origin, Served, generate};

@@ -1,6 +1,9 @@
 //! Shared helpers for the API stand-in's integration tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod kubectl;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
