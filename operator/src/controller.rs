@@ -473,8 +473,11 @@ async fn sync_nodes(
         }
     }
 
-    // The planned specs, written where they differ.
+    // The planned specs, written where they differ. One node's failure
+    // does not hold up the others; the first error is returned for the
+    // backoff.
     let planned = plan::plan(&world);
+    let mut first_error = None;
     for (name, mut spec) in planned.specs {
         let issued = identities.remove(&name);
         if let Some(identity) = &issued {
@@ -487,15 +490,23 @@ async fn sync_nodes(
             continue;
         }
         let patch = json!({ "spec": replace_patch(&to_value("spec", &fill.spec)?, &to_value("spec", &spec)?) });
-        fills_api
+        match fills_api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(Error::kube("patch spec of", "NodeFill", &name))?;
-        if issued.is_some() {
-            shared.metrics.certificates_issued.inc();
-            tracing::info!(node = %name, "issued the node certificate");
+        {
+            Ok(_) => {
+                if issued.is_some() {
+                    shared.metrics.certificates_issued.inc();
+                    tracing::info!(node = %name, "issued the node certificate");
+                }
+                tracing::debug!(node = %name, assignments = spec.distributions.len(), "wrote NodeFill spec");
+            }
+            Err(e) => {
+                let e = Error::kube("patch spec of", "NodeFill", &name)(e);
+                tracing::warn!(error = %e, "writing a NodeFill spec");
+                first_error.get_or_insert(e);
+            }
         }
-        tracing::debug!(node = %name, assignments = spec.distributions.len(), "wrote NodeFill spec");
     }
 
     // Distributions by phase.
@@ -522,7 +533,7 @@ async fn sync_nodes(
             .with_label_values(&[phase])
             .set(by_phase.get(phase).copied().unwrap_or(0));
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn refuse(

@@ -45,6 +45,8 @@ pub enum Error {
     },
     #[error("the {what} watch ended")]
     WatchEnded { what: &'static str },
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("task failed: {0}")]
     Task(String),
 }

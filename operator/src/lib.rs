@@ -40,7 +40,7 @@ pub async fn run_with_metrics(
     client: Client,
     metrics: Arc<metrics::Metrics>,
 ) -> Result<(), Error> {
-    let timing = args.timing().map_err(Error::Task)?;
+    let timing = args.timing().map_err(Error::Config)?;
     let listener = metrics::bind(args.metrics).await?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics and /healthz");

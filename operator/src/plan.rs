@@ -698,7 +698,15 @@ pub(crate) mod tests {
     #[test]
     fn reader_choice_keeps_positions_and_fills_holes() {
         let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let cases: Vec<(&str, Vec<String>, Vec<String>, usize, Vec<Option<&str>>)> = vec![
+        // (what, targets, previous readers, max, expected: Some(kept) or None (new))
+        type Case<'a> = (
+            &'a str,
+            Vec<String>,
+            Vec<String>,
+            usize,
+            Vec<Option<&'a str>>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "all kept",
                 t(&["a", "b", "c", "d"]),

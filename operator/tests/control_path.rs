@@ -353,6 +353,7 @@ async fn lifecycle() -> Result<()> {
 
     // NodeFills appear for every node, owned by the Node.
     let mut agents = Vec::new();
+    let mut heartbeats = BTreeMap::new();
     for (i, name) in ["gpu-1", "gpu-2", "cpu-1", "gpu-tainted"]
         .iter()
         .enumerate()
@@ -368,7 +369,7 @@ async fn lifecycle() -> Result<()> {
         let owner = &fill.owner_references()[0];
         assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", *name));
         assert_eq!(fill.spec.report_interval_seconds, Some(2));
-        agent.heartbeat();
+        heartbeats.insert(name.to_string(), agent.heartbeat());
         agents.push(agent);
     }
     assert!(operator.metrics.certificates_issued.get() >= 4);
@@ -506,6 +507,16 @@ async fn lifecycle() -> Result<()> {
     );
     assert_eq!(st2.failing_nodes[0].reason, "OriginNotFound");
 
+    // Both nodes hold d1, so their agents label them.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let label = peerfill_crds::node_label_key("default", "d1");
+    for n in ["gpu-1", "gpu-2"] {
+        let patch = json!({ "metadata": { "labels": { label.clone(): "true" } } });
+        nodes
+            .patch(n, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+
     // Delete: assignments dropped, the finalizer holds until the agents
     // drop their status entries.
     dists.delete("d1", &DeleteParams::default()).await?;
@@ -529,12 +540,30 @@ async fn lifecycle() -> Result<()> {
         dists.get_opt("d1").await?.is_some(),
         "finalizer released while agents still list d1"
     );
+    // gpu-1's agent removes the data and its label, then the entry;
+    // gpu-2's agent goes down without doing so: the operator removes
+    // gpu-2's label itself and does not wait for it.
+    let patch = json!({ "metadata": { "labels": { label.clone(): null } } });
+    nodes
+        .patch("gpu-1", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     by_name("gpu-1")?.drop_entry(&uid).await?;
-    by_name("gpu-2")?.drop_entry(&uid).await?;
+    heartbeats
+        .remove("gpu-2")
+        .context("gpu-2 heartbeat")?
+        .abort();
+    by_name("gpu-2")?
+        .patch_status(json!({ "conditions": FakeAgent::ready_condition(false) }))
+        .await?;
     eventually(15, "d1 gone", || async {
         Ok(dists.get_opt("d1").await?.is_none().then_some(()))
     })
     .await?;
+    let gpu2 = nodes.get("gpu-2").await?;
+    assert!(
+        !gpu2.labels().contains_key(&label),
+        "label left on the down node"
+    );
 
     assert!(
         operator
