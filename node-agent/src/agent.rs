@@ -30,6 +30,15 @@ use crate::tls::{self, NodeIdentity};
 /// Directory (under the data root) of the status files, by default.
 pub const STATUS_DIR: &str = ".peerfill-status";
 
+/// Environment variable that must be `1` for [`AgentConfig::fault`] to be
+/// honoured, so a production config can never make an agent lie.
+pub const ALLOW_FAULTS_ENV: &str = "PEERFILL_ALLOW_FAULTS";
+
+/// Whether this process may inject faults (see [`ALLOW_FAULTS_ENV`]).
+pub fn faults_allowed() -> bool {
+    std::env::var(ALLOW_FAULTS_ENV).is_ok_and(|v| v == "1")
+}
+
 /// Configuration of one agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -55,7 +64,8 @@ pub struct AgentConfig {
     /// a one-shot fill does not).
     #[serde(default)]
     pub stay: bool,
-    /// Misbehave on purpose (tests of the honest agents only).
+    /// Misbehave on purpose (tests of the honest agents only); refused
+    /// unless the environment has `PEERFILL_ALLOW_FAULTS=1`.
     #[serde(default)]
     pub fault: Option<Fault>,
     pub contents: Vec<ContentConfig>,
@@ -308,6 +318,10 @@ pub struct ContentStatus {
     #[serde(default)]
     pub message: Option<String>,
     pub size: u64,
+    /// Whether `size` is the content's (configured or learnt), not a
+    /// placeholder.
+    #[serde(default)]
+    pub size_known: bool,
     pub piece_count: u32,
     pub pieces_done: u32,
     pub bytes_done: u64,
@@ -486,13 +500,23 @@ impl Engine {
         identity: &NodeIdentity,
         opts: EngineOptions,
     ) -> Result<Engine, AgentError> {
+        Self::start_with_metrics(cfg, identity, opts, Metrics::new())
+    }
+
+    /// [`Engine::start`] recording into `metrics` (which the caller may
+    /// already serve).
+    pub fn start_with_metrics(
+        cfg: &AgentConfig,
+        identity: &NodeIdentity,
+        opts: EngineOptions,
+        metrics: Metrics,
+    ) -> Result<Engine, AgentError> {
         if identity.node != cfg.node {
             return Err(AgentError::NodeMismatch {
                 cert: identity.node.clone(),
                 config: cfg.node.clone(),
             });
         }
-        let metrics = Metrics::new();
         if let Some(addr) = cfg.metrics_addr {
             let m = metrics.clone();
             tokio::spawn(async move {
@@ -783,6 +807,12 @@ fn validate_content(cfg: &AgentConfig, c: &ContentConfig) -> Result<(), AgentErr
 /// `stay`, until `shutdown`). Returns the final phase of each content.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summary, AgentError> {
     cfg.validate()?;
+    if cfg.fault.is_some() && !faults_allowed() {
+        return Err(AgentError::Invalid(format!(
+            "fault injection (fault: {:?}) is a test mode; it needs {ALLOW_FAULTS_ENV}=1",
+            cfg.fault
+        )));
+    }
     let identity = NodeIdentity::load(&cfg.identity.cert, &cfg.identity.key, &cfg.identity.ca)?;
     let engine = Engine::start(&cfg, &identity, EngineOptions::default())?;
     for c in &cfg.contents {
@@ -1142,6 +1172,7 @@ fn snapshot(run: &ContentRun, banned: &[String], connected: &[String]) -> Conten
         reason,
         message,
         size: run.cfg.size.unwrap_or(0),
+        size_known: run.cfg.size.is_some(),
         piece_count: 0,
         pieces_done: 0,
         bytes_done: 0,
@@ -1161,6 +1192,7 @@ fn snapshot(run: &ContentRun, banned: &[String], connected: &[String]) -> Conten
         let s = &fill.stats;
         let layout = fill.layout();
         st.size = layout.size;
+        st.size_known = true;
         st.piece_count = layout.piece_count();
         st.pieces_done = fill.pieces_done();
         st.bytes_done = fill.bytes_done();

@@ -14,5 +14,6 @@ pub mod store;
 pub mod tls;
 
 pub mod agent;
+pub mod k8s;
 pub mod swarm;
 pub mod wire;

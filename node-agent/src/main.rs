@@ -2,15 +2,22 @@
 //!
 //! - `peerfill-agent run --config agent.json` fills (and seeds) the contents
 //!   of the config; with `stay: true` it keeps serving until SIGTERM/SIGINT.
+//! - `peerfill-agent node --node-name N --data-root DIR --listen ADDR
+//!   --metrics ADDR --identity-dir DIR` runs the agent of node N in a
+//!   cluster: it watches its NodeFill, gets its certificate from the
+//!   operator, fills what it is assigned and reports back (see
+//!   `peerfill_agent::k8s` and docs/control-path.md).
 //! - `peerfill-agent gen-certs --out DIR --nodes a,b,c` writes a cluster CA
 //!   and one identity per node (`DIR/<node>/{tls.crt,tls.key,ca.crt}`), for
 //!   tests, benchmarks and local demos.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use peerfill_agent::agent::{self, AgentConfig, Phase};
+use peerfill_agent::k8s::{self, NodeArgs};
 use peerfill_agent::tls::ClusterCa;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -29,6 +36,34 @@ enum Command {
     Run {
         #[arg(long, env = "PEERFILL_AGENT_CONFIG")]
         config: PathBuf,
+    },
+    /// Run as the node agent of a Kubernetes cluster (the DaemonSet).
+    Node {
+        /// This node's name (its Node and NodeFill are named so).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Where contents are written (a hostPath); never left.
+        #[arg(long)]
+        data_root: PathBuf,
+        /// QUIC listen address.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Address of `/metrics` and `/healthz`.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        metrics: SocketAddr,
+        /// Directory of the node key and certificate (an in-memory volume).
+        #[arg(long)]
+        identity_dir: PathBuf,
+        /// `host:port` other agents dial (default: the listen address, with
+        /// POD_IP for 0.0.0.0).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Node label that holds the node's zone.
+        #[arg(long, default_value = peerfill_agent::k8s::DEFAULT_ZONE_LABEL)]
+        zone_label: String,
+        /// The pod's IP (from the downward API).
+        #[arg(long, env = "POD_IP", hide = true)]
+        pod_ip: Option<IpAddr>,
     },
     /// Generate a cluster CA and node identities (for tests and demos).
     GenCerts {
@@ -76,18 +111,66 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    error!(error = %e, "cannot start the runtime");
-                    return ExitCode::FAILURE;
-                }
+        Command::Run { config } => match runtime() {
+            Some(rt) => rt.block_on(run(config)),
+            None => ExitCode::FAILURE,
+        },
+        Command::Node {
+            node_name,
+            data_root,
+            listen,
+            metrics,
+            identity_dir,
+            advertise,
+            zone_label,
+            pod_ip,
+        } => {
+            let args = NodeArgs {
+                node_name,
+                data_root,
+                listen,
+                metrics,
+                identity_dir,
+                advertise,
+                zone_label,
+                pod_ip,
             };
-            runtime.block_on(run(config))
+            match runtime() {
+                Some(rt) => rt.block_on(node(args)),
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            None
+        }
+    }
+}
+
+async fn node(args: NodeArgs) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received");
+            shutdown.cancel();
+        });
+    }
+    match k8s::run_node(args, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "node agent failed");
+            ExitCode::FAILURE
         }
     }
 }

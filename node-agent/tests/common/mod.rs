@@ -238,6 +238,8 @@ pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
     pub config: PathBuf,
+    /// The config injects a fault: the process gets `PEERFILL_ALLOW_FAULTS=1`.
+    pub allow_faults: bool,
 }
 
 impl Agent {
@@ -255,6 +257,7 @@ impl Agent {
             child: None,
             log,
             config,
+            allow_faults: cfg.fault.is_some(),
         };
         agent.start();
         agent
@@ -271,9 +274,13 @@ impl Agent {
         cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,peerfill_agent=debug,quinn=warn")
+            .env_remove(peerfill_agent::agent::ALLOW_FAULTS_ENV)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
+        if self.allow_faults {
+            cmd.env(peerfill_agent::agent::ALLOW_FAULTS_ENV, "1");
+        }
         kill_with_parent(&mut cmd);
         let child = cmd.spawn().expect("spawn agent");
         self.child = Some(child);
@@ -364,7 +371,7 @@ pub fn metric_value(text: &str, prefix: &str) -> Option<f64> {
 
 /// Makes the kernel kill the child if this process dies without running
 /// destructors (e.g. the test runner kills it on timeout).
-fn kill_with_parent(cmd: &mut Command) {
+pub fn kill_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
     unsafe {

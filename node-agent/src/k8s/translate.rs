@@ -1,0 +1,416 @@
+//! NodeFill spec → engine contents: a pure translation of one assignment
+//! into the [`ContentConfig`] the swarm engine runs, or why it cannot run
+//! yet.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use peerfill_crds::nodefill::Assignment;
+
+use crate::agent::{ContentConfig, PeerConfig, SourceConfig, dest_path};
+use crate::content::Digest;
+
+/// What to do with one assignment.
+#[derive(Debug, Clone)]
+pub enum Desired {
+    /// Run this content.
+    Run(ContentConfig),
+    /// Not startable yet; shown as Pending with this reason.
+    Wait {
+        reason: &'static str,
+        message: String,
+    },
+    /// Never startable as written; shown as Failed with this reason.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Translates `a` for node `me` with data root `data_root`. `peer_addrs`
+/// holds the resolved QUIC address of every node in `spec.peers`; peers
+/// named by the assignment without a known address are left out until
+/// they have one.
+pub fn translate(
+    a: &Assignment,
+    me: &str,
+    data_root: &Path,
+    peer_addrs: &HashMap<String, SocketAddr>,
+) -> Desired {
+    let invalid = |reason, message: String| Desired::Invalid { reason, message };
+    let Ok(piece_size) = u32::try_from(a.piece_size) else {
+        return invalid(
+            "InvalidPieceSize",
+            format!("piece size {} is too large", a.piece_size),
+        );
+    };
+    let path = PathBuf::from(&a.path);
+    if let Err(e) = dest_path(data_root, &path) {
+        return invalid("InvalidPath", e.to_string());
+    }
+    let (source, digest, can_learn_size) = match (&a.source.http, &a.source.node) {
+        (Some(http), None) => {
+            let digest = match http.digest.as_deref().map(str::parse::<Digest>) {
+                None => None,
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => return invalid("InvalidDigest", e.to_string()),
+            };
+            if a.origin_readers.is_empty() {
+                return Desired::Wait {
+                    reason: "WaitingForReaders",
+                    message: "the operator has not chosen origin readers yet".into(),
+                };
+            }
+            let readers: Vec<String> = a.origin_readers.iter().map(|r| r.node.clone()).collect();
+            let reader = readers.iter().any(|r| r == me);
+            let source = SourceConfig::Http {
+                url: http.url.clone(),
+                headers: BTreeMap::new(),
+                readers,
+            };
+            (source, digest, reader)
+        }
+        (None, Some(seed)) => {
+            let seeder = seed.node_name == me;
+            let seed_path = if seeder {
+                match dest_path(data_root, Path::new(&seed.path)) {
+                    Ok(p) => Some(p),
+                    Err(e) => return invalid("InvalidPath", e.to_string()),
+                }
+            } else {
+                None
+            };
+            let source = SourceConfig::Node {
+                node: seed.node_name.clone(),
+                path: seed_path,
+            };
+            (source, None, seeder)
+        }
+        _ => {
+            return invalid(
+                "InvalidSource",
+                "the assignment must have exactly one of source.http and source.node".into(),
+            );
+        }
+    };
+    if a.size.is_none() && !can_learn_size {
+        return Desired::Wait {
+            reason: "WaitingForSize",
+            message: "waiting for an origin reader or the seeder to report the size".into(),
+        };
+    }
+    let peers = a
+        .peers
+        .iter()
+        .filter(|n| n.as_str() != me)
+        .filter_map(|n| {
+            peer_addrs.get(n).map(|addr| PeerConfig {
+                node: n.clone(),
+                addr: *addr,
+            })
+        })
+        .collect();
+    Desired::Run(ContentConfig {
+        id: a.content_id.clone(),
+        path,
+        size: a.size,
+        piece_size,
+        digest,
+        source,
+        peers,
+        allowed_peers: a
+            .peers
+            .iter()
+            .filter(|n| n.as_str() != me)
+            .cloned()
+            .collect(),
+    })
+}
+
+/// Whether a running content must be restarted to follow `new`: anything
+/// but its peers changed. A size the running content learnt itself (an
+/// origin reader, the seeder) and the operator now copies in is no change.
+pub fn needs_restart(
+    running: &ContentConfig,
+    learnt_size: Option<u64>,
+    new: &ContentConfig,
+) -> bool {
+    let size_same = running.size == new.size || (running.size.is_none() && new.size == learnt_size);
+    !(size_same
+        && running.id == new.id
+        && running.path == new.path
+        && running.piece_size == new.piece_size
+        && running.digest == new.digest
+        && same_source(&running.source, &new.source))
+}
+
+fn same_source(a: &SourceConfig, b: &SourceConfig) -> bool {
+    // SourceConfig has no PartialEq (it is a config type); compare by value.
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// Whether the peers or allowed nodes differ.
+pub fn peers_changed(running: &ContentConfig, new: &ContentConfig) -> bool {
+    let key = |c: &ContentConfig| {
+        let mut p: Vec<(String, SocketAddr)> =
+            c.peers.iter().map(|p| (p.node.clone(), p.addr)).collect();
+        p.sort();
+        let mut a = c.allowed_peers.clone();
+        a.sort();
+        (p, a)
+    };
+    key(running) != key(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peerfill_crds::nodefill::{
+        OriginReader, ResolvedHttpSource, ResolvedSource, Role, SeedNode,
+    };
+
+    const ROOT: &str = "/var/lib/peerfill";
+
+    fn http(readers: &[&str], size: Option<u64>) -> Assignment {
+        Assignment {
+            namespace: "default".into(),
+            name: "model".into(),
+            uid: "u-1".into(),
+            generation: 1,
+            content_id: Assignment::content_id_for_uid("u-1"),
+            source: ResolvedSource {
+                http: Some(ResolvedHttpSource {
+                    url: "http://127.0.0.1:8080/m.bin".into(),
+                    digest: Some(format!("sha256:{}", "ab".repeat(32))),
+                    headers_secret: None,
+                }),
+                node: None,
+            },
+            path: "models/m.bin".into(),
+            size,
+            piece_size: 1 << 20,
+            origin_readers: readers
+                .iter()
+                .map(|n| OriginReader {
+                    node: (*n).into(),
+                    start: 0,
+                    end: 0,
+                })
+                .collect(),
+            peers: vec!["n1".into(), "n2".into(), "n3".into()],
+            ..Assignment::default()
+        }
+    }
+
+    fn addrs() -> HashMap<String, SocketAddr> {
+        [
+            ("n1", "127.0.1.1:7443"),
+            ("n2", "127.0.1.2:7443"),
+            ("n3", "127.0.1.3:7443"),
+        ]
+        .into_iter()
+        .map(|(n, a)| (n.to_string(), a.parse().expect("addr")))
+        .collect()
+    }
+
+    fn run(d: Desired) -> ContentConfig {
+        match d {
+            Desired::Run(c) => c,
+            other => panic!("expected a content, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_origin_reader_starts_without_a_size() {
+        let c = run(translate(
+            &http(&["n2", "n1"], None),
+            "n1",
+            Path::new(ROOT),
+            &addrs(),
+        ));
+        assert_eq!(c.id, Assignment::content_id_for_uid("u-1"));
+        assert_eq!(c.path, PathBuf::from("models/m.bin"));
+        assert_eq!(c.size, None);
+        assert_eq!(c.piece_size, 1 << 20);
+        assert!(matches!(c.digest, Some(Digest::Sha256(_))));
+        match &c.source {
+            SourceConfig::Http { url, readers, .. } => {
+                assert_eq!(url, "http://127.0.0.1:8080/m.bin");
+                // Reader order is the operator's: it fixes the ranges.
+                assert_eq!(readers, &["n2", "n1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Itself is neither a peer nor allowed.
+        let peers: Vec<_> = c.peers.iter().map(|p| (p.node.as_str(), p.addr)).collect();
+        assert_eq!(
+            peers,
+            [
+                ("n2", "127.0.1.2:7443".parse().expect("addr")),
+                ("n3", "127.0.1.3:7443".parse().expect("addr"))
+            ]
+        );
+        assert_eq!(c.allowed_peers, ["n2", "n3"]);
+    }
+
+    #[test]
+    fn other_nodes_wait_for_the_size_then_run() {
+        let a = http(&["n2"], None);
+        assert!(matches!(
+            translate(&a, "n1", Path::new(ROOT), &addrs()),
+            Desired::Wait {
+                reason: "WaitingForSize",
+                ..
+            }
+        ));
+        let a = http(&["n2"], Some(5 << 20));
+        let c = run(translate(&a, "n1", Path::new(ROOT), &addrs()));
+        assert_eq!(c.size, Some(5 << 20));
+        let no_readers = http(&[], Some(5 << 20));
+        assert!(matches!(
+            translate(&no_readers, "n1", Path::new(ROOT), &addrs()),
+            Desired::Wait {
+                reason: "WaitingForReaders",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn peers_without_an_endpoint_are_left_out_but_stay_allowed() {
+        let mut known = addrs();
+        known.remove("n3");
+        let c = run(translate(
+            &http(&["n1"], None),
+            "n1",
+            Path::new(ROOT),
+            &known,
+        ));
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.allowed_peers, ["n2", "n3"]);
+    }
+
+    #[test]
+    fn node_sources_seed_under_the_data_root() {
+        let mut a = http(&[], None);
+        a.source = ResolvedSource {
+            http: None,
+            node: Some(SeedNode {
+                node_name: "n1".into(),
+                path: "builds/b.tar".into(),
+            }),
+        };
+        a.role = Role {
+            seed: true,
+            ..Role::default()
+        };
+        let c = run(translate(&a, "n1", Path::new(ROOT), &addrs()));
+        assert!(matches!(
+            &c.source,
+            SourceConfig::Node { node, path: Some(p) }
+                if node == "n1" && p == Path::new("/var/lib/peerfill/builds/b.tar")
+        ));
+        // Elsewhere: waits for the size the seeder reports.
+        assert!(matches!(
+            translate(&a, "n2", Path::new(ROOT), &addrs()),
+            Desired::Wait { .. }
+        ));
+        a.source.node = Some(SeedNode {
+            node_name: "n1".into(),
+            path: "../etc/shadow".into(),
+        });
+        assert!(matches!(
+            translate(&a, "n1", Path::new(ROOT), &addrs()),
+            Desired::Invalid {
+                reason: "InvalidPath",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_assignments_are_invalid() {
+        let mut a = http(&["n1"], None);
+        a.path = "../../etc/passwd".into();
+        assert!(matches!(
+            translate(&a, "n1", Path::new(ROOT), &addrs()),
+            Desired::Invalid {
+                reason: "InvalidPath",
+                ..
+            }
+        ));
+        let mut a = http(&["n1"], None);
+        a.source.http.as_mut().expect("http").digest = Some("md5:00".into());
+        assert!(matches!(
+            translate(&a, "n1", Path::new(ROOT), &addrs()),
+            Desired::Invalid {
+                reason: "InvalidDigest",
+                ..
+            }
+        ));
+        let mut a = http(&["n1"], None);
+        a.source.node = Some(SeedNode::default());
+        assert!(matches!(
+            translate(&a, "n1", Path::new(ROOT), &addrs()),
+            Desired::Invalid {
+                reason: "InvalidSource",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn restarts_only_for_changes_beyond_peers_and_a_learnt_size() {
+        let running = run(translate(
+            &http(&["n1"], None),
+            "n1",
+            Path::new(ROOT),
+            &addrs(),
+        ));
+        let sized = run(translate(
+            &http(&["n1"], Some(9 << 20)),
+            "n1",
+            Path::new(ROOT),
+            &addrs(),
+        ));
+        assert!(!needs_restart(&running, Some(9 << 20), &sized));
+        assert!(needs_restart(&running, Some(8 << 20), &sized));
+        let other_readers = run(translate(
+            &http(&["n1", "n2"], None),
+            "n1",
+            Path::new(ROOT),
+            &addrs(),
+        ));
+        assert!(needs_restart(&running, None, &other_readers));
+
+        let mut moved = addrs();
+        moved.insert("n2".into(), "127.0.1.2:7555".parse().expect("addr"));
+        let re_peered = run(translate(
+            &http(&["n1"], None),
+            "n1",
+            Path::new(ROOT),
+            &moved,
+        ));
+        assert!(!needs_restart(&running, None, &re_peered));
+        assert!(peers_changed(&running, &re_peered));
+        assert!(!peers_changed(&running, &running.clone()));
+    }
+
+    #[test]
+    fn reader_ranges_agree_with_the_operator() {
+        // The engine splits by reader order like the operator does.
+        for (pieces, readers) in [(1u64, 3u32), (10, 3), (1000, 7), (5, 5)] {
+            let layout = crate::content::Layout::new(pieces * (1 << 20), 1 << 20).expect("layout");
+            let ours: Vec<(u64, u64)> = crate::origin::split_ranges(&layout, readers)
+                .into_iter()
+                .map(|r| (u64::from(r.start), u64::from(r.end)))
+                .collect();
+            let theirs: Vec<(u64, u64)> = peerfill_crds::nodefill::split_ranges(pieces, readers)
+                .into_iter()
+                .map(|r| (r.start, r.end))
+                .collect();
+            assert_eq!(ours, theirs, "{pieces} pieces, {readers} readers");
+        }
+    }
+}

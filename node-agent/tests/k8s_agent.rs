@@ -1,0 +1,292 @@
+//! The node agent (`peerfill-agent node`, the real binary) against the API
+//! stand-in, with this test playing the operator: it creates the Node and
+//! the NodeFill, signs the agent's certificate request, assigns an HTTP
+//! content, and unassigns it again.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Origin, kill_with_parent, random_bytes};
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use peerfill_agent::k8s::identity::sha256_digest;
+use peerfill_agent::tls::ClusterCa;
+use peerfill_crds::nodefill::{
+    Assignment, CONDITION_AGENT_READY, NodeFill, NodeFillSpec, NodePhase, OriginReader,
+    ResolvedHttpSource, ResolvedSource, Role,
+};
+use peerfill_crds::{NODE_LABEL_VALUE, node_label_key};
+use peerfill_e2e::apiserver::{ApiServer, ApiServerOptions};
+use serde_json::json;
+
+const NODE: &str = "node-1";
+const PIECE: u64 = 64 << 10;
+
+/// The agent process, killed on every exit path.
+struct AgentProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_agent(kubeconfig: &Path, root: &Path) -> AgentProc {
+    let log = root.join("agent.log");
+    let out = std::fs::File::create(&log).expect("log file");
+    let mut cmd = Command::new(common::BIN);
+    cmd.args(["node", "--node-name", NODE, "--data-root"])
+        .arg(root.join("data"))
+        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .arg("--identity-dir")
+        .arg(root.join("identity"))
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,peerfill_agent=debug,quinn=warn")
+        .env_remove("NODE_NAME")
+        .env_remove("POD_IP")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out);
+    kill_with_parent(&mut cmd);
+    AgentProc {
+        child: cmd.spawn().expect("spawn agent"),
+        log,
+    }
+}
+
+/// Polls `probe` every 100 ms for up to `secs` seconds.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, agent: &AgentProc, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}\nagent log:\n{}",
+            agent.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assignment(url: &str, size: Option<u64>) -> Assignment {
+    let uid = "6a1f0c3e-0000-4000-8000-00000000000a";
+    Assignment {
+        namespace: "default".into(),
+        name: "model".into(),
+        uid: uid.into(),
+        generation: 1,
+        content_id: Assignment::content_id_for_uid(uid),
+        source: ResolvedSource {
+            http: Some(ResolvedHttpSource {
+                url: url.into(),
+                digest: None,
+                headers_secret: None,
+            }),
+            node: None,
+        },
+        path: "models/model.bin".into(),
+        size,
+        piece_size: PIECE,
+        role: Role::default(),
+        origin_readers: vec![OriginReader {
+            node: NODE.into(),
+            start: 0,
+            end: 0,
+        }],
+        ..Assignment::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = ApiServer::start(ApiServerOptions {
+        crd_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")),
+        bookmark_interval: Duration::from_secs(1),
+        ..ApiServerOptions::default()
+    })
+    .await
+    .expect("API stand-in");
+    let kubeconfig = root.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let client = server.client().expect("client");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let fills: Api<NodeFill> = Api::all(client);
+
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": NODE, "labels": {
+            "topology.kubernetes.io/zone": "zone-a",
+            // A label of a distribution unassigned while the agent was away.
+            "peerfill.dev/default.gone": "true",
+        } },
+    }))
+    .expect("node");
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("create node");
+
+    // The agent starts before its NodeFill exists and waits for it.
+    let agent = spawn_agent(&kubeconfig, root.path());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let nf = NodeFill::new(
+        NODE,
+        NodeFillSpec {
+            report_interval_seconds: Some(2),
+            ..NodeFillSpec::default()
+        },
+    );
+    fills
+        .create(&PostParams::default(), &nf)
+        .await
+        .expect("create nodefill");
+
+    // Identity: sign the request it writes, answer in spec.identity.
+    let csr = eventually(30, "the certificate request", &agent, || async {
+        fills.get(NODE).await.ok()?.status?.certificate_request
+    })
+    .await;
+    let ca = ClusterCa::generate("test-ca").expect("ca");
+    let cert = ca
+        .sign_csr(&csr, NODE)
+        .expect("a valid request for this node");
+    let identity = json!({ "spec": { "identity": {
+        "certificate": cert,
+        "caCertificate": ca.cert_pem(),
+        "requestDigest": sha256_digest(csr.as_bytes()),
+    } } });
+    fills
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&identity))
+        .await
+        .expect("answer the request");
+    let status = eventually(30, "AgentReady=True and an endpoint", &agent, || async {
+        let st = fills.get(NODE).await.ok()?.status?;
+        let ready = st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_AGENT_READY && c.status == "True");
+        (ready && st.endpoint.is_some()).then_some(st)
+    })
+    .await;
+    assert_eq!(status.zone.as_deref(), Some("zone-a"));
+    assert!(
+        status
+            .certificate_fingerprint
+            .as_deref()
+            .is_some_and(|f| f.starts_with("sha256:")),
+        "{status:?}"
+    );
+    assert!(status.agent_version.is_some());
+    let identity_dir = root.path().join("identity");
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        assert!(identity_dir.join(f).exists(), "{f} not written");
+    }
+    // The stale label went at startup.
+    let labels = nodes.get(NODE).await.expect("node").labels().clone();
+    assert!(
+        !labels.contains_key("peerfill.dev/default.gone"),
+        "{labels:?}"
+    );
+
+    // Assign an HTTP content; the agent is its only origin reader, so it
+    // learns the size itself.
+    let data = Arc::new(random_bytes(1_500_000, 7));
+    let origin = Origin::start(data.clone()).await;
+    let a = assignment(&origin.url(), None);
+    let assign = json!({ "spec": { "distributions": [a] } });
+    fills
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&assign))
+        .await
+        .expect("assign");
+    let dest = root.path().join("data/models/model.bin");
+    let entry = eventually(60, "the distribution Complete", &agent, || async {
+        let st = fills.get(NODE).await.ok()?.status?;
+        st.distributions
+            .into_iter()
+            .find(|d| d.uid == a.uid && d.phase == NodePhase::Complete)
+    })
+    .await;
+    let want = blake3::hash(&data).to_hex().to_string();
+    assert_eq!(common::file_blake3(&dest).as_deref(), Some(want.as_str()));
+    assert_eq!(entry.size, Some(data.len() as u64));
+    assert_eq!(entry.bytes_done, data.len() as u64);
+    assert_eq!(entry.piece_count, (data.len() as u64).div_ceil(PIECE));
+    assert_eq!(entry.pieces_done, entry.piece_count);
+    assert_eq!(entry.bytes_from_origin, data.len() as u64);
+    assert_eq!(entry.digest, Some(format!("blake3:{want}")));
+    assert!(entry.last_transition_time.is_some());
+    let key = node_label_key("default", "model");
+    eventually(30, "the node label", &agent, || async {
+        let n = nodes.get(NODE).await.ok()?;
+        (n.labels().get(&key).map(String::as_str) == Some(NODE_LABEL_VALUE)).then_some(())
+    })
+    .await;
+    let st = fills
+        .get(NODE)
+        .await
+        .expect("nodefill")
+        .status
+        .expect("status");
+    assert_eq!(st.assigned, Some(1));
+    assert_eq!(st.complete, Some(1));
+
+    // Unassign: data and label go, then the status entry.
+    let unassign = json!({ "spec": { "distributions": null } });
+    fills
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&unassign))
+        .await
+        .expect("unassign");
+    eventually(30, "the status entry dropped", &agent, || async {
+        let st = fills.get(NODE).await.ok()?.status?;
+        st.distributions.is_empty().then_some(())
+    })
+    .await;
+    assert!(!dest.exists(), "the file is still there");
+    let partial_dir = root.path().join("data/.peerfill-partial");
+    let leftovers: Vec<_> = std::fs::read_dir(&partial_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+    let labels = nodes.get(NODE).await.expect("node").labels().clone();
+    assert!(!labels.contains_key(&key), "label left: {labels:?}");
+    let st = fills
+        .get(NODE)
+        .await
+        .expect("nodefill")
+        .status
+        .expect("status");
+    assert_eq!(st.assigned, Some(0));
+    assert_eq!(st.complete, Some(0));
+    assert!(
+        st.last_heartbeat.is_some(),
+        "no heartbeat in {st:?}\n{}",
+        agent.log_tail()
+    );
+    drop(agent);
+    drop(origin);
+    server.shutdown().await;
+}
