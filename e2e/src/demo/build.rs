@@ -4,14 +4,20 @@
 //! so the demo builds the other two binaries itself, with the same cargo,
 //! the same profile and the same target directory as its own executable;
 //! they then sit next to it.
+//!
+//! It builds `--workspace --bins`, not `-p peerfill-operator -p
+//! peerfill-agent`: cargo unifies dependency features over the packages
+//! selected, so the narrower build compiles kube, reqwest and the two
+//! binaries a second time with other features (minutes on a small machine),
+//! while the workspace build is the one `e2e/run-tests` already did.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 /// Binaries the local cluster runs.
 pub const BINARIES: [&str; 2] = ["peerfill-operator", "peerfill-agent"];
-/// Their packages.
-const PACKAGES: [&str; 2] = ["peerfill-operator", "peerfill-agent"];
+/// What cargo builds (see the module docs for why not just those two).
+const BUILD_ARGS: [&str; 3] = ["build", "--workspace", "--bins"];
 
 /// Why the binaries could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +96,7 @@ impl BuildPlan {
 
     /// cargo's arguments.
     pub fn args(&self) -> Vec<String> {
-        let mut args = vec!["build".to_owned(), "--bins".to_owned()];
-        for p in PACKAGES {
-            args.extend(["-p".to_owned(), p.to_owned()]);
-        }
+        let mut args: Vec<String> = BUILD_ARGS.iter().map(|a| (*a).to_owned()).collect();
         args.extend(self.profile_args.iter().cloned());
         args.extend([
             "--manifest-path".to_owned(),
@@ -106,10 +109,7 @@ impl BuildPlan {
 
     /// The command as shown on screen.
     pub fn command_line(&self) -> String {
-        let mut args = vec!["build".to_owned(), "--bins".to_owned()];
-        for p in PACKAGES {
-            args.extend(["-p".to_owned(), p.to_owned()]);
-        }
+        let mut args: Vec<String> = BUILD_ARGS.iter().map(|a| (*a).to_owned()).collect();
         args.extend(self.profile_args.iter().cloned());
         format!("{} {}", self.cargo, args.join(" "))
     }
@@ -196,10 +196,7 @@ mod tests {
             dev.binary("peerfill-agent"),
             Path::new("/w/target/debug/peerfill-agent")
         );
-        assert_eq!(
-            dev.command_line(),
-            "cargo build --bins -p peerfill-operator -p peerfill-agent"
-        );
+        assert_eq!(dev.command_line(), "cargo build --workspace --bins");
 
         let release = BuildPlan::for_exe(
             Path::new("/t/release/peerfill-demo"),
@@ -208,12 +205,12 @@ mod tests {
         .expect("release plan");
         assert_eq!(release.profile_args, ["--release"]);
         let args = release.args();
-        assert_eq!(&args[..2], ["build", "--bins"]);
+        assert_eq!(&args[..3], ["build", "--workspace", "--bins"]);
         assert!(args.windows(2).any(|w| w == ["--target-dir", "/t"]));
         assert!(args.contains(&"--release".to_owned()));
         assert_eq!(
             release.command_line(),
-            "/x/cargo build --bins -p peerfill-operator -p peerfill-agent --release"
+            "/x/cargo build --workspace --bins --release"
         );
 
         let custom = BuildPlan::for_exe(Path::new("/t/bench/peerfill-demo"), Some(String::new()))

@@ -192,7 +192,7 @@ pub async fn run(opts: &DemoOptions, work: &WorkDir) -> Result<RunFigures, DemoE
     if opts.build {
         let plan = BuildPlan::current()?;
         println!(
-            "\n[1/5] Building the operator and agent binaries: {}",
+            "\n[1/5] Building the operator and agent binaries (and the other workspace binaries): {}",
             plan.command_line()
         );
         plan.run().await?;
