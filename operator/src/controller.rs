@@ -257,8 +257,16 @@ async fn reconcile(dist: Arc<Distribution>, shared: Arc<Shared>) -> Result<Actio
             Finalized::Cleanup(d) => cleanup(&d, &api, &shared).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
+    let result = match result {
+        // Released by an earlier reconcile that the store had not seen yet.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(e)))
+            if e.code == 404 =>
+        {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    };
     if result.is_ok() {
         let uid = dist.uid().unwrap_or_default();
         shared

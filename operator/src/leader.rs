@@ -245,6 +245,40 @@ impl Elector {
     }
 }
 
+/// The Lease API of `namespace`.
+pub fn lease_api(client: &Client, namespace: &str) -> Api<Lease> {
+    Api::namespaced(client.clone(), namespace)
+}
+
+/// Gives up Lease `name` if `identity` holds it: clears the holder so a
+/// standby takes it over at its next retry.
+pub async fn release(api: &Api<Lease>, name: &str, identity: &str) -> Result<(), Error> {
+    let lease_err = |source| Error::Lease {
+        name: name.to_string(),
+        source,
+    };
+    let Some(mut lease) = api.get_opt(name).await.map_err(lease_err)? else {
+        return Ok(());
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(());
+    };
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) => {
+            tracing::info!(lease = name, %identity, "released the leader lease");
+            Ok(())
+        }
+        // Someone changed it meanwhile: it is not ours to release any more.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(lease_err(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

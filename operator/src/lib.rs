@@ -40,6 +40,20 @@ pub async fn run_with_metrics(
     client: Client,
     metrics: Arc<metrics::Metrics>,
 ) -> Result<(), Error> {
+    run_until(args, client, metrics, std::future::pending()).await
+}
+
+/// [`run_with_metrics`] until `shutdown` completes: then the reconcilers
+/// stop and a held Lease is released, so a standby takes over at once
+/// instead of after the lease duration (client-go's ReleaseOnCancel).
+/// Returns `Ok(())` only after such a shutdown.
+pub async fn run_until(
+    args: Args,
+    client: Client,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let mut shutdown = std::pin::pin!(shutdown);
     let timing = args.timing().map_err(Error::Config)?;
     let listener = metrics::bind(args.metrics).await?;
     if let Ok(addr) = listener.local_addr() {
@@ -49,6 +63,7 @@ pub async fn run_with_metrics(
     tasks.spawn(metrics::serve(listener, metrics.clone()));
 
     let identity = args.identity();
+    let identity_for_release = identity.clone();
     let namespace = args.leader_election_namespace.clone();
     let mut elector = leader::Elector::new(
         client.clone(),
@@ -61,6 +76,7 @@ pub async fn run_with_metrics(
     tokio::select! {
         r = elector.acquire() => r?,
         Some(r) = tasks.join_next() => return flatten(r),
+        () = &mut shutdown => return Ok(()),
     }
     metrics.leader.set(1);
     tasks.spawn(elector.hold());
@@ -73,9 +89,17 @@ pub async fn run_with_metrics(
             controller::run(client, ca, metrics, identity).await
         });
     }
-    let result = match tasks.join_next().await {
-        Some(r) => flatten(r),
-        None => Err(Error::Task("no task left".into())),
+    let lease_api = leader::lease_api(&client, &args.leader_election_namespace);
+    let result = tokio::select! {
+        r = tasks.join_next() => match r {
+            Some(r) => flatten(r),
+            None => Err(Error::Task("no task left".into())),
+        },
+        () = &mut shutdown => {
+            // Stop reconciling before giving the Lease away.
+            tasks.shutdown().await;
+            leader::release(&lease_api, &args.leader_election_lease, &identity_for_release).await
+        }
     };
     metrics.leader.set(0);
     result

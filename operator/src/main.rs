@@ -3,12 +3,16 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use peerfill_operator::{Args, run};
+use std::sync::Arc;
+
+use peerfill_operator::metrics::Metrics;
+use peerfill_operator::{Args, run_until};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
@@ -21,18 +25,24 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio::select! {
-        result = run(args, client) => {
-            // run() returns only on failure, e.g. a lost Lease: exit
-            // non-zero so the pod restarts as a standby.
-            if let Err(e) = result {
-                tracing::error!(error = %e, "operator stopped");
-            }
-            ExitCode::FAILURE
+    let metrics = match Metrics::new() {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::error!(error = %e, "metrics registry");
+            return ExitCode::FAILURE;
         }
-        () = shutdown_signal() => {
-            tracing::info!("shutting down");
-            ExitCode::SUCCESS
+    };
+    let shutdown = async {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+    };
+    match run_until(args, client, metrics, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        // Anything else, e.g. a lost Lease: exit non-zero so the pod
+        // restarts as a standby.
+        Err(e) => {
+            tracing::error!(error = %e, "operator stopped");
+            ExitCode::FAILURE
         }
     }
 }

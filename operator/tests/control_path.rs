@@ -19,7 +19,7 @@ use peerfill_crds::{
 };
 use peerfill_e2e::apiserver::{ApiServer, ApiServerHandle, ApiServerOptions};
 use peerfill_operator::metrics::Metrics;
-use peerfill_operator::{Args, run_with_metrics};
+use peerfill_operator::{Args, run_until};
 use serde_json::{Value, json};
 
 const NS: &str = "peerfill-system";
@@ -78,16 +78,27 @@ fn args(identity: &str) -> Args {
 struct Operator {
     task: tokio::task::JoinHandle<Result<(), peerfill_operator::Error>>,
     metrics: Arc<Metrics>,
+    /// Graceful shutdown (SIGTERM in the binary).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 fn start_operator(client: &Client, identity: &str) -> Result<Operator> {
     let metrics = Arc::new(Metrics::new()?);
-    let task = tokio::spawn(run_with_metrics(
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let task = tokio::spawn(run_until(
         args(identity),
         client.clone(),
         metrics.clone(),
+        shutdown,
     ));
-    Ok(Operator { task, metrics })
+    Ok(Operator {
+        task,
+        metrics,
+        stop: Some(stop),
+    })
 }
 
 async fn create_node(
@@ -565,12 +576,13 @@ async fn lifecycle() -> Result<()> {
         "label left on the down node"
     );
 
-    assert!(
-        operator
-            .metrics
-            .render()
+    eventually(10, "distributions metric", || async {
+        let text = operator.metrics.render();
+        Ok(text
             .contains("peerfill_operator_distributions{phase=\"Failed\"} 1")
-    );
+            .then_some(()))
+    })
+    .await?;
     operator.task.abort();
     Ok(())
 }
@@ -641,6 +653,30 @@ async fn failover() -> Result<()> {
         Ok(fills.get_opt("n2").await?)
     })
     .await?;
-    b.task.abort();
+
+    // A graceful shutdown releases the Lease: a third replica takes it at
+    // its next retry, and the stopped one ends without error.
+    let mut c = start_operator(&client, "op-c")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut b = b;
+    let _ = b.stop.take().context("stop sender")?.send(());
+    let ended = tokio::time::timeout(Duration::from_secs(10), b.task).await??;
+    assert!(ended.is_ok(), "graceful shutdown: {ended:?}");
+    eventually(10, "op-c leads", || async {
+        Ok(leases
+            .get_opt("peerfill-operator")
+            .await?
+            .and_then(holder)
+            .filter(|h| h == "op-c"))
+    })
+    .await?;
+    let lease = leases
+        .get("peerfill-operator")
+        .await?
+        .spec
+        .context("lease spec")?;
+    assert_eq!(lease.lease_transitions, Some(2));
+    c.stop.take();
+    c.task.abort();
     Ok(())
 }
