@@ -107,11 +107,15 @@ impl BuildPlan {
         args
     }
 
-    /// The command as shown on screen.
+    /// The command as shown on screen (`cargo`, not the toolchain path
+    /// `cargo run` puts in `$CARGO`).
     pub fn command_line(&self) -> String {
         let mut args: Vec<String> = BUILD_ARGS.iter().map(|a| (*a).to_owned()).collect();
         args.extend(self.profile_args.iter().cloned());
-        format!("{} {}", self.cargo, args.join(" "))
+        let cargo = Path::new(&self.cargo)
+            .file_name()
+            .map_or(self.cargo.clone(), |n| n.to_string_lossy().into_owned());
+        format!("{cargo} {}", args.join(" "))
     }
 
     /// Where binary `name` is after the build.
@@ -210,7 +214,7 @@ mod tests {
         assert!(args.contains(&"--release".to_owned()));
         assert_eq!(
             release.command_line(),
-            "/x/cargo build --workspace --bins --release"
+            "cargo build --workspace --bins --release"
         );
 
         let custom = BuildPlan::for_exe(Path::new("/t/bench/peerfill-demo"), Some(String::new()))

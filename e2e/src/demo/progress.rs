@@ -224,8 +224,15 @@ pub enum Display {
 }
 
 impl Display {
-    /// Bars when `terminal`, else plain lines every `every`.
-    pub fn new(name: &str, nodes: &[String], terminal: bool, every: Duration) -> Display {
+    /// Bars when `terminal`, else plain lines every `every`. `size` is the
+    /// expected content size, the bars' length until a node reports one.
+    pub fn new(
+        name: &str,
+        nodes: &[String],
+        size: u64,
+        terminal: bool,
+        every: Duration,
+    ) -> Display {
         if !terminal {
             return Display::Plain {
                 name: name.to_owned(),
@@ -244,7 +251,7 @@ impl Display {
         header.enable_steady_tick(Duration::from_millis(200));
         let style = ProgressStyle::with_template(
             // wide_msg is cut to the terminal width, so a line never wraps.
-            "  {prefix} [{bar:20.cyan/blue}] {bytes:>9}/{total_bytes:<9} {wide_msg}",
+            "  {prefix} [{bar:16.cyan/blue}] {bytes:>9}/{total_bytes:<9} {wide_msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -252,7 +259,7 @@ impl Display {
         let bars = nodes
             .iter()
             .map(|node| {
-                let bar = multi.add(ProgressBar::new(0));
+                let bar = multi.add(ProgressBar::new(size));
                 bar.set_style(style.clone());
                 bar.set_prefix(format!("{node:<width$}"));
                 bar

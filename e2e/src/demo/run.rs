@@ -271,7 +271,7 @@ pub async fn run(opts: &DemoOptions, work: &WorkDir) -> Result<RunFigures, DemoE
     let applied = cluster.apply_distribution(&dist).await?;
     let uid = applied.metadata.uid.clone().unwrap_or_default();
     let terminal = std::io::stdout().is_terminal() && !opts.plain;
-    let mut display = Display::new(&name, &nodes, terminal, PLAIN_EVERY);
+    let mut display = Display::new(&name, &nodes, blob.size, terminal, PLAIN_EVERY);
     let watched = watch(
         local,
         &blob,
