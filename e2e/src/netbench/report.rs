@@ -355,7 +355,7 @@ pub fn plot(path: &Path, sw: &Sweep) -> Result<()> {
         reason: e.to_string(),
     };
     let caps = format!(
-        "{} per node, links capped at {} Mbit/s (origin) and {} Mbit/s (nodes)",
+        "{}, links origin {} / nodes {} Mbit/s",
         size_label(size),
         last.origin_mbit,
         last.node_mbit
@@ -370,7 +370,7 @@ pub fn plot(path: &Path, sw: &Sweep) -> Result<()> {
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("Time until every node holds a verified copy ({caps})"),
+            format!("Time until every node holds a verified copy: {caps}"),
             ("sans-serif", 19),
         )
         .margin(20)
@@ -384,20 +384,34 @@ pub fn plot(path: &Path, sw: &Sweep) -> Result<()> {
         .y_desc("seconds")
         .x_labels(pts.len().max(2) * 4)
         .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
         .draw()
         .map_err(|e| err(&e))?;
-    let series: [(&str, RGBColor, Metric); 3] = [
-        ("one server (nginx + curl)", RGBColor(200, 60, 40), |r| {
-            r.one_server.time_secs
-        }),
-        ("peerfill", RGBColor(30, 100, 200), |r| r.peerfill.time_secs),
-        ("lower bound (Kumar–Ross)", RGBColor(60, 60, 60), |r| {
-            r.bound_secs
-        }),
+    // The last field places each series' value labels: above its points
+    // (fraction of the y range; text hangs down from its anchor) or below.
+    let series: [(&str, RGBColor, Metric, f64); 3] = [
+        (
+            "one server (nginx + curl)",
+            RGBColor(200, 60, 40),
+            |r| r.one_server.time_secs,
+            0.045,
+        ),
+        (
+            "peerfill",
+            RGBColor(30, 100, 200),
+            |r| r.peerfill.time_secs,
+            0.045,
+        ),
+        (
+            "lower bound (Kumar–Ross)",
+            RGBColor(60, 60, 60),
+            |r| r.bound_secs,
+            -0.012,
+        ),
     ];
-    for (label, color, value) in series {
+    for (label, color, value, label_dy) in series {
         let line: Vec<(f64, f64)> = pts.iter().map(|r| (r.nodes as f64, value(r))).collect();
         chart
             .draw_series(LineSeries::new(line.clone(), color.stroke_width(3)))
@@ -417,7 +431,7 @@ pub fn plot(path: &Path, sw: &Sweep) -> Result<()> {
                     } else {
                         format!("{y:.0} s")
                     },
-                    (x + 0.15, y + y_max * 0.015),
+                    (x + 0.12, y + y_max * label_dy),
                     ("sans-serif", 14).into_font().color(&color),
                 )
             }))
