@@ -19,10 +19,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter as EventReporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use peerfill_crds::node_label_key;
@@ -168,7 +171,7 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     }
     let client = Client::try_default().await?;
     let fills: Api<NodeFill> = Api::all(client.clone());
-    let nodes: Api<Node> = Api::all(client);
+    let nodes: Api<Node> = Api::all(client.clone());
     let stop_watch = shutdown.child_token();
     let mut fill_rx = watch_nodefill(fills.clone(), args.node_name.clone(), stop_watch.clone());
 
@@ -186,7 +189,7 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
 
     let request = Request::generate(&args.node_name, &args.identity_dir)?;
     info!(node = %args.node_name, digest = %request.digest, "certificate requested");
-    let mut reporter = Reporter::new(fills.clone(), &args, request.clone(), zone);
+    let mut reporter = Reporter::new(fills.clone(), client, &args, request.clone(), zone);
     let Some(identity) = wait_for_identity(&mut reporter, &request, &mut fill_rx, &shutdown).await
     else {
         stop_watch.cancel();
@@ -234,6 +237,9 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
 
         let current = fill_rx.borrow_and_update().clone();
         if let Some(nf) = current {
+            if agent.reporter.object_ref.is_none() {
+                agent.reporter.object_ref = Some(nf.object_ref(&()));
+            }
             agent.reporter.interval = report::report_interval(nf.spec.report_interval_seconds);
             if agent.last_spec.as_ref() != Some(&nf.spec) {
                 agent.reconcile(&nf.spec).await;
@@ -753,11 +759,30 @@ struct Reporter {
     transitions: HashMap<String, (NodePhase, Time)>,
     /// Last entry written per uid (kept while a removal is pending).
     last_entries: BTreeMap<String, NodeDistributionStatus>,
+    /// Events on the NodeFill (Warning when a distribution fails here).
+    recorder: Recorder,
+    /// The NodeFill, as events reference it.
+    object_ref: Option<ObjectReference>,
 }
 
 impl Reporter {
-    fn new(api: Api<NodeFill>, args: &NodeArgs, request: Request, zone: Option<String>) -> Self {
+    fn new(
+        api: Api<NodeFill>,
+        client: Client,
+        args: &NodeArgs,
+        request: Request,
+        zone: Option<String>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client,
+            EventReporter {
+                controller: "peerfill-agent".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
         Reporter {
+            recorder,
+            object_ref: None,
             api,
             node: args.node_name.clone(),
             request,
@@ -772,6 +797,41 @@ impl Reporter {
             transitions: HashMap::new(),
             last_entries: BTreeMap::new(),
         }
+    }
+
+    /// Records an Event for a distribution that just completed or failed
+    /// here (in the background: events are best effort).
+    fn event(&self, e: &NodeDistributionStatus) {
+        let Some(reference) = self.object_ref.clone() else {
+            return;
+        };
+        let dist = format!("{}/{}", e.namespace, e.name);
+        let ev = match e.phase {
+            NodePhase::Failed => KubeEvent {
+                type_: EventType::Warning,
+                reason: e.reason.clone().unwrap_or_else(|| "Failed".into()),
+                note: Some(format!(
+                    "{dist} failed on this node: {}",
+                    e.message.as_deref().unwrap_or("no detail")
+                )),
+                action: "Fill".into(),
+                secondary: None,
+            },
+            NodePhase::Complete => KubeEvent {
+                type_: EventType::Normal,
+                reason: "DistributionComplete".into(),
+                note: Some(format!("{dist} is complete on this node")),
+                action: "Fill".into(),
+                secondary: None,
+            },
+            _ => return,
+        };
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(err) = recorder.publish(&ev, &reference).await {
+                debug!(error = %err, "cannot record an event");
+            }
+        });
     }
 
     fn forget(&mut self, uid: &str) {
@@ -825,15 +885,22 @@ impl Reporter {
     ) -> Instant {
         let now = Instant::now();
         for e in &mut entries {
-            let t = self
+            let changed = self
                 .transitions
-                .entry(e.uid.clone())
-                .or_insert_with(|| (e.phase, now_time()));
-            if t.0 != e.phase {
-                *t = (e.phase, now_time());
+                .get(&e.uid)
+                .is_none_or(|(phase, _)| *phase != e.phase);
+            if changed {
+                self.transitions
+                    .insert(e.uid.clone(), (e.phase, now_time()));
+                self.event(e);
             }
-            e.last_transition_time = Some(t.1.clone());
+            e.last_transition_time = self.transitions.get(&e.uid).map(|t| t.1.clone());
         }
+        let assigned = entries.len();
+        let complete = entries
+            .iter()
+            .filter(|e| e.phase == NodePhase::Complete)
+            .count();
         // Entries of distributions being removed stay until their label is
         // gone (the operator releases its finalizer once they are).
         for uid in removing.keys() {
@@ -841,11 +908,6 @@ impl Reporter {
                 entries.push(e.clone());
             }
         }
-        let assigned = entries.len() - removing.len().min(entries.len());
-        let complete = entries
-            .iter()
-            .filter(|e| e.phase == NodePhase::Complete && !removing.contains_key(&e.uid))
-            .count();
         let state = json!({
             "endpoint": self.endpoint,
             "fingerprint": self.fingerprint,
