@@ -517,6 +517,13 @@ async fn lifecycle() -> Result<()> {
         ("True", "OriginNotFound")
     );
     assert_eq!(st2.failing_nodes[0].reason, "OriginNotFound");
+    eventually(10, "distributions metric", || async {
+        let text = operator.metrics.render();
+        Ok(text
+            .contains("peerfill_operator_distributions{phase=\"Failed\"} 1")
+            .then_some(()))
+    })
+    .await?;
 
     // Both nodes hold d1, so their agents label them.
     let nodes: Api<Node> = Api::all(client.clone());
@@ -576,13 +583,6 @@ async fn lifecycle() -> Result<()> {
         "label left on the down node"
     );
 
-    eventually(10, "distributions metric", || async {
-        let text = operator.metrics.render();
-        Ok(text
-            .contains("peerfill_operator_distributions{phase=\"Failed\"} 1")
-            .then_some(()))
-    })
-    .await?;
     operator.task.abort();
     Ok(())
 }
