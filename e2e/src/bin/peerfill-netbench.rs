@@ -79,7 +79,11 @@ enum Cmd {
         skip_one_server: bool,
     },
     /// Deletes namespaces and work dirs of earlier runs whose process is gone.
-    Cleanup,
+    Cleanup {
+        /// Where the scratch directories `pfnb-<pid>` are.
+        #[arg(long, default_value = "/var/tmp")]
+        work_root: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -289,7 +293,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let started = Instant::now();
     let result = match cli.command {
-        Cmd::Cleanup => testbed::remove_stale().map(|removed| {
+        Cmd::Cleanup { work_root } => testbed::remove_stale().map(|removed| {
+            remove_stale_work_dirs(&work_root);
             println!("removed {} namespaces: {removed:?}", removed.len());
         }),
         Cmd::Short { common, nodes, mib } => short(&common, nodes, mib),
