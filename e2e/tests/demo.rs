@@ -9,9 +9,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_peerfill-demo");
-/// Upper bound of one demo run in these tests (build no-op, cluster start,
-/// transfer of a few dozen MiB, hashing).
-const RUN_LIMIT: Duration = Duration::from_secs(240);
+/// Upper bound of one demo run in these tests: the build step (a no-op
+/// after `e2e/run-tests` built every binary, minutes when sources changed),
+/// cluster start, a transfer of a few dozen MiB, hashing. Below nextest's
+/// 600 s limit, so the test fails with its own message.
+const RUN_LIMIT: Duration = Duration::from_secs(480);
 
 /// Pids of processes whose command line or environment names `dir` (the
 /// agents get data dirs under it, every child a kubeconfig in it).
@@ -74,7 +76,9 @@ impl Drop for Running {
     }
 }
 
-fn start(work: &Path, size: &str) -> Running {
+/// Starts the demo on 3 nodes with an artifact of `size`; `extra` flags
+/// after the defaults.
+fn start(work: &Path, size: &str, extra: &[&str]) -> Running {
     let child = Command::new(DEMO)
         .args([
             "--nodes",
@@ -86,6 +90,7 @@ fn start(work: &Path, size: &str) -> Running {
             "--work-dir",
         ])
         .arg(work)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -138,7 +143,7 @@ fn work_dir(base: &tempfile::TempDir) -> PathBuf {
 fn demo_runs_to_a_summary_and_leaves_nothing_behind() {
     let base = tempfile::tempdir().expect("tempdir");
     let work = work_dir(&base);
-    let mut demo = start(&work, "32MiB");
+    let mut demo = start(&work, "32MiB", &[]);
     let (lines, err) = stream_output(&mut demo);
     let status = wait_exit(&mut demo, RUN_LIMIT);
     // The reader ends at EOF, once the demo and everything it started
@@ -192,7 +197,9 @@ fn demo_runs_to_a_summary_and_leaves_nothing_behind() {
 fn sigint_mid_transfer_stops_everything_and_removes_the_work_dir() {
     let base = tempfile::tempdir().expect("tempdir");
     let work = work_dir(&base);
-    let mut demo = start(&work, "512MiB");
+    // The first test covers the build step; this one measures the stop,
+    // so it uses the binaries as built (e2e/run-tests builds them first).
+    let mut demo = start(&work, "512MiB", &["--no-build"]);
     let (lines, err) = stream_output(&mut demo);
     // Wait until the Distribution is applied (agents and operator run).
     let deadline = Instant::now() + RUN_LIMIT;
@@ -208,6 +215,9 @@ fn sigint_mid_transfer_stops_everything_and_removes_the_work_dir() {
                 }
             }
             Err(_) => {
+                // Stop it first: its stderr closes only when it exits.
+                let _ = demo.0.kill();
+                let _ = demo.0.wait();
                 let err = err.join().unwrap_or_default();
                 panic!(
                     "the demo never applied:\n{}\nstderr:\n{err}",
