@@ -14,6 +14,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::tls::{self, NodeIdentity, TlsError};
 
+/// File of the request next to the key in the identity directory.
+pub const CSR_FILE: &str = "tls.csr";
+
 /// A pending request: our key and its CSR.
 #[derive(Clone)]
 pub struct Request {
@@ -82,7 +85,55 @@ impl Request {
             path: path.clone(),
             source,
         })?;
+        let csr_path = dir.join(CSR_FILE);
+        std::fs::write(&csr_path, csr_pem.as_bytes()).map_err(|source| {
+            IdentityError::WriteKey {
+                path: csr_path,
+                source,
+            }
+        })?;
         Ok(Request {
+            node: node.to_string(),
+            digest: sha256_digest(csr_pem.as_bytes()),
+            csr_pem,
+            key_pem,
+        })
+    }
+
+    /// The request of an earlier run of this agent in the same pod (the
+    /// identity directory survives container restarts, not a new pod), so
+    /// a restarted agent keeps its key and certificate and the operator
+    /// never sees it down; otherwise a new one (see [`Request::generate`]).
+    pub fn load_or_generate(node: &str, dir: &Path) -> Result<Request, IdentityError> {
+        match Self::load(node, dir) {
+            Some(r) => {
+                tracing::info!(digest = %r.digest, "reusing the key and request of the previous run");
+                Ok(r)
+            }
+            None => Self::generate(node, dir),
+        }
+    }
+
+    fn load(node: &str, dir: &Path) -> Option<Request> {
+        let key_pem = std::fs::read_to_string(dir.join("tls.key")).ok()?;
+        let csr_pem = std::fs::read_to_string(dir.join(CSR_FILE)).ok()?;
+        let key = KeyPair::from_pem(&key_pem).ok()?;
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem).ok()?;
+        // The request must be for this node and this key.
+        let names: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                rcgen::SanType::DnsName(n) => n.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if names != [node] || csr.public_key.der_bytes() != key.der_bytes() {
+            tracing::warn!(dir = %dir.display(), "the stored request is for another node or key; requesting anew");
+            return None;
+        }
+        Some(Request {
             node: node.to_string(),
             digest: sha256_digest(csr_pem.as_bytes()),
             csr_pem,
@@ -195,5 +246,13 @@ mod tests {
             ..stale
         };
         assert!(matches!(req.accept(&forged), Err(IdentityError::OtherKey)));
+
+        // A restarted agent reuses its key and request; another node's
+        // name does not.
+        let again = Request::load_or_generate("node-1", dir.path()).expect("reload");
+        assert_eq!(again.digest, req.digest);
+        assert_eq!(again.key_pem, req.key_pem);
+        let other = Request::load_or_generate("node-2", dir.path()).expect("new request");
+        assert_ne!(other.digest, req.digest);
     }
 }

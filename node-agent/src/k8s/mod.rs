@@ -187,7 +187,7 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         }
     };
 
-    let request = Request::generate(&args.node_name, &args.identity_dir)?;
+    let request = Request::load_or_generate(&args.node_name, &args.identity_dir)?;
     info!(node = %args.node_name, digest = %request.digest, "certificate requested");
     let mut reporter = Reporter::new(fills.clone(), client, &args, request.clone(), zone);
     let Some(identity) = wait_for_identity(&mut reporter, &request, &mut fill_rx, &shutdown).await
