@@ -117,7 +117,7 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
         End::Signal(what, code) => {
-            eprintln!("\n{what}: stopped the cluster");
+            eprintln!("\n{what}: stopping everything the demo started");
             ExitCode::from(code)
         }
     };
