@@ -40,6 +40,10 @@ const RESYNC: Duration = Duration::from_secs(5);
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Node/NodeFill changes reconcile every Distribution at most this often.
 const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
+/// Progress-only status changes of a Distribution are written at most this
+/// often (changes of state at once), so status writes do not follow every
+/// agent heartbeat.
+const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 /// How often a deleted Distribution checks whether the agents are done.
 const CLEANUP_POLL: Duration = Duration::from_secs(1);
 
@@ -54,6 +58,8 @@ pub struct Shared {
     node_sync: Notify,
     /// Consecutive failures per Distribution uid, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Last status write per Distribution uid, to rate-limit progress.
+    last_status_write: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Shared {
@@ -162,6 +168,7 @@ pub async fn run(
         recorder,
         node_sync: Notify::new(),
         failures: Mutex::new(HashMap::new()),
+        last_status_write: Mutex::new(HashMap::new()),
     });
 
     // Any Node or NodeFill change may move targets, readers or statuses of
@@ -302,6 +309,15 @@ async fn add_first_finalizer(
     Ok(Action::await_change())
 }
 
+/// What [`write_status`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum StatusWrite {
+    Unchanged,
+    Done,
+    /// A progress-only change inside [`PROGRESS_WRITE_INTERVAL`].
+    Deferred,
+}
+
 /// Writes `new` as the status when it differs, then publishes the Events
 /// of the change.
 async fn write_status(
@@ -309,9 +325,21 @@ async fn write_status(
     api: &Api<Distribution>,
     shared: &Shared,
     new: DistributionStatus,
-) -> Result<(), Error> {
+) -> Result<StatusWrite, Error> {
     if dist.status.as_ref() == Some(&new) {
-        return Ok(());
+        return Ok(StatusWrite::Unchanged);
+    }
+    let uid = dist.uid().unwrap_or_default();
+    if status::progress_only_change(dist.status.as_ref(), &new) {
+        let last = shared
+            .last_status_write
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid)
+            .copied();
+        if last.is_some_and(|t| t.elapsed() < PROGRESS_WRITE_INTERVAL) {
+            return Ok(StatusWrite::Deferred);
+        }
     }
     let name = dist.name_any();
     let old = to_value("status", &dist.status.clone().unwrap_or_default())?;
@@ -319,11 +347,16 @@ async fn write_status(
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(Error::kube("patch status of", "Distribution", &name))?;
+    shared
+        .last_status_write
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(uid, std::time::Instant::now());
     let reference = dist.object_ref(&());
     for planned in events::events(dist.status.as_ref(), &new) {
         shared.publish(&planned, &reference).await;
     }
-    Ok(())
+    Ok(StatusWrite::Done)
 }
 
 async fn apply(
@@ -335,7 +368,9 @@ async fn apply(
     let world = shared.world();
     let plan = plan::plan_distribution(dist, &world);
     let new = status::aggregate(dist, plan.as_ref(), &world);
-    write_status(dist, api, shared, new).await?;
+    if write_status(dist, api, shared, new).await? == StatusWrite::Deferred {
+        return Ok(Action::requeue(PROGRESS_WRITE_INTERVAL));
+    }
     // Agents go stale without any event: look again now and then.
     Ok(Action::requeue(Duration::from_secs(15)))
 }

@@ -351,6 +351,23 @@ pub fn aggregate(
     st
 }
 
+/// Whether `new` differs from `old` only in the figures that move with
+/// every heartbeat (progress, throughput): such writes are rate-limited,
+/// changes of state are written at once.
+pub fn progress_only_change(old: Option<&DistributionStatus>, new: &DistributionStatus) -> bool {
+    let Some(old) = old else {
+        return false;
+    };
+    let strip = |s: &DistributionStatus| DistributionStatus {
+        progress: None,
+        progress_ratio: None,
+        bytes_per_second: None,
+        throughput: None,
+        ..s.clone()
+    };
+    old != new && strip(old) == strip(new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,6 +636,28 @@ mod tests {
         let st = status_of(&w);
         assert_eq!(st.phase, Some(Phase::Failed));
         assert_eq!(cond(&st, CONDITION_FAILED).reason, REASON_INVALID_SPEC);
+    }
+
+    #[test]
+    fn progress_only_changes() {
+        let a = DistributionStatus {
+            phase: Some(Phase::Progressing),
+            progress: Some("10%".into()),
+            ..Default::default()
+        };
+        let b = DistributionStatus {
+            progress: Some("20%".into()),
+            bytes_per_second: Some(5),
+            ..a.clone()
+        };
+        let c = DistributionStatus {
+            complete_nodes: Some(1),
+            ..b.clone()
+        };
+        assert!(progress_only_change(Some(&a), &b));
+        assert!(!progress_only_change(Some(&a), &a), "no change at all");
+        assert!(!progress_only_change(Some(&b), &c), "a node completed");
+        assert!(!progress_only_change(None, &a), "first status");
     }
 
     #[test]
