@@ -15,5 +15,6 @@ pub mod tls;
 
 pub mod agent;
 pub mod k8s;
+pub mod logging;
 pub mod swarm;
 pub mod wire;

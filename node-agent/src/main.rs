@@ -18,14 +18,23 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use peerfill_agent::agent::{self, AgentConfig, Phase};
 use peerfill_agent::k8s::{self, NodeArgs};
+use peerfill_agent::logging::{self, LogFormat};
 use peerfill_agent::tls::ClusterCa;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "peerfill-agent", version, about = "peerfill node agent")]
 struct Cli {
+    /// Log lines as text or JSON (filter with RUST_LOG).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "PEERFILL_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,13 +101,8 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     match cli.command {
         Command::GenCerts {
             out,
