@@ -44,6 +44,10 @@ const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
 /// often (changes of state at once), so status writes do not follow every
 /// agent heartbeat.
 const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest a reconcile may take before it is retried.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest an Event may take to publish.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a deleted Distribution checks whether the agents are done.
 const CLEANUP_POLL: Duration = Duration::from_secs(1);
 
@@ -88,8 +92,13 @@ impl Shared {
             action: planned.action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, reference).await {
-            tracing::warn!(error = %e, reason = %planned.reason, "publishing an Event");
+        // Events are best effort: never let a slow API hold up a reconcile.
+        match tokio::time::timeout(EVENT_TIMEOUT, self.recorder.publish(&ev, reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, reason = %planned.reason, "publishing an Event")
+            }
+            Err(_) => tracing::warn!(reason = %planned.reason, "publishing an Event timed out"),
         }
     }
 
@@ -252,6 +261,17 @@ fn error_policy(dist: Arc<Distribution>, error: &Error, shared: Arc<Shared>) -> 
 
 async fn reconcile(dist: Arc<Distribution>, shared: Arc<Shared>) -> Result<Action, Error> {
     let _timer = shared.metrics.reconcile_duration.start_timer();
+    // A reconcile that hangs would hold its object forever (the Controller
+    // never runs one object twice at once): bound it, retry with backoff.
+    tokio::time::timeout(RECONCILE_TIMEOUT, reconcile_inner(dist, &shared))
+        .await
+        .unwrap_or(Err(Error::Timeout {
+            what: "reconcile",
+            after: RECONCILE_TIMEOUT,
+        }))
+}
+
+async fn reconcile_inner(dist: Arc<Distribution>, shared: &Arc<Shared>) -> Result<Action, Error> {
     shared.ready().await?;
     let ns = dist.namespace().unwrap_or_default();
     let api: Api<Distribution> = Api::namespaced(shared.client.clone(), &ns);
@@ -260,8 +280,8 @@ async fn reconcile(dist: Arc<Distribution>, shared: Arc<Shared>) -> Result<Actio
     }
     let result = finalizer(&api, FINALIZER, dist.clone(), |event| async {
         match event {
-            Finalized::Apply(d) => apply(&d, &api, &shared).await,
-            Finalized::Cleanup(d) => cleanup(&d, &api, &shared).await,
+            Finalized::Apply(d) => apply(&d, &api, shared).await,
+            Finalized::Cleanup(d) => cleanup(&d, &api, shared).await,
         }
     })
     .await;
@@ -368,7 +388,16 @@ async fn apply(
     let world = shared.world();
     let plan = plan::plan_distribution(dist, &world);
     let new = status::aggregate(dist, plan.as_ref(), &world);
-    if write_status(dist, api, shared, new).await? == StatusWrite::Deferred {
+    let (phase, ready) = (new.phase, new.ready.clone());
+    let written = write_status(dist, api, shared, new).await?;
+    tracing::debug!(
+        distribution = %format!("{}/{}", dist.namespace().unwrap_or_default(), dist.name_any()),
+        ?phase,
+        ?ready,
+        ?written,
+        "reconciled"
+    );
+    if written == StatusWrite::Deferred {
         return Ok(Action::requeue(PROGRESS_WRITE_INTERVAL));
     }
     // Agents go stale without any event: look again now and then.

@@ -45,6 +45,11 @@ pub enum Error {
     },
     #[error("the {what} watch ended")]
     WatchEnded { what: &'static str },
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("task failed: {0}")]

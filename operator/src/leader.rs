@@ -97,6 +97,9 @@ pub struct Elector {
     timing: Timing,
     /// The record last seen and when it was first seen.
     observed: Option<(Option<String>, Option<MicroTime>, Instant)>,
+    /// Whether this replica has acquired the lease (a restarted replica
+    /// with the same identity renews the old record: still an acquisition).
+    holding: bool,
 }
 
 impl Elector {
@@ -114,6 +117,7 @@ impl Elector {
             identity: identity.into(),
             timing,
             observed: None,
+            holding: false,
         }
     }
 
@@ -184,7 +188,8 @@ impl Elector {
                     s.and_then(|s| s.renew_time.clone()),
                     Instant::now(),
                 ));
-                if decision != Decision::Renew {
+                if decision != Decision::Renew || !self.holding {
+                    self.holding = true;
                     tracing::info!(
                         lease = %format!("{}/{}", self.namespace, self.name),
                         identity = %self.identity,
