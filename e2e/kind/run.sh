@@ -141,8 +141,17 @@ kubectl -n "$NAMESPACE" get pods -o wide
 
 # --- e2e suite ---------------------------------------------------------------
 log "running the e2e suite against the cluster"
+# The suite's HTTP origin runs in the test process on this host; kind's
+# nodes reach the host at the gateway of the docker network "kind".
+gateway="$(docker network inspect kind -f '{{range .IPAM.Config}}{{.Gateway}} {{end}}' \
+  | tr ' ' '\n' | grep -m1 -E '^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$')" \
+  || die "no IPv4 gateway on the docker network kind"
+# Without arguments, the cluster suite (the stand-in's own tests need no cluster).
+[ "$#" -gt 0 ] || set -- -E 'binary(/cluster_/)'
 E2E_KUBECONFIG="$kubeconfig" \
 E2E_NAMESPACE="$NAMESPACE" \
 E2E_RELEASE="$RELEASE" \
+E2E_ORIGIN_LISTEN="${gateway}:0" \
+E2E_ORIGIN_HOST="$gateway" \
   cargo nextest run -p peerfill-e2e --locked "$@"
 log "e2e suite passed on kind cluster $CLUSTER_NAME"
