@@ -160,17 +160,20 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-async fn node(args: NodeArgs) -> ExitCode {
+/// A token cancelled by the first SIGINT/SIGTERM, so work stops cleanly.
+fn cancel_on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            info!("signal received");
-            shutdown.cancel();
-        });
-    }
-    match k8s::run_node(args, shutdown).await {
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received, shutting down");
+        token.cancel();
+    });
+    shutdown
+}
+
+async fn node(args: NodeArgs) -> ExitCode {
+    match k8s::run_node(args, cancel_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "node agent failed");
@@ -198,16 +201,7 @@ async fn run(config: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            info!("shutting down");
-            shutdown.cancel();
-        });
-    }
-    match agent::run(cfg, shutdown).await {
+    match agent::run(cfg, cancel_on_signal()).await {
         Ok(summary) => {
             let failed: Vec<_> = summary
                 .iter()
