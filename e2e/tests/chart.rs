@@ -1239,12 +1239,56 @@ fn chart_crds_equal_generated_crds() -> Result<()> {
     Ok(())
 }
 
-/// Every metric name some peerfill binary exports. The operator's registry
-/// joins here when the operator exports metrics.
+/// Runs `binary` with the chart's `args` followed by `--help`: clap parses
+/// left to right, so it exits 0 only if every argument the chart passes is
+/// one the binary knows.
+fn accepts_command_line(binary: &str, args: &[String]) -> Result<()> {
+    let path = peerfill_e2e::cluster::binary_path(binary)
+        .with_context(|| format!("{binary} (run `cargo build --workspace --bins` first)"))?;
+    let out = std::process::Command::new(&path)
+        .args(args)
+        .arg("--help")
+        .output()
+        .with_context(|| format!("running {}", path.display()))?;
+    ensure!(
+        out.status.success(),
+        "{binary} refuses the chart's command line {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn binaries_accept_the_charts_command_lines() -> Result<()> {
+    for values in [None, Some(all_features_values())] {
+        let r = type_all(&template(values.as_deref(), &[])?)?;
+        let op = pod_spec_of_deployment(operator(&r)?)
+            .ok_or_else(|| anyhow!("operator has no pod spec"))?;
+        let ag =
+            pod_spec_of_daemon_set(agent(&r)?).ok_or_else(|| anyhow!("agent has no pod spec"))?;
+        accepts_command_line(
+            "peerfill-operator",
+            &op.containers[0].args.clone().unwrap_or_default(),
+        )?;
+        accepts_command_line(
+            "peerfill-agent",
+            &ag.containers[0].args.clone().unwrap_or_default(),
+        )?;
+    }
+    // And the check itself refuses an argument nobody knows.
+    let refused = accepts_command_line("peerfill-agent", &["node".into(), "--no-such-flag".into()]);
+    ensure!(refused.is_err(), "an unknown flag was accepted");
+    Ok(())
+}
+
+/// Every metric name some peerfill binary exports: the agent's and the
+/// operator's registries.
 fn known_metric_names() -> BTreeSet<String> {
-    peerfill_agent::metrics::metric_names()
-        .into_iter()
+    let agent = peerfill_agent::metrics::metric_names().into_iter();
+    let operator = peerfill_operator::metrics::metric_names().into_iter();
+    agent
         .map(|n| n.to_string())
+        .chain(operator.map(str::to_string))
         .collect()
 }
 

@@ -11,6 +11,9 @@ use crate::leader::Timing;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "peerfill-operator", version, about)]
 pub struct Args {
+    /// Log lines as text or JSON (filter with RUST_LOG).
+    #[arg(long, value_enum, default_value = "text", env = "PEERFILL_LOG_FORMAT")]
+    pub log_format: peerfill_agent::logging::LogFormat,
     /// Address of the `/metrics` and `/healthz` endpoint (every replica).
     #[arg(long, default_value = "0.0.0.0:9463")]
     pub metrics: SocketAddr,

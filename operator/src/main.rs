@@ -7,17 +7,11 @@ use std::sync::Arc;
 
 use peerfill_operator::metrics::Metrics;
 use peerfill_operator::{Args, run_until};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
+    peerfill_agent::logging::init(args.log_format);
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
