@@ -64,6 +64,8 @@ pub struct Shared {
     failures: Mutex<HashMap<String, u32>>,
     /// Last status write per Distribution uid, to rate-limit progress.
     last_status_write: Mutex<HashMap<String, std::time::Instant>>,
+    /// True once every store holds its first list (see `signal_ready`).
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -102,7 +104,22 @@ impl Shared {
         }
     }
 
+    /// Waits until the three stores hold their first full list.
     async fn ready(&self) -> Result<(), Error> {
+        let mut ready = self.ready.clone();
+        ready
+            .wait_for(|r| *r)
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::WatchEnded { what: "store" })
+    }
+
+    /// The one waiter on the stores' readiness: kube's `wait_until_ready`
+    /// keeps the waker of a single task only, so a second task waiting at
+    /// the same time could sleep forever (seen: a restarted operator whose
+    /// first reconcile hung while the node loop ran). Everyone else waits on
+    /// `ready`, which this sets.
+    async fn signal_ready(&self, ready: tokio::sync::watch::Sender<bool>) -> Result<(), Error> {
         let ended = |what| move |_| Error::WatchEnded { what };
         self.dists
             .wait_until_ready()
@@ -113,6 +130,9 @@ impl Shared {
             .wait_until_ready()
             .await
             .map_err(ended("NodeFill"))?;
+        ready.send_replace(true);
+        // Keep the sender (and with it the receivers' channel) alive.
+        std::future::pending::<()>().await;
         Ok(())
     }
 }
@@ -168,6 +188,7 @@ pub async fn run(
             instance: Some(instance),
         },
     );
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         client,
         dists: controller.store(),
@@ -178,6 +199,7 @@ pub async fn run(
         node_sync: Notify::new(),
         failures: Mutex::new(HashMap::new()),
         last_status_write: Mutex::new(HashMap::new()),
+        ready: ready_rx,
     });
 
     // Any Node or NodeFill change may move targets, readers or statuses of
@@ -224,6 +246,7 @@ pub async fn run(
             }
         });
     tokio::select! {
+        r = shared.signal_ready(ready_tx) => r,
         r = pump => r,
         r = node_loop(shared.clone(), ca) => r,
         () = reconciler => Err(Error::WatchEnded { what: "Distribution" }),
