@@ -40,8 +40,17 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// RFC 6902 JSON patch.
 pub fn json_patch(target: &mut Value, patch: &Value) -> ApiResult<()> {
-    let ops: json_patch::Patch = serde_json::from_value(patch.clone())
+    let mut ops: json_patch::Patch = serde_json::from_value(patch.clone())
         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+    // kube-apiserver's JSON patch library reads a missing path as null in a
+    // `test` op (kube-rs's finalizer helper relies on it); the crate does
+    // not, so those tests are decided here.
+    ops.0.retain(|op| match op {
+        json_patch::PatchOperation::Test(t) => {
+            !(t.value.is_null() && target.pointer(t.path.as_str()).is_none())
+        }
+        _ => true,
+    });
     json_patch::patch(target, &ops).map_err(|e| {
         ApiError::internal(format!(
             "the server rejected our request due to an error in our request: {e}"
@@ -636,6 +645,24 @@ mod tests {
         let mut t = json!({"a": "b", "c": {"d": "e", "f": "g"}});
         merge_patch(&mut t, &json!({"a": "z", "c": {"f": null}}));
         assert_eq!(t, json!({"a": "z", "c": {"d": "e"}}));
+    }
+
+    #[test]
+    fn json_patch_test_null_matches_a_missing_path() {
+        // What kube-rs's finalizer helper sends for an object without any.
+        let add_first = json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": null },
+            { "op": "add", "path": "/metadata/finalizers", "value": ["f"] },
+        ]);
+        let mut t = json!({"metadata": {"name": "x"}});
+        json_patch(&mut t, &add_first).expect("missing path tests equal to null");
+        assert_eq!(t["metadata"]["finalizers"], json!(["f"]));
+        // Now present: the same test fails, as on the real server.
+        assert!(json_patch(&mut t, &add_first).is_err());
+        // A non-null value still needs the path.
+        let mut t = json!({"metadata": {}});
+        let test_value = json!([{ "op": "test", "path": "/metadata/uid", "value": "u" }]);
+        assert!(json_patch(&mut t, &test_value).is_err());
     }
 
     #[test]
