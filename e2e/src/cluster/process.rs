@@ -195,16 +195,29 @@ mod tests {
             vec![("GREETING".into(), "world".into())],
             log.clone(),
         );
+        // Waits (bounded) until the log holds `n` greetings: a child killed
+        // before its shell ran `echo` would not have written one.
+        let greetings = |n: usize| {
+            let mut text = String::new();
+            for _ in 0..100 {
+                text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.matches("hello world").count() >= n {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            text
+        };
         p.start().expect("start");
         assert!(p.is_running());
         let first = p.pid().expect("pid");
+        greetings(1);
         p.restart().expect("restart");
         let second = p.pid().expect("pid");
         assert_ne!(first, second);
         // The first one is gone (reaped), the second runs.
         assert!(!Path::new(&format!("/proc/{first}")).exists());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let text = std::fs::read_to_string(&log).expect("log");
+        let text = greetings(2);
         assert_eq!(text.matches("hello world").count(), 2, "{text}");
         assert!(text.contains("=== start #2 of sleeper"));
         drop(p);
