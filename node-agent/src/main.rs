@@ -11,7 +11,6 @@
 //!   and one identity per node (`DIR/<node>/{tls.crt,tls.key,ca.crt}`), for
 //!   tests, benchmarks and local demos.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -47,33 +46,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run as the node agent of a Kubernetes cluster (the DaemonSet).
-    Node {
-        /// This node's name (its Node and NodeFill are named so).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: String,
-        /// Where contents are written (a hostPath); never left.
-        #[arg(long)]
-        data_root: PathBuf,
-        /// QUIC listen address.
-        #[arg(long, default_value = "0.0.0.0:7443")]
-        listen: SocketAddr,
-        /// Address of `/metrics` and `/healthz`.
-        #[arg(long, default_value = "0.0.0.0:9464")]
-        metrics: SocketAddr,
-        /// Directory of the node key and certificate (an in-memory volume).
-        #[arg(long)]
-        identity_dir: PathBuf,
-        /// `host:port` other agents dial (default: the listen address, with
-        /// POD_IP for 0.0.0.0).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// Node label that holds the node's zone.
-        #[arg(long, default_value = peerfill_agent::k8s::DEFAULT_ZONE_LABEL)]
-        zone_label: String,
-        /// The pod's IP (from the downward API).
-        #[arg(long, env = "POD_IP", hide = true)]
-        pod_ip: Option<IpAddr>,
-    },
+    Node(NodeArgs),
     /// Generate a cluster CA and node identities (for tests and demos).
     GenCerts {
         #[arg(long)]
@@ -119,31 +92,10 @@ fn main() -> ExitCode {
             Some(rt) => rt.block_on(run(config)),
             None => ExitCode::FAILURE,
         },
-        Command::Node {
-            node_name,
-            data_root,
-            listen,
-            metrics,
-            identity_dir,
-            advertise,
-            zone_label,
-            pod_ip,
-        } => {
-            let args = NodeArgs {
-                node_name,
-                data_root,
-                listen,
-                metrics,
-                identity_dir,
-                advertise,
-                zone_label,
-                pod_ip,
-            };
-            match runtime() {
-                Some(rt) => rt.block_on(node(args)),
-                None => ExitCode::FAILURE,
-            }
-        }
+        Command::Node(args) => match runtime() {
+            Some(rt) => rt.block_on(node(args)),
+            None => ExitCode::FAILURE,
+        },
     }
 }
 

@@ -55,18 +55,35 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Node label holding the zone, by default.
 pub const DEFAULT_ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-/// How the node agent was started (`peerfill-agent node ...`).
-#[derive(Debug, Clone)]
+/// How the node agent was started (`peerfill-agent node ...`, the chart's
+/// contract in charts/peerfill/README.md).
+#[derive(Debug, Clone, clap::Args)]
 pub struct NodeArgs {
+    /// This node's name (its Node and NodeFill are named so).
+    #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
+    /// Where contents are written (a hostPath); never left.
+    #[arg(long)]
     pub data_root: PathBuf,
+    /// QUIC listen address.
+    #[arg(long, default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, default_value = "0.0.0.0:9464")]
     pub metrics: SocketAddr,
+    /// Directory of the node key and certificate (an in-memory volume).
+    #[arg(long)]
     pub identity_dir: PathBuf,
-    /// `host:port` peers dial, if not the listen address.
+    /// `host:port` other agents dial (default: the listen address, with
+    /// POD_IP for 0.0.0.0).
+    #[arg(long)]
     pub advertise: Option<String>,
+    /// Node label that holds the node's zone.
+    #[arg(long, default_value = DEFAULT_ZONE_LABEL)]
     pub zone_label: String,
-    /// The pod's IP (`POD_IP`), advertised when listening on 0.0.0.0.
+    /// The pod's IP (from the downward API), advertised when listening on
+    /// 0.0.0.0.
+    #[arg(long, env = "POD_IP", hide = true)]
     pub pod_ip: Option<IpAddr>,
 }
 
