@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::{DeleteParams, ListParams, ObjectList};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
 
@@ -89,18 +89,22 @@ impl RemoteCluster {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Deletes the agent pod on `node` (the DaemonSet replaces it).
-    pub async fn delete_agent_pod(&self, node: &str) -> Result<(), ClusterError> {
+    /// The agent pods (of this release) on `node`.
+    async fn agent_pods(&self, node: &str) -> Result<ObjectList<Pod>, ClusterError> {
         let lp = ListParams::default()
             .labels(&self.selector("agent"))
             .fields(&format!("spec.nodeName={node}"));
-        let pods = self
-            .pods()
+        self.pods()
             .list(&lp)
             .await
             .map_err(ClusterError::kube(format!(
                 "listing the agent pod on {node}"
-            )))?;
+            )))
+    }
+
+    /// Deletes the agent pod on `node` (the DaemonSet replaces it).
+    pub async fn delete_agent_pod(&self, node: &str) -> Result<(), ClusterError> {
+        let pods = self.agent_pods(node).await?;
         if pods.items.is_empty() {
             return Err(ClusterError::NoSuchNode(format!("{node} (no agent pod)")));
         }
@@ -112,18 +116,9 @@ impl RemoteCluster {
 
     /// Waits up to 120 s for a running, ready agent pod on `node`.
     pub async fn wait_agent_pod_running(&self, node: &str) -> Result<(), ClusterError> {
-        let lp = ListParams::default()
-            .labels(&self.selector("agent"))
-            .fields(&format!("spec.nodeName={node}"));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let pods = self
-                .pods()
-                .list(&lp)
-                .await
-                .map_err(ClusterError::kube(format!(
-                    "listing the agent pod on {node}"
-                )))?;
+            let pods = self.agent_pods(node).await?;
             let ready = pods.items.iter().any(|p| {
                 p.metadata.deletion_timestamp.is_none()
                     && p.status.as_ref().is_some_and(|s| {
