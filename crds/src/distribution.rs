@@ -277,6 +277,22 @@ pub struct DistributionStatus {
     /// Digest of the whole content (`sha256:…` or `blake3:…`), once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The pinned identity every node's content is checked against: the
+    /// BLAKE3 root (`blake3:<hex>`), from the user's digest or agreed by the
+    /// hash authorities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
+    /// Content id of the version being distributed (changes with every edit
+    /// of source, digest, path or piece size, and when the origin changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<String>,
+    /// How many times the origin changed under this Distribution (each
+    /// change restarts the content on a new content id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_revision: Option<u32>,
+    /// The origin version (ETag or Last-Modified) reads are pinned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_version: Option<String>,
     /// Nodes the target selects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_nodes: Option<u32>,

@@ -152,15 +152,19 @@ pub struct Assignment {
     /// Where the content goes, relative to the agent's data root (already
     /// validated by the Distribution's schema).
     pub path: String,
-    /// Content size in bytes, once known (reported by the node that first
-    /// reads the origin or seeds it). Piece ranges are empty until then.
+    /// Content size in bytes, once known: agreed by the hash authorities
+    /// (every origin reader, or the seeder) of this content id; never taken
+    /// from any other node. Piece ranges are empty until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
     /// Piece size in bytes.
     pub piece_size: u64,
-    /// BLAKE3 digest (`blake3:<hex>`) of the piece-hash manifest, once the
-    /// first reader or the seeder has published it; agents fetch the
-    /// manifest from peers and accept it only if it matches.
+    /// The pinned identity of the content: its BLAKE3 root (`blake3:<hex>`).
+    /// From the user's `blake3:` digest at once; otherwise published only
+    /// once every hash authority of this content id reported the same root
+    /// (`status.distributions[].root`). An agent reports `Complete` only when
+    /// its piece-hash list merges to this root and every piece verified
+    /// against that list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_digest: Option<String>,
     /// What this node does beyond fetching from peers.
@@ -186,12 +190,32 @@ pub struct Assignment {
 }
 
 impl Assignment {
-    /// The content id of the Distribution with `uid`: the first 128 bits of
-    /// BLAKE3 of the uid, in hex. Operator and agents derive it the same
-    /// way; a re-created Distribution (new uid) is new content.
+    /// The content id of the Distribution with `uid` before any edit: the
+    /// first 128 bits of BLAKE3 of the uid, in hex. A re-created
+    /// Distribution (new uid) is new content.
     pub fn content_id_for_uid(uid: &str) -> String {
         let hash = blake3::hash(uid.as_bytes()).to_hex();
         hash.as_str()[..32].to_owned()
+    }
+
+    /// The content id of one *version* of a Distribution: what it
+    /// distributes (`version_key`, the operator's canonical text of source,
+    /// digest, target path and piece size) and how often the origin changed
+    /// under it (`revision`). Any edit of those, or an origin change, gives
+    /// a new id, so no node ever mixes pieces of two versions; the agents
+    /// take the id as written and never derive it.
+    pub fn content_id_for_version(uid: &str, version_key: &str, revision: u32) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"peerfill content id v2\0");
+        for part in [
+            uid.as_bytes(),
+            version_key.as_bytes(),
+            &revision.to_le_bytes(),
+        ] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.finalize().to_hex().as_str()[..32].to_owned()
     }
 
     /// Number of pieces, once the size is known (a 0-byte content has none).
@@ -230,6 +254,13 @@ pub struct ResolvedHttpSource {
     /// it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers_secret: Option<SecretRef>,
+    /// The origin version every range read is pinned to (an `ETag`, or
+    /// `Last-Modified` when the origin sends no strong ETag), from the first
+    /// origin reader's report for this content id. Readers send it as
+    /// `If-Match` / `If-Unmodified-Since`; an origin that answers otherwise
+    /// has changed, and the reader reports `OriginChanged`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_version: Option<String>,
 }
 
 /// A Secret by namespace and name.
@@ -407,10 +438,23 @@ pub struct NodeDistributionStatus {
     /// Verified bytes on disk.
     #[serde(default)]
     pub bytes_done: u64,
-    /// Content size, once known (the first origin reader or the seeder
-    /// reports it; the operator copies it into every assignment).
+    /// The content id (version) this entry reports on; the operator ignores
+    /// an entry whose id is not the current assignment's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<String>,
+    /// Content size, once known. Only a hash authority's report (origin
+    /// reader or seeder of this content id) is ever used by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// BLAKE3 root (`blake3:<hex>`) of the complete piece-hash list this node
+    /// holds. Authorities report it; the operator pins it into
+    /// `spec.distributions[].manifestDigest` once they all agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+    /// The origin version (ETag or Last-Modified) this origin reader saw; with
+    /// reason `OriginChanged` the new version it found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_version: Option<String>,
     /// Verified pieces.
     #[serde(default)]
     pub pieces_done: u64,

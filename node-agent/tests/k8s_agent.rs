@@ -104,6 +104,7 @@ fn assignment(url: &str, size: Option<u64>) -> Assignment {
                 url: url.into(),
                 digest: None,
                 headers_secret: None,
+                origin_version: None,
             }),
             node: None,
         },

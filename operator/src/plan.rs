@@ -339,6 +339,7 @@ fn resolved_source(dist: &Distribution) -> ResolvedSource {
                 namespace: ns.clone(),
                 name: f.secret_name.clone(),
             }),
+            origin_version: None,
         }),
         node: dist.spec.source.node.as_ref().map(|n| SeedNode {
             node_name: n.node_name.clone(),
@@ -540,6 +541,9 @@ pub(crate) mod tests {
             uid: uid.into(),
             phase,
             bytes_done: done,
+            content_id: None,
+            root: None,
+            origin_version: None,
             size,
             pieces_done: 0,
             piece_count: 0,

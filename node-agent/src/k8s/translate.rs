@@ -184,6 +184,7 @@ mod tests {
                     url: "http://127.0.0.1:8080/m.bin".into(),
                     digest: Some(format!("sha256:{}", "ab".repeat(32))),
                     headers_secret: None,
+                    origin_version: None,
                 }),
                 node: None,
             },
