@@ -100,7 +100,8 @@ pub struct Source {
 pub struct HttpSource {
     /// `http://` or `https://` URL of the content. The origin should support
     /// Range requests; without them a single node downloads it whole.
-    #[schemars(length(min = 1, max = URL_MAX_LEN), pattern(URL_PATTERN))]
+    /// Credentials in the URL are refused: use `headersFrom`.
+    #[schemars(length(min = 1, max = URL_MAX_LEN), pattern(URL_PATTERN), transform = url_rules)]
     pub url: String,
     /// Extra request headers (e.g. `Authorization`) taken from a Secret in the
     /// Distribution's namespace.
@@ -134,8 +135,17 @@ pub struct NodeSource {
     /// File or directory on that node, relative to the seeding agent's data
     /// root (the agent can read nothing outside it). Same rules as
     /// `target.path`.
-    #[schemars(length(min = 1, max = PATH_MAX_LEN), transform = relative_path_rules)]
+    #[schemars(length(min = 1, max = PATH_MAX_LEN), pattern(PATH_PATTERN), transform = relative_path_rules)]
     pub path: String,
+}
+
+/// Adds the CEL rules of an origin URL.
+fn url_rules(schema: &mut schemars::Schema) {
+    kube::core::validate(
+        schema,
+        kube::core::Rule::new(URL_NO_CREDENTIALS_RULE).message(URL_NO_CREDENTIALS_MESSAGE),
+    )
+    .expect("a CEL rule serializes");
 }
 
 /// Adds the CEL rules of a relative path under the data root (`source.node.path`
@@ -146,6 +156,7 @@ fn relative_path_rules(schema: &mut schemars::Schema) {
         (PATH_DOT_SEGMENT_RULE, PATH_DOT_SEGMENT_MESSAGE),
         (PATH_EMPTY_SEGMENT_RULE, PATH_EMPTY_SEGMENT_MESSAGE),
         (PATH_SEGMENT_LEN_RULE, PATH_SEGMENT_LEN_MESSAGE),
+        (PATH_RESERVED_RULE, PATH_RESERVED_MESSAGE),
     ] {
         kube::core::validate(schema, kube::core::Rule::new(rule).message(message))
             .expect("a CEL rule serializes");
@@ -167,9 +178,10 @@ pub struct Target {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_affinity: Option<NodeAffinity>,
     /// Where the content goes on each node, relative to the agent's data
-    /// root: never absolute, no `.`/`..` or empty segments, at most 1024
-    /// characters, segments at most 255.
-    #[schemars(length(min = 1, max = PATH_MAX_LEN), transform = relative_path_rules)]
+    /// root: never absolute, no `.`/`..` or empty segments, no control
+    /// characters, no segment starting with `.peerfill` (the agent's own
+    /// state), at most 1024 characters, segments at most 255.
+    #[schemars(length(min = 1, max = PATH_MAX_LEN), pattern(PATH_PATTERN), transform = relative_path_rules)]
     pub path: String,
 }
 

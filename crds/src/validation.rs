@@ -36,6 +36,21 @@ pub const PATH_SEGMENT_LEN_RULE: &str = "!self.matches('[^/]{256}')";
 /// Message of [`PATH_SEGMENT_LEN_RULE`].
 pub const PATH_SEGMENT_LEN_MESSAGE: &str = "each path segment must be at most 255 characters";
 
+/// OpenAPI pattern of a relative path: no control character (NUL, newline,
+/// tab, DEL, ...). A NUL can never reach the filesystem and a newline makes
+/// logs and labels lie; refusing them at admission beats failing after a
+/// whole download.
+pub const PATH_PATTERN: &str = r"^[^\x00-\x1f\x7f]*$";
+/// Prefix of the names the agent keeps for itself under its data root
+/// (`.peerfill-status`, `.peerfill-partial`, ...): no Distribution may name
+/// them, or it could overwrite the agent's state on every node.
+pub const RESERVED_NAME_PREFIX: &str = ".peerfill";
+/// CEL: no path segment starts with [`RESERVED_NAME_PREFIX`].
+pub const PATH_RESERVED_RULE: &str = "!self.matches('(^|/)[.]peerfill')";
+/// Message of [`PATH_RESERVED_RULE`].
+pub const PATH_RESERVED_MESSAGE: &str =
+    "must not use the agent's reserved names (a path segment starting with '.peerfill')";
+
 /// CEL on `spec.source`: exactly one kind of source.
 pub const SOURCE_EXACTLY_ONE_RULE: &str = "has(self.http) != has(self.node)";
 /// Message of [`SOURCE_EXACTLY_ONE_RULE`].
@@ -49,6 +64,14 @@ pub const URL_MAX_LEN: usize = 2048;
 /// `\x..` ranges rather than `\s`, whose meaning differs between Go's regexp
 /// (the API server: ASCII only) and other engines (Unicode).
 pub const URL_PATTERN: &str = r"^https?://[^/?#\x00-\x20\x7f]+([/?#][^\x00-\x20\x7f]*)?$";
+/// CEL: no user info (`user:password@` or `user@`) in the URL's authority:
+/// the URL is copied into every node's cluster-scoped NodeFill, so a secret
+/// in it would leak to every agent. Headers from a Secret (`headersFrom`)
+/// are the way to authenticate.
+pub const URL_NO_CREDENTIALS_RULE: &str = "!self.matches('^[a-zA-Z]+://[^/?#]*@')";
+/// Message of [`URL_NO_CREDENTIALS_RULE`].
+pub const URL_NO_CREDENTIALS_MESSAGE: &str =
+    "must not contain credentials (user:password@); use headersFrom";
 
 /// Expected content digest: `sha256:` or `blake3:` followed by 64 lower-case
 /// hex digits.
@@ -141,6 +164,15 @@ pub enum Problem {
         /// Actual value.
         value: i128,
     },
+    /// A path contains a control character (NUL, newline, ...).
+    #[error("must not contain control characters")]
+    ControlCharacter,
+    /// A path segment is one of the agent's reserved names.
+    #[error("{PATH_RESERVED_MESSAGE}")]
+    ReservedName,
+    /// The URL carries user info.
+    #[error("{URL_NO_CREDENTIALS_MESSAGE}")]
+    UrlCredentials,
     /// The piece size is not a power of two.
     #[error("{PIECE_SIZE_POWER_OF_TWO_MESSAGE}")]
     PieceSizeNotPowerOfTwo,
@@ -230,6 +262,9 @@ pub fn check_relative_path(path: &str) -> Result<(), Problem> {
         return Err(Problem::Empty);
     }
     check_len(path, PATH_MAX_LEN)?;
+    if path.chars().any(|c| c < ' ' || c == '\x7f') {
+        return Err(Problem::ControlCharacter);
+    }
     if path.starts_with('/') {
         return Err(Problem::AbsolutePath);
     }
@@ -244,6 +279,9 @@ pub fn check_relative_path(path: &str) -> Result<(), Problem> {
         .any(|s| s.chars().count() > PATH_SEGMENT_MAX_LEN)
     {
         return Err(Problem::SegmentTooLong);
+    }
+    if path.split('/').any(|s| s.starts_with(RESERVED_NAME_PREFIX)) {
+        return Err(Problem::ReservedName);
     }
     Ok(())
 }
@@ -261,6 +299,9 @@ pub fn check_url(url: &str) -> Result<(), Problem> {
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     if authority_end == 0 {
         return Err(Problem::InvalidUrl);
+    }
+    if rest[..authority_end].contains('@') {
+        return Err(Problem::UrlCredentials);
     }
     Ok(())
 }
@@ -334,6 +375,8 @@ mod tests {
             "x..y",
             "..a",
             "a..",
+            "a/peerfill/.peer",
+            "x.peerfill",
         ] {
             assert_eq!(check_relative_path(ok), Ok(()), "{ok}");
         }
@@ -346,6 +389,12 @@ mod tests {
             ("./a", Problem::DotSegment),
             ("a//b", Problem::EmptySegment),
             ("a/", Problem::EmptySegment),
+            ("a\0b", Problem::ControlCharacter),
+            ("a\nb", Problem::ControlCharacter),
+            ("a/b\x7f", Problem::ControlCharacter),
+            (".peerfill-status/assignments.json", Problem::ReservedName),
+            ("models/.peerfill-partial", Problem::ReservedName),
+            ("a/.peerfillx/b", Problem::ReservedName),
         ];
         for (path, problem) in cases {
             assert_eq!(check_relative_path(path), Err(problem), "{path}");
@@ -386,6 +435,15 @@ mod tests {
         ] {
             assert_eq!(check_url(bad), Err(Problem::InvalidUrl), "{bad}");
         }
+        for creds in [
+            "https://user:pass@origin.example/x",
+            "http://user@origin.example",
+            "https://:secret@[::1]:8080/blob",
+        ] {
+            assert_eq!(check_url(creds), Err(Problem::UrlCredentials), "{creds}");
+        }
+        // An '@' after the authority is an ordinary path or query character.
+        assert_eq!(check_url("https://origin.example/a@b?c=d@e"), Ok(()));
         let long = format!("https://h/{}", "a".repeat(URL_MAX_LEN));
         assert!(matches!(check_url(&long), Err(Problem::TooLong { .. })));
     }

@@ -356,7 +356,7 @@ fn path_rules_match_rust() {
     let root = root_schema(crd);
     for f in ["spec.target.path", "spec.source.node.path"] {
         let schema = field(root, f);
-        assert_eq!(rules(schema).len(), 4, "{f}");
+        assert_eq!(rules(schema).len(), 5, "{f}");
         let long_segment = format!("a/{}", "b".repeat(256));
         let max_segment = format!("a/{}", "b".repeat(255));
         let too_long = ["abcdefgh"; 114].join("/");
@@ -378,6 +378,16 @@ fn path_rules_match_rust() {
             long_segment.as_str(),
             max_segment.as_str(),
             too_long.as_str(),
+            ".peerfill-status/assignments.json",
+            "a/.peerfill-partial",
+            "a/.peerfill",
+            "a/x.peerfill",
+            "a/peerfill",
+            "a\0b",
+            "a\nb",
+            "a\tb",
+            "a\u{7f}",
+            "a\u{80}",
         ];
         for s in samples {
             assert_eq!(
@@ -452,7 +462,7 @@ proptest! {
 
     /// URLs over an alphabet dense in the characters the pattern cares about.
     #[test]
-    fn url_schema_and_rust_agree(s in "(https?|ftp|HTTP)?(://)?[a/?# \t\u{7f}\u{a0}]{0,8}") {
+    fn url_schema_and_rust_agree(s in "(https?|ftp|HTTP)?(://)?[a/?#@: \t\u{7f}\u{a0}]{0,8}") {
         let crd = crd("distribution.yaml");
         let schema = field(root_schema(crd), "spec.source.http.url");
         prop_assert_eq!(string_schema_accepts(schema, &s), check_url(&s).is_ok());
