@@ -39,6 +39,20 @@ pub struct Args {
     /// Identity in the Lease; default POD_NAME, else hostname-pid.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Accept http origins on loopback, link-local (169.254.0.0/16,
+    /// fe80::/10), unspecified and cloud metadata addresses, and
+    /// `localhost`. Off by default: such a URL would let any Distribution
+    /// author reach those addresses from every node. RFC 1918 addresses are
+    /// always accepted.
+    #[arg(
+        long,
+        env = "PEERFILL_ALLOW_PRIVATE_ORIGINS",
+        value_parser = clap::builder::FalseyValueParser::new(),
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_private_origins: bool,
 }
 
 impl Args {
@@ -105,5 +119,11 @@ mod tests {
         ])
         .unwrap();
         assert!(bad.timing().is_err());
+        assert!(
+            !a.allow_private_origins,
+            "private origins are refused by default"
+        );
+        let allow = Args::try_parse_from(["peerfill-operator", "--allow-private-origins"]).unwrap();
+        assert!(allow.allow_private_origins);
     }
 }

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use crate::ca::{self, CsrDecision};
 use crate::error::Error;
 use crate::events::{self, Planned};
+use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::plan::{self, World};
 use crate::status;
@@ -66,16 +67,31 @@ pub struct Shared {
     last_status_write: Mutex<HashMap<String, std::time::Instant>>,
     /// True once every store holds its first list (see `signal_ready`).
     ready: tokio::sync::watch::Receiver<bool>,
+    /// `--allow-private-origins`.
+    allow_private_origins: bool,
+    /// What the decisions remember between reconciles (stalls, origin
+    /// changes, disagreements).
+    memory: Mutex<Memory>,
+    /// Asks for a reconcile of every Distribution (throttled).
+    dirty: Arc<Notify>,
 }
 
 impl Shared {
+    /// A snapshot of everything the decisions read; records the nodes'
+    /// progress in the memory first.
     fn world(&self) -> World {
-        World::new(
+        let world = World::new(
             self.dists.state(),
             self.nodes.state(),
             self.fills.state(),
             Timestamp::now(),
-        )
+        );
+        let memory = {
+            let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+            memory.observe(&world.fills, world.now);
+            memory.clone()
+        };
+        world.with(self.allow_private_origins, memory)
     }
 
     async fn publish(
@@ -159,6 +175,7 @@ pub async fn run(
     ca: ClusterCa,
     metrics: Arc<Metrics>,
     instance: String,
+    allow_private_origins: bool,
 ) -> Result<(), Error> {
     let (nodes, node_writer) = reflector::store::<Node>();
     let (fills, fill_writer) = reflector::store::<NodeFill>();
@@ -189,6 +206,7 @@ pub async fn run(
         },
     );
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let dirty = Arc::new(Notify::new());
     let shared = Arc::new(Shared {
         client,
         dists: controller.store(),
@@ -200,13 +218,15 @@ pub async fn run(
         failures: Mutex::new(HashMap::new()),
         last_status_write: Mutex::new(HashMap::new()),
         ready: ready_rx,
+        allow_private_origins,
+        memory: Mutex::new(Memory::default()),
+        dirty: dirty.clone(),
     });
 
     // Any Node or NodeFill change may move targets, readers or statuses of
     // every Distribution, and the per-node work. Heartbeats arrive all the
     // time, so the reconcile-all trigger is throttled (not debounced: a
     // debounce would starve while agents keep reporting).
-    let dirty = Arc::new(Notify::new());
     let pump = {
         let shared = shared.clone();
         let dirty = dirty.clone();
@@ -412,7 +432,35 @@ async fn apply(
     let plan = plan::plan_distribution(dist, &world);
     let new = status::aggregate(dist, plan.as_ref(), &world);
     let (phase, ready) = (new.phase, new.ready.clone());
-    let written = write_status(dist, api, shared, new).await?;
+    let disagreeing = plan.as_ref().is_ok_and(|p| p.disagreement.is_some());
+    let revised = new.origin_revision.unwrap_or(0)
+        > dist
+            .status
+            .as_ref()
+            .and_then(|s| s.origin_revision)
+            .unwrap_or(0);
+    let written = write_status(dist, api, shared, new.clone()).await?;
+    shared
+        .memory
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .note_status(
+            &dist.uid().unwrap_or_default(),
+            dist.status.as_ref(),
+            &new,
+            disagreeing,
+            world.now,
+        );
+    if revised {
+        // The new revision is in the status now: the next plan gives every
+        // node the new content id.
+        tracing::warn!(
+            distribution = %format!("{}/{}", dist.namespace().unwrap_or_default(), dist.name_any()),
+            revision = new.origin_revision.unwrap_or(0),
+            "the origin changed; restarting on a new content id"
+        );
+        shared.node_sync.notify_one();
+    }
     tracing::debug!(
         distribution = %format!("{}/{}", dist.namespace().unwrap_or_default(), dist.name_any()),
         ?phase,
@@ -469,6 +517,14 @@ async fn cleanup(
     )
     .await?;
     if waiting.is_empty() {
+        shared
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(&uid);
+        // A Distribution that lost a path conflict to this one gets its
+        // turn now: look at every Distribution again.
+        shared.dirty.notify_one();
         tracing::info!(distribution = %format!("{}/{}", dist.namespace().unwrap_or_default(), dist.name_any()), "content removed from every node; releasing the finalizer");
         Ok(Action::await_change())
     } else {

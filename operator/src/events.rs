@@ -1,6 +1,13 @@
 //! Which Kubernetes Events a status change deserves. Pure.
 
-use peerfill_crds::{CONDITION_FAILED, DistributionStatus, Phase};
+use peerfill_crds::{CONDITION_FAILED, CONDITION_PROGRESSING, DistributionStatus, Phase};
+
+/// Progressing reasons announced with a Warning Event.
+pub const WARNING_PROGRESS_REASONS: &[&str] = &[
+    crate::policy::REASON_ORIGIN_CHANGED,
+    crate::status::REASON_AUTHORITIES_DISAGREE,
+    crate::status::REASON_SEEDER_UNAVAILABLE,
+];
 
 /// An Event to publish on a Distribution.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +77,23 @@ pub fn events(old: Option<&DistributionStatus>, new: &DistributionStatus) -> Vec
                 "removing the content from the nodes".into(),
             )),
             Some(Phase::Pending) | None => {}
+        }
+    }
+    // Trouble that keeps the Distribution Progressing still deserves a
+    // Warning: a changed origin, disagreeing authorities, a lost seeder.
+    let progressing_reason = |s: &DistributionStatus| {
+        s.condition(CONDITION_PROGRESSING)
+            .filter(|c| c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if let Some((reason, message)) = progressing_reason(new) {
+        let was = old.and_then(progressing_reason).map(|(r, _)| r);
+        let revised =
+            new.origin_revision.unwrap_or(0) > old.and_then(|o| o.origin_revision).unwrap_or(0);
+        if WARNING_PROGRESS_REASONS.contains(&reason.as_str())
+            && (was.as_deref() != Some(reason.as_str()) || revised)
+        {
+            out.push(warning(&reason, "Transfer", message));
         }
     }
     for f in &new.failing_nodes {

@@ -4,7 +4,9 @@
 //! Read top-down: the pure decisions ([`select`] which nodes, [`plan`] what
 //! each node does, [`status`] how a Distribution is doing, [`events`] what
 //! deserves an Event, [`leader::decide`] the Lease), then the thin shell
-//! ([`controller`], [`ca`], [`leader`], [`metrics`]) and [`run`].
+//! ([`controller`], [`ca`], [`leader`], [`metrics`]) and [`run`]. [`policy`]
+//! holds the admission rules of work (private origins, path ownership,
+//! failure reasons), [`memory`] what is remembered between reconciles.
 
 pub mod ca;
 pub mod cli;
@@ -12,8 +14,10 @@ pub mod controller;
 pub mod error;
 pub mod events;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod plan;
+pub mod policy;
 pub mod select;
 pub mod status;
 
@@ -63,6 +67,12 @@ pub async fn run_until(
     tasks.spawn(metrics::serve(listener, metrics.clone()));
 
     let identity = args.identity();
+    let allow_private_origins = args.allow_private_origins;
+    if allow_private_origins {
+        tracing::warn!(
+            "--allow-private-origins: origins on loopback, link-local and metadata addresses are accepted"
+        );
+    }
     let identity_for_release = identity.clone();
     let namespace = args.leader_election_namespace.clone();
     let mut elector = leader::Elector::new(
@@ -86,7 +96,7 @@ pub async fn run_until(
         let secret = args.ca_secret.clone();
         tasks.spawn(async move {
             let ca = ca::load_or_create(&controller::secrets(&client, &namespace), &secret).await?;
-            controller::run(client, ca, metrics, identity).await
+            controller::run(client, ca, metrics, identity, allow_private_origins).await
         });
     }
     let lease_api = leader::lease_api(&client, &args.leader_election_namespace);

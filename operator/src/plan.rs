@@ -10,10 +10,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use peerfill_crds::nodefill::split_ranges;
 use peerfill_crds::{
-    Assignment, Distribution, FINALIZER, NodeFill, NodeFillSpec, OriginReader, PeerEndpoint,
-    PieceRange, ResolvedHttpSource, ResolvedSource, Role, SecretRef, SeedNode, budget,
+    Assignment, Distribution, FINALIZER, NodeDistributionStatus, NodeFill, NodeFillSpec, NodePhase,
+    OriginReader, PeerEndpoint, PieceRange, ResolvedHttpSource, ResolvedSource, Role, SecretRef,
+    SeedNode, budget,
 };
 
+use crate::memory::Memory;
+use crate::policy::{self, PathConflict, ReasonKind};
 use crate::select::{self, NodeMatch};
 
 /// Nodes a node exchanges a content with before the swarm switches from a
@@ -23,6 +26,10 @@ pub const FULL_MESH_MAX_PEERS: usize = 64;
 pub const RING_NEIGHBOURS_PER_SIDE: usize = 32;
 /// Node label of the zone, for topology-aware peers.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// An origin reader `Downloading` without any new verified byte for this
+/// long is replaced (unless every reader is stalled: then the origin is,
+/// and another reader would not help).
+pub const READER_STALL_SECONDS: i64 = 30;
 
 /// Everything the decisions read: the reflector stores' contents and the
 /// time.
@@ -34,6 +41,12 @@ pub struct World {
     /// By name (= node name).
     pub fills: BTreeMap<String, Arc<NodeFill>>,
     pub now: Timestamp,
+    /// `--allow-private-origins`.
+    pub allow_private_origins: bool,
+    /// Distributions that may not own their paths, by uid.
+    pub conflicts: BTreeMap<String, PathConflict>,
+    /// What the operator remembers between reconciles.
+    pub memory: Memory,
 }
 
 impl World {
@@ -43,12 +56,25 @@ impl World {
         fills: Vec<Arc<NodeFill>>,
         now: Timestamp,
     ) -> Self {
+        let fills: BTreeMap<String, Arc<NodeFill>> =
+            fills.into_iter().map(|f| (f.name_any(), f)).collect();
         World {
+            conflicts: policy::path_conflicts(&distributions, &fills),
             distributions,
             nodes: nodes.into_iter().map(|n| (n.name_any(), n)).collect(),
-            fills: fills.into_iter().map(|f| (f.name_any(), f)).collect(),
+            fills,
             now,
+            allow_private_origins: false,
+            memory: Memory::default(),
         }
+    }
+
+    /// The same world with `--allow-private-origins` and the operator's
+    /// memory.
+    pub fn with(mut self, allow_private_origins: bool, memory: Memory) -> Self {
+        self.allow_private_origins = allow_private_origins;
+        self.memory = memory;
+        self
     }
 
     /// Whether the node's agent is up (control-path.md "An agent is up").
@@ -84,10 +110,22 @@ pub struct DistPlan {
     pub seeder: Option<String>,
     /// Origin readers in reader order with their piece ranges.
     pub readers: Vec<OriginReader>,
-    /// Content size, once reported.
+    /// Content size, once the authorities of this content id agree.
     pub size: Option<u64>,
     /// Peers of every assigned node (targets and seeder).
     pub peers: BTreeMap<String, Vec<String>>,
+    /// The content id of the version being distributed.
+    pub content_id: String,
+    /// How often the origin changed (part of the content id).
+    pub origin_revision: u32,
+    /// The pinned BLAKE3 root, once known.
+    pub manifest_digest: Option<String>,
+    /// The pinned origin validator, once a reader reported one.
+    pub origin_version: Option<String>,
+    /// What the authorities disagree on (size or root), if they do.
+    pub disagreement: Option<String>,
+    /// The seeder's agent is up (always true for an http source).
+    pub seeder_up: bool,
 }
 
 impl DistPlan {
@@ -106,25 +144,45 @@ impl DistPlan {
     }
 }
 
-/// The assignments for `uid` currently in the NodeFill specs (the first
-/// one by node name): where the stable choices (readers, size) come from.
-fn current_assignment<'a>(world: &'a World, uid: &str) -> Option<&'a Assignment> {
-    world
+/// The assignment of content `content_id` currently in the NodeFill specs
+/// (the first one by node name, preferring one that lists readers): where
+/// the sticky pins (size, root, origin version) come from. Assignments of
+/// other content ids (older versions) pin nothing.
+fn current_assignment<'a>(world: &'a World, content_id: &str) -> Option<&'a Assignment> {
+    let mut all = world
         .fills
         .values()
         .flat_map(|f| f.spec.distributions.iter())
-        .find(|a| a.uid == uid && !a.origin_readers.is_empty())
-        .or_else(|| {
-            world
-                .fills
-                .values()
-                .flat_map(|f| f.spec.distributions.iter())
-                .find(|a| a.uid == uid)
-        })
+        .filter(|a| a.content_id == content_id);
+    let first = all.clone().next();
+    all.find(|a| !a.origin_readers.is_empty()).or(first)
 }
 
-/// The size a node reported for `uid`.
-fn reported_size(world: &World, node: &str, uid: &str) -> Option<u64> {
+/// The previous origin readers of `uid` in reader order, whatever the
+/// content id (keeping readers across versions keeps load spread evenly).
+fn previous_readers(world: &World, uid: &str, content_id: &str) -> Vec<String> {
+    let all = || {
+        world
+            .fills
+            .values()
+            .flat_map(|f| f.spec.distributions.iter())
+            .filter(|a| a.uid == uid && !a.origin_readers.is_empty())
+    };
+    all()
+        .find(|a| a.content_id == content_id)
+        .or_else(|| all().next())
+        .map(|a| a.origin_readers.iter().map(|r| r.node.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The report of `node` on content `content_id` of `uid`; reports on other
+/// versions (or without a content id) count as not yet reported.
+pub fn report_for<'a>(
+    world: &'a World,
+    node: &str,
+    uid: &str,
+    content_id: &str,
+) -> Option<&'a NodeDistributionStatus> {
     world
         .fills
         .get(node)?
@@ -132,8 +190,78 @@ fn reported_size(world: &World, node: &str, uid: &str) -> Option<u64> {
         .as_ref()?
         .distributions
         .iter()
-        .find(|d| d.uid == uid)?
-        .size
+        .find(|d| d.uid == uid && d.content_id.as_deref() == Some(content_id))
+}
+
+/// The canonical text of what a Distribution distributes: source (URL and
+/// digest, or node and path), target path and piece size. Any edit of
+/// these changes the content id.
+pub fn version_key(dist: &Distribution) -> String {
+    let spec = &dist.spec;
+    let source = match (&spec.source.http, &spec.source.node) {
+        (Some(h), _) => serde_json::json!({
+            "http": { "url": h.url, "digest": h.digest }
+        }),
+        (None, Some(n)) => serde_json::json!({
+            "node": { "nodeName": n.node_name, "path": n.path }
+        }),
+        (None, None) => serde_json::Value::Null,
+    };
+    // serde_json writes object keys sorted: one spelling per version.
+    serde_json::json!({
+        "source": source,
+        "targetPath": spec.target.path,
+        "pieceSize": spec.strategy.piece_size,
+    })
+    .to_string()
+}
+
+/// The origin revision a Distribution is at (`status.originRevision`).
+pub fn origin_revision(dist: &Distribution) -> u32 {
+    dist.status
+        .as_ref()
+        .and_then(|s| s.origin_revision)
+        .unwrap_or(0)
+}
+
+/// The content id of a Distribution's current version.
+pub fn content_id(dist: &Distribution, uid: &str) -> String {
+    Assignment::content_id_for_version(uid, &version_key(dist), origin_revision(dist))
+}
+
+/// The one value every authority reported, `Err` naming the disagreement
+/// when two differ (even before all reported), `Ok(None)` while some have
+/// not reported.
+pub fn agreed<T: PartialEq + Clone + std::fmt::Debug>(
+    what: &str,
+    values: &[(&str, Option<T>)],
+) -> Result<Option<T>, String> {
+    let reported: Vec<(&str, &T)> = values
+        .iter()
+        .filter_map(|(n, v)| v.as_ref().map(|v| (*n, v)))
+        .collect();
+    if let Some((n0, v0)) = reported.first()
+        && let Some((n, v)) = reported.iter().find(|(_, v)| v != v0)
+    {
+        return Err(format!("{what}: {n0} reported {v0:?}, {n} reported {v:?}"));
+    }
+    if values.is_empty() || reported.len() < values.len() {
+        return Ok(None);
+    }
+    Ok(reported.first().map(|(_, v)| (*v).clone()))
+}
+
+/// Why a Distribution gets no work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoWork {
+    /// No uid, no finalizer yet, or being deleted.
+    Inactive,
+    /// The spec breaks a schema rule (message names the field).
+    InvalidSpec(String),
+    /// The origin is a private address and private origins are not allowed.
+    OriginForbidden(String),
+    /// Another Distribution owns an overlapping path.
+    PathConflict(PathConflict),
 }
 
 /// Whether the Distribution takes part in planning: has a uid, carries our
@@ -146,12 +274,26 @@ pub fn active(dist: &Distribution) -> bool {
         && dist.validate().is_ok()
 }
 
-/// The decisions for one Distribution (None when it is not [`active`]).
-pub fn plan_distribution(dist: &Distribution, world: &World) -> Option<DistPlan> {
-    if !active(dist) {
-        return None;
+/// The decisions for one Distribution, or why it gets no work.
+pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan, NoWork> {
+    if let Err(e) = dist.validate() {
+        return Err(NoWork::InvalidSpec(e.to_string()));
     }
-    let uid = dist.metadata.uid.clone()?;
+    if !active(dist) {
+        return Err(NoWork::Inactive);
+    }
+    let uid = dist.metadata.uid.clone().ok_or(NoWork::Inactive)?;
+    if let Some(http) = &dist.spec.source.http
+        && !world.allow_private_origins
+        && let Some(why) = policy::private_origin(&http.url)
+    {
+        return Err(NoWork::OriginForbidden(why));
+    }
+    if let Some(conflict) = world.conflicts.get(&uid) {
+        return Err(NoWork::PathConflict(conflict.clone()));
+    }
+    let content_id = content_id(dist, &uid);
+    let origin_revision = origin_revision(dist);
     let seeder = dist
         .spec
         .source
@@ -165,6 +307,8 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Option<DistPlan>
                     .get(n)
                     .is_some_and(|node| node.metadata.deletion_timestamp.is_none())
         });
+    let seeder_up =
+        dist.spec.source.node.is_none() || seeder.as_deref().is_some_and(|s| world.agent_up(s));
     let mut targets = Vec::new();
     let mut agent_down = Vec::new();
     for (name, node) in &world.nodes {
@@ -179,33 +323,91 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Option<DistPlan>
         }
     }
 
-    let current = current_assignment(world, &uid);
-    let size = current.and_then(|a| a.size).or_else(|| {
-        let first_reporters = seeder.iter().cloned().chain(
-            current
-                .map(|a| {
-                    a.origin_readers
-                        .iter()
-                        .map(|r| r.node.clone())
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default(),
-        );
-        first_reporters
-            .chain(world.fills.keys().cloned())
-            .find_map(|n| reported_size(world, &n, &uid))
-    });
+    let current = current_assignment(world, &content_id);
+    let report = |n: &str| report_for(world, n, &uid, &content_id);
+    let mut disagreement = None;
 
-    let readers = if dist.spec.source.http.is_some() {
-        let previous: Vec<String> = current
-            .map(|a| a.origin_readers.iter().map(|r| r.node.clone()).collect())
-            .unwrap_or_default();
+    // Origin readers first: the size must come from exactly these.
+    let names = if dist.spec.source.http.is_some() {
+        let previous = previous_readers(world, &uid, &content_id);
         let max = usize::try_from(dist.spec.strategy.max_origin_connections).unwrap_or(usize::MAX);
-        let names = choose_readers(&uid, &targets, &previous, max);
-        reader_ranges(names, size, dist.spec.strategy.piece_size)
+        let size_known = current.and_then(|a| a.size);
+        let unfit = unfit_readers(world, &uid, &content_id, &targets, &previous, size_known);
+        let candidates: Vec<String> = targets
+            .iter()
+            .filter(|t| !unfit.contains(t.as_str()))
+            .cloned()
+            .collect();
+        choose_readers(&uid, &candidates, &previous, max)
     } else {
         Vec::new()
     };
+    // The hash authorities of this content id.
+    let authorities: Vec<&str> = match &seeder {
+        Some(s) => vec![s.as_str()],
+        None => names.iter().map(String::as_str).collect(),
+    };
+    let pinned = |r: &NodeDistributionStatus| r.phase != NodePhase::Failed;
+
+    let size = match current.and_then(|a| a.size) {
+        Some(size) => Some(size),
+        None => {
+            let values: Vec<(&str, Option<u64>)> = authorities
+                .iter()
+                .map(|n| (*n, report(n).filter(|r| pinned(r)).and_then(|r| r.size)))
+                .collect();
+            agreed("size", &values).unwrap_or_else(|e| {
+                disagreement = Some(e);
+                None
+            })
+        }
+    };
+    let readers = reader_ranges(names, size, dist.spec.strategy.piece_size);
+
+    let user_root = dist
+        .spec
+        .source
+        .http
+        .as_ref()
+        .and_then(|h| h.digest.clone())
+        .filter(|d| d.starts_with("blake3:"));
+    let manifest_digest = user_root
+        .or_else(|| current.and_then(|a| a.manifest_digest.clone()))
+        .or_else(|| {
+            size?;
+            // Once the size is pinned: readers beyond the piece count are
+            // dropped and do not hash anything.
+            let holders: Vec<&str> = match &seeder {
+                Some(s) => vec![s.as_str()],
+                None => readers.iter().map(|r| r.node.as_str()).collect(),
+            };
+            let values: Vec<(&str, Option<String>)> = holders
+                .iter()
+                .map(|n| {
+                    (
+                        *n,
+                        report(n).filter(|r| pinned(r)).and_then(|r| r.root.clone()),
+                    )
+                })
+                .collect();
+            if values.is_empty() {
+                return None;
+            }
+            agreed("root", &values).unwrap_or_else(|e| {
+                disagreement.get_or_insert(e);
+                None
+            })
+        });
+    let origin_version = current
+        .and_then(|a| a.source.http.as_ref()?.origin_version.clone())
+        .or_else(|| {
+            readers.iter().find_map(|r| {
+                report(&r.node)
+                    .filter(|r| pinned(r))
+                    .and_then(|r| r.origin_version.clone())
+            })
+        })
+        .filter(|_| dist.spec.source.http.is_some());
 
     let mut plan = DistPlan {
         uid,
@@ -215,9 +417,65 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Option<DistPlan>
         readers,
         size,
         peers: BTreeMap::new(),
+        content_id,
+        origin_revision,
+        manifest_digest,
+        origin_version,
+        disagreement,
+        seeder_up,
     };
     plan.peers = choose_peers(&plan, world);
-    Some(plan)
+    Ok(plan)
+}
+
+/// Targets that must not read from the origin now: those whose report on
+/// this content is `Failed` with a local fault (until they report anything
+/// else; the agent retries), and previous readers that are stalled
+/// (`Downloading` without a new verified byte for
+/// [`READER_STALL_SECONDS`] while their content is incomplete), unless every
+/// previous reader is: then the origin itself is slow, and replacing them
+/// would only restart their ranges.
+pub fn unfit_readers<'a>(
+    world: &World,
+    uid: &str,
+    content_id: &str,
+    targets: &'a [String],
+    previous: &[String],
+    size: Option<u64>,
+) -> BTreeSet<&'a str> {
+    let mut unfit: BTreeSet<&str> = targets
+        .iter()
+        .filter(|t| {
+            report_for(world, t, uid, content_id).is_some_and(|r| {
+                r.phase == NodePhase::Failed
+                    && policy::reason_kind(r.reason.as_deref().unwrap_or_default())
+                        == ReasonKind::Local
+            })
+        })
+        .map(String::as_str)
+        .collect();
+    let stalled = |n: &str| {
+        let incomplete = report_for(world, n, uid, content_id)
+            .is_some_and(|r| size.is_none_or(|s| r.bytes_done < s));
+        incomplete
+            && world
+                .memory
+                .stalled_seconds(n, uid, content_id, world.now)
+                .is_some_and(|s| s >= READER_STALL_SECONDS)
+    };
+    let live: Vec<&String> = previous
+        .iter()
+        .filter(|p| targets.contains(p) && !unfit.contains(p.as_str()))
+        .collect();
+    let stalled_now: Vec<&String> = live.iter().copied().filter(|p| stalled(p)).collect();
+    if stalled_now.len() < live.len() {
+        for p in stalled_now {
+            if let Some(t) = targets.iter().find(|t| *t == p) {
+                unfit.insert(t.as_str());
+            }
+        }
+    }
+    unfit
 }
 
 /// Origin readers: the previous ones that are still targets keep their
@@ -329,7 +587,7 @@ pub fn choose_peers(plan: &DistPlan, world: &World) -> BTreeMap<String, Vec<Stri
     peers
 }
 
-fn resolved_source(dist: &Distribution) -> ResolvedSource {
+fn resolved_source(dist: &Distribution, plan: &DistPlan) -> ResolvedSource {
     let ns = dist.namespace().unwrap_or_default();
     ResolvedSource {
         http: dist.spec.source.http.as_ref().map(|h| ResolvedHttpSource {
@@ -339,7 +597,7 @@ fn resolved_source(dist: &Distribution) -> ResolvedSource {
                 namespace: ns.clone(),
                 name: f.secret_name.clone(),
             }),
-            origin_version: None,
+            origin_version: plan.origin_version.clone(),
         }),
         node: dist.spec.source.node.as_ref().map(|n| SeedNode {
             node_name: n.node_name.clone(),
@@ -365,12 +623,12 @@ pub fn assignment(dist: &Distribution, plan: &DistPlan, node: &str) -> Assignmen
         name: dist.name_any(),
         uid: plan.uid.clone(),
         generation: dist.metadata.generation.unwrap_or_default(),
-        content_id: Assignment::content_id_for_uid(&plan.uid),
-        source: resolved_source(dist),
+        content_id: plan.content_id.clone(),
+        source: resolved_source(dist, plan),
         path: dist.spec.target.path.clone(),
         size: plan.size,
         piece_size: s.piece_size,
-        manifest_digest: None,
+        manifest_digest: plan.manifest_digest.clone(),
         role: Role {
             origin_ranges,
             seed: plan.seeder.as_deref() == Some(node),
@@ -399,7 +657,7 @@ pub fn plan(world: &World) -> Plan {
     let mut assignments: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
     let mut distributions = BTreeMap::new();
     for dist in &world.distributions {
-        let Some(p) = plan_distribution(dist, world) else {
+        let Ok(p) = plan_distribution(dist, world) else {
             continue;
         };
         for node in p.assigned() {
@@ -532,7 +790,24 @@ pub(crate) mod tests {
         Arc::new(d)
     }
 
+    /// The content id of [`http_dist`]'s version (any name, readers).
+    pub fn test_content_id(uid: &str) -> String {
+        content_id(&http_dist("d", uid, 1), uid)
+    }
+
+    /// A report on the current version of an unedited [`http_dist`].
     pub fn report(fill: &mut NodeFill, uid: &str, phase: NodePhase, size: Option<u64>, done: u64) {
+        report_on(fill, uid, &test_content_id(uid), phase, size, done);
+    }
+
+    pub fn report_on(
+        fill: &mut NodeFill,
+        uid: &str,
+        content_id: &str,
+        phase: NodePhase,
+        size: Option<u64>,
+        done: u64,
+    ) {
         let status = fill.status.get_or_insert_with(Default::default);
         status.distributions.retain(|d| d.uid != uid);
         status.distributions.push(NodeDistributionStatus {
@@ -541,7 +816,7 @@ pub(crate) mod tests {
             uid: uid.into(),
             phase,
             bytes_done: done,
-            content_id: None,
+            content_id: Some(content_id.into()),
             root: None,
             origin_version: None,
             size,
@@ -570,7 +845,8 @@ pub(crate) mod tests {
                 }
             })
             .collect();
-        World::new(dists, nodes, fills, now())
+        // The test origin is on loopback.
+        World::new(dists, nodes, fills, now()).with(true, Memory::default())
     }
 
     #[test]
@@ -598,7 +874,7 @@ pub(crate) mod tests {
             assert!(p.specs[n].distributions.is_empty(), "{n}");
         }
         let a = &p.specs["a"].distributions[0];
-        assert_eq!(a.content_id, Assignment::content_id_for_uid("u1"));
+        assert_eq!(a.content_id, test_content_id("u1"));
         assert_eq!(a.path, "models/model.bin");
         assert_eq!(a.piece_size, 1 << 20);
         assert_eq!(a.peers, ["b"]);
@@ -643,20 +919,31 @@ pub(crate) mod tests {
                 (n.clone(), f)
             })
             .collect();
-        report(
-            fills.get_mut(&readers[0]).unwrap(),
-            "u1",
-            NodePhase::Downloading,
-            Some((10 << 20) + 1),
-            0,
-        );
-        let w2 = World::new(
-            w.distributions.clone(),
-            nodes.clone(),
-            fills.values().cloned().map(Arc::new).collect(),
-            now(),
-        );
-        let second = plan(&w2);
+        let world_of = |fills: &BTreeMap<String, NodeFill>| {
+            World::new(
+                w.distributions.clone(),
+                nodes.clone(),
+                fills.values().cloned().map(Arc::new).collect(),
+                now(),
+            )
+            .with(true, Memory::default())
+        };
+        // The size is pinned only once every reader reported it.
+        for (i, r) in readers.iter().enumerate() {
+            assert_eq!(
+                plan(&world_of(&fills)).distributions["u1"].size,
+                None,
+                "{i} reported"
+            );
+            report(
+                fills.get_mut(r).unwrap(),
+                "u1",
+                NodePhase::Downloading,
+                Some((10 << 20) + 1),
+                0,
+            );
+        }
+        let second = plan(&world_of(&fills));
         let dp = &second.distributions["u1"];
         assert_eq!(dp.size, Some((10 << 20) + 1));
         let got: Vec<(String, u64, u64)> = dp

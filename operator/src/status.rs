@@ -5,12 +5,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use peerfill_crds::distribution::MAX_FAILING_NODES;
 use peerfill_crds::{
-    CONDITION_COMPLETE, CONDITION_FAILED, CONDITION_PROGRESSING, Distribution, DistributionStatus,
-    FailingNode, NodeDistributionStatus, NodePhase, Phase, format_bytes_per_second,
-    progress_string, ready_string,
+    Assignment, CONDITION_COMPLETE, CONDITION_FAILED, CONDITION_PROGRESSING, Distribution,
+    DistributionStatus, FailingNode, NodeDistributionStatus, NodePhase, Phase,
+    format_bytes_per_second, progress_string, ready_string,
 };
 
-use crate::plan::{DistPlan, World};
+pub use crate::memory::ORIGIN_CHANGE_WINDOW_SECONDS;
+use crate::plan::{DistPlan, NoWork, World, report_for, version_key};
+pub use crate::policy::{REASON_ORIGIN_CHANGED, REASON_ORIGIN_FORBIDDEN, REASON_PATH_CONFLICT};
+use crate::policy::{ReasonKind, reason_kind};
 
 /// Reason of a Distribution whose target selects no node with a ready agent.
 pub const REASON_NO_TARGET_NODES: &str = "NoTargetNodes";
@@ -28,8 +31,23 @@ pub const REASON_NO_FAILURE: &str = "NoFailure";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 /// Reason while the finalizer removes the content.
 pub const REASON_DELETING: &str = "Deleting";
+/// Reason while the hash authorities of the content disagree (on its size
+/// or root): nothing is pinned, and after [`AUTHORITIES_DISAGREE_SECONDS`]
+/// the content restarts on a new origin revision.
+pub const REASON_AUTHORITIES_DISAGREE: &str = "AuthoritiesDisagree";
+/// Reason while the source node of a `node` source cannot seed (agent down
+/// or failed); it cannot be replaced.
+pub const REASON_SEEDER_UNAVAILABLE: &str = "SeederUnavailable";
+/// Reason of a Distribution whose origin changed [`ORIGIN_UNSTABLE_CHANGES`]
+/// times within [`ORIGIN_CHANGE_WINDOW_SECONDS`].
+pub const REASON_ORIGIN_UNSTABLE: &str = "OriginUnstable";
+/// Origin changes within the window after which the operator stops
+/// restarting (Failed, `OriginUnstable`) until the window has passed.
+pub const ORIGIN_UNSTABLE_CHANGES: usize = 5;
+/// How long the authorities may disagree before the content restarts.
+pub const AUTHORITIES_DISAGREE_SECONDS: i64 = 60;
 
-/// The report of `node` for distribution `uid`.
+/// The report of `node` for distribution `uid`, whatever its content id.
 pub fn node_report<'a>(
     world: &'a World,
     node: &str,
@@ -134,11 +152,46 @@ pub fn deleting_status(
     st
 }
 
-/// The status of an active Distribution (`plan` is `None` for an invalid
-/// spec), from the nodes' reports.
+/// The status of a Distribution that gets no work.
+fn no_work_status(
+    dist: &Distribution,
+    why: &NoWork,
+    mut st: DistributionStatus,
+    now: Timestamp,
+) -> DistributionStatus {
+    let generation = dist.metadata.generation;
+    let (reason, message) = match why {
+        NoWork::InvalidSpec(m) => (REASON_INVALID_SPEC, m.clone()),
+        NoWork::Inactive => (
+            REASON_INVALID_SPEC,
+            "the Distribution has no uid".to_string(),
+        ),
+        NoWork::OriginForbidden(m) => (REASON_ORIGIN_FORBIDDEN, m.clone()),
+        NoWork::PathConflict(c) => (
+            REASON_PATH_CONFLICT,
+            format!(
+                "spec.target.path: {} overlaps {} of {}, which owns it; this Distribution touches no node until that one is deleted or moves",
+                c.path, c.owner_path, c.owner
+            ),
+        ),
+    };
+    st.phase = Some(Phase::Failed);
+    set_conditions(
+        &mut st,
+        (false, reason, message.clone()),
+        (false, reason, message.clone()),
+        (true, reason, message),
+        generation,
+        now,
+    );
+    st
+}
+
+/// The status of an active Distribution, from the nodes' reports on its
+/// current content id (reports on other versions count as not reported).
 pub fn aggregate(
     dist: &Distribution,
-    plan: Option<&DistPlan>,
+    plan: Result<&DistPlan, &NoWork>,
     world: &World,
 ) -> DistributionStatus {
     let now = world.now;
@@ -148,30 +201,24 @@ pub fn aggregate(
         conditions: old.conditions.clone(),
         observed_generation: generation,
         start_time: old.start_time.clone(),
+        origin_revision: old.origin_revision,
         ..DistributionStatus::default()
     };
-    let Some(plan) = plan else {
-        let message = match dist.validate() {
-            Err(e) => e.to_string(),
-            Ok(()) => "the Distribution has no uid".to_string(),
-        };
-        st.phase = Some(Phase::Failed);
-        set_conditions(
-            &mut st,
-            (false, REASON_INVALID_SPEC, message.clone()),
-            (false, REASON_INVALID_SPEC, message.clone()),
-            (true, REASON_INVALID_SPEC, message),
-            generation,
-            now,
-        );
-        return st;
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(why) => return no_work_status(dist, why, st, now),
     };
     let uid = &plan.uid;
+    let cid = plan.content_id.as_str();
+    st.content_id = Some(plan.content_id.clone());
+    st.origin_revision = Some(plan.origin_revision);
+    st.manifest_digest = plan.manifest_digest.clone();
+    st.origin_version = plan.origin_version.clone();
     let desired = plan.targets.len();
     let reports: Vec<(&String, Option<&NodeDistributionStatus>)> = plan
         .targets
         .iter()
-        .map(|n| (n, node_report(world, n, uid)))
+        .map(|n| (n, report_for(world, n, uid, cid)))
         .collect();
     let phase_of = |r: Option<&NodeDistributionStatus>| r.map(|r| r.phase);
     let complete = reports
@@ -181,7 +228,7 @@ pub fn aggregate(
     let failed_nodes: Vec<FailingNode> = plan
         .assigned()
         .filter_map(|n| {
-            let r = node_report(world, n, uid)?;
+            let r = report_for(world, n, uid, cid)?;
             (r.phase == NodePhase::Failed).then(|| FailingNode {
                 node: n.clone(),
                 reason: r.reason.clone().unwrap_or_else(|| "Failed".into()),
@@ -193,14 +240,19 @@ pub fn aggregate(
         .iter()
         .filter(|(_, r)| phase_of(*r) == Some(NodePhase::Failed))
         .count();
-    let started = reports.iter().any(|(_, r)| {
-        r.is_some_and(|r| {
-            matches!(r.phase, NodePhase::Downloading | NodePhase::Complete) || r.bytes_done > 0
-        })
-    });
+    // A new version restarts every node: Progressing at once, not Pending.
+    let version_changed = old.content_id.as_deref().is_some_and(|c| c != cid);
+    // Reports on an earlier version count here: the content restarts.
+    let started = version_changed
+        || plan.targets.iter().any(|n| {
+            node_report(world, n, uid).is_some_and(|r| {
+                matches!(r.phase, NodePhase::Downloading | NodePhase::Complete) || r.bytes_done > 0
+            })
+        });
 
     // Size, digest, progress, throughput.
     st.size = plan.size;
+    let authorities = plan.authorities();
     st.digest = dist
         .spec
         .source
@@ -208,8 +260,9 @@ pub fn aggregate(
         .as_ref()
         .and_then(|h| h.digest.clone())
         .or_else(|| {
-            plan.assigned()
-                .find_map(|n| node_report(world, n, uid)?.digest.clone())
+            authorities
+                .iter()
+                .find_map(|n| report_for(world, n, uid, cid)?.digest.clone())
         });
     let size = plan.size.unwrap_or(0);
     let done: u64 = reports
@@ -257,11 +310,29 @@ pub fn aggregate(
         .cloned()
         .collect();
 
-    // An authority (origin reader, seeder) that failed fails everyone.
-    let authorities = plan.authorities();
-    let authority_failure = failed_nodes
-        .iter()
-        .find(|f| authorities.contains(f.node.as_str()));
+    // What the authorities' failures mean (control-path.md "Reassignment").
+    let authority_failure = |kind: ReasonKind| {
+        failed_nodes
+            .iter()
+            .find(|f| authorities.contains(f.node.as_str()) && reason_kind(&f.reason) == kind)
+    };
+    let origin_failure = authority_failure(ReasonKind::OriginPermanent);
+    let origin_changed = plan.readers.iter().find_map(|r| {
+        failed_nodes
+            .iter()
+            .find(|f| f.node == r.node && reason_kind(&f.reason) == ReasonKind::OriginChanged)
+    });
+    let origin_down = authority_failure(ReasonKind::OriginTransient);
+    let seeder_failure = plan
+        .seeder
+        .as_ref()
+        .and_then(|s| failed_nodes.iter().find(|f| &f.node == s));
+    let disagree_too_long = plan.disagreement.is_some()
+        && world
+            .memory
+            .disagreeing_seconds(cid, now)
+            .is_some_and(|s| s >= AUTHORITIES_DISAGREE_SECONDS);
+
     let down_note = if plan.agent_down.is_empty() {
         String::new()
     } else {
@@ -276,7 +347,75 @@ pub fn aggregate(
     };
     let counts = format!("{complete}/{desired} nodes complete, {failed_targets} failed{down_note}");
 
-    let phase = if let Some(f) = authority_failure {
+    // A changed origin (or authorities that keep disagreeing) restarts the
+    // content on a new revision, hence a new content id, unless it changed
+    // too often lately.
+    let restart = if origin_failure.is_some() {
+        None
+    } else if let Some(f) = origin_changed {
+        Some((REASON_ORIGIN_CHANGED, format!("{}: {}", f.node, f.message)))
+    } else if disagree_too_long {
+        Some((
+            REASON_AUTHORITIES_DISAGREE,
+            plan.disagreement.clone().unwrap_or_default(),
+        ))
+    } else {
+        None
+    };
+    if let Some((reason, why)) = restart {
+        let recent = world.memory.recent_origin_changes(uid, now);
+        if recent >= ORIGIN_UNSTABLE_CHANGES {
+            let message = format!(
+                "the origin changed {recent} times within {} s ({why}); waiting before the next attempt",
+                ORIGIN_CHANGE_WINDOW_SECONDS
+            );
+            st.phase = Some(Phase::Failed);
+            set_conditions(
+                &mut st,
+                (false, REASON_ORIGIN_UNSTABLE, message.clone()),
+                (false, REASON_ORIGIN_UNSTABLE, message.clone()),
+                (true, REASON_ORIGIN_UNSTABLE, message),
+                generation,
+                now,
+            );
+            st.completion_time = None;
+            return st;
+        }
+        let revision = plan.origin_revision.saturating_add(1);
+        let new_id = Assignment::content_id_for_version(uid, &version_key(dist), revision);
+        let message = format!("{why}; restarting on origin revision {revision}");
+        st.origin_revision = Some(revision);
+        st.content_id = Some(new_id);
+        st.size = None;
+        st.origin_version = None;
+        st.manifest_digest = dist
+            .spec
+            .source
+            .http
+            .as_ref()
+            .and_then(|h| h.digest.clone())
+            .filter(|d| d.starts_with("blake3:"));
+        st.complete_nodes = Some(0);
+        st.failed_nodes = Some(0);
+        st.failing_nodes = Vec::new();
+        st.ready = Some(ready_string(0, st.desired_nodes.unwrap_or(0)));
+        st.progress = Some(progress_string(0, 0));
+        st.progress_ratio = Some(0.0);
+        st.phase = Some(Phase::Progressing);
+        set_conditions(
+            &mut st,
+            (true, reason, message.clone()),
+            (false, reason, message),
+            (false, REASON_NO_FAILURE, String::new()),
+            generation,
+            now,
+        );
+        st.start_time = st.start_time.or(Some(Time(now)));
+        st.completion_time = None;
+        return st;
+    }
+
+    let phase = if let Some(f) = origin_failure {
         let message = format!("{}: {} ({counts})", f.node, f.message);
         set_conditions(
             &mut st,
@@ -309,6 +448,9 @@ pub fn aggregate(
         );
         Phase::Complete
     } else if complete + failed_targets == desired {
+        // Only local faults are left (origin faults failed above): the
+        // failed nodes keep their assignments, and the agents retry, so a
+        // node that recovers turns this back into Progressing.
         let message = format!("{} failed ({counts})", plural(failed_targets, "node"));
         set_conditions(
             &mut st,
@@ -320,20 +462,50 @@ pub fn aggregate(
         );
         Phase::Failed
     } else {
-        let reason = if started {
-            REASON_TRANSFERRING
+        let (reason, message, waiting) = if let Some(d) = &plan.disagreement {
+            (
+                REASON_AUTHORITIES_DISAGREE,
+                format!("the hash authorities disagree on the {d} ({counts})"),
+                true,
+            )
+        } else if !plan.seeder_up || seeder_failure.is_some() {
+            let seeder = dist
+                .spec
+                .source
+                .node
+                .as_ref()
+                .map(|n| n.node_name.clone())
+                .unwrap_or_default();
+            let detail = seeder_failure
+                .map(|f| format!("{}: {}", f.reason, f.message))
+                .unwrap_or_else(|| "its agent is not ready".to_string());
+            (
+                REASON_SEEDER_UNAVAILABLE,
+                format!(
+                    "the source node {seeder} cannot seed ({detail}); it cannot be replaced ({counts})"
+                ),
+                true,
+            )
+        } else if let Some(f) = origin_down {
+            (
+                f.reason.as_str(),
+                format!("{}: {} ({counts})", f.node, f.message),
+                true,
+            )
+        } else if started {
+            (REASON_TRANSFERRING, counts.clone(), false)
         } else {
-            REASON_WAITING_FOR_NODES
+            (REASON_WAITING_FOR_NODES, counts.clone(), false)
         };
         set_conditions(
             &mut st,
-            (true, reason, counts.clone()),
-            (false, reason, counts),
+            (true, reason, message.clone()),
+            (false, reason, message),
             (false, REASON_NO_FAILURE, String::new()),
             generation,
             now,
         );
-        if started {
+        if started || waiting {
             Phase::Progressing
         } else {
             Phase::Pending
@@ -344,7 +516,11 @@ pub fn aggregate(
         st.start_time = Some(Time(now));
     }
     st.completion_time = match (phase, old.completion_time) {
-        (Phase::Complete, Some(t)) if old.phase == Some(Phase::Complete) => Some(t),
+        (Phase::Complete, Some(t))
+            if old.phase == Some(Phase::Complete) && old.content_id.as_deref() == Some(cid) =>
+        {
+            Some(t)
+        }
         (Phase::Complete, _) => Some(Time(now)),
         _ => None,
     };

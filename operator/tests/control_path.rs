@@ -71,6 +71,8 @@ fn args(identity: &str) -> Args {
         "2",
         "--retry-period-seconds",
         "1",
+        // The fake origin URLs are on loopback.
+        "--allow-private-origins",
     ])
 }
 
@@ -263,6 +265,8 @@ impl FakeAgent {
         .await
     }
 
+    /// Reports on the content id currently assigned to this node, as the
+    /// real agent does (it takes the id as written).
     async fn set(
         &self,
         dist: &Distribution,
@@ -271,11 +275,38 @@ impl FakeAgent {
         done: u64,
         reason: Option<&str>,
     ) -> Result<()> {
+        self.set_with(dist, phase, size, done, reason, json!({}))
+            .await
+    }
+
+    /// [`Self::set`] with extra fields (`root`, `originVersion`, ...).
+    async fn set_with(
+        &self,
+        dist: &Distribution,
+        phase: &str,
+        size: Option<u64>,
+        done: u64,
+        reason: Option<&str>,
+        extra: Value,
+    ) -> Result<()> {
         let uid = dist.uid().context("uid")?;
+        let content_id = self
+            .api
+            .get(&self.name)
+            .await?
+            .spec
+            .distributions
+            .into_iter()
+            .find(|a| a.uid == uid)
+            .map(|a| a.content_id);
         let mut entry = json!({
             "namespace": dist.namespace(), "name": dist.name_any(), "uid": uid, "phase": phase,
             "bytesDone": done, "bytesPerSecond": if phase == "Downloading" { 1000 } else { 0 },
+            "contentId": content_id,
         });
+        if let (Some(e), Some(x)) = (entry.as_object_mut(), extra.as_object()) {
+            e.extend(x.clone());
+        }
         if let Some(size) = size {
             entry["size"] = json!(size);
         }
@@ -415,8 +446,11 @@ async fn lifecycle() -> Result<()> {
     let d1 = dists.get("d1").await?;
     assert!(d1.finalizers().iter().any(|f| f == FINALIZER));
 
-    // The first reader learns the size: 3 MiB + 1 byte = 4 pieces.
+    // The readers learn the size: 3 MiB + 1 byte = 4 pieces. It is pinned
+    // once both agree; cpu-1 (not a target) claiming another size is
+    // ignored.
     let reader0 = a1.origin_readers[0].node.clone();
+    let reader1 = a1.origin_readers[1].node.clone();
     let by_name = |n: &str| {
         agents
             .iter()
@@ -425,9 +459,21 @@ async fn lifecycle() -> Result<()> {
             .context("agent")
     };
     let size = 3 * MIB + 1;
-    by_name(&reader0)?
-        .set(&d1, "Downloading", Some(size), 0, None)
+    by_name("cpu-1")?
+        .set_with(
+            &d1,
+            "Downloading",
+            Some(MIB),
+            0,
+            None,
+            json!({ "contentId": a1.content_id }),
+        )
         .await?;
+    for r in [&reader0, &reader1] {
+        by_name(r)?
+            .set(&d1, "Downloading", Some(size), 0, None)
+            .await?;
+    }
     let sized = eventually(15, "size and ranges in the assignments", || async {
         let a = assignments(&fills, "gpu-2", &uid).await?;
         Ok(a.filter(|a| a.size == Some(size)))
@@ -566,6 +612,9 @@ async fn lifecycle() -> Result<()> {
         .patch("gpu-1", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     by_name("gpu-1")?.drop_entry(&uid).await?;
+    // cpu-1 never held d1 but listed it (the forged size): it drops the
+    // entry too, or the finalizer would wait for it.
+    by_name("cpu-1")?.drop_entry(&uid).await?;
     heartbeats
         .remove("gpu-2")
         .context("gpu-2 heartbeat")?
@@ -583,6 +632,215 @@ async fn lifecycle() -> Result<()> {
         "label left on the down node"
     );
 
+    operator.task.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_identity_origin_changes_edits_and_path_ownership() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(120), identity())
+        .await
+        .context("test timed out")?
+}
+
+async fn status_where(
+    dists: &Api<Distribution>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&peerfill_crds::DistributionStatus) -> bool,
+) -> Result<peerfill_crds::DistributionStatus> {
+    eventually(15, what, || async {
+        Ok(dists
+            .get_opt(name)
+            .await?
+            .and_then(|d| d.status)
+            .filter(|s| check(s)))
+    })
+    .await
+}
+
+async fn identity() -> Result<()> {
+    let api = start_api().await?;
+    let client = api.client()?;
+    for name in ["gpu-1", "gpu-2"] {
+        create_node(&client, name, &[("pool", "gpu")], false).await?;
+    }
+    let operator = start_operator(&client, "op-a")?;
+    let fills: Api<NodeFill> = Api::all(client.clone());
+    let mut agents = BTreeMap::new();
+    let mut heartbeats = Vec::new();
+    for (i, name) in ["gpu-1", "gpu-2"].iter().enumerate() {
+        let agent = FakeAgent::new(&client, name, 7101 + i as u16)?;
+        agent.join().await?;
+        heartbeats.push(agent.heartbeat());
+        agents.insert(name.to_string(), agent);
+    }
+    let dists: Api<Distribution> = Api::namespaced(client.clone(), "default");
+    let d1 = dists
+        .create(&PostParams::default(), &distribution("d1", 1))
+        .await?;
+    let uid = d1.uid().context("uid")?;
+    let first = eventually(15, "d1 assignment", || async {
+        assignments(&fills, "gpu-1", &uid).await
+    })
+    .await?;
+    let cid1 = first.content_id.clone();
+    let reader = agents[&first.origin_readers[0].node].clone();
+    let other = agents
+        .values()
+        .find(|a| a.name != reader.name)
+        .cloned()
+        .context("other agent")?;
+
+    // The reader (the only hash authority) reports size, root and the
+    // origin's ETag: all three are pinned into every assignment.
+    let root = format!("blake3:{}", "ab".repeat(32));
+    let size = 2 * MIB;
+    reader
+        .set_with(
+            &d1,
+            "Downloading",
+            Some(size),
+            MIB,
+            None,
+            json!({ "root": root, "originVersion": "\"v1\"" }),
+        )
+        .await?;
+    let pinned = eventually(15, "size, root and origin version pinned", || async {
+        Ok(assignments(&fills, &other.name, &uid)
+            .await?
+            .filter(|a| a.size == Some(size) && a.manifest_digest.as_deref() == Some(&root)))
+    })
+    .await?;
+    assert_eq!(pinned.content_id, cid1);
+    let http = pinned.source.http.context("http source")?;
+    assert_eq!(http.origin_version.as_deref(), Some("\"v1\""));
+    let st = status_where(&dists, "d1", "status shows the identity", |s| {
+        s.manifest_digest.as_deref() == Some(root.as_str())
+    })
+    .await?;
+    assert_eq!(st.content_id.as_deref(), Some(cid1.as_str()));
+    assert_eq!(st.origin_revision, Some(0));
+    assert_eq!(st.size, Some(size));
+
+    // The origin changes under the reader: a new revision, a new content id,
+    // nothing pinned.
+    reader
+        .set_with(
+            &d1,
+            "Failed",
+            None,
+            MIB,
+            Some("OriginChanged"),
+            json!({ "originVersion": "\"v2\"" }),
+        )
+        .await?;
+    let st = status_where(&dists, "d1", "origin revision 1", |s| {
+        s.origin_revision == Some(1)
+    })
+    .await?;
+    assert_eq!(st.phase, Some(Phase::Progressing));
+    let cid2 = st.content_id.clone().context("content id")?;
+    assert_ne!(cid2, cid1);
+    let restarted = eventually(15, "new content id assigned", || async {
+        Ok(assignments(&fills, &other.name, &uid)
+            .await?
+            .filter(|a| a.content_id == cid2))
+    })
+    .await?;
+    assert_eq!(restarted.size, None);
+    assert_eq!(restarted.manifest_digest, None);
+    assert_eq!(restarted.source.http.and_then(|h| h.origin_version), None);
+
+    // The new version completes on both nodes.
+    reader
+        .set_with(
+            &d1,
+            "Complete",
+            Some(size),
+            size,
+            None,
+            json!({ "root": root, "originVersion": "\"v2\"" }),
+        )
+        .await?;
+    eventually(15, "new version pinned", || async {
+        Ok(assignments(&fills, &other.name, &uid)
+            .await?
+            .filter(|a| a.size == Some(size) && a.content_id == cid2))
+    })
+    .await?;
+    other.set(&d1, "Complete", Some(size), size, None).await?;
+    status_where(&dists, "d1", "Complete", |s| {
+        s.phase == Some(Phase::Complete)
+    })
+    .await?;
+
+    // Editing the URL of a Complete Distribution: a new content id on every
+    // node, back to Progressing for the new generation.
+    let patch =
+        json!({ "spec": { "source": { "http": { "url": "http://127.0.0.1:9/model-v3.bin" } } } });
+    dists
+        .patch("d1", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let st = status_where(&dists, "d1", "edit observed", |s| {
+        s.observed_generation == Some(2)
+    })
+    .await?;
+    assert_eq!(st.phase, Some(Phase::Progressing));
+    let cid3 = st.content_id.clone().context("content id")?;
+    assert!(cid3 != cid1 && cid3 != cid2);
+    for n in ["gpu-1", "gpu-2"] {
+        eventually(15, "edited content id assigned", || async {
+            Ok(assignments(&fills, n, &uid)
+                .await?
+                .filter(|a| a.content_id == cid3 && a.size.is_none()))
+        })
+        .await?;
+    }
+
+    // A second Distribution on an overlapping path (here: the directory
+    // that holds d1's file) gets nothing and names the owner.
+    let mut thief = distribution("thief", 1);
+    thief.spec.target.path = "models".into();
+    let thief = dists.create(&PostParams::default(), &thief).await?;
+    let thief_uid = thief.uid().context("uid")?;
+    let st = status_where(&dists, "thief", "PathConflict", |s| {
+        s.phase == Some(Phase::Failed)
+    })
+    .await?;
+    let failed = st.condition(CONDITION_FAILED).context("Failed")?;
+    assert_eq!(failed.reason, "PathConflict");
+    assert!(failed.message.contains("default/d1"), "{}", failed.message);
+    for n in ["gpu-1", "gpu-2"] {
+        assert!(assignments(&fills, n, &thief_uid).await?.is_none());
+    }
+
+    // Once d1 is gone (its agents removed it), the path is free.
+    dists.delete("d1", &DeleteParams::default()).await?;
+    eventually(15, "d1 assignments dropped", || async {
+        let a = assignments(&fills, "gpu-1", &uid).await?;
+        let b = assignments(&fills, "gpu-2", &uid).await?;
+        Ok((a.is_none() && b.is_none()).then_some(()))
+    })
+    .await?;
+    for agent in agents.values() {
+        agent.drop_entry(&uid).await?;
+    }
+    eventually(15, "d1 gone", || async {
+        Ok(dists.get_opt("d1").await?.is_none().then_some(()))
+    })
+    .await?;
+    eventually(30, "thief gets its turn", || async {
+        Ok(assignments(&fills, "gpu-1", &thief_uid).await?)
+    })
+    .await?;
+    status_where(&dists, "thief", "thief no longer in conflict", |s| {
+        s.phase != Some(Phase::Failed)
+    })
+    .await?;
+    for h in heartbeats {
+        h.abort();
+    }
     operator.task.abort();
     Ok(())
 }

@@ -1,0 +1,205 @@
+//! What the operator remembers between reconciles that the API objects do
+//! not hold: when each node's progress last moved (to find stalled origin
+//! readers), when the origin last changed under each Distribution (to bound
+//! restarts), and since when the hash authorities of a content disagree.
+//! Pure: the shell feeds it observations with the time; the decisions read
+//! a snapshot of it through [`crate::plan::World`]. Lost on a restart,
+//! which only delays those bounds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use peerfill_crds::{DistributionStatus, NodeFill, NodePhase};
+
+/// How far back origin changes count towards `OriginUnstable`.
+pub const ORIGIN_CHANGE_WINDOW_SECONDS: i64 = 600;
+
+/// The last progress seen of one node on one distribution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    content_id: Option<String>,
+    phase: NodePhase,
+    bytes_done: u64,
+    /// When any of the above last changed.
+    since: Timestamp,
+}
+
+/// See the module documentation.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    /// By (node, distribution uid).
+    progress: BTreeMap<(String, String), Seen>,
+    /// By uid: origin revision -> when this operator first wrote it.
+    origin_changes: BTreeMap<String, BTreeMap<u32, Timestamp>>,
+    /// By content id: since when its authorities disagree.
+    disagree_since: BTreeMap<String, Timestamp>,
+}
+
+impl Memory {
+    /// Records every node's per-distribution progress; entries that moved
+    /// restart their clock, vanished ones are forgotten.
+    pub fn observe(&mut self, fills: &BTreeMap<String, Arc<NodeFill>>, now: Timestamp) {
+        let mut next = BTreeMap::new();
+        for (node, fill) in fills {
+            let Some(status) = &fill.status else {
+                continue;
+            };
+            for d in &status.distributions {
+                let key = (node.clone(), d.uid.clone());
+                let seen = Seen {
+                    content_id: d.content_id.clone(),
+                    phase: d.phase,
+                    bytes_done: d.bytes_done,
+                    since: now,
+                };
+                let kept = match self.progress.remove(&key) {
+                    Some(old)
+                        if old.content_id == seen.content_id
+                            && old.phase == seen.phase
+                            && old.bytes_done == seen.bytes_done =>
+                    {
+                        old
+                    }
+                    _ => seen,
+                };
+                next.insert(key, kept);
+            }
+        }
+        self.progress = next;
+    }
+
+    /// Seconds `node` has been `Downloading` content `content_id` of `uid`
+    /// without any change of its verified bytes (None when it is not
+    /// downloading that content, or was never seen).
+    pub fn stalled_seconds(
+        &self,
+        node: &str,
+        uid: &str,
+        content_id: &str,
+        now: Timestamp,
+    ) -> Option<i64> {
+        let seen = self.progress.get(&(node.to_string(), uid.to_string()))?;
+        (seen.phase == NodePhase::Downloading && seen.content_id.as_deref() == Some(content_id))
+            .then(|| now.as_second() - seen.since.as_second())
+    }
+
+    /// Origin changes of `uid` within [`ORIGIN_CHANGE_WINDOW_SECONDS`].
+    pub fn recent_origin_changes(&self, uid: &str, now: Timestamp) -> usize {
+        self.origin_changes.get(uid).map_or(0, |m| {
+            m.values()
+                .filter(|t| now.as_second() - t.as_second() <= ORIGIN_CHANGE_WINDOW_SECONDS)
+                .count()
+        })
+    }
+
+    /// Seconds the authorities of `content_id` have disagreed.
+    pub fn disagreeing_seconds(&self, content_id: &str, now: Timestamp) -> Option<i64> {
+        self.disagree_since
+            .get(content_id)
+            .map(|t| now.as_second() - t.as_second())
+    }
+
+    /// Records what a status the operator wrote (or found current) says:
+    /// a new origin revision, or authorities that disagree.
+    pub fn note_status(
+        &mut self,
+        uid: &str,
+        old: Option<&DistributionStatus>,
+        new: &DistributionStatus,
+        disagreeing: bool,
+        now: Timestamp,
+    ) {
+        let old_revision = old.and_then(|o| o.origin_revision).unwrap_or(0);
+        let revision = new.origin_revision.unwrap_or(0);
+        if revision > old_revision {
+            let changes = self.origin_changes.entry(uid.to_string()).or_default();
+            changes.entry(revision).or_insert(now);
+            changes.retain(|_, t| now.as_second() - t.as_second() <= ORIGIN_CHANGE_WINDOW_SECONDS);
+        }
+        if let Some(id) = &new.content_id {
+            if disagreeing {
+                self.disagree_since.entry(id.clone()).or_insert(now);
+            } else {
+                self.disagree_since.remove(id);
+            }
+        }
+    }
+
+    /// Forgets a Distribution that is gone.
+    pub fn forget(&mut self, uid: &str) {
+        self.origin_changes.remove(uid);
+    }
+
+    /// Test helper: pretends the origin of `uid` changed at `at`.
+    #[cfg(test)]
+    pub fn record_origin_change(&mut self, uid: &str, revision: u32, at: Timestamp) {
+        self.origin_changes
+            .entry(uid.to_string())
+            .or_default()
+            .insert(revision, at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::tests::{now, report};
+    use peerfill_crds::{NodeFillSpec, NodePhase};
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(now().as_second() + s).unwrap()
+    }
+
+    fn fills(phase: NodePhase, done: u64, cid: &str) -> BTreeMap<String, Arc<NodeFill>> {
+        let mut f = NodeFill::new("a", NodeFillSpec::default());
+        report(&mut f, "u", phase, None, done);
+        f.status.as_mut().unwrap().distributions[0].content_id = Some(cid.into());
+        [("a".to_string(), Arc::new(f))].into()
+    }
+
+    #[test]
+    fn stall_clock_restarts_on_any_progress() {
+        let mut m = Memory::default();
+        m.observe(&fills(NodePhase::Downloading, 10, "c1"), at(0));
+        m.observe(&fills(NodePhase::Downloading, 10, "c1"), at(20));
+        assert_eq!(m.stalled_seconds("a", "u", "c1", at(31)), Some(31));
+        assert_eq!(m.stalled_seconds("a", "u", "c2", at(31)), None);
+        m.observe(&fills(NodePhase::Downloading, 11, "c1"), at(40));
+        assert_eq!(m.stalled_seconds("a", "u", "c1", at(45)), Some(5));
+        m.observe(&fills(NodePhase::Complete, 11, "c1"), at(50));
+        assert_eq!(m.stalled_seconds("a", "u", "c1", at(99)), None);
+        m.observe(&BTreeMap::new(), at(100));
+        assert_eq!(m.stalled_seconds("a", "u", "c1", at(100)), None);
+    }
+
+    #[test]
+    fn origin_changes_count_within_the_window_once_per_revision() {
+        let mut m = Memory::default();
+        let st = |rev: u32| DistributionStatus {
+            origin_revision: Some(rev),
+            ..DistributionStatus::default()
+        };
+        m.note_status("u", Some(&st(0)), &st(1), false, at(0));
+        // The same bump seen again (a stale cache) counts once.
+        m.note_status("u", Some(&st(0)), &st(1), false, at(1));
+        m.note_status("u", Some(&st(1)), &st(2), false, at(100));
+        assert_eq!(m.recent_origin_changes("u", at(100)), 2);
+        assert_eq!(m.recent_origin_changes("u", at(650)), 1);
+        assert_eq!(m.recent_origin_changes("other", at(0)), 0);
+    }
+
+    #[test]
+    fn disagreement_clock_per_content_id() {
+        let mut m = Memory::default();
+        let st = DistributionStatus {
+            content_id: Some("c".into()),
+            ..DistributionStatus::default()
+        };
+        m.note_status("u", None, &st, true, at(0));
+        m.note_status("u", None, &st, true, at(30));
+        assert_eq!(m.disagreeing_seconds("c", at(30)), Some(30));
+        m.note_status("u", None, &st, false, at(31));
+        assert_eq!(m.disagreeing_seconds("c", at(31)), None);
+    }
+}
