@@ -213,4 +213,72 @@ mod tests {
             assert_eq!(reasons(old, new), want, "{what}");
         }
     }
+
+    #[test]
+    fn trouble_while_progressing_is_a_warning() {
+        let with = |reason: &str, revision: u32| {
+            let mut s = st(Phase::Progressing, 2, &[]);
+            s.origin_revision = Some(revision);
+            s.conditions
+                .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                    type_: CONDITION_PROGRESSING.into(),
+                    status: "True".into(),
+                    reason: reason.into(),
+                    message: format!("because {reason}"),
+                    observed_generation: Some(1),
+                    last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                    ),
+                });
+            s
+        };
+        let warnings = |old: &DistributionStatus, new: &DistributionStatus| {
+            events(Some(old), new)
+                .into_iter()
+                .filter(|e| e.warning)
+                .map(|e| e.reason)
+                .collect::<Vec<_>>()
+        };
+        let cases = [
+            (
+                "origin changed",
+                with("Transferring", 0),
+                with("OriginChanged", 1),
+                vec!["OriginChanged"],
+            ),
+            (
+                "changed again",
+                with("OriginChanged", 1),
+                with("OriginChanged", 2),
+                vec!["OriginChanged"],
+            ),
+            (
+                "same state",
+                with("OriginChanged", 1),
+                with("OriginChanged", 1),
+                vec![],
+            ),
+            (
+                "disagree",
+                with("Transferring", 0),
+                with("AuthoritiesDisagree", 0),
+                vec!["AuthoritiesDisagree"],
+            ),
+            (
+                "seeder",
+                with("Transferring", 0),
+                with("SeederUnavailable", 0),
+                vec!["SeederUnavailable"],
+            ),
+            (
+                "ordinary",
+                with("WaitingForNodes", 0),
+                with("Transferring", 0),
+                vec![],
+            ),
+        ];
+        for (what, old, new, want) in cases {
+            assert_eq!(warnings(&old, &new), want, "{what}");
+        }
+    }
 }

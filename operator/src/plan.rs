@@ -362,6 +362,7 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
             })
         }
     };
+    let chosen = names.clone();
     let readers = reader_ranges(names, size, dist.spec.strategy.piece_size);
 
     let user_root = dist
@@ -377,8 +378,10 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
             size?;
             // Once the size is pinned: readers beyond the piece count are
             // dropped and do not hash anything.
+            // A 0-byte content has no ranges: every chosen reader hashes it.
             let holders: Vec<&str> = match &seeder {
                 Some(s) => vec![s.as_str()],
+                None if readers.is_empty() => chosen.iter().map(String::as_str).collect(),
                 None => readers.iter().map(|r| r.node.as_str()).collect(),
             };
             let values: Vec<(&str, Option<String>)> = holders
@@ -720,10 +723,7 @@ pub(crate) mod tests {
     use crate::select::tests::up_fill;
     use k8s_openapi::api::core::v1::{NodeSpec, Taint};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use peerfill_crds::{
-        DistributionSpec, HttpSource, NodeDistributionStatus, NodePhase, NodeSource, Source,
-        Strategy, Target,
-    };
+    use peerfill_crds::{DistributionSpec, HttpSource, NodeSource, Source, Strategy, Target};
 
     pub fn now() -> Timestamp {
         Timestamp::from_second(1_700_000_000).unwrap()
@@ -1142,6 +1142,376 @@ pub(crate) mod tests {
         let p = plan(&w);
         assert!(p.distributions.is_empty());
         assert!(p.specs["a"].distributions.is_empty());
+    }
+
+    /// Sets fields of `node`'s report on `uid` (creating it on the current
+    /// version of an unedited [`http_dist`]).
+    pub fn edit_report(
+        w: &mut World,
+        node: &str,
+        uid: &str,
+        f: impl FnOnce(&mut NodeDistributionStatus),
+    ) {
+        let mut fill = (*w.fills[node]).clone();
+        let exists = fill
+            .status
+            .as_ref()
+            .is_some_and(|s| s.distributions.iter().any(|d| d.uid == uid));
+        if !exists {
+            report(&mut fill, uid, NodePhase::Downloading, None, 0);
+        }
+        let status = fill.status.as_mut().expect("status");
+        let entry = status
+            .distributions
+            .iter_mut()
+            .find(|d| d.uid == uid)
+            .expect("entry");
+        f(entry);
+        w.fills.insert(node.to_string(), Arc::new(fill));
+    }
+
+    fn abcd_world(readers: u32) -> World {
+        let nodes = ["a", "b", "c", "d"].map(|n| node(n, &[])).to_vec();
+        world(
+            vec![http_dist("d", "u", readers)],
+            nodes,
+            &["a", "b", "c", "d"],
+        )
+    }
+
+    fn reader_names(w: &World) -> Vec<String> {
+        plan_distribution(&w.distributions[0], w)
+            .unwrap()
+            .readers
+            .into_iter()
+            .map(|r| r.node)
+            .collect()
+    }
+
+    #[test]
+    fn content_id_changes_with_every_version_edit_only() {
+        let base = (*http_dist("d", "u", 2)).clone();
+        let id = |d: &Distribution| content_id(d, "u");
+        type Edit = Box<dyn Fn(&mut Distribution)>;
+        let edits: Vec<(&str, Edit, bool)> = vec![
+            (
+                "url",
+                Box::new(|d| d.spec.source.http.as_mut().unwrap().url = "http://o/v2".into()),
+                true,
+            ),
+            (
+                "digest",
+                Box::new(|d| {
+                    d.spec.source.http.as_mut().unwrap().digest =
+                        Some(format!("sha256:{}", "0".repeat(64)))
+                }),
+                true,
+            ),
+            (
+                "target path",
+                Box::new(|d| d.spec.target.path = "models/other.bin".into()),
+                true,
+            ),
+            (
+                "piece size",
+                Box::new(|d| d.spec.strategy.piece_size = 1 << 21),
+                true,
+            ),
+            (
+                "origin revision",
+                Box::new(|d| {
+                    d.status = Some(peerfill_crds::DistributionStatus {
+                        origin_revision: Some(1),
+                        ..Default::default()
+                    })
+                }),
+                true,
+            ),
+            (
+                "source kind",
+                Box::new(|d| {
+                    d.spec.source.http = None;
+                    d.spec.source.node = Some(NodeSource {
+                        node_name: "b".into(),
+                        path: "x".into(),
+                    });
+                }),
+                true,
+            ),
+            (
+                "priority",
+                Box::new(|d| d.spec.strategy.priority = 7),
+                false,
+            ),
+            (
+                "readers",
+                Box::new(|d| d.spec.strategy.max_origin_connections = 9),
+                false,
+            ),
+            (
+                "selector",
+                Box::new(|d| {
+                    d.spec.target.node_selector = [("k".to_string(), "v".to_string())].into()
+                }),
+                false,
+            ),
+            (
+                "generation",
+                Box::new(|d| d.metadata.generation = Some(5)),
+                false,
+            ),
+        ];
+        for (what, edit, changes) in edits {
+            let mut d = base.clone();
+            edit(&mut d);
+            assert_eq!(id(&d) != id(&base), changes, "{what}");
+        }
+        assert_ne!(content_id(&base, "u"), content_id(&base, "u2"), "uid");
+    }
+
+    #[test]
+    fn size_is_pinned_only_when_every_reader_agrees() {
+        let mut w = abcd_world(2);
+        let readers = reader_names(&w);
+        let outsider = ["a", "b", "c", "d"]
+            .into_iter()
+            .find(|n| !readers.iter().any(|r| r == n))
+            .unwrap();
+        let size = |w: &World| plan_distribution(&w.distributions[0], w).unwrap().size;
+        let disagreement = |w: &World| {
+            plan_distribution(&w.distributions[0], w)
+                .unwrap()
+                .disagreement
+        };
+        // A non-authority's size (the forged-size attack) is never used.
+        edit_report(&mut w, outsider, "u", |r| r.size = Some(5));
+        assert_eq!(size(&w), None);
+        // A report on another content id counts as none.
+        edit_report(&mut w, &readers[0], "u", |r| {
+            r.size = Some(10 << 20);
+            r.content_id = Some("old-version".into());
+        });
+        edit_report(&mut w, &readers[1], "u", |r| r.size = Some(10 << 20));
+        assert_eq!(size(&w), None);
+        edit_report(&mut w, &readers[0], "u", |r| {
+            r.content_id = Some(test_content_id("u"))
+        });
+        assert_eq!(size(&w), Some(10 << 20));
+        assert_eq!(disagreement(&w), None);
+        // Readers that disagree pin nothing and say why.
+        edit_report(&mut w, &readers[1], "u", |r| r.size = Some(11 << 20));
+        assert_eq!(size(&w), None);
+        let why = disagreement(&w).unwrap();
+        assert!(why.starts_with("size:"), "{why}");
+    }
+
+    #[test]
+    fn root_and_origin_version_are_pinned_from_the_readers() {
+        let mut w = abcd_world(2);
+        let readers = reader_names(&w);
+        let root = |c: &str| format!("blake3:{}", c.repeat(64));
+        for (i, r) in readers.iter().enumerate() {
+            edit_report(&mut w, r, "u", |e| {
+                e.size = Some(4 << 20);
+                e.origin_version = Some(format!("\"v{i}\""));
+            });
+        }
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert_eq!(p.manifest_digest, None, "no root reported yet");
+        // The first reader in reader order pins the origin version.
+        assert_eq!(p.origin_version.as_deref(), Some("\"v0\""));
+        let plan_all = plan(&w);
+        for n in ["a", "b", "c", "d"] {
+            let a = &plan_all.specs[n].distributions[0];
+            assert_eq!(
+                a.source.http.as_ref().unwrap().origin_version.as_deref(),
+                Some("\"v0\""),
+                "{n}"
+            );
+        }
+        edit_report(&mut w, &readers[0], "u", |e| e.root = Some(root("a")));
+        assert_eq!(
+            plan_distribution(&w.distributions[0], &w)
+                .unwrap()
+                .manifest_digest,
+            None,
+            "one reader is not all"
+        );
+        edit_report(&mut w, &readers[1], "u", |e| e.root = Some(root("b")));
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert_eq!(p.manifest_digest, None);
+        assert!(p.disagreement.unwrap().starts_with("root:"));
+        edit_report(&mut w, &readers[1], "u", |e| e.root = Some(root("a")));
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert_eq!(p.manifest_digest, Some(root("a")));
+        assert_eq!(
+            plan(&w).specs["a"].distributions[0].manifest_digest,
+            Some(root("a"))
+        );
+
+        // A user's blake3 digest is the root at once; a sha256 one is not.
+        for (digest, pinned) in [
+            (root("c"), true),
+            (format!("sha256:{}", "c".repeat(64)), false),
+        ] {
+            let mut d = (*http_dist("d", "u", 2)).clone();
+            d.spec.source.http.as_mut().unwrap().digest = Some(digest.clone());
+            let w = world(vec![Arc::new(d)], vec![node("a", &[])], &["a"]);
+            let p = plan_distribution(&w.distributions[0], &w).unwrap();
+            assert_eq!(p.manifest_digest.is_some(), pinned, "{digest}");
+        }
+    }
+
+    #[test]
+    fn pins_are_sticky_per_content_id_only() {
+        let mut w = abcd_world(1);
+        let reader = reader_names(&w)[0].clone();
+        edit_report(&mut w, &reader, "u", |e| e.size = Some(3 << 20));
+        let first = plan(&w);
+        // The specs are written; the reader's report disappears (restart).
+        let mut fills = BTreeMap::new();
+        for (n, f) in &w.fills {
+            let mut f = (**f).clone();
+            f.spec = first.specs[n].clone();
+            f.status.as_mut().unwrap().distributions.clear();
+            fills.insert(n.clone(), Arc::new(f));
+        }
+        w.fills = fills;
+        assert_eq!(plan(&w).distributions["u"].size, Some(3 << 20), "sticky");
+        // An edit (new content id) starts with nothing pinned.
+        let mut d = (*w.distributions[0]).clone();
+        d.spec.source.http.as_mut().unwrap().url = "http://o/v2".into();
+        w.distributions[0] = Arc::new(d);
+        assert_eq!(plan(&w).distributions["u"].size, None, "new version");
+    }
+
+    #[test]
+    fn zero_byte_content_is_pinned_by_every_chosen_reader() {
+        let mut w = abcd_world(2);
+        let readers = reader_names(&w);
+        let root = format!("blake3:{}", "e".repeat(64));
+        for r in &readers {
+            edit_report(&mut w, r, "u", |e| {
+                e.size = Some(0);
+                e.root = Some(root.clone());
+            });
+        }
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert_eq!((p.size, p.readers.len()), (Some(0), 0));
+        assert_eq!(p.manifest_digest, Some(root));
+    }
+
+    #[test]
+    fn readers_are_replaced_in_place_for_local_faults_and_stalls() {
+        use crate::memory::Memory;
+        // The memory saw the reports READER_STALL_SECONDS ago (heartbeats
+        // stay fresh: the agents are up).
+        let earlier = Timestamp::from_second(now().as_second() - READER_STALL_SECONDS).unwrap();
+        // (what, reason of readers[0]'s Failed report or None, stalled
+        // readers, replaced?)
+        let cases: Vec<(&str, Option<&str>, &[usize], bool)> = vec![
+            ("healthy", None, &[], false),
+            ("disk full", Some("InsufficientSpace"), &[], true),
+            ("storage error", Some("StorageError"), &[], true),
+            ("unknown local reason", Some("Weird"), &[], true),
+            (
+                "origin down for everyone",
+                Some("OriginUnreachable"),
+                &[],
+                false,
+            ),
+            ("origin gone", Some("OriginNotFound"), &[], false),
+            ("stalled", None, &[0], true),
+            (
+                "every reader stalled: the origin is slow",
+                None,
+                &[0, 1],
+                false,
+            ),
+        ];
+        for (what, reason, stalled, replaced) in cases {
+            let mut w = abcd_world(2);
+            let first = plan(&w);
+            let before = reader_names(&w);
+            // Specs written, so the previous readers are known.
+            let mut fills = BTreeMap::new();
+            for (n, f) in &w.fills {
+                let mut f = (**f).clone();
+                f.spec = first.specs[n].clone();
+                fills.insert(n.clone(), Arc::new(f));
+            }
+            w.fills = fills;
+            for (i, r) in before.iter().enumerate() {
+                edit_report(&mut w, r, "u", |e| {
+                    e.phase = NodePhase::Downloading;
+                    e.bytes_done = 1 << 20;
+                    if i == 0
+                        && let Some(reason) = reason
+                    {
+                        e.phase = NodePhase::Failed;
+                        e.reason = Some(reason.into());
+                    }
+                });
+            }
+            let mut memory = Memory::default();
+            memory.observe(&w.fills, earlier);
+            // Readers not stalled moved on meanwhile.
+            for (i, r) in before.iter().enumerate() {
+                if !stalled.contains(&i) {
+                    edit_report(&mut w, r, "u", |e| e.bytes_done += 1);
+                }
+            }
+            memory.observe(&w.fills, w.now);
+            w.memory = memory;
+            let after = reader_names(&w);
+            assert_eq!(after.len(), 2, "{what}");
+            assert_eq!(
+                after[1], before[1],
+                "{what}: the other reader keeps its slot"
+            );
+            assert_eq!(
+                after[0] != before[0],
+                replaced,
+                "{what}: {before:?} -> {after:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn private_origins_and_path_conflicts_get_no_work() {
+        let mut d = (*http_dist("d", "u", 1)).clone();
+        d.spec.source.http.as_mut().unwrap().url = "http://169.254.169.254/latest".into();
+        let d = Arc::new(d);
+        let w = world(vec![d.clone()], vec![node("a", &[])], &["a"]);
+        assert!(plan_distribution(&d, &w).is_ok(), "allowed by the flag");
+        let strict = w.clone().with(false, Memory::default());
+        match plan_distribution(&d, &strict) {
+            Err(NoWork::OriginForbidden(m)) => assert!(m.contains("169.254.169.254"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(plan(&strict).specs["a"].distributions.is_empty());
+
+        let mut older = (*http_dist("old", "u1", 1)).clone();
+        let mut newer = (*http_dist("new", "u2", 1)).clone();
+        older.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+        newer.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::from_second(now().as_second() + 1).unwrap(),
+            ));
+        newer.metadata.namespace = Some("other".into());
+        let w = world(
+            vec![Arc::new(newer.clone()), Arc::new(older)],
+            vec![node("a", &[])],
+            &["a"],
+        );
+        match plan_distribution(&newer, &w) {
+            Err(NoWork::PathConflict(c)) => assert_eq!(c.owner, "default/old"),
+            other => panic!("{other:?}"),
+        }
+        let p = plan(&w);
+        assert_eq!(p.specs["a"].distributions.len(), 1);
+        assert_eq!(p.specs["a"].distributions[0].uid, "u1");
     }
 
     #[test]

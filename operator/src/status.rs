@@ -547,7 +547,7 @@ pub fn progress_only_change(old: Option<&DistributionStatus>, new: &Distribution
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::tests::{http_dist, node, now, report, world};
+    use crate::plan::tests::{edit_report, http_dist, node, now, report, world};
     use crate::plan::{World, plan_distribution};
     use std::sync::Arc;
 
@@ -754,6 +754,254 @@ mod tests {
             p.message
         );
         assert_eq!(st.ready.as_deref(), Some("0/0"));
+    }
+
+    fn two_node_world() -> (World, String, String) {
+        let w = world(
+            vec![http_dist("d", "u", 1)],
+            vec![node("a", &[]), node("b", &[])],
+            &["a", "b"],
+        );
+        let reader = plan_distribution(&w.distributions[0], &w).unwrap().readers[0]
+            .node
+            .clone();
+        let other = if reader == "a" { "b" } else { "a" }.to_string();
+        (w, reader, other)
+    }
+
+    fn fail(w: &mut World, node: &str, reason: &str) {
+        edit_report(w, node, "u", |e| {
+            e.phase = NodePhase::Failed;
+            e.reason = Some(reason.into());
+            e.message = Some(format!("{reason} on {node}"));
+        });
+    }
+
+    #[test]
+    fn origin_change_restarts_on_a_new_revision_and_is_bounded() {
+        let (mut w, reader, other) = two_node_world();
+        edit_report(&mut w, &other, "u", |e| {
+            e.phase = NodePhase::Downloading;
+            e.bytes_done = 10;
+        });
+        fail(&mut w, &reader, REASON_ORIGIN_CHANGED);
+        let st = status_of(&w);
+        assert_eq!(st.origin_revision, Some(1));
+        assert_eq!(st.phase, Some(Phase::Progressing));
+        assert_eq!(
+            cond(&st, CONDITION_PROGRESSING).reason,
+            REASON_ORIGIN_CHANGED
+        );
+        assert_eq!(cond(&st, CONDITION_FAILED).status, "False");
+        let mut d = (*w.distributions[0]).clone();
+        let new_id = Assignment::content_id_for_version("u", &version_key(&d), 1);
+        assert_eq!(st.content_id.as_deref(), Some(new_id.as_str()));
+        assert_eq!((st.size, st.manifest_digest.clone()), (None, None));
+        // Written, the revision gives the plan the new content id, and the
+        // old report no longer counts: no second bump.
+        d.status = Some(st.clone());
+        w.distributions[0] = Arc::new(d);
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert_eq!(p.content_id, new_id);
+        let again = status_of(&w);
+        assert_eq!(again.origin_revision, Some(1));
+
+        // Too many changes lately: Failed, OriginUnstable, no bump.
+        let (mut w, reader, _) = two_node_world();
+        fail(&mut w, &reader, REASON_ORIGIN_CHANGED);
+        for rev in 1..=ORIGIN_UNSTABLE_CHANGES as u32 {
+            w.memory.record_origin_change("u", rev, now());
+        }
+        let st = status_of(&w);
+        assert_eq!(st.phase, Some(Phase::Failed));
+        assert_eq!(cond(&st, CONDITION_FAILED).reason, REASON_ORIGIN_UNSTABLE);
+        assert_eq!(st.origin_revision, Some(0));
+    }
+
+    #[test]
+    fn disagreeing_authorities_wait_then_restart() {
+        let w = world(
+            vec![http_dist("d", "u", 2)],
+            vec![node("a", &[]), node("b", &[])],
+            &["a", "b"],
+        );
+        let mut w = w;
+        edit_report(&mut w, "a", "u", |e| e.size = Some(100));
+        edit_report(&mut w, "b", "u", |e| e.size = Some(200));
+        let st = status_of(&w);
+        assert_eq!(st.phase, Some(Phase::Progressing));
+        let p = cond(&st, CONDITION_PROGRESSING);
+        assert_eq!(p.reason, REASON_AUTHORITIES_DISAGREE);
+        assert!(p.message.contains("size"), "{}", p.message);
+        assert_eq!(st.size, None);
+        // The shell notes the disagreement; past the bound it restarts.
+        w.memory.note_status("u", None, &st, true, now());
+        assert_eq!(status_of(&w).origin_revision, Some(0));
+        w.now = Timestamp::from_second(now().as_second() + AUTHORITIES_DISAGREE_SECONDS).unwrap();
+        // (Heartbeats would be stale by then: the test keeps the agents up.)
+        w.fills = w
+            .fills
+            .iter()
+            .map(|(n, f)| {
+                let mut f = (**f).clone();
+                f.status.as_mut().unwrap().last_heartbeat = Some(Time(w.now));
+                (n.clone(), Arc::new(f))
+            })
+            .collect();
+        let st = status_of(&w);
+        assert_eq!(st.origin_revision, Some(1));
+        assert_eq!(
+            cond(&st, CONDITION_PROGRESSING).reason,
+            REASON_AUTHORITIES_DISAGREE
+        );
+    }
+
+    #[test]
+    fn local_faults_never_fail_the_others() {
+        // (what, the failing node is the reader?, its reason, others'
+        // phase, expected phase, expected main reason)
+        use NodePhase::*;
+        let cases = [
+            (
+                "reader disk full, other still fetching",
+                true,
+                "InsufficientSpace",
+                Downloading,
+                Phase::Progressing,
+                REASON_TRANSFERRING,
+            ),
+            (
+                "reader disk full, other complete",
+                true,
+                "InsufficientSpace",
+                Complete,
+                Phase::Failed,
+                REASON_NODES_FAILED,
+            ),
+            (
+                "non-reader storage error",
+                false,
+                "StorageError",
+                Downloading,
+                Phase::Progressing,
+                REASON_TRANSFERRING,
+            ),
+            (
+                "origin down for a while",
+                true,
+                "OriginUnreachable",
+                Downloading,
+                Phase::Progressing,
+                "OriginUnreachable",
+            ),
+            (
+                "origin gone",
+                true,
+                "OriginNotFound",
+                Downloading,
+                Phase::Failed,
+                "OriginNotFound",
+            ),
+            (
+                "non-reader sees a 404",
+                false,
+                "OriginNotFound",
+                Downloading,
+                Phase::Progressing,
+                REASON_TRANSFERRING,
+            ),
+        ];
+        for (what, on_reader, reason, others, phase, main) in cases {
+            let (mut w, reader, other) = two_node_world();
+            let (failing, healthy) = if on_reader {
+                (reader, other)
+            } else {
+                (other, reader)
+            };
+            edit_report(&mut w, &healthy, "u", |e| {
+                e.phase = others;
+                e.size = Some(10);
+                e.bytes_done = 5;
+            });
+            fail(&mut w, &failing, reason);
+            let st = status_of(&w);
+            assert_eq!(st.phase, Some(phase), "{what}");
+            let c = match phase {
+                Phase::Failed => CONDITION_FAILED,
+                _ => CONDITION_PROGRESSING,
+            };
+            assert_eq!(cond(&st, c).reason, main, "{what}");
+            assert_eq!(st.failing_nodes.len(), 1, "{what}");
+            assert_eq!(st.failing_nodes[0].node, failing, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_down_seeder_is_named() {
+        let mut d = (*http_dist("d", "u", 1)).clone();
+        d.spec.source = peerfill_crds::Source {
+            http: None,
+            node: Some(peerfill_crds::NodeSource {
+                node_name: "build".into(),
+                path: "out/x".into(),
+            }),
+        };
+        // "build" has a NodeFill but no ready agent.
+        let w = world(
+            vec![Arc::new(d)],
+            vec![node("build", &[]), node("a", &[])],
+            &["a"],
+        );
+        let st = status_of(&w);
+        assert_eq!(st.phase, Some(Phase::Progressing));
+        let p = cond(&st, CONDITION_PROGRESSING);
+        assert_eq!(p.reason, REASON_SEEDER_UNAVAILABLE);
+        assert!(p.message.contains("build"), "{}", p.message);
+    }
+
+    #[test]
+    fn no_work_statuses_name_the_cause() {
+        let d = http_dist("d", "u", 1);
+        let w = world(vec![d.clone()], vec![node("a", &[])], &["a"]);
+        let conflict = NoWork::PathConflict(crate::policy::PathConflict {
+            owner: "team-a/model".into(),
+            owner_path: "models".into(),
+            path: "models/model.bin".into(),
+        });
+        let forbidden =
+            NoWork::OriginForbidden("spec.source.http.url: the origin host is x".into());
+        for (why, reason, names) in [
+            (conflict, REASON_PATH_CONFLICT, "team-a/model"),
+            (forbidden, REASON_ORIGIN_FORBIDDEN, "spec.source.http.url"),
+        ] {
+            let st = aggregate(&d, Err(&why), &w);
+            assert_eq!(st.phase, Some(Phase::Failed));
+            let f = cond(&st, CONDITION_FAILED);
+            assert_eq!((f.status.as_str(), f.reason.as_str()), ("True", reason));
+            assert!(f.message.contains(names), "{}", f.message);
+            assert_eq!(st.desired_nodes, None, "no work, no counts");
+        }
+    }
+
+    #[test]
+    fn an_edit_of_a_complete_distribution_goes_back_to_progressing() {
+        let w = world(vec![http_dist("d", "u", 1)], vec![node("a", &[])], &["a"]);
+        let mut w = with_reports(w, &[("a", NodePhase::Complete, Some(10), 10)]);
+        let st = status_of(&w);
+        assert_eq!(st.phase, Some(Phase::Complete));
+        let mut d = (*w.distributions[0]).clone();
+        d.status = Some(st.clone());
+        d.spec.source.http.as_mut().unwrap().url = "http://127.0.0.1:8080/v2.bin".into();
+        d.metadata.generation = Some(2);
+        w.distributions[0] = Arc::new(d);
+        // "a" still reports Complete, on the old content id.
+        let st2 = status_of(&w);
+        assert_eq!(st2.phase, Some(Phase::Progressing));
+        assert_eq!(st2.complete_nodes, Some(0));
+        assert_eq!(st2.observed_generation, Some(2));
+        assert_ne!(st2.content_id, st.content_id);
+        assert_eq!(st2.size, None, "the old size is not this version's");
+        assert_eq!(st2.completion_time, None);
     }
 
     #[test]
