@@ -27,7 +27,8 @@ pub const RING_NEIGHBOURS_PER_SIDE: usize = 32;
 /// Node label of the zone, for topology-aware peers.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// An origin reader `Downloading` without any new verified byte for this
-/// long is replaced.
+/// long (or two report intervals, in clusters large enough that agents
+/// report less often) is replaced.
 pub const READER_STALL_SECONDS: i64 = 30;
 
 /// Everything the decisions read: the reflector stores' contents and the
@@ -462,11 +463,19 @@ pub fn unfit_readers<'a>(
     let stalled = |n: &str| {
         let incomplete = report_for(world, n, uid, content_id)
             .is_some_and(|r| size.is_none_or(|s| r.bytes_done < s));
+        // Progress shows only once per report interval: never judge a
+        // stall on fewer than two reports.
+        let interval = world
+            .fills
+            .get(n)
+            .and_then(|f| f.spec.report_interval_seconds)
+            .unwrap_or(budget::MIN_REPORT_INTERVAL_SECONDS);
+        let bound = READER_STALL_SECONDS.max(2 * i64::from(interval));
         incomplete
             && world
                 .memory
                 .stalled_seconds(n, uid, content_id, world.now)
-                .is_some_and(|s| s >= READER_STALL_SECONDS)
+                .is_some_and(|s| s >= bound)
     };
     for p in previous {
         if let Some(t) = targets.iter().find(|t| *t == p)
@@ -1405,23 +1414,32 @@ pub(crate) mod tests {
         // stay fresh: the agents are up).
         let earlier = Timestamp::from_second(now().as_second() - READER_STALL_SECONDS).unwrap();
         // (what, reason of readers[0]'s Failed report or None, stalled
-        // readers, replaced?)
-        let cases: Vec<(&str, Option<&str>, &[usize], bool)> = vec![
-            ("healthy", None, &[], false),
-            ("disk full", Some("InsufficientSpace"), &[], true),
-            ("storage error", Some("StorageError"), &[], true),
-            ("unknown local reason", Some("Weird"), &[], true),
+        // readers, report interval, replaced?)
+        type Case<'a> = (&'a str, Option<&'a str>, &'a [usize], u32, bool);
+        let cases: Vec<Case> = vec![
+            ("healthy", None, &[], 2, false),
+            ("disk full", Some("InsufficientSpace"), &[], 2, true),
+            ("storage error", Some("StorageError"), &[], 2, true),
+            ("unknown local reason", Some("Weird"), &[], 2, true),
             (
                 "origin down for everyone",
                 Some("OriginUnreachable"),
                 &[],
+                2,
                 false,
             ),
-            ("origin gone", Some("OriginNotFound"), &[], false),
-            ("stalled", None, &[0], true),
-            ("every reader stalled", None, &[0, 1], true),
+            ("origin gone", Some("OriginNotFound"), &[], 2, false),
+            ("stalled", None, &[0], 2, true),
+            ("every reader stalled", None, &[0, 1], 2, true),
+            (
+                "no news, but reports come every 20 s",
+                None,
+                &[0],
+                20,
+                false,
+            ),
         ];
-        for (what, reason, stalled, replaced) in cases {
+        for (what, reason, stalled, interval, replaced) in cases {
             let mut w = abcd_world(2);
             let first = plan(&w);
             let before = reader_names(&w);
@@ -1430,6 +1448,7 @@ pub(crate) mod tests {
             for (n, f) in &w.fills {
                 let mut f = (**f).clone();
                 f.spec = first.specs[n].clone();
+                f.spec.report_interval_seconds = Some(interval);
                 fills.insert(n.clone(), Arc::new(f));
             }
             w.fills = fills;
@@ -1459,7 +1478,7 @@ pub(crate) mod tests {
             assert_eq!(after.len(), 2, "{what}");
             assert_eq!(
                 after[1] != before[1],
-                stalled.contains(&1),
+                stalled.contains(&1) && replaced,
                 "{what}: the other reader keeps its slot unless stalled too"
             );
             assert_eq!(
