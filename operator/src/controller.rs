@@ -432,7 +432,10 @@ async fn apply(
     let plan = plan::plan_distribution(dist, &world);
     let new = status::aggregate(dist, plan.as_ref(), &world);
     let (phase, ready) = (new.phase, new.ready.clone());
-    let disagreeing = plan.as_ref().is_ok_and(|p| p.disagreement.is_some());
+    // Only for the content id the status describes (a restart moved on).
+    let disagreeing = plan.as_ref().is_ok_and(|p| {
+        p.disagreement.is_some() && new.content_id.as_deref() == Some(p.content_id.as_str())
+    });
     let revised = new.origin_revision.unwrap_or(0)
         > dist
             .status

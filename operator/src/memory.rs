@@ -32,8 +32,8 @@ pub struct Memory {
     progress: BTreeMap<(String, String), Seen>,
     /// By uid: origin revision -> when this operator first wrote it.
     origin_changes: BTreeMap<String, BTreeMap<u32, Timestamp>>,
-    /// By content id: since when its authorities disagree.
-    disagree_since: BTreeMap<String, Timestamp>,
+    /// By uid: the content id whose authorities disagree, and since when.
+    disagree_since: BTreeMap<String, (String, Timestamp)>,
 }
 
 impl Memory {
@@ -93,15 +93,18 @@ impl Memory {
         })
     }
 
-    /// Seconds the authorities of `content_id` have disagreed.
-    pub fn disagreeing_seconds(&self, content_id: &str, now: Timestamp) -> Option<i64> {
+    /// Seconds the authorities of content `content_id` of `uid` have
+    /// disagreed.
+    pub fn disagreeing_seconds(&self, uid: &str, content_id: &str, now: Timestamp) -> Option<i64> {
         self.disagree_since
-            .get(content_id)
-            .map(|t| now.as_second() - t.as_second())
+            .get(uid)
+            .filter(|(id, _)| id == content_id)
+            .map(|(_, t)| now.as_second() - t.as_second())
     }
 
     /// Records what a status the operator wrote (or found current) says:
-    /// a new origin revision, or authorities that disagree.
+    /// a new origin revision, or (`disagreeing`) that the authorities of its
+    /// content id disagree.
     pub fn note_status(
         &mut self,
         uid: &str,
@@ -117,11 +120,18 @@ impl Memory {
             changes.entry(revision).or_insert(now);
             changes.retain(|_, t| now.as_second() - t.as_second() <= ORIGIN_CHANGE_WINDOW_SECONDS);
         }
-        if let Some(id) = &new.content_id {
-            if disagreeing {
-                self.disagree_since.entry(id.clone()).or_insert(now);
-            } else {
-                self.disagree_since.remove(id);
+        match (&new.content_id, disagreeing) {
+            (Some(id), true) => {
+                let entry = self
+                    .disagree_since
+                    .entry(uid.to_string())
+                    .or_insert_with(|| (id.clone(), now));
+                if &entry.0 != id {
+                    *entry = (id.clone(), now);
+                }
+            }
+            _ => {
+                self.disagree_since.remove(uid);
             }
         }
     }
@@ -129,6 +139,7 @@ impl Memory {
     /// Forgets a Distribution that is gone.
     pub fn forget(&mut self, uid: &str) {
         self.origin_changes.remove(uid);
+        self.disagree_since.remove(uid);
     }
 
     /// Test helper: pretends the origin of `uid` changed at `at`.
@@ -198,8 +209,16 @@ mod tests {
         };
         m.note_status("u", None, &st, true, at(0));
         m.note_status("u", None, &st, true, at(30));
-        assert_eq!(m.disagreeing_seconds("c", at(30)), Some(30));
-        m.note_status("u", None, &st, false, at(31));
-        assert_eq!(m.disagreeing_seconds("c", at(31)), None);
+        assert_eq!(m.disagreeing_seconds("u", "c", at(30)), Some(30));
+        assert_eq!(m.disagreeing_seconds("u", "other", at(30)), None);
+        // A new content id starts its own clock.
+        let next = DistributionStatus {
+            content_id: Some("c2".into()),
+            ..DistributionStatus::default()
+        };
+        m.note_status("u", None, &next, true, at(40));
+        assert_eq!(m.disagreeing_seconds("u", "c2", at(41)), Some(1));
+        m.note_status("u", None, &next, false, at(42));
+        assert_eq!(m.disagreeing_seconds("u", "c2", at(42)), None);
     }
 }

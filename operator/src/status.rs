@@ -330,7 +330,7 @@ pub fn aggregate(
     let disagree_too_long = plan.disagreement.is_some()
         && world
             .memory
-            .disagreeing_seconds(cid, now)
+            .disagreeing_seconds(uid, cid, now)
             .is_some_and(|s| s >= AUTHORITIES_DISAGREE_SECONDS);
 
     let down_note = if plan.agent_down.is_empty() {
