@@ -200,31 +200,70 @@ pub fn path_conflicts(
         .collect();
     // Missing timestamps (never from an API server) sort last.
     order.sort_by(|a, b| (a.0, a.1.is_none(), a.1, &a.2).cmp(&(b.0, b.1.is_none(), b.1, &b.2)));
-    let mut owners: Vec<(&str, Vec<(&str, bool)>)> = Vec::new();
+    // Owned paths -> (owner, written?). Lookups walk a claim's ancestors and
+    // the range of its descendants, so the whole pass stays O(n log n).
+    let mut owned: BTreeMap<&str, Vec<(&str, bool)>> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for (_, _, key, d) in &order {
         let mine = claims(d);
-        let clash = owners.iter().find_map(|(owner, theirs)| {
-            mine.iter().find_map(|(p, pw)| {
-                theirs
-                    .iter()
-                    .find(|(q, qw)| (*pw || *qw) && paths_overlap(p, q))
-                    .map(|(q, _)| PathConflict {
-                        owner: owner.to_string(),
-                        owner_path: q.to_string(),
-                        path: p.to_string(),
-                    })
-            })
-        });
+        let clash = mine
+            .iter()
+            .find_map(|(p, written)| find_clash(&owned, p, *written).map(|c| (p, c)));
         let uid = d.metadata.uid.clone().unwrap_or_default();
         match clash {
-            Some(c) => {
-                out.insert(uid, c);
+            Some((path, (owner, owner_path))) => {
+                out.insert(
+                    uid,
+                    PathConflict {
+                        owner: owner.to_string(),
+                        owner_path: owner_path.to_string(),
+                        path: path.to_string(),
+                    },
+                );
             }
-            None => owners.push((key.as_str(), mine)),
+            None => {
+                for (p, written) in mine {
+                    owned.entry(p).or_default().push((key.as_str(), written));
+                }
+            }
         }
     }
     out
+}
+
+/// An owner of a path overlapping `path` (equal, an ancestor directory or
+/// a descendant), where at least one of the two claims writes.
+fn find_clash<'a>(
+    owned: &BTreeMap<&'a str, Vec<(&'a str, bool)>>,
+    path: &str,
+    written: bool,
+) -> Option<(&'a str, &'a str)> {
+    let pick = |q: &'a str, entries: &Vec<(&'a str, bool)>| {
+        entries
+            .iter()
+            .find(|(_, w)| written || *w)
+            .map(|(owner, _)| (*owner, q))
+    };
+    let ancestors = path
+        .char_indices()
+        .filter(|(_, c)| *c == '/')
+        .map(|(i, _)| &path[..i])
+        .chain(std::iter::once(path));
+    for q in ancestors {
+        if let Some((k, entries)) = owned.get_key_value(q)
+            && let Some(hit) = pick(k, entries)
+        {
+            return Some(hit);
+        }
+    }
+    // Descendants: keys in ["path/", "path0"), '0' being the byte after '/'.
+    let (lo, hi) = (format!("{path}/"), format!("{path}0"));
+    owned
+        .range::<str, _>((
+            std::ops::Bound::Included(lo.as_str()),
+            std::ops::Bound::Excluded(hi.as_str()),
+        ))
+        .find_map(|(k, entries)| pick(k, entries))
 }
 
 #[cfg(test)]
@@ -343,6 +382,22 @@ mod tests {
         assert_eq!(got["ua"].owner, "team-b/b");
         assert_eq!(got["uc"].owner, "team-b/b");
         assert!(!got.contains_key("ub"));
+    }
+
+    #[test]
+    fn indexed_lookup_agrees_with_pairwise_overlap() {
+        let paths = [
+            "a", "a/b", "a/bc", "a/b/c", "a/b/c/d", "b", "ab", "a.b", "a-b/c",
+        ];
+        for p in paths {
+            for q in paths {
+                let first = dist("ns", "first", "u1", 1, p);
+                let second = dist("ns", "second", "u2", 2, q);
+                let got = path_conflicts(&[second, first], &BTreeMap::new());
+                assert_eq!(got.contains_key("u2"), paths_overlap(p, q), "{p} then {q}");
+                assert!(!got.contains_key("u1"), "{p} then {q}");
+            }
+        }
     }
 
     #[test]
