@@ -68,7 +68,7 @@ pub use dist::{
     node_source_distribution, progress_in,
 };
 pub use local::{LocalCluster, LocalClusterOptions, LocalNode};
-pub use origin::{Blob, NOT_FOUND_PATH, Origin, Served, generate};
+pub use origin::{Blob, NOT_FOUND_PATH, Origin, Outage, Served, Validators, generate};
 pub use process::{BIN_DIR_ENV, ChildProcess, binary_path, tail};
 pub use remote::RemoteCluster;
 
