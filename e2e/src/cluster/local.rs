@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
@@ -112,19 +113,35 @@ pub struct LocalNode {
     pub identity_dir: PathBuf,
     /// Labels and taints it was created with.
     pub options: NodeOptions,
-    agent: Option<ChildProcess>,
+    /// The agent (behind a lock so that concurrent scenarios can crash,
+    /// stop and start agents through a shared `&LocalCluster`).
+    agent: Option<Mutex<ChildProcess>>,
+    log: Option<PathBuf>,
 }
 
 impl LocalNode {
     /// The agent's log file, if the node has an agent.
     pub fn log_path(&self) -> Option<&Path> {
-        self.agent.as_ref().map(ChildProcess::log_path)
+        self.log.as_deref()
     }
 
     /// The agent's pid while it runs.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().and_then(ChildProcess::pid)
+        self.agent
+            .as_ref()
+            .and_then(|a| a.lock().ok().and_then(|a| a.pid()))
     }
+}
+
+/// Signals the suite sends to an agent besides SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSignal {
+    /// SIGSTOP: the agent freezes (a hung node), sockets stay open.
+    Stop,
+    /// SIGCONT: it runs again.
+    Continue,
+    /// SIGTERM: a graceful stop.
+    Terminate,
 }
 
 struct Operator {
@@ -233,6 +250,9 @@ impl LocalCluster {
                 "--leader-election-lease".into(),
                 LEASE_NAME.into(),
             ];
+            if supports_flag(&operator_bin, &[], ALLOW_PRIVATE_ORIGINS) {
+                args.push(ALLOW_PRIVATE_ORIGINS.into());
+            }
             args.extend(opts.operator_args.iter().map(OsString::from));
             let env = cluster.env(&[
                 ("POD_NAME", pod_name.as_str()),
@@ -465,22 +485,39 @@ impl LocalCluster {
                 "--identity-dir".into(),
                 identity_dir.clone().into(),
             ];
+            if supports_flag(bin, &["node"], ALLOW_PRIVATE_ORIGINS) {
+                args.push(ALLOW_PRIVATE_ORIGINS.into());
+            }
             args.extend(self.opts.agent_args.iter().map(OsString::from));
             let pod = format!("peerfill-agent-{name}");
             let ip_text = ip.to_string();
-            let env = self.env(&[
+            let mut env = self.env(&[
                 ("NODE_NAME", name.as_str()),
                 ("POD_IP", ip_text.as_str()),
                 ("POD_NAME", pod.as_str()),
                 ("POD_NAMESPACE", SYSTEM_NAMESPACE),
             ]);
+            env.extend(
+                opts.agent_env
+                    .iter()
+                    .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            );
             let log = self.work_dir.join("logs").join(format!("agent-{name}.log"));
-            let mut p =
-                ChildProcess::new(format!("agent {name}"), bin.to_path_buf(), args, env, log);
+            let mut p = ChildProcess::new(
+                format!("agent {name}"),
+                bin.to_path_buf(),
+                args,
+                env,
+                log.clone(),
+            );
             p.start()?;
-            Some(p)
+            Some((Mutex::new(p), log))
         } else {
             None
+        };
+        let (agent, log) = match agent {
+            Some((a, l)) => (Some(a), Some(l)),
+            None => (None, None),
         };
         self.nodes.insert(
             name.clone(),
@@ -493,6 +530,7 @@ impl LocalCluster {
                 identity_dir,
                 options: opts,
                 agent,
+                log,
             },
         );
         Ok(name)
@@ -560,7 +598,7 @@ impl LocalCluster {
             .remove(name)
             .ok_or_else(|| ClusterError::NoSuchNode(name.to_string()))?;
         if let Some(a) = node.agent.as_mut() {
-            a.kill();
+            lock(a).kill();
         }
         let api: Api<Node> = Api::all(self.client.clone());
         match api.delete(name, &DeleteParams::default()).await {
@@ -573,28 +611,63 @@ impl LocalCluster {
         }
     }
 
-    fn agent_mut(&mut self, node: &str) -> Result<&mut ChildProcess, ClusterError> {
-        self.nodes
-            .get_mut(node)
-            .and_then(|n| n.agent.as_mut())
-            .ok_or_else(|| ClusterError::NoSuchNode(format!("{node} (with an agent)")))
+    fn with_agent<T>(
+        &self,
+        node: &str,
+        f: impl FnOnce(&mut ChildProcess) -> T,
+    ) -> Result<T, ClusterError> {
+        let agent = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.agent.as_ref())
+            .ok_or_else(|| ClusterError::NoSuchNode(format!("{node} (with an agent)")))?;
+        Ok(f(&mut lock(agent)))
     }
 
     /// SIGKILLs the node's agent (a crash).
     pub fn kill_agent(&mut self, node: &str) -> Result<(), ClusterError> {
-        self.agent_mut(node)?.kill();
-        Ok(())
+        self.crash_agent(node)
     }
 
     /// Starts the node's agent again with the same arguments, data dir and
     /// identity dir (a container restart in the same pod).
     pub fn restart_agent(&mut self, node: &str) -> Result<(), ClusterError> {
-        self.agent_mut(node)?.restart()
+        self.with_agent(node, ChildProcess::restart)?
     }
 
     /// Whether the node's agent process runs.
     pub fn agent_running(&mut self, node: &str) -> bool {
-        self.agent_mut(node).is_ok_and(|a| a.is_running())
+        self.agent_is_running(node)
+    }
+
+    /// SIGKILLs the node's agent (a crash), through a shared reference.
+    pub fn crash_agent(&self, node: &str) -> Result<(), ClusterError> {
+        self.with_agent(node, ChildProcess::kill)
+    }
+
+    /// Starts the node's agent if it does not run (same command line, data
+    /// and identity dirs), through a shared reference.
+    pub fn start_agent(&self, node: &str) -> Result<(), ClusterError> {
+        self.with_agent(node, ChildProcess::start)?
+    }
+
+    /// Whether the node's agent process runs, through a shared reference.
+    pub fn agent_is_running(&self, node: &str) -> bool {
+        self.with_agent(node, |a| a.is_running()).unwrap_or(false)
+    }
+
+    /// Sends `signal` to the node's agent (e.g. SIGSTOP for 60 s, then
+    /// SIGCONT: a node that hangs and comes back).
+    pub fn signal_agent(&self, node: &str, signal: AgentSignal) -> Result<(), ClusterError> {
+        let sig = match signal {
+            AgentSignal::Stop => libc::SIGSTOP,
+            AgentSignal::Continue => libc::SIGCONT,
+            AgentSignal::Terminate => libc::SIGTERM,
+        };
+        self.with_agent(node, |a| a.signal(sig))?
+            .map_err(ClusterError::io(format!(
+                "sending {signal:?} to the agent of {node}"
+            )))
     }
 
     /// SIGKILLs operator `k`.
@@ -684,6 +757,25 @@ impl LocalCluster {
         out
     }
 
+    /// Creates a namespace (no error if it exists).
+    pub async fn create_namespace_named(&self, name: &str) -> Result<(), ClusterError> {
+        self.create_namespace(name).await
+    }
+
+    /// The `blake3:` digest of the file `rel_path` under the node's data
+    /// root, `None` if there is no such file.
+    pub fn file_blake3(&self, node: &str, rel_path: &str) -> Result<Option<String>, ClusterError> {
+        let path = self.node_data_dir(node)?.join(rel_path);
+        match file_digest(&path, "blake3:") {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ClusterError::Content {
+                node: node.to_string(),
+                detail: format!("{}: {e}", path.display()),
+            }),
+        }
+    }
+
     /// Paths of every process log.
     pub fn log_paths(&self) -> Vec<PathBuf> {
         let ops = self
@@ -730,7 +822,7 @@ impl Drop for LocalCluster {
         }
         for node in self.nodes.values_mut() {
             if let Some(a) = node.agent.as_mut() {
-                a.kill();
+                lock(a).kill();
             }
         }
         for op in &mut self.operators {
@@ -747,6 +839,42 @@ impl Drop for LocalCluster {
             );
         }
     }
+}
+
+/// Flag of both binaries that lets them use loopback/private origins (the
+/// local origin is on 127.0.0.1).
+pub const ALLOW_PRIVATE_ORIGINS: &str = "--allow-private-origins";
+
+/// Locks a child process; a poisoned lock (a panic while holding it) still
+/// gives the process, so it can be killed.
+fn lock(m: &Mutex<ChildProcess>) -> std::sync::MutexGuard<'_, ChildProcess> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether `bin <sub...> --help` mentions `flag` (cached per binary):
+/// binaries built before the flag existed refuse unknown arguments.
+// TODO(issue 11): drop this check once both binaries have the flag on main.
+fn supports_flag(bin: &Path, sub: &[&str], flag: &str) -> bool {
+    static CACHE: OnceLock<Mutex<BTreeMap<(PathBuf, String), bool>>> = OnceLock::new();
+    let key = (bin.to_path_buf(), format!("{} {flag}", sub.join(" ")));
+    let cache = CACHE.get_or_init(|| Mutex::new(BTreeMap::new()));
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).copied()) {
+        return v;
+    }
+    let found = std::process::Command::new(bin)
+        .args(sub)
+        .arg("--help")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false);
+    if !found {
+        tracing::warn!(bin = %bin.display(), flag, "binary lacks the flag; not passing it");
+    }
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, found);
+    }
+    found
 }
 
 /// The workspace's `crds/` if it exists; else the generated CRDs written

@@ -574,8 +574,8 @@ fn spawn_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, stop: Ca
             let shared = shared.clone();
             async move { Ok::<_, Infallible>(serve(req, shared).await) }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), svc);
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = cut.cancelled() => {}
@@ -612,7 +612,10 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Option<&
 
 /// The entity tags of an `If-Match`/`If-None-Match` list, as sent.
 fn etag_list(v: &str) -> Vec<&str> {
-    v.split(',').map(str::trim).filter(|t| !t.is_empty()).collect()
+    v.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 fn strong_eq(a: &str, b: &str) -> bool {
@@ -625,11 +628,13 @@ fn weak_eq(a: &str, b: &str) -> bool {
 
 fn preconditions(method: &Method, headers: &HeaderMap, blob: &Blob) -> Preconditions {
     let etag = blob.etag.as_deref();
-    let modified = blob.last_modified.as_ref().map(|_| blob.last_modified_secs());
+    let modified = blob
+        .last_modified
+        .as_ref()
+        .map(|_| blob.last_modified_secs());
     if let Some(v) = header_str(headers, &header::IF_MATCH) {
         let tags = etag_list(v);
-        let ok = tags.contains(&"*")
-            || etag.is_some_and(|e| tags.iter().any(|t| strong_eq(t, e)));
+        let ok = tags.contains(&"*") || etag.is_some_and(|e| tags.iter().any(|t| strong_eq(t, e)));
         if !ok {
             return Preconditions::Failed;
         }
@@ -982,14 +987,11 @@ mod tests {
         let etag = b.etag.clone().expect("etag");
         let lm = b.last_modified.clone().expect("lm");
         let get = Method::GET;
-        let range = |v: &str, b: &Blob| match preconditions(
-            &get,
-            &headers(&[(header::IF_RANGE, v)]),
-            b,
-        ) {
-            Preconditions::Serve { honour_range } => honour_range,
-            other => panic!("{other:?}"),
-        };
+        let range =
+            |v: &str, b: &Blob| match preconditions(&get, &headers(&[(header::IF_RANGE, v)]), b) {
+                Preconditions::Serve { honour_range } => honour_range,
+                other => panic!("{other:?}"),
+            };
         assert!(range(&etag, &b));
         assert!(range(&lm, &b));
         assert!(!range("\"v1-old\"", &b));
@@ -1050,8 +1052,14 @@ mod tests {
         let lm = get_header(&h, "last-modified").expect("lm").to_string();
 
         let v2 = origin.replace_blob(&v1, 2, Validators::Both);
-        assert_eq!((v2.version, v2.size, v2.path.as_str()), (2, v1.size, "/blobs/ver.bin"));
-        for pin in [("If-Match", etag.as_str()), ("If-Unmodified-Since", lm.as_str())] {
+        assert_eq!(
+            (v2.version, v2.size, v2.path.as_str()),
+            (2, v1.size, "/blobs/ver.bin")
+        );
+        for pin in [
+            ("If-Match", etag.as_str()),
+            ("If-Unmodified-Since", lm.as_str()),
+        ] {
             let (status, _, body) =
                 request(origin.addr(), &v1.path, &[("Range", "bytes=0-9"), pin]).expect("get");
             assert_eq!(status, 412, "{pin:?}");
