@@ -102,7 +102,8 @@ async fn chaos_suite() -> anyhow::Result<()> {
         .prefix("peerfill-chaos-outside-")
         .tempdir()?;
     let disk_cap_file = outside.path().join("disk-cap");
-    std::fs::write(&disk_cap_file, (1u64 << 40).to_string())?;
+    // The starved node's disk holds 4 MiB from the start; (f) raises it.
+    std::fs::write(&disk_cap_file, (4 * MIB).to_string())?;
     let mut groups: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     let mut node_options = BTreeMap::new();
     let mut index = 1;
@@ -550,7 +551,7 @@ async fn reader_paused(ctx: &Ctx) -> anyhow::Result<()> {
     let others: Vec<String> = nodes.iter().filter(|n| **n != victim).cloned().collect();
     // Reader replaced within 30 s of being seen down, then the rest moves:
     // the others must be done well before the freeze ends.
-    let r = wait_nodes_complete(ctx, &d, &others, Duration::from_secs(55)).await;
+    let r = wait_nodes_complete(ctx, &d, &others, Duration::from_secs(58)).await;
     let waited = frozen.elapsed();
     if let Some(left) = Duration::from_secs(60).checked_sub(frozen.elapsed()) {
         tokio::time::sleep(left).await;
@@ -734,48 +735,80 @@ async fn origin_changed(ctx: &Ctx) -> anyhow::Result<()> {
     origin.set_rate_limit(None);
 
     // Without a digest: Complete everywhere with one version.
-    let done = wait_complete_on(ctx, &d_free, nodes.len()).await?;
-    let first = ctx.local().file_blake3(&nodes[0], "chaos/changed.bin")?;
-    let version = [&free, &new[0]]
-        .into_iter()
-        .find(|b| Some(&b.blake3) == first.as_ref())
-        .with_context(|| format!("{}: {first:?} is none of the origin's versions", nodes[0]))?;
-    check_files(ctx, &nodes, "chaos/changed.bin", version)?;
-    let s = done.status.clone().unwrap_or_default();
-    println!(
-        "(e) no digest: every node holds version {} (originRevision {:?}, contentId {:?}, origin 412s {})",
-        version.version,
-        s.origin_revision,
-        s.content_id,
-        origin.precondition_failures_of(&free)
-    );
-
-    // With a digest of the old version.
-    for (d, old) in [(&d_b3, &b3), (&d_sha, &sha)] {
-        let end = wait_for(ctx, d, SETTLE, "Complete or Failed", |d| {
-            complete_on(d, nodes.len()) || is_failed(d)
-        })
-        .await?;
-        check_no_wrong_bytes(ctx, d, &nodes, &[old]).await?;
-        match failure(&end) {
-            Some((reason, message)) => {
-                ensure!(
-                    reason == "DigestMismatch" || reason == "OriginChanged",
-                    "{}: Failed with reason {reason} ({message}), want DigestMismatch or OriginChanged",
-                    name_of(d)
-                );
-                println!("(e) {}: Failed {reason}: {message}", name_of(d));
+    let no_digest = async {
+        let done = wait_complete_on(ctx, &d_free, nodes.len()).await?;
+        let first = ctx.local().file_blake3(&nodes[0], "chaos/changed.bin")?;
+        let version = [&free, &new[0]]
+            .into_iter()
+            .find(|b| Some(&b.blake3) == first.as_ref())
+            .with_context(|| {
+                format!(
+                    "{}: {first:?} is none of the origin's versions (a mix of both?)",
+                    nodes[0]
+                )
+            })?;
+        check_files(ctx, &nodes, "chaos/changed.bin", version)?;
+        let s = done.status.clone().unwrap_or_default();
+        println!(
+            "(e) no digest: every node holds version {} (originRevision {:?}, contentId {:?}, origin 412s {})",
+            version.version,
+            s.origin_revision,
+            s.content_id,
+            origin.precondition_failures_of(&free)
+        );
+        anyhow::Ok(())
+    };
+    // With a digest of the old version: the old bytes, or Failed.
+    let with_digest = |d: Distribution, old: Blob| {
+        let nodes = nodes.clone();
+        async move {
+            let end = wait_for(ctx, &d, SETTLE, "Complete or Failed", |d| {
+                complete_on(d, nodes.len()) || is_failed(d)
+            })
+            .await?;
+            check_no_wrong_bytes(ctx, &d, &nodes, &[&old]).await?;
+            match failure(&end) {
+                Some((reason, message)) => {
+                    ensure!(
+                        reason == "DigestMismatch" || reason == "OriginChanged",
+                        "Failed with reason {reason} ({message}), want DigestMismatch or OriginChanged"
+                    );
+                    println!("(e) {}: Failed {reason}: {message}", name_of(&d));
+                }
+                None => {
+                    check_files(ctx, &nodes, &d.spec.target.path, &old)?;
+                    println!("(e) {}: Complete with the old version", name_of(&d));
+                }
             }
-            None => {
-                check_files(ctx, &nodes, &d.spec.target.path, old)?;
-                println!("(e) {}: Complete with the old version", name_of(d));
-            }
+            anyhow::Ok(())
         }
-    }
+    };
+    let (r_free, r_b3, r_sha) = tokio::join!(
+        no_digest,
+        with_digest(d_b3.clone(), b3.clone()),
+        with_digest(d_sha.clone(), sha.clone())
+    );
     // Still no node holds other bytes once everything settled.
-    for (d, old) in [(&d_b3, &b3), (&d_sha, &sha)] {
-        check_no_wrong_bytes(ctx, d, &nodes, &[old]).await?;
+    let settled = async {
+        check_no_wrong_bytes(ctx, &d_b3, &nodes, &[&b3]).await?;
+        check_no_wrong_bytes(ctx, &d_sha, &nodes, &[&sha]).await
     }
+    .await;
+    all_of([
+        ("no digest", r_free),
+        ("blake3 digest of the old version", r_b3),
+        ("sha256 digest of the old version", r_sha),
+        ("after settling", settled),
+    ])
+}
+
+/// Ok if every part is; else an error listing the failed parts.
+fn all_of<const N: usize>(parts: [(&str, anyhow::Result<()>); N]) -> anyhow::Result<()> {
+    let failed: Vec<String> = parts
+        .into_iter()
+        .filter_map(|(what, r)| r.err().map(|e| format!("[{what}] {e:#}")))
+        .collect();
+    ensure!(failed.is_empty(), "{}", failed.join("\n"));
     Ok(())
 }
 
@@ -786,7 +819,6 @@ async fn full_disk(ctx: &Ctx) -> anyhow::Result<()> {
     let nodes = ctx.group("disk");
     let origin = Origin::start()?;
     let blob = origin.add_blob("disk.bin", SIZE, 1501);
-    std::fs::write(&ctx.disk_cap_file, (4 * MIB).to_string())?;
     // As many readers as targets: the starved node is a reader.
     let d = group_dist(
         "default",
@@ -820,6 +852,15 @@ async fn full_disk(ctx: &Ctx) -> anyhow::Result<()> {
         entry.as_ref().and_then(|e| e.reason.clone()),
         readers_of(ctx, &d).await?,
         failure(&now)
+    );
+    ensure!(
+        entry
+            .as_ref()
+            .is_none_or(|e| e.phase != NodePhase::Complete),
+        "{} completed {} bytes with a {}-byte disk: the fault {DISK_CAP_ENV} had no effect",
+        ctx.disk_node,
+        SIZE,
+        4 * MIB
     );
     ensure!(
         !failure(&now).is_some_and(|(r, _)| r == "InsufficientSpace" || r == "StorageError"),
@@ -1051,13 +1092,21 @@ async fn forged_size(ctx: &Ctx) -> anyhow::Result<()> {
 /// nothing is sent.
 async fn symlink_escapes(ctx: &Ctx) -> anyhow::Result<()> {
     let nodes = ctx.group("calm");
-    let local = ctx.local();
     let origin = Origin::start()?;
     let blob = origin.add_blob("escape.bin", 4 * MIB, 1901);
 
-    // Target path through a symlinked directory.
+    let through_dir = symlinked_target_dir(ctx, &nodes, &blob).await;
+    let source = symlinked_source(ctx, &nodes).await;
+    all_of([
+        ("target path through a symlinked directory", through_dir),
+        ("node source that is a symlink", source),
+    ])
+}
+
+async fn symlinked_target_dir(ctx: &Ctx, nodes: &[String], blob: &Blob) -> anyhow::Result<()> {
+    let local = ctx.local();
     let mut outside_dirs = Vec::new();
-    for n in &nodes {
+    for n in nodes {
         let out = ctx.outside.path().join(format!("escape-{n}"));
         std::fs::create_dir_all(&out)?;
         std::fs::write(out.join("victim.bin"), b"precious, outside the data root")?;
@@ -1071,7 +1120,7 @@ async fn symlink_escapes(ctx: &Ctx) -> anyhow::Result<()> {
             "default",
             "chaos-escape",
             "calm",
-            &blob,
+            blob,
             "chaos-escape/victim.bin",
             None,
             2,
@@ -1104,8 +1153,11 @@ async fn symlink_escapes(ctx: &Ctx) -> anyhow::Result<()> {
         snapshot(&outside_dirs)? == before,
         "deleting the Distribution changed files outside the data root"
     );
+    Ok(())
+}
 
-    // Node source that is a symlink to a file outside the root.
+async fn symlinked_source(ctx: &Ctx, nodes: &[String]) -> anyhow::Result<()> {
+    let local = ctx.local();
     let seeder = nodes[0].clone();
     let secret = ctx.outside.path().join("secret.bin");
     let secret_bytes = generate(1902, 0, 2 * MIB);

@@ -1000,12 +1000,11 @@ mod tests {
         assert!(!range(&etag, &blob(Validators::None)));
     }
 
-    /// One HTTP/1.1 request on a fresh connection: (status, headers, body).
-    fn request(
-        addr: SocketAddr,
-        path: &str,
-        extra: &[(&str, &str)],
-    ) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    /// Status, lower-cased headers and body of a response.
+    type Reply = (u16, Vec<(String, String)>, Vec<u8>);
+
+    /// One HTTP/1.1 request on a fresh connection.
+    fn request(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> std::io::Result<Reply> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
