@@ -383,13 +383,19 @@ impl Origin {
     /// Takes the origin down until [`Origin::come_up`] (see [`Outage`]).
     pub fn go_down(&self, how: Outage) {
         tracing::info!(?how, addr = %self.addr, "origin going down");
-        if how == Outage::Refuse
-            && let Ok(mut t) = self.shared.connections.lock()
-        {
+        if how == Outage::Refuse {
+            self.cut_connections();
+        }
+        self.shared.outage.send_replace(Some(how));
+    }
+
+    /// Cuts every connection under way (responses end mid-body), and keeps
+    /// accepting new ones: clients must ask again.
+    pub fn cut_connections(&self) {
+        if let Ok(mut t) = self.shared.connections.lock() {
             t.cancel();
             *t = CancellationToken::new();
         }
-        self.shared.outage.send_replace(Some(how));
     }
 
     /// Ends [`Origin::go_down`]: listens again on the same address and
@@ -1111,6 +1117,25 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(body, Some(generate(4, 0, BLOCK)));
+
+        // Cutting connections ends a response mid-body, then serves again.
+        let long = origin.add_blob("cut.bin", 4 * BLOCK, 5);
+        origin.set_rate_limit(Some(BLOCK));
+        let addr = origin.addr();
+        let path = long.path.clone();
+        let cut = std::thread::spawn(move || request(addr, &path, &[]));
+        while origin.served_of(&long).bytes == 0 && !cut.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        origin.cut_connections();
+        origin.set_rate_limit(None);
+        let short = cut.join().expect("thread");
+        assert!(
+            short.as_ref().is_err() || short.as_ref().is_ok_and(|r| (r.2.len() as u64) < 4 * BLOCK),
+            "the response was cut short"
+        );
+        let (status, _, body) = request(origin.addr(), &long.path, &[]).expect("served again");
+        assert_eq!((status, body.len() as u64), (200, 4 * BLOCK));
 
         // Hanging: the request is accepted and answered only once up.
         origin.go_down(Outage::Hang);
