@@ -1,7 +1,7 @@
 //! The local cluster: API stand-in in-process, Node objects, operator and
 //! agent processes, HTTP origin (see the module docs of `cluster`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::Read as _;
@@ -166,6 +166,9 @@ pub struct LocalCluster {
     opts: LocalClusterOptions,
     rust_log: String,
     next_index: u32,
+    /// Content ids seen per Distribution uid (see
+    /// [`LocalCluster::leftover_files`]).
+    content_ids: Mutex<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl LocalCluster {
@@ -231,6 +234,7 @@ impl LocalCluster {
             opts: opts.clone(),
             rust_log,
             next_index: 1,
+            content_ids: Mutex::new(BTreeMap::new()),
         };
         if keep {
             println!(
@@ -730,31 +734,67 @@ impl LocalCluster {
     }
 
     /// Files of `dist` left on any node's disk: the target file, and any
-    /// file under the data root whose name holds the content id (partial
-    /// files, bitmaps, status files). Pass the applied object (with uid).
+    /// file under the data root whose name holds one of its content ids
+    /// (partial files, bitmaps, status files). Pass the applied object
+    /// (with uid). Content ids change with every version, so they are
+    /// gathered from the uid (first version), `status.contentId`, and the
+    /// agents' records (`.peerfill-status/assignments.json`), and
+    /// remembered for later calls (after deletion the records are gone).
     pub fn leftover_files(&self, dist: &Distribution) -> Vec<String> {
-        let id = dist
+        let ids = dist
             .metadata
             .uid
             .as_deref()
-            .map(Assignment::content_id_for_uid);
+            .map(|uid| self.content_ids_of(uid, dist))
+            .unwrap_or_default();
         let mut out = Vec::new();
         for node in self.nodes.values() {
             let target = node.data_dir.join(&dist.spec.target.path);
             if target.exists() {
                 out.push(format!("{}: {}", node.name, target.display()));
             }
-            if let Some(id) = &id {
-                walk(&node.data_dir, &mut |p| {
-                    if p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().contains(id.as_str()))
-                    {
-                        out.push(format!("{}: {}", node.name, p.display()));
-                    }
-                });
-            }
+            walk(&node.data_dir, &mut |p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if ids.iter().any(|id| name.contains(id.as_str())) {
+                    out.push(format!("{}: {}", node.name, p.display()));
+                }
+            });
         }
         out
+    }
+
+    /// Every content id known for `uid` (see [`LocalCluster::leftover_files`]).
+    fn content_ids_of(&self, uid: &str, dist: &Distribution) -> BTreeSet<String> {
+        let mut ids = BTreeSet::from([Assignment::content_id_for_uid(uid)]);
+        if let Some(id) = dist.status.as_ref().and_then(|s| s.content_id.clone()) {
+            ids.insert(id);
+        }
+        for node in self.nodes.values() {
+            let manifest = node.data_dir.join(".peerfill-status/assignments.json");
+            let Ok(raw) = std::fs::read(&manifest) else {
+                continue;
+            };
+            let Ok(entries) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&raw)
+            else {
+                continue;
+            };
+            ids.extend(
+                entries
+                    .into_iter()
+                    .filter(|(_, e)| e.get("uid").and_then(|u| u.as_str()) == Some(uid))
+                    .map(|(id, _)| id),
+            );
+        }
+        if let Ok(mut seen) = self.content_ids.lock() {
+            let known = seen.entry(uid.to_string()).or_default();
+            known.extend(ids);
+            known.clone()
+        } else {
+            ids
+        }
     }
 
     /// Creates a namespace (no error if it exists).
