@@ -1,12 +1,13 @@
 //! The local cluster: API stand-in in-process, Node objects, operator and
 //! agent processes, HTTP origin (see the module docs of `cluster`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
@@ -112,19 +113,35 @@ pub struct LocalNode {
     pub identity_dir: PathBuf,
     /// Labels and taints it was created with.
     pub options: NodeOptions,
-    agent: Option<ChildProcess>,
+    /// The agent (behind a lock so that concurrent scenarios can crash,
+    /// stop and start agents through a shared `&LocalCluster`).
+    agent: Option<Mutex<ChildProcess>>,
+    log: Option<PathBuf>,
 }
 
 impl LocalNode {
     /// The agent's log file, if the node has an agent.
     pub fn log_path(&self) -> Option<&Path> {
-        self.agent.as_ref().map(ChildProcess::log_path)
+        self.log.as_deref()
     }
 
     /// The agent's pid while it runs.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().and_then(ChildProcess::pid)
+        self.agent
+            .as_ref()
+            .and_then(|a| a.lock().ok().and_then(|a| a.pid()))
     }
+}
+
+/// Signals the suite sends to an agent besides SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSignal {
+    /// SIGSTOP: the agent freezes (a hung node), sockets stay open.
+    Stop,
+    /// SIGCONT: it runs again.
+    Continue,
+    /// SIGTERM: a graceful stop.
+    Terminate,
 }
 
 struct Operator {
@@ -149,6 +166,9 @@ pub struct LocalCluster {
     opts: LocalClusterOptions,
     rust_log: String,
     next_index: u32,
+    /// Content ids seen per Distribution uid (see
+    /// [`LocalCluster::leftover_files`]).
+    content_ids: Mutex<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl LocalCluster {
@@ -214,6 +234,7 @@ impl LocalCluster {
             opts: opts.clone(),
             rust_log,
             next_index: 1,
+            content_ids: Mutex::new(BTreeMap::new()),
         };
         if keep {
             println!(
@@ -233,6 +254,9 @@ impl LocalCluster {
                 "--leader-election-lease".into(),
                 LEASE_NAME.into(),
             ];
+            if supports_flag(&operator_bin, &[], ALLOW_PRIVATE_ORIGINS) {
+                args.push(ALLOW_PRIVATE_ORIGINS.into());
+            }
             args.extend(opts.operator_args.iter().map(OsString::from));
             let env = cluster.env(&[
                 ("POD_NAME", pod_name.as_str()),
@@ -465,22 +489,39 @@ impl LocalCluster {
                 "--identity-dir".into(),
                 identity_dir.clone().into(),
             ];
+            if supports_flag(bin, &["node"], ALLOW_PRIVATE_ORIGINS) {
+                args.push(ALLOW_PRIVATE_ORIGINS.into());
+            }
             args.extend(self.opts.agent_args.iter().map(OsString::from));
             let pod = format!("peerfill-agent-{name}");
             let ip_text = ip.to_string();
-            let env = self.env(&[
+            let mut env = self.env(&[
                 ("NODE_NAME", name.as_str()),
                 ("POD_IP", ip_text.as_str()),
                 ("POD_NAME", pod.as_str()),
                 ("POD_NAMESPACE", SYSTEM_NAMESPACE),
             ]);
+            env.extend(
+                opts.agent_env
+                    .iter()
+                    .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            );
             let log = self.work_dir.join("logs").join(format!("agent-{name}.log"));
-            let mut p =
-                ChildProcess::new(format!("agent {name}"), bin.to_path_buf(), args, env, log);
+            let mut p = ChildProcess::new(
+                format!("agent {name}"),
+                bin.to_path_buf(),
+                args,
+                env,
+                log.clone(),
+            );
             p.start()?;
-            Some(p)
+            Some((Mutex::new(p), log))
         } else {
             None
+        };
+        let (agent, log) = match agent {
+            Some((a, l)) => (Some(a), Some(l)),
+            None => (None, None),
         };
         self.nodes.insert(
             name.clone(),
@@ -493,6 +534,7 @@ impl LocalCluster {
                 identity_dir,
                 options: opts,
                 agent,
+                log,
             },
         );
         Ok(name)
@@ -560,7 +602,7 @@ impl LocalCluster {
             .remove(name)
             .ok_or_else(|| ClusterError::NoSuchNode(name.to_string()))?;
         if let Some(a) = node.agent.as_mut() {
-            a.kill();
+            lock(a).kill();
         }
         let api: Api<Node> = Api::all(self.client.clone());
         match api.delete(name, &DeleteParams::default()).await {
@@ -573,28 +615,63 @@ impl LocalCluster {
         }
     }
 
-    fn agent_mut(&mut self, node: &str) -> Result<&mut ChildProcess, ClusterError> {
-        self.nodes
-            .get_mut(node)
-            .and_then(|n| n.agent.as_mut())
-            .ok_or_else(|| ClusterError::NoSuchNode(format!("{node} (with an agent)")))
+    fn with_agent<T>(
+        &self,
+        node: &str,
+        f: impl FnOnce(&mut ChildProcess) -> T,
+    ) -> Result<T, ClusterError> {
+        let agent = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.agent.as_ref())
+            .ok_or_else(|| ClusterError::NoSuchNode(format!("{node} (with an agent)")))?;
+        Ok(f(&mut lock(agent)))
     }
 
     /// SIGKILLs the node's agent (a crash).
     pub fn kill_agent(&mut self, node: &str) -> Result<(), ClusterError> {
-        self.agent_mut(node)?.kill();
-        Ok(())
+        self.crash_agent(node)
     }
 
     /// Starts the node's agent again with the same arguments, data dir and
     /// identity dir (a container restart in the same pod).
     pub fn restart_agent(&mut self, node: &str) -> Result<(), ClusterError> {
-        self.agent_mut(node)?.restart()
+        self.with_agent(node, ChildProcess::restart)?
     }
 
     /// Whether the node's agent process runs.
     pub fn agent_running(&mut self, node: &str) -> bool {
-        self.agent_mut(node).is_ok_and(|a| a.is_running())
+        self.agent_is_running(node)
+    }
+
+    /// SIGKILLs the node's agent (a crash), through a shared reference.
+    pub fn crash_agent(&self, node: &str) -> Result<(), ClusterError> {
+        self.with_agent(node, ChildProcess::kill)
+    }
+
+    /// Starts the node's agent if it does not run (same command line, data
+    /// and identity dirs), through a shared reference.
+    pub fn start_agent(&self, node: &str) -> Result<(), ClusterError> {
+        self.with_agent(node, ChildProcess::start)?
+    }
+
+    /// Whether the node's agent process runs, through a shared reference.
+    pub fn agent_is_running(&self, node: &str) -> bool {
+        self.with_agent(node, |a| a.is_running()).unwrap_or(false)
+    }
+
+    /// Sends `signal` to the node's agent (e.g. SIGSTOP for 60 s, then
+    /// SIGCONT: a node that hangs and comes back).
+    pub fn signal_agent(&self, node: &str, signal: AgentSignal) -> Result<(), ClusterError> {
+        let sig = match signal {
+            AgentSignal::Stop => libc::SIGSTOP,
+            AgentSignal::Continue => libc::SIGCONT,
+            AgentSignal::Terminate => libc::SIGTERM,
+        };
+        self.with_agent(node, |a| a.signal(sig))?
+            .map_err(ClusterError::io(format!(
+                "sending {signal:?} to the agent of {node}"
+            )))
     }
 
     /// SIGKILLs operator `k`.
@@ -657,31 +734,86 @@ impl LocalCluster {
     }
 
     /// Files of `dist` left on any node's disk: the target file, and any
-    /// file under the data root whose name holds the content id (partial
-    /// files, bitmaps, status files). Pass the applied object (with uid).
+    /// file under the data root whose name holds one of its content ids
+    /// (partial files, bitmaps, status files). Pass the applied object
+    /// (with uid). Content ids change with every version, so they are
+    /// gathered from the uid (first version), `status.contentId`, and the
+    /// agents' records (`.peerfill-status/assignments.json`), and
+    /// remembered for later calls (after deletion the records are gone).
     pub fn leftover_files(&self, dist: &Distribution) -> Vec<String> {
-        let id = dist
+        let ids = dist
             .metadata
             .uid
             .as_deref()
-            .map(Assignment::content_id_for_uid);
+            .map(|uid| self.content_ids_of(uid, dist))
+            .unwrap_or_default();
         let mut out = Vec::new();
         for node in self.nodes.values() {
             let target = node.data_dir.join(&dist.spec.target.path);
             if target.exists() {
                 out.push(format!("{}: {}", node.name, target.display()));
             }
-            if let Some(id) = &id {
-                walk(&node.data_dir, &mut |p| {
-                    if p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().contains(id.as_str()))
-                    {
-                        out.push(format!("{}: {}", node.name, p.display()));
-                    }
-                });
-            }
+            walk(&node.data_dir, &mut |p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if ids.iter().any(|id| name.contains(id.as_str())) {
+                    out.push(format!("{}: {}", node.name, p.display()));
+                }
+            });
         }
         out
+    }
+
+    /// Every content id known for `uid` (see [`LocalCluster::leftover_files`]).
+    fn content_ids_of(&self, uid: &str, dist: &Distribution) -> BTreeSet<String> {
+        let mut ids = BTreeSet::from([Assignment::content_id_for_uid(uid)]);
+        if let Some(id) = dist.status.as_ref().and_then(|s| s.content_id.clone()) {
+            ids.insert(id);
+        }
+        for node in self.nodes.values() {
+            let manifest = node.data_dir.join(".peerfill-status/assignments.json");
+            let Ok(raw) = std::fs::read(&manifest) else {
+                continue;
+            };
+            let Ok(entries) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&raw)
+            else {
+                continue;
+            };
+            ids.extend(
+                entries
+                    .into_iter()
+                    .filter(|(_, e)| e.get("uid").and_then(|u| u.as_str()) == Some(uid))
+                    .map(|(id, _)| id),
+            );
+        }
+        if let Ok(mut seen) = self.content_ids.lock() {
+            let known = seen.entry(uid.to_string()).or_default();
+            known.extend(ids);
+            known.clone()
+        } else {
+            ids
+        }
+    }
+
+    /// Creates a namespace (no error if it exists).
+    pub async fn create_namespace_named(&self, name: &str) -> Result<(), ClusterError> {
+        self.create_namespace(name).await
+    }
+
+    /// The `blake3:` digest of the file `rel_path` under the node's data
+    /// root, `None` if there is no such file.
+    pub fn file_blake3(&self, node: &str, rel_path: &str) -> Result<Option<String>, ClusterError> {
+        let path = self.node_data_dir(node)?.join(rel_path);
+        match file_digest(&path, "blake3:") {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ClusterError::Content {
+                node: node.to_string(),
+                detail: format!("{}: {e}", path.display()),
+            }),
+        }
     }
 
     /// Paths of every process log.
@@ -730,7 +862,7 @@ impl Drop for LocalCluster {
         }
         for node in self.nodes.values_mut() {
             if let Some(a) = node.agent.as_mut() {
-                a.kill();
+                lock(a).kill();
             }
         }
         for op in &mut self.operators {
@@ -747,6 +879,42 @@ impl Drop for LocalCluster {
             );
         }
     }
+}
+
+/// Flag of both binaries that lets them use loopback/private origins (the
+/// local origin is on 127.0.0.1).
+pub const ALLOW_PRIVATE_ORIGINS: &str = "--allow-private-origins";
+
+/// Locks a child process; a poisoned lock (a panic while holding it) still
+/// gives the process, so it can be killed.
+fn lock(m: &Mutex<ChildProcess>) -> std::sync::MutexGuard<'_, ChildProcess> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether `bin <sub...> --help` mentions `flag` (cached per binary):
+/// binaries built before the flag existed refuse unknown arguments.
+// TODO(issue 11): drop this check once both binaries have the flag on main.
+fn supports_flag(bin: &Path, sub: &[&str], flag: &str) -> bool {
+    static CACHE: OnceLock<Mutex<BTreeMap<(PathBuf, String), bool>>> = OnceLock::new();
+    let key = (bin.to_path_buf(), format!("{} {flag}", sub.join(" ")));
+    let cache = CACHE.get_or_init(|| Mutex::new(BTreeMap::new()));
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).copied()) {
+        return v;
+    }
+    let found = std::process::Command::new(bin)
+        .args(sub)
+        .arg("--help")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false);
+    if !found {
+        tracing::warn!(bin = %bin.display(), flag, "binary lacks the flag; not passing it");
+    }
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, found);
+    }
+    found
 }
 
 /// The workspace's `crds/` if it exists; else the generated CRDs written

@@ -67,8 +67,8 @@ pub use dist::{
     TestNode, agent_ready, http_distribution, is_complete, is_failed, matching_nodes,
     node_source_distribution, progress_in,
 };
-pub use local::{LocalCluster, LocalClusterOptions, LocalNode};
-pub use origin::{Blob, NOT_FOUND_PATH, Origin, Served, generate};
+pub use local::{ALLOW_PRIVATE_ORIGINS, AgentSignal, LocalCluster, LocalClusterOptions, LocalNode};
+pub use origin::{Blob, NOT_FOUND_PATH, Origin, Outage, Served, Validators, generate};
 pub use process::{BIN_DIR_ENV, ChildProcess, binary_path, tail};
 pub use remote::RemoteCluster;
 
@@ -155,6 +155,9 @@ pub struct NodeOptions {
     pub taints: Vec<Taint>,
     /// Whether an agent runs on the node (default true).
     pub start_agent: bool,
+    /// Extra environment of the node's agent (e.g. the test-only fault
+    /// switches `PEERFILL_ALLOW_FAULTS=1`, `PEERFILL_FAULT_DISK_CAP_FILE`).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for NodeOptions {
@@ -163,6 +166,7 @@ impl Default for NodeOptions {
             labels: BTreeMap::new(),
             taints: Vec::new(),
             start_agent: true,
+            agent_env: Vec::new(),
         }
     }
 }
@@ -180,12 +184,19 @@ impl NodeOptions {
                 time_added: None,
             }],
             start_agent: true,
+            agent_env: Vec::new(),
         }
     }
 
     /// Adds a label.
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// Adds an environment variable of the node's agent.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.agent_env.push((key.to_string(), value.to_string()));
         self
     }
 }

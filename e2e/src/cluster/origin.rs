@@ -3,6 +3,23 @@
 //! counters of what it served, a throttle and a pause, plus a 404 path and an
 //! unreachable URL.
 //!
+//! It also misbehaves on purpose, for the chaos suite:
+//! - [`Origin::replace_blob`] swaps a blob's content for another version of
+//!   the same size (as a `rename` over the file would: responses under way
+//!   finish with the old bytes, new requests get the new ones), with a new
+//!   `ETag` and `Last-Modified` — or none at all ([`Validators::None`]);
+//! - [`Origin::go_down`] stops answering ([`Outage::Hang`]: connections are
+//!   accepted, nothing is answered until [`Origin::come_up`]) or refuses
+//!   connections ([`Outage::Refuse`]: the listener is closed, connections
+//!   under way are cut) until [`Origin::come_up`].
+//!
+//! Conditional requests follow nginx: `If-Match` (strong comparison, `*`),
+//! else `If-Unmodified-Since` (412 when the resource has no `Last-Modified`
+//! or was modified after the date), `If-None-Match` (304 on GET/HEAD), and
+//! `If-Range` (an ETag must match strongly, a date must equal
+//! `Last-Modified`; otherwise the `Range` is ignored and the whole content
+//! is sent with 200).
+//!
 //! The server runs on its own thread and runtime (like the API stand-in), so
 //! it keeps serving while the caller blocks.
 
@@ -17,10 +34,12 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderMap};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use peerfill_agent::content::{DigestAlgo, StreamingDigest};
 use rand::{RngCore, SeedableRng};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::ClusterError;
@@ -30,6 +49,34 @@ use super::ClusterError;
 const BLOCK: u64 = 64 << 10;
 /// Path that always answers 404.
 pub const NOT_FOUND_PATH: &str = "/missing";
+/// `Last-Modified` of version 1 (Unix seconds, 2026-01-01T00:00:00Z); each
+/// later version is one hour newer, so every version has a distinct date.
+const FIRST_MODIFIED: i64 = 1_767_225_600;
+
+/// Which validators a blob's responses carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Validators {
+    /// A strong `ETag` and `Last-Modified` (what nginx sends for a file).
+    #[default]
+    Both,
+    /// Only a strong `ETag`.
+    ETagOnly,
+    /// Only `Last-Modified`.
+    LastModifiedOnly,
+    /// Neither: a version change cannot be told from the headers.
+    None,
+}
+
+/// How the origin behaves while down ([`Origin::go_down`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// Accepts connections but answers nothing (bodies under way stall)
+    /// until it comes up; then it answers the requests that waited.
+    Hang,
+    /// Closes the listener (connections are refused) and cuts every
+    /// connection under way.
+    Refuse,
+}
 
 /// One generated blob served by the [`Origin`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +93,19 @@ pub struct Blob {
     pub sha256: String,
     /// `blake3:<hex>` of the whole content.
     pub blake3: String,
+    /// Version at this path: 1 for [`Origin::add_blob`], +1 per
+    /// [`Origin::replace_blob`].
+    pub version: u32,
+    /// The `ETag` header sent (quoted), if any.
+    pub etag: Option<String>,
+    /// The `Last-Modified` header sent (IMF-fixdate), if any.
+    pub last_modified: Option<String>,
+}
+
+impl Blob {
+    fn last_modified_secs(&self) -> i64 {
+        FIRST_MODIFIED + 3600 * i64::from(self.version.saturating_sub(1))
+    }
 }
 
 /// Counters of one blob (or of the whole origin).
@@ -61,6 +121,8 @@ pub struct Served {
 struct Counters {
     bytes: AtomicU64,
     requests: AtomicU64,
+    /// Requests answered 412 Precondition Failed.
+    precondition_failed: AtomicU64,
 }
 
 impl Counters {
@@ -72,14 +134,45 @@ impl Counters {
     }
 }
 
+struct Entry {
+    blob: Blob,
+    counters: Arc<Counters>,
+}
+
 struct Shared {
-    blobs: Mutex<BTreeMap<String, (Blob, Arc<Counters>)>>,
+    blobs: Mutex<BTreeMap<String, Entry>>,
     total: Counters,
     /// Bytes per second for all bodies together; 0 = unlimited.
     rate: AtomicU64,
     paused: AtomicBool,
     /// Token bucket state of the throttle: (last refill, available bytes).
     bucket: Mutex<(Instant, f64)>,
+    /// `Some` while down.
+    outage: watch::Sender<Option<Outage>>,
+    /// Cancelled to cut every connection under way (a refusing outage);
+    /// replaced by a fresh token each time.
+    connections: Mutex<CancellationToken>,
+}
+
+impl Shared {
+    fn hanging(&self) -> bool {
+        *self.outage.borrow() == Some(Outage::Hang)
+    }
+
+    /// Returns once the origin is not hanging (refusing connections ends
+    /// the caller's connection anyway).
+    async fn wait_not_hanging(&self) {
+        let mut rx = self.outage.subscribe();
+        // Only fails when the sender is gone, i.e. never while we hold it.
+        let _ = rx.wait_for(|o| *o != Some(Outage::Hang)).await;
+    }
+
+    fn connection_token(&self) -> CancellationToken {
+        self.connections
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// The HTTP origin. Dropping it stops the server.
@@ -112,12 +205,15 @@ impl Origin {
         let addr = listener
             .local_addr()
             .map_err(io("reading the origin address"))?;
+        let (outage, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             blobs: Mutex::new(BTreeMap::new()),
             total: Counters::default(),
             rate: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             bucket: Mutex::new((Instant::now(), 0.0)),
+            outage,
+            connections: Mutex::new(CancellationToken::new()),
         });
         let shutdown = CancellationToken::new();
         let (s, stop) = (shared.clone(), shutdown.clone());
@@ -136,14 +232,7 @@ impl Origin {
                         return;
                     }
                 };
-                rt.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => accept_loop(l, s, stop).await,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot register the origin listener")
-                        }
-                    }
-                });
+                rt.block_on(serve_loop(listener, addr, s, stop));
             })
             .map_err(io("starting the origin thread"))?;
         let url_host = url_host.unwrap_or_else(|| addr.ip().to_string());
@@ -166,22 +255,68 @@ impl Origin {
     }
 
     /// Adds a blob of `size` generated bytes from `seed` at `/blobs/<name>`
-    /// and computes its digests (a few seconds per GiB).
+    /// with both validators, and computes its digests (a few seconds per
+    /// GiB).
     pub fn add_blob(&self, name: &str, size: u64, seed: u64) -> Blob {
-        let (sha256, blake3) = digests(size, seed);
+        self.add_blob_with(name, size, seed, Validators::Both)
+    }
+
+    /// [`Origin::add_blob`] with the given validators.
+    pub fn add_blob_with(&self, name: &str, size: u64, seed: u64, validators: Validators) -> Blob {
         let path = format!("/blobs/{name}");
-        let blob = Blob {
-            url: format!("{}{path}", self.base_url()),
-            path: path.clone(),
+        let blob = make_blob(
+            format!("{}{path}", self.base_url()),
+            path.clone(),
             size,
             seed,
-            sha256,
-            blake3,
-        };
+            1,
+            validators,
+        );
         if let Ok(mut b) = self.shared.blobs.lock() {
-            b.insert(path, (blob.clone(), Arc::new(Counters::default())));
+            b.insert(
+                path,
+                Entry {
+                    blob: blob.clone(),
+                    counters: Arc::new(Counters::default()),
+                },
+            );
         }
         blob
+    }
+
+    /// Replaces the content at `blob`'s path by the bytes of `seed` (same
+    /// size), as a new version: new `ETag` and `Last-Modified` unless
+    /// `validators` is [`Validators::None`]. Responses under way finish with
+    /// the bytes they started with. Returns the new version (or `blob`
+    /// unchanged if the path is unknown). The counters carry on.
+    pub fn replace_blob(&self, blob: &Blob, seed: u64, validators: Validators) -> Blob {
+        let Ok(mut blobs) = self.shared.blobs.lock() else {
+            return blob.clone();
+        };
+        let Some(entry) = blobs.get_mut(&blob.path) else {
+            return blob.clone();
+        };
+        let old = &entry.blob;
+        let new = make_blob(
+            old.url.clone(),
+            old.path.clone(),
+            old.size,
+            seed,
+            old.version + 1,
+            validators,
+        );
+        tracing::info!(path = %new.path, version = new.version, "origin content replaced");
+        entry.blob = new.clone();
+        new
+    }
+
+    /// The current version of the blob at `blob`'s path.
+    pub fn current(&self, blob: &Blob) -> Option<Blob> {
+        self.shared
+            .blobs
+            .lock()
+            .ok()
+            .and_then(|b| b.get(&blob.path).map(|e| e.blob.clone()))
     }
 
     /// A URL on this origin that answers 404.
@@ -204,14 +339,25 @@ impl Origin {
         self.shared.total.get()
     }
 
-    /// What the origin served of one blob (by its URL path).
+    /// What the origin served of one blob (by its URL path), all versions.
     pub fn served_of(&self, blob: &Blob) -> Served {
+        self.counters_of(blob).map(|c| c.get()).unwrap_or_default()
+    }
+
+    /// How many requests for the blob's path were answered 412 (a reader's
+    /// pinned version no longer there).
+    pub fn precondition_failures_of(&self, blob: &Blob) -> u64 {
+        self.counters_of(blob)
+            .map(|c| c.precondition_failed.load(Ordering::SeqCst))
+            .unwrap_or(0)
+    }
+
+    fn counters_of(&self, blob: &Blob) -> Option<Arc<Counters>> {
         self.shared
             .blobs
             .lock()
             .ok()
-            .and_then(|b| b.get(&blob.path).map(|(_, c)| c.get()))
-            .unwrap_or_default()
+            .and_then(|b| b.get(&blob.path).map(|e| e.counters.clone()))
     }
 
     /// Limits all response bodies together to `bytes_per_second`
@@ -233,12 +379,87 @@ impl Origin {
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
     }
+
+    /// Takes the origin down until [`Origin::come_up`] (see [`Outage`]).
+    pub fn go_down(&self, how: Outage) {
+        tracing::info!(?how, addr = %self.addr, "origin going down");
+        if how == Outage::Refuse {
+            self.cut_connections();
+        }
+        self.shared.outage.send_replace(Some(how));
+    }
+
+    /// Cuts every connection under way (responses end mid-body), and keeps
+    /// accepting new ones: clients must ask again.
+    pub fn cut_connections(&self) {
+        if let Ok(mut t) = self.shared.connections.lock() {
+            t.cancel();
+            *t = CancellationToken::new();
+        }
+    }
+
+    /// Ends [`Origin::go_down`]: listens again on the same address and
+    /// answers requests that waited.
+    pub fn come_up(&self) {
+        tracing::info!(addr = %self.addr, "origin coming up");
+        self.shared.outage.send_replace(None);
+    }
+
+    /// Whether the origin is down.
+    pub fn is_down(&self) -> bool {
+        self.shared.outage.borrow().is_some()
+    }
 }
 
 impl Drop for Origin {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+fn make_blob(
+    url: String,
+    path: String,
+    size: u64,
+    seed: u64,
+    version: u32,
+    validators: Validators,
+) -> Blob {
+    let (sha256, blake3) = digests(size, seed);
+    let mut blob = Blob {
+        path,
+        url,
+        size,
+        seed,
+        sha256,
+        blake3,
+        version,
+        etag: None,
+        last_modified: None,
+    };
+    if matches!(validators, Validators::Both | Validators::ETagOnly) {
+        blob.etag = Some(format!("\"v{version}-{seed:x}-{size:x}\""));
+    }
+    if matches!(validators, Validators::Both | Validators::LastModifiedOnly) {
+        blob.last_modified = Some(http_date(blob.last_modified_secs()));
+    }
+    blob
+}
+
+/// IMF-fixdate (`Thu, 01 Jan 2026 00:00:00 GMT`) of Unix seconds.
+fn http_date(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0)
+        .unwrap_or_default()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string()
+}
+
+/// Unix seconds of an HTTP date (IMF-fixdate or RFC 850/asctime forms
+/// that RFC 2822 parsing accepts); `None` when it does not parse.
+fn parse_http_date(v: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc2822(v.trim())
+        .ok()
+        .map(|d| d.timestamp())
 }
 
 /// The generated bytes of `[start, end)` of the blob with `seed`.
@@ -278,38 +499,97 @@ fn digests(size: u64, seed: u64) -> (String, String) {
     (sha.finalize().to_string(), b3.finalize().to_string())
 }
 
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
+/// Accepts connections while up; while refusing, the listener is closed and
+/// bound again on the same address when the origin comes up.
+async fn serve_loop(
+    first: std::net::TcpListener,
+    addr: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let mut pending = Some(first);
+    let mut outage = shared.outage.subscribe();
     loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "origin accept failed");
-                    continue;
-                }
+        if *outage.borrow_and_update() == Some(Outage::Refuse) {
+            // Close at once (also a listener bound before this loop ran).
+            pending = None;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = outage.wait_for(|o| *o != Some(Outage::Refuse)) => if r.is_err() { return },
+            }
+        }
+        let std_listener = match pending.take() {
+            Some(l) => l,
+            None => match rebind(addr, &stop).await {
+                Some(l) => l,
+                None => return,
             },
         };
-        let (shared, stop) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(serve(req, shared)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "origin connection ended");
-                },
+        let listener = match tokio::net::TcpListener::from_std(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register the origin listener");
+                return;
             }
-        });
+        };
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = outage.wait_for(|o| *o == Some(Outage::Refuse)) => {
+                    if r.is_err() { return }
+                    break;
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "origin accept failed");
+                        continue;
+                    }
+                },
+            };
+            spawn_connection(stream, shared.clone(), stop.clone());
+        }
+        // Dropping the listener makes the kernel refuse new connections.
+        drop(listener);
     }
+}
+
+/// Binds `addr` again (the port was ours a moment ago; retried briefly in
+/// case the kernel still holds it).
+async fn rebind(addr: SocketAddr, stop: &CancellationToken) -> Option<std::net::TcpListener> {
+    for attempt in 0..100u32 {
+        match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => return Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, %addr, "origin cannot listen again yet");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    tracing::error!(%addr, "origin gave up listening again");
+    None
+}
+
+fn spawn_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, stop: CancellationToken) {
+    let cut = shared.connection_token();
+    tokio::spawn(async move {
+        let svc = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(serve(req, shared).await) }
+        });
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = cut.cancelled() => {}
+            r = conn => if let Err(e) = r {
+                tracing::debug!(error = %e, "origin connection ended");
+            },
+        }
+    });
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -320,13 +600,106 @@ fn empty(status: StatusCode) -> Response<Body> {
     r
 }
 
-fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+/// What the conditional headers make of a request (RFC 9110 §13.2.2 order,
+/// nginx's choices where the RFC leaves room).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preconditions {
+    /// Serve it; `honour_range` is false when `If-Range` did not match.
+    Serve { honour_range: bool },
+    /// 412 Precondition Failed.
+    Failed,
+    /// 304 Not Modified.
+    NotModified,
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
+    headers.get(name).map(|v| v.to_str().unwrap_or(""))
+}
+
+/// The entity tags of an `If-Match`/`If-None-Match` list, as sent.
+fn etag_list(v: &str) -> Vec<&str> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn strong_eq(a: &str, b: &str) -> bool {
+    !a.starts_with("W/") && !b.starts_with("W/") && a == b
+}
+
+fn weak_eq(a: &str, b: &str) -> bool {
+    a.trim_start_matches("W/") == b.trim_start_matches("W/")
+}
+
+fn preconditions(method: &Method, headers: &HeaderMap, blob: &Blob) -> Preconditions {
+    let etag = blob.etag.as_deref();
+    let modified = blob
+        .last_modified
+        .as_ref()
+        .map(|_| blob.last_modified_secs());
+    if let Some(v) = header_str(headers, &header::IF_MATCH) {
+        let tags = etag_list(v);
+        let ok = tags.contains(&"*") || etag.is_some_and(|e| tags.iter().any(|t| strong_eq(t, e)));
+        if !ok {
+            return Preconditions::Failed;
+        }
+    } else if let Some(v) = header_str(headers, &header::IF_UNMODIFIED_SINCE) {
+        // nginx: no Last-Modified, or a date it cannot parse, fails.
+        let ok = match (modified, parse_http_date(v)) {
+            (Some(m), Some(since)) => m <= since,
+            _ => false,
+        };
+        if !ok {
+            return Preconditions::Failed;
+        }
+    }
+    if let Some(v) = header_str(headers, &header::IF_NONE_MATCH) {
+        let tags = etag_list(v);
+        let matched =
+            tags.contains(&"*") || etag.is_some_and(|e| tags.iter().any(|t| weak_eq(t, e)));
+        if matched {
+            return if method == Method::GET || method == Method::HEAD {
+                Preconditions::NotModified
+            } else {
+                Preconditions::Failed
+            };
+        }
+    }
+    let honour_range = match header_str(headers, &header::IF_RANGE) {
+        None => true,
+        Some(v) if v.starts_with('"') || v.starts_with("W/") => {
+            etag.is_some_and(|e| strong_eq(v.trim(), e))
+        }
+        Some(v) => matches!((modified, parse_http_date(v)), (Some(m), Some(d)) if m == d),
+    };
+    Preconditions::Serve { honour_range }
+}
+
+fn with_validators(
+    mut resp: hyper::http::response::Builder,
+    blob: &Blob,
+) -> hyper::http::response::Builder {
+    if let Some(e) = &blob.etag {
+        resp = resp.header(header::ETAG, e);
+    }
+    if let Some(m) = &blob.last_modified {
+        resp = resp.header(header::LAST_MODIFIED, m);
+    }
+    resp
+}
+
+async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    // A hanging origin answers nothing until it comes up; the content is
+    // looked up afterwards, so a replacement made meanwhile is served.
+    if shared.hanging() {
+        shared.wait_not_hanging().await;
+    }
     shared.total.requests.fetch_add(1, Ordering::SeqCst);
-    let found = shared
-        .blobs
-        .lock()
-        .ok()
-        .and_then(|b| b.get(req.uri().path()).cloned());
+    let found = shared.blobs.lock().ok().and_then(|b| {
+        b.get(req.uri().path())
+            .map(|e| (e.blob.clone(), e.counters.clone()))
+    });
     let Some((blob, counters)) = found else {
         return empty(StatusCode::NOT_FOUND);
     };
@@ -334,10 +707,24 @@ fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return empty(StatusCode::METHOD_NOT_ALLOWED);
     }
+    let honour_range = match preconditions(req.method(), req.headers(), &blob) {
+        Preconditions::Serve { honour_range } => honour_range,
+        Preconditions::Failed => {
+            counters.precondition_failed.fetch_add(1, Ordering::SeqCst);
+            return empty(StatusCode::PRECONDITION_FAILED);
+        }
+        Preconditions::NotModified => {
+            return with_validators(Response::builder(), &blob)
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Full::new(Bytes::new()).boxed_unsync())
+                .unwrap_or_else(|_| empty(StatusCode::INTERNAL_SERVER_ERROR));
+        }
+    };
     let size = blob.size;
     let range = req
         .headers()
-        .get(hyper::header::RANGE)
+        .get(header::RANGE)
+        .filter(|_| honour_range)
         .map(|v| parse_range(v.to_str().unwrap_or(""), size));
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, size),
@@ -345,7 +732,7 @@ fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         Some(None) => {
             let mut r = empty(StatusCode::RANGE_NOT_SATISFIABLE);
             if let Ok(v) = format!("bytes */{size}").parse() {
-                r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
             }
             return r;
         }
@@ -355,14 +742,14 @@ fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     } else {
         body_stream(shared.clone(), counters, blob.seed, start, end)
     };
-    let mut resp = Response::builder()
+    let mut resp = with_validators(Response::builder(), &blob)
         .status(status)
-        .header(hyper::header::ACCEPT_RANGES, "bytes")
-        .header(hyper::header::CONTENT_LENGTH, end - start)
-        .header(hyper::header::CONTENT_TYPE, "application/octet-stream");
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::CONTENT_TYPE, "application/octet-stream");
     if status == StatusCode::PARTIAL_CONTENT {
         resp = resp.header(
-            hyper::header::CONTENT_RANGE,
+            header::CONTENT_RANGE,
             format!("bytes {start}-{}/{size}", end - 1),
         );
     }
@@ -390,7 +777,8 @@ fn parse_range(v: &str, size: u64) -> Option<(u64, u64)> {
     (a <= b).then_some((a, b))
 }
 
-/// The body of `[start, end)` as 64 KiB frames, subject to pause and rate.
+/// The body of `[start, end)` as 64 KiB frames, subject to pause, outage
+/// and rate.
 fn body_stream(
     shared: Arc<Shared>,
     counters: Arc<Counters>,
@@ -420,9 +808,16 @@ fn body_stream(
     StreamBody::new(stream.boxed()).boxed_unsync()
 }
 
-/// Waits while paused, then takes `len` bytes from the token bucket.
+/// Waits while paused or hanging, then takes `len` bytes from the token
+/// bucket.
 async fn throttle(shared: &Shared, len: u64) {
-    while shared.paused.load(Ordering::SeqCst) {
+    loop {
+        if shared.hanging() {
+            shared.wait_not_hanging().await;
+        }
+        if !shared.paused.load(Ordering::SeqCst) {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     loop {
@@ -449,7 +844,6 @@ async fn throttle(shared: &Shared, len: u64) {
         tokio::time::sleep(wait.min(Duration::from_millis(250))).await;
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,5 +885,269 @@ mod tests {
         h.update(&data);
         assert_eq!(sha, h.finalize().to_string());
         assert_eq!(b3, format!("blake3:{}", blake3::hash(&data).to_hex()));
+    }
+
+    fn blob(validators: Validators) -> Blob {
+        make_blob("u".into(), "/blobs/x".into(), 100, 5, 2, validators)
+    }
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k.clone(), v.parse().expect("header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn versions_have_distinct_validators() {
+        let v2 = blob(Validators::Both);
+        let v3 = make_blob("u".into(), "/blobs/x".into(), 100, 6, 3, Validators::Both);
+        assert_ne!(v2.etag, v3.etag);
+        assert_ne!(v2.last_modified, v3.last_modified);
+        assert_ne!(v2.blake3, v3.blake3);
+        let lm = v2.last_modified.clone().expect("last-modified");
+        assert!(lm.ends_with(" GMT"), "{lm}");
+        assert_eq!(parse_http_date(&lm), Some(v2.last_modified_secs()));
+        let none = blob(Validators::None);
+        assert_eq!((none.etag, none.last_modified), (None, None));
+        assert!(blob(Validators::ETagOnly).last_modified.is_none());
+        assert!(blob(Validators::LastModifiedOnly).etag.is_none());
+    }
+
+    #[test]
+    fn if_match_and_if_unmodified_since_like_nginx() {
+        let b = blob(Validators::Both);
+        let etag = b.etag.clone().expect("etag");
+        let lm = b.last_modified.clone().expect("lm");
+        let get = Method::GET;
+        let serve = Preconditions::Serve { honour_range: true };
+        assert_eq!(preconditions(&get, &HeaderMap::new(), &b), serve);
+        assert_eq!(
+            preconditions(&get, &headers(&[(header::IF_MATCH, &etag)]), &b),
+            serve
+        );
+        assert_eq!(
+            preconditions(&get, &headers(&[(header::IF_MATCH, "\"other\", *")]), &b),
+            serve
+        );
+        assert_eq!(
+            preconditions(&get, &headers(&[(header::IF_MATCH, "\"other\"")]), &b),
+            Preconditions::Failed
+        );
+        // Weak tags never match If-Match.
+        let weak = format!("W/{etag}");
+        assert_eq!(
+            preconditions(&get, &headers(&[(header::IF_MATCH, &weak)]), &b),
+            Preconditions::Failed
+        );
+        // No ETag at all: any tag fails.
+        assert_eq!(
+            preconditions(
+                &get,
+                &headers(&[(header::IF_MATCH, &etag)]),
+                &blob(Validators::LastModifiedOnly)
+            ),
+            Preconditions::Failed
+        );
+        assert_eq!(
+            preconditions(&get, &headers(&[(header::IF_UNMODIFIED_SINCE, &lm)]), &b),
+            serve
+        );
+        let earlier = http_date(b.last_modified_secs() - 1);
+        assert_eq!(
+            preconditions(
+                &get,
+                &headers(&[(header::IF_UNMODIFIED_SINCE, &earlier)]),
+                &b
+            ),
+            Preconditions::Failed
+        );
+        for bad in [blob(Validators::ETagOnly), blob(Validators::None)] {
+            assert_eq!(
+                preconditions(&get, &headers(&[(header::IF_UNMODIFIED_SINCE, &lm)]), &bad),
+                Preconditions::Failed
+            );
+        }
+        // If-Match wins over If-Unmodified-Since.
+        assert_eq!(
+            preconditions(
+                &get,
+                &headers(&[
+                    (header::IF_MATCH, &etag),
+                    (header::IF_UNMODIFIED_SINCE, &earlier)
+                ]),
+                &b
+            ),
+            serve
+        );
+        assert_eq!(
+            preconditions(&get, &headers(&[(header::IF_NONE_MATCH, &weak)]), &b),
+            Preconditions::NotModified
+        );
+    }
+
+    #[test]
+    fn if_range_falls_back_to_the_whole_content() {
+        let b = blob(Validators::Both);
+        let etag = b.etag.clone().expect("etag");
+        let lm = b.last_modified.clone().expect("lm");
+        let get = Method::GET;
+        let range =
+            |v: &str, b: &Blob| match preconditions(&get, &headers(&[(header::IF_RANGE, v)]), b) {
+                Preconditions::Serve { honour_range } => honour_range,
+                other => panic!("{other:?}"),
+            };
+        assert!(range(&etag, &b));
+        assert!(range(&lm, &b));
+        assert!(!range("\"v1-old\"", &b));
+        assert!(!range(&format!("W/{etag}"), &b));
+        assert!(!range(&http_date(b.last_modified_secs() + 1), &b));
+        assert!(!range(&etag, &blob(Validators::None)));
+    }
+
+    /// Status, lower-cased headers and body of a response.
+    type Reply = (u16, Vec<(String, String)>, Vec<u8>);
+
+    /// One HTTP/1.1 request on a fresh connection.
+    fn request(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> std::io::Result<Reply> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in extra {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other("no header end"))?;
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no status"))?;
+        let hdrs = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok((status, hdrs, raw[split + 4..].to_vec()))
+    }
+
+    fn get_header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn replaced_content_is_refused_to_pinned_range_reads() {
+        let origin = Origin::start().expect("origin");
+        let v1 = origin.add_blob("ver.bin", 3 * BLOCK, 1);
+        let (status, h, body) =
+            request(origin.addr(), &v1.path, &[("Range", "bytes=10-19")]).expect("get");
+        assert_eq!(status, 206);
+        assert_eq!(body, generate(1, 10, 20));
+        let etag = get_header(&h, "etag").expect("etag").to_string();
+        assert_eq!(Some(etag.as_str()), v1.etag.as_deref());
+        let lm = get_header(&h, "last-modified").expect("lm").to_string();
+
+        let v2 = origin.replace_blob(&v1, 2, Validators::Both);
+        assert_eq!(
+            (v2.version, v2.size, v2.path.as_str()),
+            (2, v1.size, "/blobs/ver.bin")
+        );
+        for pin in [
+            ("If-Match", etag.as_str()),
+            ("If-Unmodified-Since", lm.as_str()),
+        ] {
+            let (status, _, body) =
+                request(origin.addr(), &v1.path, &[("Range", "bytes=0-9"), pin]).expect("get");
+            assert_eq!(status, 412, "{pin:?}");
+            assert!(body.is_empty());
+        }
+        assert_eq!(origin.precondition_failures_of(&v1), 2);
+        // If-Range with the old tag: the whole new content, 200.
+        let (status, h, body) = request(
+            origin.addr(),
+            &v1.path,
+            &[("Range", "bytes=0-9"), ("If-Range", etag.as_str())],
+        )
+        .expect("get");
+        assert_eq!(status, 200);
+        assert_eq!(body, generate(2, 0, v1.size));
+        assert_eq!(get_header(&h, "etag"), v2.etag.as_deref());
+
+        // Without validators nothing can be pinned.
+        let v3 = origin.replace_blob(&v2, 3, Validators::None);
+        let (status, h, _) = request(origin.addr(), &v3.path, &[]).expect("get");
+        assert_eq!(status, 200);
+        assert!(get_header(&h, "etag").is_none() && get_header(&h, "last-modified").is_none());
+        assert_eq!(origin.current(&v1), Some(v3));
+    }
+
+    #[test]
+    fn an_origin_goes_down_and_comes_back() {
+        let origin = Origin::start().expect("origin");
+        let b = origin.add_blob("down.bin", BLOCK, 4);
+        origin.go_down(Outage::Refuse);
+        // The listener closes asynchronously: wait (bounded) for refusals.
+        let mut refused = false;
+        for _ in 0..100 {
+            match std::net::TcpStream::connect_timeout(&origin.addr(), Duration::from_secs(1)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    refused = true;
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        assert!(refused, "connections are refused while down");
+        origin.come_up();
+        let mut body = None;
+        for _ in 0..100 {
+            if let Ok((200, _, b)) = request(origin.addr(), &b.path, &[]) {
+                body = Some(b);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(body, Some(generate(4, 0, BLOCK)));
+
+        // Cutting connections ends a response mid-body, then serves again.
+        let long = origin.add_blob("cut.bin", 4 * BLOCK, 5);
+        origin.set_rate_limit(Some(BLOCK));
+        let addr = origin.addr();
+        let path = long.path.clone();
+        let cut = std::thread::spawn(move || request(addr, &path, &[]));
+        while origin.served_of(&long).bytes == 0 && !cut.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        origin.cut_connections();
+        origin.set_rate_limit(None);
+        let short = cut.join().expect("thread");
+        assert!(
+            short.as_ref().is_err() || short.as_ref().is_ok_and(|r| (r.2.len() as u64) < 4 * BLOCK),
+            "the response was cut short"
+        );
+        let (status, _, body) = request(origin.addr(), &long.path, &[]).expect("served again");
+        assert_eq!((status, body.len() as u64), (200, 4 * BLOCK));
+
+        // Hanging: the request is accepted and answered only once up.
+        origin.go_down(Outage::Hang);
+        let addr = origin.addr();
+        let path = b.path.clone();
+        let waiting = std::thread::spawn(move || request(addr, &path, &[]));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiting.is_finished(), "a hanging origin answers nothing");
+        assert!(origin.is_down());
+        origin.come_up();
+        let (status, _, body) = waiting.join().expect("thread").expect("answered once up");
+        assert_eq!(status, 200);
+        assert_eq!(body.len() as u64, BLOCK);
     }
 }

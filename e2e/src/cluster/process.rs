@@ -147,6 +147,20 @@ impl ChildProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) to the running process.
+    pub fn signal(&mut self, signal: libc::c_int) -> std::io::Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| std::io::Error::other(format!("{} is not running", self.name)))?;
+        let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        if unsafe { libc::kill(pid, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// SIGKILL, as a crash would; reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
