@@ -7,6 +7,7 @@
 //! `swarm` (who fetches which piece from whom) → `agent` (one process).
 
 pub mod content;
+pub mod fsroot;
 pub mod metrics;
 pub mod origin;
 pub mod ratelimit;

@@ -3,18 +3,20 @@
 //! - `peerfill-agent run --config agent.json` fills (and seeds) the contents
 //!   of the config; with `stay: true` it keeps serving until SIGTERM/SIGINT.
 //! - `peerfill-agent node --node-name N --data-root DIR --listen ADDR
-//!   --metrics ADDR --identity-dir DIR` runs the agent of node N in a
-//!   cluster: it watches its NodeFill, gets its certificate from the
-//!   operator, fills what it is assigned and reports back (see
-//!   `peerfill_agent::k8s` and docs/control-path.md).
+//!   --metrics ADDR [--metrics-bind-address IP] --identity-dir DIR
+//!   [--allow-private-origins]` runs the agent of node N in a cluster: it
+//!   watches its NodeFill, gets its certificate from the operator, fills
+//!   what it is assigned and reports back (see `peerfill_agent::k8s` and
+//!   docs/control-path.md).
 //! - `peerfill-agent gen-certs --out DIR --nodes a,b,c` writes a cluster CA
 //!   and one identity per node (`DIR/<node>/{tls.crt,tls.key,ca.crt}`), for
 //!   tests, benchmarks and local demos.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use peerfill_agent::agent::{self, AgentConfig, Phase};
 use peerfill_agent::k8s::{self, NodeArgs};
 use peerfill_agent::logging::{self, LogFormat};
@@ -46,7 +48,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run as the node agent of a Kubernetes cluster (the DaemonSet).
-    Node(NodeArgs),
+    Node(NodeCommand),
     /// Generate a cluster CA and node identities (for tests and demos).
     GenCerts {
         #[arg(long)]
@@ -58,6 +60,40 @@ enum Command {
         #[arg(long, default_value = "peerfill-cluster-ca")]
         ca_name: String,
     },
+}
+
+/// `node`: the cluster agent's own arguments plus the exposure settings.
+#[derive(Args)]
+struct NodeCommand {
+    #[command(flatten)]
+    args: NodeArgs,
+    #[command(flatten)]
+    exposure: Exposure,
+}
+
+/// Flags limiting what the agent exposes and connects to.
+#[derive(Args, Debug, Clone, Copy, Default)]
+struct Exposure {
+    /// Bind the metrics/health endpoint to this IP instead of `--metrics`'s
+    /// (the port stays `--metrics`'s). The chart passes the pod IP, so the
+    /// endpoint is not exposed on every interface of the pod.
+    #[arg(long)]
+    metrics_bind_address: Option<IpAddr>,
+    /// Allow origins (and redirects) to loopback, link-local (cloud metadata
+    /// included) and private addresses. Off by default: such connections
+    /// are refused. Local test clusters set it.
+    #[arg(long)]
+    allow_private_origins: bool,
+}
+
+impl Exposure {
+    /// `metrics` with its IP replaced by `--metrics-bind-address`, if given.
+    fn metrics_addr(&self, metrics: SocketAddr) -> SocketAddr {
+        match self.metrics_bind_address {
+            Some(ip) => SocketAddr::new(ip, metrics.port()),
+            None => metrics,
+        }
+    }
 }
 
 /// Keeps piece-sized buffers out of the malloc heap: glibc otherwise raises
@@ -92,8 +128,19 @@ fn main() -> ExitCode {
             Some(rt) => rt.block_on(run(config)),
             None => ExitCode::FAILURE,
         },
-        Command::Node(args) => match runtime() {
-            Some(rt) => rt.block_on(node(args)),
+        Command::Node(NodeCommand { mut args, exposure }) => match runtime() {
+            Some(rt) => {
+                args.metrics = exposure.metrics_addr(args.metrics);
+                // INTEGRATION: `exposure.allow_private_origins` goes to the
+                // origin client (`OriginOptions::allow_private`) once the
+                // node agent takes it (NodeArgs/run_node).
+                info!(
+                    metrics = %args.metrics,
+                    allow_private_origins = exposure.allow_private_origins,
+                    "node agent starting"
+                );
+                rt.block_on(node(args))
+            }
             None => ExitCode::FAILURE,
         },
     }
@@ -186,5 +233,53 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("peerfill-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn node_exposure_flags() {
+        let base = [
+            "node",
+            "--node-name",
+            "n1",
+            "--data-root",
+            "/var/lib/peerfill",
+            "--metrics",
+            "0.0.0.0:9464",
+            "--identity-dir",
+            "/id",
+        ];
+        let Command::Node(n) = parse(&base).unwrap().command else {
+            panic!("not the node command");
+        };
+        assert!(!n.exposure.allow_private_origins, "refused by default");
+        assert_eq!(
+            n.exposure.metrics_addr(n.args.metrics),
+            "0.0.0.0:9464".parse::<SocketAddr>().unwrap()
+        );
+        let mut with = base.to_vec();
+        with.extend([
+            "--metrics-bind-address",
+            "10.1.2.3",
+            "--allow-private-origins",
+        ]);
+        let Command::Node(n) = parse(&with).unwrap().command else {
+            panic!("not the node command");
+        };
+        assert!(n.exposure.allow_private_origins);
+        assert_eq!(
+            n.exposure.metrics_addr(n.args.metrics),
+            "10.1.2.3:9464".parse::<SocketAddr>().unwrap()
+        );
+        with.extend(["--metrics-bind-address", "not-an-ip"]);
+        assert!(parse(&with).is_err());
     }
 }

@@ -12,9 +12,17 @@
 //!
 //! Memory: one piece buffer per in-flight read or write; nothing grows with
 //! the content size except the bitmap (1 bit per piece).
+//!
+//! Confinement: every file operation goes through [`crate::fsroot`]: the
+//! partial directory, the bitmap and the final rename are resolved beneath
+//! the data root, never following a symlink, and the destination must be a
+//! caller path beneath the root that is not one of the agent's reserved
+//! names.
+//!
+//! Test-only fault: with `PEERFILL_ALLOW_FAULTS=1`, [`FAULT_DISK_CAP_FILE_ENV`]
+//! caps the free space the store sees (see [`available_space`]).
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,10 +32,21 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use crate::content::Layout;
+use crate::fsroot::{DataRoot, FsError, check_user_path};
 
 /// Name of the directory, under the agent's data root, that holds partial
 /// files (same filesystem as the destinations, so the final rename is atomic).
 pub const PARTIAL_DIR: &str = ".peerfill-partial";
+
+/// Test-only disk-full fault: when the agent runs with
+/// `PEERFILL_ALLOW_FAULTS=1` (see `agent::ALLOW_FAULTS_ENV`), this
+/// environment variable names a file holding a decimal byte count. The
+/// store then sees at most that many bytes free (re-read on every check, so
+/// a test can "fill" and later "free" the disk at runtime): opening a
+/// content that needs more, or writing a piece longer than it, fails with
+/// [`StoreError::InsufficientSpace`], exactly as on a real full disk. A
+/// missing or unreadable file means no cap.
+pub const FAULT_DISK_CAP_FILE_ENV: &str = "PEERFILL_FAULT_DISK_CAP_FILE";
 
 /// Errors decoding a bitmap.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -214,6 +233,8 @@ pub enum StoreError {
     CrossDevice { from: PathBuf, to: PathBuf },
     #[error("invalid bitmap: {0}")]
     Bitmap(#[from] BitmapError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("storage task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -237,10 +258,11 @@ pub struct PieceStore {
 struct Inner {
     layout: Layout,
     file: File,
-    /// The data file (the `.partial`, or the complete file being served).
+    /// The data file (the `.partial`, or the complete file being served);
+    /// for messages and [`PieceStore::path`] only, never opened by path.
     data_path: PathBuf,
     /// `Some` while filling; `None` when serving a complete file.
-    bitmap_path: Option<PathBuf>,
+    partial: Option<Partial>,
     have: Mutex<Bitmap>,
     /// Set once finalized or discarded: no more writes.
     closed: AtomicBool,
@@ -252,6 +274,24 @@ impl std::fmt::Debug for PieceStore {
             .field("path", &self.inner.data_path)
             .field("layout", &self.inner.layout)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a filling store's files live, all resolved beneath the data root.
+struct Partial {
+    root: DataRoot,
+    /// The partial directory (a confined root of its own).
+    dir: DataRoot,
+    /// `<id>.partial` and `<id>.bitmap`, relative to `dir`.
+    data_name: PathBuf,
+    bitmap_name: PathBuf,
+}
+
+impl Partial {
+    fn tmp_bitmap_name(&self) -> PathBuf {
+        let mut n = self.bitmap_name.as_os_str().to_owned();
+        n.push(".tmp");
+        PathBuf::from(n)
     }
 }
 
@@ -289,58 +329,118 @@ fn decode_bitmap_file(raw: &[u8], layout: &Layout) -> Option<Bitmap> {
     Bitmap::from_bytes(layout.piece_count(), &rest[12..]).ok()
 }
 
-fn write_bitmap_file(path: &Path, layout: &Layout, bitmap: &Bitmap) -> Result<(), StoreError> {
-    let tmp = path.with_extension("bitmap.tmp");
-    let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-    f.write_all(&encode_bitmap_file(layout, bitmap))
-        .map_err(io_err("writing", &tmp))?;
-    f.sync_all().map_err(io_err("syncing", &tmp))?;
-    drop(f);
+fn write_bitmap_file(p: &Partial, layout: &Layout, bitmap: &Bitmap) -> Result<(), StoreError> {
     // No directory fsync: if the rename is lost in a crash, the previous
     // bitmap (a subset of this one) is still consistent with the data.
-    std::fs::rename(&tmp, path).map_err(io_err("renaming bitmap to", path))
+    p.dir
+        .write_atomic(&p.bitmap_name, &encode_bitmap_file(layout, bitmap))?;
+    Ok(())
 }
 
-fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
-            op: "removing",
-            path: path.to_path_buf(),
-            source: e,
-        }),
-        _ => Ok(()),
+fn remove_if_exists(dir: &DataRoot, rel: &Path) -> Result<(), StoreError> {
+    dir.remove_file(rel)?;
+    Ok(())
+}
+
+/// The test-only cap of [`FAULT_DISK_CAP_FILE_ENV`] for a store in `dir`,
+/// if faults are allowed and the file holds a number.
+pub fn fault_disk_cap(dir: &Path) -> Option<u64> {
+    #[cfg(test)]
+    if let Some(file) = test_cap::file_for(dir) {
+        return read_cap_file(&file);
+    }
+    #[cfg(not(test))]
+    let _ = dir;
+    if !crate::agent::faults_allowed() {
+        return None;
+    }
+    read_cap_file(Path::new(&std::env::var_os(FAULT_DISK_CAP_FILE_ENV)?))
+}
+
+/// Unit tests run in parallel in one process, so instead of the process
+/// environment they register a cap file per data root.
+#[cfg(test)]
+mod test_cap {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FILES: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
+
+    pub fn set(root: &Path, file: &Path) {
+        let mut m = FILES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get_or_insert_with(HashMap::new)
+            .insert(root.to_path_buf(), file.to_path_buf());
+    }
+
+    pub fn file_for(dir: &Path) -> Option<PathBuf> {
+        let m = FILES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.as_ref()?
+            .iter()
+            .find(|(root, _)| dir.starts_with(root))
+            .map(|(_, f)| f.clone())
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing directory", dir))
+fn read_cap_file(path: &Path) -> Option<u64> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(cap) => Some(cap),
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "disk cap fault file does not hold a byte count; ignored");
+                None
+            }
+        },
+        Err(_) => None,
+    }
 }
 
-/// Bytes available to unprivileged users on the filesystem holding `dir`.
+/// Bytes available to unprivileged users on the filesystem holding `dir`
+/// (capped by the test-only [`FAULT_DISK_CAP_FILE_ENV`] fault).
 pub fn available_space(dir: &Path) -> Result<u64, StoreError> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| StoreError::Io {
+    let st = rustix::fs::statvfs(dir).map_err(|e| StoreError::Io {
         op: "checking free space of",
         path: dir.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"),
+        source: std::io::Error::from_raw_os_error(e.raw_os_error()),
     })?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable
-    // memory of the right type; statvfs only writes into it.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(StoreError::Io {
-            op: "checking free space of",
-            path: dir.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
+    Ok(cap_space(st.f_bavail.saturating_mul(st.f_frsize), dir))
+}
+
+/// [`available_space`] of the filesystem holding an open confined root.
+pub fn available_space_in(dir: &DataRoot) -> Result<u64, StoreError> {
+    let st = rustix::fs::fstatvfs(dir.dir_fd()).map_err(|e| StoreError::Io {
+        op: "checking free space of",
+        path: dir.path().to_path_buf(),
+        source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+    })?;
+    Ok(cap_space(
+        st.f_bavail.saturating_mul(st.f_frsize),
+        dir.path(),
+    ))
+}
+
+fn cap_space(real: u64, dir: &Path) -> u64 {
+    match fault_disk_cap(dir) {
+        Some(cap) => real.min(cap),
+        None => real,
     }
-    // SAFETY: statvfs returned 0, so it filled the struct.
-    let st = unsafe { st.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // field widths differ between targets
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Splits a store directory given by path into the data root and the
+/// partial directory beneath it: `<root>/.peerfill-partial` (what the agent
+/// uses) is the partial directory of `<root>`; any other directory is its
+/// own root holding the partial files directly (tests, one-shot fills).
+fn split_store_dir(dir: &Path) -> (&Path, Option<&Path>) {
+    match (dir.file_name(), dir.parent()) {
+        (Some(name), Some(parent)) if name == PARTIAL_DIR && !parent.as_os_str().is_empty() => {
+            (parent, Some(Path::new(PARTIAL_DIR)))
+        }
+        _ => (dir, None),
+    }
 }
 
 /// Reserves the file's blocks so a full disk shows up now, not half-way.
@@ -375,6 +475,18 @@ fn check_id(id: &str) -> Result<(), StoreError> {
 }
 
 impl PieceStore {
+    /// Async wrapper of [`PieceStore::open_in`] (runs it on a blocking thread).
+    pub async fn open_in_async(
+        root: &DataRoot,
+        id: &str,
+        layout: Layout,
+    ) -> Result<PieceStore, StoreError> {
+        check_id(id)?;
+        let root = root.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || Self::open_in(&root, &id, layout)).await?
+    }
+
     /// Async wrapper of [`PieceStore::open`] (runs it on a blocking thread).
     pub async fn open_async(
         dir: &Path,
@@ -393,16 +505,47 @@ impl PieceStore {
     /// filesystem cannot hold the bytes still to be allocated. Blocking (a
     /// few small file operations and one fallocate); see also
     /// [`PieceStore::open_async`].
+    ///
+    /// `dir` is `<data root>/.peerfill-partial` (the data root is then its
+    /// parent and [`PieceStore::finalize`] may place the file anywhere
+    /// beneath it), or any directory that is then the data root itself.
     pub fn open(dir: &Path, id: &str, layout: Layout) -> Result<PieceStore, StoreError> {
         check_id(id)?;
-        std::fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
-        let data_path = dir.join(format!("{id}.partial"));
-        let bitmap_path = dir.join(format!("{id}.bitmap"));
+        let (root, sub) = split_store_dir(dir);
+        let root = DataRoot::open(root)?;
+        Self::open_at(&root, sub, id, layout)
+    }
 
-        let resumed = match std::fs::read(&bitmap_path) {
+    /// Opens the store for content `id` in the partial directory
+    /// ([`PARTIAL_DIR`]) of the data root `root`; see [`PieceStore::open`].
+    pub fn open_in(root: &DataRoot, id: &str, layout: Layout) -> Result<PieceStore, StoreError> {
+        Self::open_at(root, Some(Path::new(PARTIAL_DIR)), id, layout)
+    }
+
+    fn open_at(
+        root: &DataRoot,
+        sub: Option<&Path>,
+        id: &str,
+        layout: Layout,
+    ) -> Result<PieceStore, StoreError> {
+        check_id(id)?;
+        let dir = match sub {
+            Some(sub) => root.subdir(sub, true)?,
+            None => root.clone(),
+        };
+        let p = Partial {
+            root: root.clone(),
+            data_name: PathBuf::from(format!("{id}.partial")),
+            bitmap_name: PathBuf::from(format!("{id}.bitmap")),
+            dir,
+        };
+        let data_path = p.dir.join(&p.data_name);
+        let bitmap_path = p.dir.join(&p.bitmap_name);
+
+        let resumed = match p.dir.read(&p.bitmap_name) {
             Ok(raw) => match decode_bitmap_file(&raw, &layout) {
-                Some(bm) => match std::fs::metadata(&data_path) {
-                    Ok(m) if m.len() == layout.size => Some(bm),
+                Some(bm) => match p.dir.metadata(&p.data_name)? {
+                    Some(m) if m.is_file() && m.len == layout.size => Some(bm),
                     _ => None,
                 },
                 None => {
@@ -410,8 +553,8 @@ impl PieceStore {
                     None
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err("reading", &bitmap_path)(e)),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e.into()),
         };
 
         let have = match resumed {
@@ -425,29 +568,22 @@ impl PieceStore {
                 bm
             }
             None => {
-                remove_if_exists(&bitmap_path)?;
-                remove_if_exists(&data_path)?;
+                remove_if_exists(&p.dir, &p.bitmap_name)?;
+                remove_if_exists(&p.dir, &p.data_name)?;
                 Bitmap::new(layout.piece_count())
             }
         };
 
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&data_path)
-            .map_err(io_err("opening", &data_path))?;
+        let file = p.dir.create_partial(&p.data_name)?;
         let meta = file.metadata().map_err(io_err("inspecting", &data_path))?;
         // Only the blocks not yet allocated still need room.
         let allocated = meta.blocks().saturating_mul(512);
         let needed = layout.size.saturating_sub(allocated);
-        let available = available_space(dir)?;
+        let available = available_space_in(&p.dir)?;
         if needed > available {
             drop(file);
             if have.count_ones() == 0 {
-                remove_if_exists(&data_path)?;
+                remove_if_exists(&p.dir, &p.data_name)?;
             }
             return Err(StoreError::InsufficientSpace {
                 needed,
@@ -461,14 +597,14 @@ impl PieceStore {
         if have.count_ones() == 0 {
             // Record the layout now, so a restart can tell this partial file
             // belongs to this layout even before its first piece lands.
-            write_bitmap_file(&bitmap_path, &layout, &have)?;
+            write_bitmap_file(&p, &layout, &have)?;
         }
         Ok(PieceStore {
             inner: Arc::new(Inner {
                 layout,
                 file,
                 data_path,
-                bitmap_path: Some(bitmap_path),
+                partial: Some(p),
                 have: Mutex::new(have),
                 closed: AtomicBool::new(false),
             }),
@@ -478,9 +614,41 @@ impl PieceStore {
     /// Serves pieces of an already complete file (a seeder, or an agent that
     /// finished): every piece is held, writes are refused. The file is
     /// trusted to hold the content; callers verify it first if needed.
+    ///
+    /// By absolute path: only the last component is refused if it is a
+    /// symlink. Prefer [`PieceStore::open_complete_in`], which refuses a
+    /// symlink anywhere beneath the data root.
     pub fn open_complete(path: &Path, layout: Layout) -> Result<PieceStore, StoreError> {
-        let file = File::open(path).map_err(io_err("opening", path))?;
-        let actual = file.metadata().map_err(io_err("inspecting", path))?.len();
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io_err("opening", path))?;
+        Self::complete_from(file, path, layout)
+    }
+
+    /// Serves pieces of the complete regular file `rel` beneath the data
+    /// root (a node source, or a content finished before a restart): a
+    /// symlink anywhere in `rel` is refused ([`FsError::Symlink`]), so a
+    /// node source can never send a file from outside the root.
+    pub fn open_complete_in(
+        root: &DataRoot,
+        rel: &Path,
+        layout: Layout,
+    ) -> Result<PieceStore, StoreError> {
+        let file = root.open_read(rel)?;
+        Self::complete_from(file, &root.join(rel), layout)
+    }
+
+    fn complete_from(file: File, path: &Path, layout: Layout) -> Result<PieceStore, StoreError> {
+        let meta = file.metadata().map_err(io_err("inspecting", path))?;
+        if !meta.is_file() {
+            return Err(FsError::NotRegular {
+                path: path.to_path_buf(),
+            }
+            .into());
+        }
+        let actual = meta.len();
         if actual != layout.size {
             return Err(StoreError::SizeMismatch {
                 path: path.to_path_buf(),
@@ -493,7 +661,7 @@ impl PieceStore {
                 layout,
                 file,
                 data_path: path.to_path_buf(),
-                bitmap_path: None,
+                partial: None,
                 have: Mutex::new(Bitmap::full(layout.piece_count())),
                 closed: AtomicBool::new(false),
             }),
@@ -502,11 +670,29 @@ impl PieceStore {
 
     /// Deletes the partial file and bitmap of content `id` in `dir`, if any
     /// (a distribution was deleted).
+    /// `dir` as in [`PieceStore::open`].
     pub fn remove(dir: &Path, id: &str) -> Result<(), StoreError> {
         check_id(id)?;
-        remove_if_exists(&dir.join(format!("{id}.partial")))?;
-        remove_if_exists(&dir.join(format!("{id}.bitmap")))?;
-        remove_if_exists(&dir.join(format!("{id}.bitmap.tmp")))
+        let (root, sub) = split_store_dir(dir);
+        if !root.exists() {
+            return Ok(());
+        }
+        Self::remove_at(&DataRoot::open(root)?, sub, id)
+    }
+
+    /// Deletes the partial file and bitmap of content `id` in the partial
+    /// directory of `root`, if any (never following a symlink).
+    pub fn remove_in(root: &DataRoot, id: &str) -> Result<(), StoreError> {
+        Self::remove_at(root, Some(Path::new(PARTIAL_DIR)), id)
+    }
+
+    fn remove_at(root: &DataRoot, sub: Option<&Path>, id: &str) -> Result<(), StoreError> {
+        check_id(id)?;
+        let prefix = sub.map(Path::to_path_buf).unwrap_or_default();
+        for ext in ["partial", "bitmap", "bitmap.tmp"] {
+            remove_if_exists(root, &prefix.join(format!("{id}.{ext}")))?;
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> Layout {
@@ -578,12 +764,7 @@ impl PieceStore {
                 got: data.len(),
             });
         }
-        let Some(bitmap_path) = self.inner.bitmap_path.clone() else {
-            return Err(StoreError::ReadOnly {
-                path: self.inner.data_path.clone(),
-            });
-        };
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.inner.partial.is_none() || self.inner.closed.load(Ordering::Acquire) {
             return Err(StoreError::ReadOnly {
                 path: self.inner.data_path.clone(),
             });
@@ -594,6 +775,23 @@ impl PieceStore {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let inner = &this.inner;
+            let Some(p) = inner.partial.as_ref() else {
+                return Err(StoreError::ReadOnly {
+                    path: inner.data_path.clone(),
+                });
+            };
+            // The disk-full fault hits writes too (the blocks are
+            // preallocated, so a real full disk would not; the fault
+            // emulates a filesystem that cannot reserve them).
+            if let Some(cap) = fault_disk_cap(p.dir.path())
+                && cap < u64::from(expected)
+            {
+                return Err(StoreError::InsufficientSpace {
+                    needed: u64::from(expected),
+                    available: cap,
+                    path: inner.data_path.clone(),
+                });
+            }
             let offset = inner.layout.piece_range(index).start;
             inner
                 .file
@@ -613,7 +811,7 @@ impl PieceStore {
             }
             if have.set(index) {
                 let snapshot = have.clone();
-                if let Err(e) = write_bitmap_file(&bitmap_path, &inner.layout, &snapshot) {
+                if let Err(e) = write_bitmap_file(p, &inner.layout, &snapshot) {
                     have.clear(index);
                     return Err(e);
                 }
@@ -647,12 +845,31 @@ impl PieceStore {
     /// Makes the complete content durable and moves it atomically to `dest`
     /// (parent directories created; `dest` replaced if it exists), then drops
     /// the bitmap. Fails with [`StoreError::Incomplete`] if a piece is missing.
+    ///
+    /// `dest` must be beneath the data root and pass
+    /// [`crate::fsroot::check_user_path`] relative to it; the rename is
+    /// resolved beneath the root without following symlinks.
     pub async fn finalize(self, dest: &Path) -> Result<(), StoreError> {
-        let Some(bitmap_path) = self.inner.bitmap_path.clone() else {
+        let Some(p) = self.inner.partial.as_ref() else {
             return Err(StoreError::ReadOnly {
                 path: self.inner.data_path.clone(),
             });
         };
+        let rel = p.root.rel_of(dest)?;
+        self.finalize_rel(&rel).await
+    }
+
+    /// [`PieceStore::finalize`] to `rel`, relative to the data root.
+    pub async fn finalize_rel(self, rel: &Path) -> Result<(), StoreError> {
+        if self.inner.partial.is_none() {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        }
+        check_user_path(rel).map_err(|source| FsError::Path {
+            path: rel.to_path_buf(),
+            source,
+        })?;
         let have = self.have();
         if !have.is_full() {
             return Err(StoreError::Incomplete {
@@ -665,31 +882,33 @@ impl PieceStore {
                 path: self.inner.data_path.clone(),
             });
         }
-        let dest = dest.to_path_buf();
+        let rel = rel.to_path_buf();
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let from = &inner.data_path;
+            let Some(p) = inner.partial.as_ref() else {
+                return Err(StoreError::ReadOnly { path: from.clone() });
+            };
+            let dest = p.root.join(&rel);
             inner.file.sync_all().map_err(io_err("syncing", from))?;
-            let parent = dest
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            std::fs::create_dir_all(parent).map_err(io_err("creating directory", parent))?;
-            if let Err(e) = std::fs::rename(from, &dest) {
+            if let Err(e) = p.root.rename_from(&p.dir, &p.data_name, &rel) {
                 inner.closed.store(false, Ordering::Release);
-                if e.raw_os_error() == Some(libc::EXDEV) {
+                if let FsError::Io { source, .. } = &e
+                    && source.raw_os_error() == Some(libc::EXDEV)
+                {
                     return Err(StoreError::CrossDevice {
                         from: from.clone(),
-                        to: dest.clone(),
+                        to: dest,
                     });
                 }
-                return Err(io_err("renaming into place", &dest)(e));
+                return Err(e.into());
             }
-            sync_dir(parent)?;
-            remove_if_exists(&bitmap_path)?;
-            if let Some(dir) = bitmap_path.parent() {
-                sync_dir(dir)?;
-            }
+            remove_if_exists(&p.dir, &p.bitmap_name)?;
+            rustix::fs::fsync(p.dir.dir_fd()).map_err(|e| StoreError::Io {
+                op: "syncing directory",
+                path: p.dir.path().to_path_buf(),
+                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+            })?;
             info!(dest = %dest.display(), bytes = inner.layout.size, "content complete");
             Ok(())
         })
@@ -707,18 +926,21 @@ impl PieceStore {
     /// Stops filling and deletes the partial file and bitmap.
     pub async fn discard(self) -> Result<(), StoreError> {
         self.inner.closed.store(true, Ordering::Release);
-        let Some(bitmap_path) = self.inner.bitmap_path.clone() else {
+        if self.inner.partial.is_none() {
             // Serving a complete file: it is not ours to delete.
             return Ok(());
-        };
+        }
         let this = self;
         tokio::task::spawn_blocking(move || {
             // Under the bitmap lock: in-flight writes see `closed` before
             // they could write the bitmap again.
             let _have = this.lock_have();
-            remove_if_exists(&this.inner.data_path)?;
-            remove_if_exists(&bitmap_path)?;
-            remove_if_exists(&bitmap_path.with_extension("bitmap.tmp"))
+            let Some(p) = this.inner.partial.as_ref() else {
+                return Ok(());
+            };
+            remove_if_exists(&p.dir, &p.data_name)?;
+            remove_if_exists(&p.dir, &p.bitmap_name)?;
+            remove_if_exists(&p.dir, &p.tmp_bitmap_name())
         })
         .await?
     }
@@ -917,6 +1139,110 @@ mod tests {
         let dest = root.path().join("out/empty");
         store.finalize(&dest).await.unwrap();
         assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn symlinks_in_the_data_root_are_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), b"victim").unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("evil")).unwrap();
+        let layout = Layout::new(10, MIN_PIECE_SIZE).unwrap();
+        let data_root = DataRoot::open(&root).unwrap();
+
+        // Finalizing through a symlinked directory, onto a reserved name, or
+        // outside the root is refused and leaves the partial file in place.
+        let store = PieceStore::open_in(&data_root, "c", layout).unwrap();
+        store.write_piece(0, piece(&layout, 0)).await.unwrap();
+        for dest in ["evil/victim", "evil/new", ".peerfill-status/c.json"] {
+            let err = store.clone().finalize(&root.join(dest)).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Fs(FsError::Symlink { .. } | FsError::Path { .. })
+                ),
+                "{dest}: {err}"
+            );
+        }
+        assert!(matches!(
+            store.clone().finalize(&outside.join("x")).await,
+            Err(StoreError::Fs(FsError::OutsideRoot { .. }))
+        ));
+        assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"victim");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+        store.finalize(&root.join("ok/c.bin")).await.unwrap();
+        assert_eq!(
+            std::fs::read(root.join("ok/c.bin")).unwrap(),
+            piece(&layout, 0)
+        );
+
+        // A node source (or a complete file) that is, or is under, a symlink
+        // to the outside is not served.
+        std::os::unix::fs::symlink(outside.join("victim"), root.join("link")).unwrap();
+        for rel in ["link", "evil/victim"] {
+            assert!(matches!(
+                PieceStore::open_complete_in(&data_root, Path::new(rel), layout),
+                Err(StoreError::Fs(FsError::Symlink { .. }))
+            ));
+        }
+        assert!(PieceStore::open_complete(&root.join("link"), layout).is_err());
+        assert!(PieceStore::open_complete_in(&data_root, Path::new("ok/c.bin"), layout).is_ok());
+
+        // A partial directory that is a symlink to the outside is refused.
+        let root2 = tmp.path().join("root2");
+        std::fs::create_dir(&root2).unwrap();
+        std::os::unix::fs::symlink(&outside, root2.join(PARTIAL_DIR)).unwrap();
+        let err = PieceStore::open(&root2.join(PARTIAL_DIR), "d", layout).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Fs(FsError::Symlink { .. })),
+            "{err}"
+        );
+        PieceStore::remove(&root2.join(PARTIAL_DIR), "victim").unwrap_err();
+        assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"victim");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn disk_cap_fault_fills_and_frees_the_disk_at_runtime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cap_file = tmp.path().join("cap");
+        let root = tmp.path().join("root");
+        test_cap::set(&root, &cap_file);
+        let layout = Layout::new(u64::from(MIN_PIECE_SIZE) * 2, MIN_PIECE_SIZE).unwrap();
+        let data_root = DataRoot::open(&root).unwrap();
+
+        // "Full" disk: opening fails with the real error, nothing is left.
+        std::fs::write(&cap_file, "100").unwrap();
+        assert_eq!(available_space_in(&data_root).unwrap(), 100);
+        let err = PieceStore::open_in(&data_root, "c", layout).unwrap_err();
+        assert!(
+            matches!(err, StoreError::InsufficientSpace { available: 100, .. }),
+            "{err}"
+        );
+        assert!(!root.join(PARTIAL_DIR).join("c.partial").exists());
+
+        // Freed: opens; filled again at runtime: writes fail the same way.
+        std::fs::write(&cap_file, (layout.size * 4).to_string()).unwrap();
+        let store = PieceStore::open_in(&data_root, "c", layout).unwrap();
+        store.write_piece(0, piece(&layout, 0)).await.unwrap();
+        std::fs::write(&cap_file, "0\n").unwrap();
+        assert!(matches!(
+            store.write_piece(1, piece(&layout, 1)).await,
+            Err(StoreError::InsufficientSpace { available: 0, .. })
+        ));
+        assert!(!store.has(1));
+        // Freed again: the write goes through.
+        std::fs::write(&cap_file, "99999999").unwrap();
+        store.write_piece(1, piece(&layout, 1)).await.unwrap();
+        assert!(store.is_complete());
+        // Garbage in the file means no cap.
+        std::fs::write(&cap_file, "lots").unwrap();
+        assert!(available_space_in(&data_root).unwrap() > 0);
+        assert_eq!(read_cap_file(&cap_file), None);
+        assert_eq!(read_cap_file(&tmp.path().join("missing")), None);
     }
 
     fn peak_rss_kib() -> u64 {

@@ -1,6 +1,6 @@
 //! Command line (charts/peerfill/README.md "Operator").
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
@@ -14,9 +14,15 @@ pub struct Args {
     /// Log lines as text or JSON (filter with RUST_LOG).
     #[arg(long, value_enum, default_value = "text", env = "PEERFILL_LOG_FORMAT")]
     pub log_format: peerfill_agent::logging::LogFormat,
-    /// Address of the `/metrics` and `/healthz` endpoint (every replica).
+    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint (every
+    /// replica).
     #[arg(long, default_value = "0.0.0.0:9463")]
     pub metrics: SocketAddr,
+    /// Bind the metrics endpoint to this IP instead of `--metrics`'s (the
+    /// port stays `--metrics`'s). The chart passes the pod IP, so the
+    /// endpoint is not exposed on every interface of the pod.
+    #[arg(long)]
+    pub metrics_bind_address: Option<IpAddr>,
     /// Namespace of the leader Lease and of the CA Secret.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub leader_election_namespace: String,
@@ -56,6 +62,15 @@ pub struct Args {
 }
 
 impl Args {
+    /// Where the metrics endpoint binds: `--metrics`, with its IP replaced
+    /// by `--metrics-bind-address` if given.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        match self.metrics_bind_address {
+            Some(ip) => SocketAddr::new(ip, self.metrics.port()),
+            None => self.metrics,
+        }
+    }
+
     /// The Lease holder identity of this replica.
     pub fn identity(&self) -> String {
         self.identity
@@ -110,6 +125,17 @@ mod tests {
         .unwrap();
         assert_eq!(a.leader_election_namespace, "peerfill-system");
         assert_eq!(a.timing().unwrap().lease_duration, Duration::from_secs(15));
+        assert_eq!(a.metrics_addr(), "0.0.0.0:9463".parse().unwrap());
+        let pinned = Args::try_parse_from([
+            "x",
+            "--metrics",
+            "0.0.0.0:9463",
+            "--metrics-bind-address",
+            "fd00::7",
+        ])
+        .unwrap();
+        assert_eq!(pinned.metrics_addr(), "[fd00::7]:9463".parse().unwrap());
+
         let bad = Args::try_parse_from([
             "x",
             "--lease-duration-seconds",

@@ -59,7 +59,7 @@ pub async fn run_until(
 ) -> Result<(), Error> {
     let mut shutdown = std::pin::pin!(shutdown);
     let timing = args.timing().map_err(Error::Config)?;
-    let listener = metrics::bind(args.metrics).await?;
+    let listener = metrics::bind(args.metrics_addr()).await?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics and /healthz");
     }

@@ -1,16 +1,15 @@
-//! Prometheus metrics and the `/metrics` + `/healthz` endpoint, served by
-//! every replica (leader or standby).
+//! Prometheus metrics and the `/metrics` + `/healthz` + `/readyz` endpoint,
+//! served by every replica (leader or standby), with the agent's hardened
+//! server (`peerfill_agent::metrics::serve_http`: header-read timeout,
+//! connection deadline and cap, bounded request heads).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use peerfill_agent::metrics::{ConnStats, ServerLimits, serve_http};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -95,30 +94,21 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|source| Error::MetricsBind { addr, source })
 }
 
-/// Serves `GET /metrics` and `GET /healthz` until the task is dropped.
+/// Serves `GET /metrics`, `GET /healthz` and `GET /readyz` until the task
+/// is dropped or accepting fails for good.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), Error> {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept");
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection");
-            }
-        });
-    }
+    let addr = listener.local_addr().ok();
+    serve_http(
+        listener,
+        ServerLimits::default(),
+        Arc::new(ConnStats::default()),
+        move |req| respond(req, &metrics),
+    )
+    .await
+    .map_err(|source| Error::MetricsBind {
+        addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        source,
+    })
 }
 
 fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
@@ -128,7 +118,11 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> 
             "text/plain; version=0.0.4",
             metrics.render(),
         ),
-        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        // A replica that serves this is alive; a standby is ready too (it
+        // only waits for the lease, and must not be restarted for it).
+        (&Method::GET, "/healthz" | "/readyz") => {
+            (StatusCode::OK, "text/plain", "ok\n".to_string())
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
