@@ -13,6 +13,8 @@ use crate::content::Digest;
 
 /// What to do with one assignment.
 #[derive(Debug, Clone)]
+// Few of these exist (one per assignment); boxing the config buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Desired {
     /// Run this content.
     Run(ContentConfig),
@@ -94,6 +96,28 @@ pub fn translate(
             );
         }
     };
+    // The pinned identity: the user's blake3 digest at once, else the root
+    // the operator published once the authorities agreed.
+    let published = match a.manifest_digest.as_deref().map(str::parse::<Digest>) {
+        None => None,
+        Some(Ok(d @ Digest::Blake3(_))) => Some(d),
+        Some(Ok(_)) => {
+            return invalid(
+                "InvalidManifestDigest",
+                "manifestDigest must be a blake3 root".into(),
+            );
+        }
+        Some(Err(e)) => return invalid("InvalidManifestDigest", e.to_string()),
+    };
+    let root = match digest {
+        Some(d @ Digest::Blake3(_)) => Some(d),
+        _ => published,
+    };
+    let origin_version = a
+        .source
+        .http
+        .as_ref()
+        .and_then(|h| h.origin_version.clone());
     if a.size.is_none() && !can_learn_size {
         return Desired::Wait {
             reason: "WaitingForSize",
@@ -125,11 +149,55 @@ pub fn translate(
             .filter(|n| n.as_str() != me)
             .cloned()
             .collect(),
+        root,
+        origin_version,
+        reuse_from: Vec::new(),
     })
 }
 
+/// Whether two paths under the data root overlap: equal, or one is a
+/// directory holding the other (compared by components, so `a/b` and
+/// `a/bc` do not overlap).
+pub fn paths_overlap(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// The paths an assignment claims on node `me`: its target, and the source
+/// file when `me` seeds it.
+pub fn claimed_paths(a: &Assignment, me: &str) -> Vec<PathBuf> {
+    let mut out = vec![PathBuf::from(&a.path)];
+    if let Some(seed) = &a.source.node
+        && seed.node_name == me
+    {
+        out.push(PathBuf::from(&seed.path));
+    }
+    out
+}
+
+/// Assignments whose paths overlap an earlier assignment's (in spec order)
+/// on node `me`: uid → the `namespace/name` of the one that holds the path.
+/// The operator never assigns overlapping paths; this is defence in depth
+/// so that a second Distribution on a path touches nothing.
+pub fn path_conflicts(assignments: &[Assignment], me: &str) -> HashMap<String, String> {
+    let mut held: Vec<(PathBuf, &Assignment)> = Vec::new();
+    let mut out = HashMap::new();
+    for a in assignments {
+        let mine = claimed_paths(a, me);
+        let clash = held
+            .iter()
+            .find(|(p, other)| other.uid != a.uid && mine.iter().any(|m| paths_overlap(m, p)));
+        if let Some((_, other)) = clash {
+            out.insert(a.uid.clone(), format!("{}/{}", other.namespace, other.name));
+            continue;
+        }
+        held.extend(mine.into_iter().map(|p| (p, a)));
+    }
+    out
+}
+
 /// Whether a running content must be restarted to follow `new`: anything
-/// but its peers changed. A size the running content learnt itself (an
+/// but its peers, its pinned root or origin version (applied live, see
+/// `Engine::pin`) changed. A size the running content learnt itself (an
 /// origin reader, the seeder) and the operator now copies in is no change.
 pub fn needs_restart(
     running: &ContentConfig,
