@@ -147,7 +147,7 @@ fn refuse_url(url: &Url, allow_private: bool) -> Option<String> {
     let host = url.host_str()?;
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     let Ok(ip) = literal.parse::<IpAddr>() else {
-        let d = host.to_ascii_lowercase();
+        let d = host.trim_end_matches('.').to_ascii_lowercase();
         if d == "localhost" || d.ends_with(".localhost") {
             return Some(format!("host {host} is loopback"));
         }
@@ -1147,6 +1147,237 @@ mod tests {
         assert!(!err.to_string().contains("pw"), "{err}");
         let c = OriginClient::new("https://h/x?a=b", vec![], OriginOptions::default()).unwrap();
         assert_eq!(c.display_url(), "https://h/x?…");
+    }
+
+    /// Serves `ranged(data)` with a strong ETag, honouring If-Match; the
+    /// content switches to `next` after `switch_after` requests.
+    fn versioned(data: Bytes, next: Bytes, switch_after: usize) -> Handler {
+        let (a, b) = (ranged(data.clone()), ranged(next.clone()));
+        Arc::new(move |req, n| {
+            let (serve, tag) = if n < switch_after {
+                (&a, "\"v1\"")
+            } else {
+                (&b, "\"v2\"")
+            };
+            if let Some(want) = req.headers().get(header::IF_MATCH)
+                && want.to_str().ok() != Some(tag)
+            {
+                let mut r = status(412);
+                r.headers_mut()
+                    .insert(header::ETAG, HeaderValue::from_static(tag));
+                return r;
+            }
+            let mut r = serve(req, n);
+            r.headers_mut()
+                .insert(header::ETAG, HeaderValue::from_static(tag));
+            r
+        })
+    }
+
+    #[tokio::test]
+    async fn reads_are_pinned_to_the_first_version_seen() {
+        let (v1, v2) = (content(1000), Bytes::from(vec![9u8; 1000]));
+        let s = server(versioned(v1.clone(), v2, 3), false).await;
+        let c = client(&s);
+        assert_eq!(c.content_length().await.unwrap(), 1000);
+        assert_eq!(c.version().as_deref(), Some("\"v1\""));
+        assert_eq!(c.fetch_range(0..10).await.unwrap(), v1.slice(0..10));
+        assert_eq!(c.fetch_range(10..20).await.unwrap(), v1.slice(10..20));
+        // The origin changed: If-Match fails, never retried, never mixed.
+        let before = s.hits.load(Ordering::SeqCst);
+        let err = c.fetch_range(20..30).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+        assert!(!err.is_transient());
+        assert!(
+            matches!(&err, OriginError::Changed { pinned, found: Some(f), .. } if pinned == "\"v1\"" && f == "\"v2\""),
+            "{err:?}"
+        );
+        assert_eq!(s.hits.load(Ordering::SeqCst) - before, 1);
+    }
+
+    #[tokio::test]
+    async fn a_published_version_pins_from_the_start() {
+        let (v1, v2) = (content(1000), Bytes::from(vec![9u8; 1000]));
+        // The origin already serves v2; the operator pinned v1.
+        let s = server(versioned(v1, v2, 0), false).await;
+        let c = client(&s);
+        c.pin_version("\"v1\"".into());
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+        // HEAD names the new version too.
+        let err = c.content_length().await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+    }
+
+    #[tokio::test]
+    async fn an_origin_ignoring_preconditions_is_caught_by_its_validator() {
+        // Answers every range with the current version's ETag, ignoring
+        // If-Match (as some servers do).
+        let v1 = ranged(content(1000));
+        let v2 = ranged(Bytes::from(vec![9u8; 1000]));
+        let h: Handler = Arc::new(move |req, n| {
+            let (mut r, tag) = if n < 1 {
+                (v1(req, n), "\"a\"")
+            } else {
+                (v2(req, n), "\"b\"")
+            };
+            r.headers_mut()
+                .insert(header::ETAG, HeaderValue::from_static(tag));
+            r
+        });
+        let s = server(h, false).await;
+        let c = client(&s);
+        c.fetch_range(0..10).await.unwrap();
+        let err = c.fetch_range(10..20).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+    }
+
+    #[tokio::test]
+    async fn last_modified_pins_when_there_is_no_strong_etag() {
+        let inner = ranged(content(1000));
+        let h: Handler = Arc::new(move |req, n| {
+            let mut r = inner(req, n);
+            r.headers_mut()
+                .insert(header::ETAG, HeaderValue::from_static("W/\"weak\""));
+            let lm = if n < 2 {
+                "Mon, 30 Nov 2026 10:00:00 GMT"
+            } else {
+                "Mon, 30 Nov 2026 11:00:00 GMT"
+            };
+            r.headers_mut()
+                .insert(header::LAST_MODIFIED, HeaderValue::from_static(lm));
+            r
+        });
+        let s = server(h, false).await;
+        let c = client(&s);
+        c.fetch_range(0..10).await.unwrap();
+        assert_eq!(
+            c.version().as_deref(),
+            Some("Mon, 30 Nov 2026 10:00:00 GMT")
+        );
+        c.fetch_range(10..20).await.unwrap();
+        let err = c.fetch_range(20..30).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+    }
+
+    #[test]
+    fn forbidden_addresses() {
+        for bad in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "169.254.169.254",
+            "169.254.1.1",
+            "100.100.100.200",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(is_forbidden_ip(bad.parse().unwrap()), "{bad}");
+        }
+        for ok in [
+            "10.0.0.1",
+            "192.168.1.1",
+            "8.8.8.8",
+            "fd00::1",
+            "2001:db8::1",
+        ] {
+            assert!(!is_forbidden_ip(ok.parse().unwrap()), "{ok}");
+        }
+    }
+
+    #[tokio::test]
+    async fn private_origins_are_refused_unless_allowed() {
+        let strict = OriginOptions {
+            allow_private: false,
+            ..fast_opts()
+        };
+        for url in [
+            "http://127.0.0.1:1/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[fd00:ec2::254]/",
+            "http://[::1]:8080/x",
+            "http://localhost/x",
+        ] {
+            let err = OriginClient::new(url, vec![], strict.clone()).unwrap_err();
+            assert_eq!(err.reason(), "OriginForbidden", "{url}");
+        }
+        // A name resolving to loopback is refused at connect time.
+        let data = content(100);
+        let s = server(ranged(data.clone()), false).await;
+        let port = s.addr.port();
+        let c = OriginClient::new(
+            &format!("http://localtest.invalid.localhost.:{port}/x"),
+            vec![],
+            strict.clone(),
+        );
+        assert!(c.is_err(), "*.localhost is loopback");
+        // Names are checked on what they resolve to.
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let resolved = CheckedResolver.resolve(name).await;
+        let err = resolved.err().expect("localhost resolves only to loopback");
+        assert!(err.is::<Refused>(), "{err}");
+        // Allowed: the same origin is read.
+        let c = OriginClient::new(&format!("http://{}/x", s.addr), vec![], fast_opts()).unwrap();
+        assert_eq!(c.fetch_range(0..10).await.unwrap(), data.slice(0..10));
+    }
+
+    #[tokio::test]
+    async fn redirects_are_checked_and_bounded() {
+        let data = content(100);
+        let target = server(ranged(data.clone()), false).await;
+        let to = format!("http://{}/x", target.addr);
+        let redirect: Handler = Arc::new(move |_, _| {
+            let mut r = status(302);
+            r.headers_mut()
+                .insert(header::LOCATION, HeaderValue::from_str(&to).unwrap());
+            r
+        });
+        let hop = server(redirect, false).await;
+        // Allowed private origins: followed.
+        let c = OriginClient::new(&format!("http://{}/r", hop.addr), vec![], fast_opts()).unwrap();
+        assert_eq!(c.fetch_range(0..10).await.unwrap(), data.slice(0..10));
+        // A loop is cut after MAX_REDIRECTS hops.
+        let looping: Handler = Arc::new(|req, _| {
+            let mut r = status(302);
+            let next = format!("{}x", req.uri().path());
+            r.headers_mut()
+                .insert(header::LOCATION, HeaderValue::from_str(&next).unwrap());
+            r
+        });
+        let l = server(looping, false).await;
+        let c = OriginClient::new(&format!("http://{}/r", l.addr), vec![], fast_opts()).unwrap();
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginForbidden", "{err:?}");
+        assert!(l.hits.load(Ordering::SeqCst) <= MAX_REDIRECTS + 1);
+        // A redirect carrying credentials is refused.
+        let cred: Handler = Arc::new(|_, _| {
+            let mut r = status(302);
+            r.headers_mut().insert(
+                header::LOCATION,
+                HeaderValue::from_static("http://user:pw@127.0.0.1:1/x"),
+            );
+            r
+        });
+        let cs = server(cred, false).await;
+        let c = OriginClient::new(&format!("http://{}/r", cs.addr), vec![], fast_opts()).unwrap();
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginForbidden", "{err:?}");
+        assert!(!err.to_string().contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn redirect_targets_are_judged_like_origins() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(refuse_url(&u("http://169.254.169.254/"), false).is_some());
+        assert!(refuse_url(&u("http://[::ffff:7f00:1]/"), false).is_some());
+        assert!(refuse_url(&u("http://10.1.2.3/"), false).is_none());
+        assert!(refuse_url(&u("http://127.0.0.1/"), true).is_none());
+        assert!(refuse_url(&u("http://a:b@10.1.2.3/"), true).is_some());
     }
 
     #[test]

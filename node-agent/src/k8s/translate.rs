@@ -482,4 +482,94 @@ mod tests {
             assert_eq!(ours, theirs, "{pieces} pieces, {readers} readers");
         }
     }
+
+    #[test]
+    fn the_pinned_identity_comes_from_a_blake3_digest_or_the_published_root() {
+        let b3 = format!("blake3:{}", "cd".repeat(32));
+        // sha256 digest, nothing published: no pin yet.
+        let a = http(&["n1"], Some(10 << 20));
+        let c = run(translate(&a, "n2", Path::new(ROOT), &addrs()));
+        assert_eq!(c.root, None);
+        assert_eq!(c.origin_version, None);
+        // Published root and origin version.
+        let mut a = http(&["n1"], Some(10 << 20));
+        a.manifest_digest = Some(b3.clone());
+        if let Some(h) = a.source.http.as_mut() {
+            h.origin_version = Some("\"v1\"".into());
+        }
+        let c = run(translate(&a, "n2", Path::new(ROOT), &addrs()));
+        assert_eq!(c.root.map(|d| d.to_string()), Some(b3.clone()));
+        assert_eq!(c.origin_version.as_deref(), Some("\"v1\""));
+        // A pin arriving later is applied live, not by a restart.
+        let before = run(translate(
+            &http(&["n1"], Some(10 << 20)),
+            "n2",
+            Path::new(ROOT),
+            &addrs(),
+        ));
+        assert!(!needs_restart(&before, None, &c));
+        // The user's blake3 digest pins at once.
+        let mut a = http(&["n1"], None);
+        if let Some(h) = a.source.http.as_mut() {
+            h.digest = Some(b3.clone());
+        }
+        let c = run(translate(&a, "n1", Path::new(ROOT), &addrs()));
+        assert_eq!(c.root.map(|d| d.to_string()), Some(b3));
+        // A published sha256 or garbage is refused.
+        for bad in [format!("sha256:{}", "ab".repeat(32)), "blake3:zz".into()] {
+            let mut a = http(&["n1"], Some(10));
+            a.manifest_digest = Some(bad.clone());
+            assert!(
+                matches!(
+                    translate(&a, "n2", Path::new(ROOT), &addrs()),
+                    Desired::Invalid {
+                        reason: "InvalidManifestDigest",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlapping_paths_conflict_and_the_later_one_is_refused() {
+        let mk = |uid: &str, name: &str, path: &str| Assignment {
+            uid: uid.into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            path: path.into(),
+            ..http(&["n1"], None)
+        };
+        let list = vec![
+            mk("u1", "a", "models/m.bin"),
+            mk("u2", "b", "models/m.bin"),
+            mk("u3", "c", "models"),
+            mk("u4", "d", "models/m.bin2"),
+            mk("u5", "e", "other/x"),
+        ];
+        let c = path_conflicts(&list, "n1");
+        assert_eq!(c.get("u2").map(String::as_str), Some("ns/a"));
+        assert_eq!(c.get("u3").map(String::as_str), Some("ns/a"));
+        assert!(!c.contains_key("u1"));
+        assert!(!c.contains_key("u4"), "a/b and a/bc do not overlap");
+        assert!(!c.contains_key("u5"));
+        // A seeder's source path is claimed on the seeding node only.
+        let mut seed = mk("s1", "seed", "out/copy");
+        seed.source = ResolvedSource {
+            http: None,
+            node: Some(SeedNode {
+                node_name: "n1".into(),
+                path: "src/build.tar".into(),
+            }),
+        };
+        let list = vec![seed, mk("u6", "f", "src/build.tar")];
+        assert_eq!(
+            path_conflicts(&list, "n1").get("u6").map(String::as_str),
+            Some("ns/seed")
+        );
+        assert!(path_conflicts(&list, "n2").is_empty());
+        assert!(paths_overlap(Path::new("a/b"), Path::new("a")));
+        assert!(!paths_overlap(Path::new("a/b"), Path::new("a/bc")));
+    }
 }

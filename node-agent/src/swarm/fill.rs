@@ -889,4 +889,81 @@ mod tests {
             .expect_err("must fail");
         assert_eq!(err.reason(), "DigestMismatch");
     }
+
+    fn hashes(layout: &Layout, bytes: &[u8]) -> Vec<(u32, PieceHash)> {
+        (0..layout.piece_count())
+            .map(|i| {
+                let r = layout.piece_range(i);
+                (
+                    i,
+                    piece_hash(layout, i, &bytes[r.start as usize..r.end as usize]),
+                )
+            })
+            .collect()
+    }
+
+    fn pinned_fill(dir: &std::path::Path, size: usize) -> Arc<Fill> {
+        let layout = Layout::new(size as u64, PIECE).expect("layout");
+        let store = PieceStore::open(dir, "c", layout).expect("store");
+        let spec = FillSpec {
+            id: "c".into(),
+            layout,
+            digest: None,
+            authority: Authority::Seeder("s".into()),
+            allowed: HashSet::new(),
+            root: None,
+            require_pin: true,
+        };
+        Fill::new(spec, store, false)
+    }
+
+    async fn store_all(f: &Fill, bytes: &[u8]) {
+        let layout = f.layout();
+        for i in 0..layout.piece_count() {
+            let r = layout.piece_range(i);
+            let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+            f.store_verified(None, "me", i, piece, None)
+                .await
+                .expect("store");
+        }
+    }
+
+    #[tokio::test]
+    async fn complete_only_against_the_pinned_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = data(3 * PIECE as usize);
+        let f = pinned_fill(dir.path(), bytes.len());
+        f.hashes_from("s", &hashes(&f.layout(), &bytes));
+        store_all(&f, &bytes).await;
+        assert!(f.is_complete(), "every piece held and hash known");
+        // Held, but no identity pinned: not finished.
+        let dest = dir.path().join("out/c.bin");
+        let err = f.finish(&dest).await.expect_err("no pin yet");
+        assert_eq!(err.reason(), "WaitingForIdentity");
+        assert!(!dest.exists());
+        // A pin that is not this list's root: refused, nothing in place.
+        let other = blake3::hash(b"other content");
+        f.pin_root(other);
+        let err = f.finish(&dest).await.expect_err("wrong identity");
+        assert_eq!(err.reason(), "IdentityMismatch");
+        assert!(!dest.exists());
+        // A pin is never replaced.
+        f.pin_root(blake3::hash(&bytes));
+        assert_eq!(f.pinned_root(), Some(other));
+
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let g = pinned_fill(dir2.path(), bytes.len());
+        g.hashes_from("s", &hashes(&g.layout(), &bytes));
+        store_all(&g, &bytes).await;
+        let root = blake3::hash(&bytes);
+        let waiter = {
+            let g = g.clone();
+            tokio::spawn(async move { g.wait_pinned().await })
+        };
+        g.pin_root(root);
+        assert_eq!(waiter.await.expect("join"), root);
+        let dest = dir2.path().join("out/c.bin");
+        g.finish(&dest).await.expect("finish against the pin");
+        assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
+    }
 }
