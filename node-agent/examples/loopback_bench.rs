@@ -143,7 +143,7 @@ fn config(
     peers: &[(String, SocketAddr)],
 ) -> AgentConfig {
     let certs = root.join("certs").join(name);
-    AgentConfig::new(
+    let cfg = AgentConfig::new(
         name,
         addr,
         root.join(name),
@@ -164,8 +164,16 @@ fn config(
                 })
                 .collect(),
             allowed_peers: peers.iter().map(|(n, _)| n.clone()).collect(),
+            root: None,
+            origin_version: None,
+            reuse_from: Vec::new(),
         }],
-    )
+    );
+    // The bench origin listens on loopback.
+    AgentConfig {
+        allow_private_origins: true,
+        ..cfg
+    }
 }
 
 async fn wait_complete(procs: &[&Proc], timeout: Duration) -> BenchResult<Vec<Duration>> {

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -68,6 +69,10 @@ pub struct AgentConfig {
     /// unless the environment has `PEERFILL_ALLOW_FAULTS=1`.
     #[serde(default)]
     pub fault: Option<Fault>,
+    /// Allow origins on loopback, link-local and metadata addresses (local
+    /// test setups). Off by default.
+    #[serde(default)]
+    pub allow_private_origins: bool,
     pub contents: Vec<ContentConfig>,
 }
 
@@ -152,6 +157,18 @@ pub struct ContentConfig {
     /// Nodes this content may be served to.
     #[serde(default)]
     pub allowed_peers: Vec<String>,
+    /// The pinned BLAKE3 root (`blake3:<hex>`) every piece-hash list must
+    /// merge to (the operator's `manifestDigest`), when known at start.
+    #[serde(default)]
+    pub root: Option<Digest>,
+    /// The origin version (ETag or Last-Modified) reads are pinned to, when
+    /// known at start.
+    #[serde(default)]
+    pub origin_version: Option<String>,
+    /// Files of earlier versions (relative to the data root) whose pieces
+    /// may be reused once they verify; the destination itself always is.
+    #[serde(default)]
+    pub reuse_from: Vec<PathBuf>,
 }
 
 fn default_piece_size() -> u32 {
@@ -237,6 +254,7 @@ impl AgentConfig {
             tuning: Tuning::default(),
             stay: true,
             fault: None,
+            allow_private_origins: false,
             contents,
         }
     }
@@ -334,6 +352,20 @@ pub struct ContentStatus {
     pub rate: f64,
     /// Pieces found on disk at start (resumed).
     pub resumed_pieces: u64,
+    /// Pieces taken from files already on disk after verifying.
+    #[serde(default)]
+    pub reused_pieces: u64,
+    /// BLAKE3 root (`blake3:<hex>`) of the complete piece-hash list, once
+    /// every hash is known.
+    #[serde(default)]
+    pub root: Option<String>,
+    /// Whether the root is pinned (Complete needs it where required).
+    #[serde(default)]
+    pub pinned: bool,
+    /// The origin version this node reads at (origin readers), or found
+    /// when the origin changed.
+    #[serde(default)]
+    pub origin_version: Option<String>,
     pub pieces_rejected: u64,
     /// Pieces rejected, by the node that sent them.
     pub rejected_from: BTreeMap<String, u64>,
@@ -373,11 +405,25 @@ struct ContentRun {
     rate_mark: Mutex<(Instant, u64, f64)>,
     /// Woken on every change of phase, reason or size.
     changed: Arc<tokio::sync::Notify>,
+    /// The pinned root and origin version, as the operator published them
+    /// (the config's at first); applied to every attempt's fill and client.
+    pins: Mutex<(Option<blake3::Hash>, Option<String>)>,
+    /// This attempt's origin client (origin readers), for its version.
+    origin: Mutex<Option<OriginClient>>,
+    /// The version found when the origin changed (`OriginChanged`).
+    origin_seen: Mutex<Option<String>>,
 }
 
 impl ContentRun {
     fn new(cfg: ContentConfig, node: String, changed: Arc<tokio::sync::Notify>) -> Self {
+        let root = match cfg.root {
+            Some(Digest::Blake3(b)) => Some(blake3::Hash::from_bytes(b)),
+            _ => None,
+        };
         ContentRun {
+            pins: Mutex::new((root, cfg.origin_version.clone())),
+            origin: Mutex::new(None),
+            origin_seen: Mutex::new(None),
             cfg,
             node,
             fill: Mutex::new(None),
@@ -411,6 +457,31 @@ impl ContentRun {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+    fn root_pin(&self) -> Option<blake3::Hash> {
+        self.pins.lock().unwrap_or_else(PoisonError::into_inner).0
+    }
+    fn origin_pin(&self) -> Option<String> {
+        self.pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .clone()
+    }
+    /// The origin version this node reads (or found changed), if any.
+    fn origin_version(&self) -> Option<String> {
+        let seen = self
+            .origin_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        seen.or_else(|| {
+            self.origin
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .and_then(OriginClient::version)
+        })
+    }
     fn fail(&self, reason: &str, message: String) {
         error!(content = %self.cfg.id, reason, %message, "content failed");
         self.set(Phase::Failed, Some(reason), Some(message));
@@ -434,10 +505,11 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// First wait before retrying an origin that failed transiently.
-const ORIGIN_RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest wait between two attempts on such an origin.
-const ORIGIN_RETRY_MAX: Duration = Duration::from_secs(60);
+/// First wait before retrying an origin that failed transiently, or a
+/// content stopped by a local fault.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between two such attempts.
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// How the engine treats its contents beyond the agent config.
 #[derive(Debug, Clone, Default)]
@@ -445,8 +517,17 @@ pub struct EngineOptions {
     /// Retry an origin that fails transiently (unreachable, timeout, 5xx)
     /// with capped exponential backoff, showing the content Failed with the
     /// reason meanwhile, instead of giving up (a long-running node agent
-    /// does; a one-shot fill does not).
+    /// does; a one-shot fill does not). Local faults (`InsufficientSpace`,
+    /// `StorageError`) are retried the same way.
     pub retry_transient_origin: bool,
+    /// Never report a content Complete before its root is pinned (the
+    /// Kubernetes agent: the operator publishes the agreed root). A
+    /// standalone agent without one checks the file against its own hash
+    /// list instead.
+    pub require_pin: bool,
+    /// Allow origins on loopback, link-local and metadata addresses
+    /// (`--allow-private-origins`).
+    pub allow_private_origins: bool,
 }
 
 struct Running {
@@ -708,6 +789,42 @@ impl Engine {
         self.inner.swarm.set_peers(all);
     }
 
+    /// Applies the identity the operator published for content `id`: its
+    /// pinned root (a content waiting for it completes once its hash list
+    /// merges to it) and the origin version reads are pinned to.
+    pub fn pin(&self, id: &str, root: Option<Digest>, origin_version: Option<String>) {
+        let Some(run) = self.contents().get(id).map(|r| r.run.clone()) else {
+            return;
+        };
+        let root = match root {
+            Some(Digest::Blake3(b)) => Some(blake3::Hash::from_bytes(b)),
+            _ => None,
+        };
+        {
+            let mut pins = run.pins.lock().unwrap_or_else(PoisonError::into_inner);
+            if pins.0.is_none() {
+                pins.0 = root;
+            }
+            if pins.1.is_none() {
+                pins.1.clone_from(&origin_version);
+            }
+        }
+        if let (Some(r), Some(fill)) = (root, run.fill()) {
+            fill.pin_root(r);
+        }
+        if let Some(v) = origin_version
+            && let Some(client) = run
+                .origin
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+            && client.version().as_deref() != Some(v.as_str())
+        {
+            info!(content = %id, version = %v, "origin reads pinned to the published version");
+            client.pin_version(v);
+        }
+    }
+
     /// The nodes content `id` may be exchanged with now.
     fn allowed_of(&self, id: &str) -> Option<HashSet<String>> {
         self.contents().get(id).map(|r| r.allowed.clone())
@@ -814,7 +931,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Summar
         )));
     }
     let identity = NodeIdentity::load(&cfg.identity.cert, &cfg.identity.key, &cfg.identity.ca)?;
-    let engine = Engine::start(&cfg, &identity, EngineOptions::default())?;
+    let engine = Engine::start(
+        &cfg,
+        &identity,
+        EngineOptions {
+            allow_private_origins: cfg.allow_private_origins,
+            ..EngineOptions::default()
+        },
+    )?;
     for c in &cfg.contents {
         engine.add(c.clone()).map_err(|e| match e {
             ContentOpError::Invalid(e) => e,
@@ -840,6 +964,18 @@ fn headers(h: &BTreeMap<String, String>) -> Vec<(String, String)> {
     h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// The capped exponential backoff of the engine's retries (transient origin
+/// failures, local faults): 1 s doubling to 60 s, with jitter so nodes that
+/// failed together do not retry together.
+fn retry_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(RETRY_MIN)
+        .with_max_delay(RETRY_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+}
+
 /// Runs `op` until it succeeds; a transient origin failure is shown as
 /// Failed with its reason and retried after a capped exponential backoff
 /// when the engine retries (otherwise it is returned).
@@ -847,38 +983,33 @@ async fn with_origin_retry<T, E, F, Fut>(
     run: &ContentRun,
     retry: bool,
     resume_phase: Phase,
-    mut op: F,
+    op: F,
 ) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
     E: OriginFailure,
 {
-    let mut backoff = ORIGIN_RETRY_MIN;
-    let mut failed = false;
-    loop {
-        match op().await {
-            Ok(v) => {
-                if failed {
-                    info!(content = %run.cfg.id, "origin reachable again");
-                    run.set(resume_phase, None, None);
-                }
-                return Ok(v);
-            }
-            Err(e) if retry && e.transient() => {
-                warn!(content = %run.cfg.id, reason = e.reason_str(), error = %e, retry_in = ?backoff, "origin failed; retrying");
-                run.set(
-                    Phase::Failed,
-                    Some(e.reason_str()),
-                    Some(format!("{e} (retrying in {}s)", backoff.as_secs())),
-                );
-                failed = true;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ORIGIN_RETRY_MAX);
-            }
-            Err(e) => return Err(e),
-        }
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let result = op
+        .retry(retry_backoff())
+        .sleep(tokio::time::sleep)
+        .when(|e: &E| retry && e.transient())
+        .notify(|e: &E, wait: Duration| {
+            warn!(content = %run.cfg.id, reason = e.reason_str(), error = %e, retry_in = ?wait, "origin failed; retrying");
+            run.set(
+                Phase::Failed,
+                Some(e.reason_str()),
+                Some(format!("{e} (retrying in {}s)", wait.as_secs().max(1))),
+            );
+            failed.store(true, Ordering::Relaxed);
+        })
+        .await;
+    if result.is_ok() && failed.load(Ordering::Relaxed) {
+        info!(content = %run.cfg.id, "origin reachable again");
+        run.set(resume_phase, None, None);
     }
+    result
 }
 
 /// Origin errors as [`with_origin_retry`] sees them.
@@ -905,9 +1036,86 @@ impl OriginFailure for crate::swarm::OriginReadError {
     }
 }
 
-/// Prepares one content (layout, store, hash authority), then fills or
-/// seeds it until complete or failed.
+/// Why one attempt at a content stopped.
+#[derive(Debug)]
+struct Failure {
+    reason: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Failure {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// A fault of this node (disk full, I/O error): retried, since freeing
+    /// space or a remount recovers it, and never a reason to give up the
+    /// content everywhere.
+    fn is_local_fault(&self) -> bool {
+        is_local_fault(self.reason)
+    }
+}
+
+/// Whether `reason` names a fault of this node rather than of the content.
+pub fn is_local_fault(reason: &str) -> bool {
+    matches!(reason, "InsufficientSpace" | "StorageError")
+}
+
+fn store_reason(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::InsufficientSpace { .. } => "InsufficientSpace",
+        _ => "StorageError",
+    }
+}
+
+/// Fills or seeds one content until complete or failed for good. Each
+/// attempt builds a fresh fill; an attempt that stops on a local fault
+/// (and, in a long-running agent, only then) is retried with capped
+/// exponential backoff, the partial file kept, so the content resumes by
+/// itself once the fault is gone.
 async fn content_task(run: Arc<ContentRun>, engine: Engine) {
+    let retry = engine.inner.opts.retry_transient_origin;
+    let mut backoff = retry_backoff().build();
+    loop {
+        let failure = match content_attempt(&run, &engine).await {
+            Ok(()) => return,
+            Err(f) => f,
+        };
+        // Take this attempt's fill out of the swarm: peers' sessions move to
+        // the next attempt's fill (see `peer::inbound_announce`).
+        let fill = run
+            .fill
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(fill) = fill {
+            engine.inner.swarm.remove_fill(&fill);
+        }
+        if !(retry && failure.is_local_fault()) {
+            run.fail(failure.reason, failure.message);
+            return;
+        }
+        let wait = backoff.next().unwrap_or(RETRY_MAX);
+        warn!(content = %run.cfg.id, reason = failure.reason, error = %failure.message, retry_in = ?wait, "local fault; retrying");
+        run.set(
+            Phase::Failed,
+            Some(failure.reason),
+            Some(format!(
+                "{} (retrying in {}s)",
+                failure.message,
+                wait.as_secs().max(1)
+            )),
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One attempt: prepares the content (layout, store, hash authority), then
+/// fills or seeds it until complete.
+async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), Failure> {
     let inner = &engine.inner;
     let cfg = &inner.cfg;
     let swarm = &inner.swarm;
@@ -915,12 +1123,10 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
     let retry = inner.opts.retry_transient_origin;
     let c = &run.cfg;
     let me = cfg.node.as_str();
-    let Ok(dest) = dest_path(&cfg.data_dir, &c.path) else {
-        run.fail("InvalidPath", format!("invalid path {}", c.path.display()));
-        return;
-    };
+    let dest = dest_path(&cfg.data_dir, &c.path)
+        .map_err(|_| Failure::new("InvalidPath", format!("invalid path {}", c.path.display())))?;
     // Layout: configured, or the origin's length.
-    let origin_opts = if retry {
+    let mut origin_opts = if retry {
         // The engine retries on its own, showing the failure meanwhile.
         OriginOptions {
             max_retries: 2,
@@ -929,43 +1135,47 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
     } else {
         OriginOptions::default()
     };
+    origin_opts.allow_private = inner.opts.allow_private_origins;
     let origin = match &c.source {
         SourceConfig::Http {
             url, headers: h, ..
-        } => match OriginClient::new(url, headers(h), origin_opts) {
-            Ok(o) => Some(o.with_metrics(metrics.clone())),
-            Err(e) => return run.fail(e.reason(), e.to_string()),
-        },
+        } => {
+            let o = OriginClient::new(url, headers(h), origin_opts)
+                .map_err(|e| Failure::new(e.reason(), e.to_string()))?
+                .with_metrics(metrics.clone());
+            if let Some(v) = run.origin_pin() {
+                o.pin_version(v);
+            }
+            *run.origin.lock().unwrap_or_else(PoisonError::into_inner) = Some(o.clone());
+            Some(o)
+        }
         SourceConfig::Node { .. } => None,
     };
     let size = match (c.size, &origin) {
         (Some(s), _) => s,
-        (None, Some(o)) => {
-            match with_origin_retry(&run, retry, Phase::Pending, || o.content_length()).await {
-                Ok(s) => s,
-                Err(e) => return run.fail(e.reason(), e.to_string()),
-            }
-        }
+        (None, Some(o)) => with_origin_retry(run, retry, Phase::Pending, || o.content_length())
+            .await
+            .map_err(|e| origin_failure(run, e))?,
         (None, None) => match &c.source {
-            SourceConfig::Node { path: Some(p), .. } => match tokio::fs::metadata(p).await {
-                Ok(m) => m.len(),
-                Err(e) => {
-                    return run.fail("SourceUnreadable", format!("{}: {e}", p.display()));
-                }
-            },
-            _ => return run.fail("InvalidConfig", "content size unknown".into()),
+            SourceConfig::Node { path: Some(p), .. } => tokio::fs::metadata(p)
+                .await
+                .map_err(|e| Failure::new("SourceUnreadable", format!("{}: {e}", p.display())))?
+                .len(),
+            _ => return Err(Failure::new("InvalidConfig", "content size unknown")),
         },
     };
-    let layout = match Layout::new(size, c.piece_size) {
-        Ok(l) => l,
-        Err(e) => return run.fail("InvalidConfig", e.to_string()),
-    };
+    let layout = Layout::new(size, c.piece_size)
+        .map_err(|e| Failure::new("InvalidConfig", e.to_string()))?;
     let authority = match &c.source {
         SourceConfig::Http { readers, .. } => {
             let ranges = split_ranges(&layout, readers.len() as u32);
             Authority::Readers(readers.iter().cloned().zip(ranges).collect())
         }
         SourceConfig::Node { node, .. } => Authority::Seeder(node.clone()),
+    };
+    let root = match c.root {
+        Some(Digest::Blake3(b)) => Some(blake3::Hash::from_bytes(b)),
+        _ => None,
     };
     let spec = FillSpec {
         id: c.id.clone(),
@@ -975,6 +1185,8 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
         allowed: engine
             .allowed_of(&c.id)
             .unwrap_or_else(|| c.allowed_peers.iter().cloned().collect()),
+        root,
+        require_pin: inner.opts.require_pin,
     };
     let seed_path = match &c.source {
         SourceConfig::Node { node, path } if node == me => {
@@ -982,14 +1194,10 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
         }
         _ => None,
     };
+    // Nothing at the destination is trusted by its size: only a seeder's
+    // source is served as it is (it IS the source, and is hashed below).
     let partial_dir = cfg.data_dir.join(PARTIAL_DIR);
-    let already_there = seed_path.is_none()
-        && !partial_dir.join(format!("{}.bitmap", c.id)).exists()
-        && tokio::fs::metadata(&dest)
-            .await
-            .is_ok_and(|m| m.is_file() && m.len() == size);
-    let complete_file = seed_path.clone().or(already_there.then(|| dest.clone()));
-    let store = match &complete_file {
+    let store = match &seed_path {
         Some(p) => PieceStore::open_complete(p, layout),
         None => {
             let (dir, id) = (partial_dir.clone(), c.id.clone());
@@ -998,19 +1206,13 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
                 Err(e) => Err(StoreError::Join(e)),
             }
         }
-    };
-    let store = match store {
-        Ok(s) => s,
-        Err(e) => {
-            let reason = match e {
-                StoreError::InsufficientSpace { .. } => "InsufficientSpace",
-                _ => "StorageError",
-            };
-            return run.fail(reason, e.to_string());
-        }
-    };
+    }
+    .map_err(|e| Failure::new(store_reason(&e), e.to_string()))?;
     let liar = cfg.fault == Some(Fault::CorruptUploads);
     let fill = Fill::new(spec, store, liar);
+    if let Some(r) = run.root_pin() {
+        fill.pin_root(r);
+    }
     *run.fill.lock().unwrap_or_else(PoisonError::into_inner) = Some(fill.clone());
     run.set(Phase::Fetching, None, None);
     swarm.add_content(fill.clone());
@@ -1019,39 +1221,72 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
         swarm.set_allowed(&c.id, allowed);
     }
 
-    if let Some(path) = complete_file {
-        // A seeder, or a content this node finished before a restart: hash
-        // the file we hold, check it against the digest if one was given.
-        info!(content = %c.id, path = %path.display(), "serving a complete file");
-        if let Err(e) = seed_hashes(&fill, me, 0..layout.piece_count()).await {
-            return run.fail(e.reason(), e.to_string());
-        }
+    if let Some(path) = seed_path {
+        // A seeder: hash the file we hold, check it against the digest if
+        // one was given, and against the pinned identity.
+        info!(content = %c.id, path = %path.display(), "seeding a file");
+        seed_hashes(&fill, me, 0..layout.piece_count())
+            .await
+            .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
         fill.mark_all_held();
         if let Some(want) = c.digest {
-            let got = content::digest_file(&path, want.algo()).await;
-            match got {
+            match content::digest_file(&path, want.algo()).await {
                 Ok(got) if got == want => {}
                 Ok(got) => {
-                    return run.fail(
+                    return Err(Failure::new(
                         "DigestMismatch",
                         format!("{} has digest {got}, expected {want}", path.display()),
-                    );
+                    ));
                 }
-                Err(e) => return run.fail("SourceUnreadable", e.to_string()),
+                Err(e) => return Err(Failure::new("SourceUnreadable", e.to_string())),
             }
         }
+        let pin = wait_for_identity(run, &fill).await;
+        let got = fill.content_digest();
+        if let Some(want) = pin
+            && got != Some(Digest::Blake3(*want.as_bytes()))
+        {
+            return Err(Failure::new(
+                "IdentityMismatch",
+                format!(
+                    "{} no longer has the pinned content blake3:{}",
+                    path.display(),
+                    want.to_hex()
+                ),
+            ));
+        }
         run.set(Phase::Complete, None, None);
-        return;
+        return Ok(());
     }
+
+    let _watchdog = {
+        let (swarm, fill) = (swarm.clone(), fill.clone());
+        AbortOnDrop(tokio::spawn(async move { swarm.watch_stalls(fill).await }))
+    };
+    // Files already on disk (at the destination, or the previous version's
+    // path) are reuse sources, piece by piece, once each piece verifies.
+    let sources: Vec<PathBuf> = std::iter::once(dest.clone())
+        .chain(
+            c.reuse_from
+                .iter()
+                .filter_map(|p| dest_path(&cfg.data_dir, p).ok()),
+        )
+        .collect();
+    let _reuse = {
+        let (fill, me) = (fill.clone(), me.to_string());
+        AbortOnDrop(tokio::spawn(async move {
+            reuse_pieces(fill, me, sources).await
+        }))
+    };
 
     // Origin reader: re-hash what we already hold of our range (resume),
     // then read the rest.
     let mut origin_task = None;
     if let (Some(client), Authority::Readers(rs)) = (origin, &authority) {
         for (_, range) in rs.iter().filter(|(n, _)| n == me) {
-            if let Err(e) = seed_hashes(&fill, me, range.clone()).await {
-                return run.fail(e.reason(), e.to_string());
-            }
+            seed_hashes(&fill, me, range.clone())
+                .await
+                .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
         }
         let mine: Vec<_> = rs
             .iter()
@@ -1093,18 +1328,150 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
         };
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return run.fail(e.reason(), e.to_string()),
-            Err(e) => return run.fail("InternalError", e.to_string()),
+            Ok(Err(e)) => {
+                if let crate::swarm::OriginReadError::Origin(oe) = e {
+                    return Err(origin_failure(run, oe));
+                }
+                return Err(Failure::new(e.reason(), e.to_string()));
+            }
+            Err(e) => return Err(Failure::new("InternalError", e.to_string())),
         }
     }
     fill.wait_complete().await;
+    wait_for_identity(run, &fill).await;
     match fill.finish(&dest).await {
         Ok(()) => {
             info!(content = %c.id, dest = %dest.display(), "content complete and verified");
             run.set(Phase::Complete, None, None);
+            Ok(())
         }
-        Err(e) => run.fail(e.reason(), e.to_string()),
+        Err(e) => Err(Failure::new(e.reason(), e.to_string())),
     }
+}
+
+/// An origin failure; a change of the origin records the version found.
+fn origin_failure(run: &ContentRun, e: crate::origin::OriginError) -> Failure {
+    if let crate::origin::OriginError::Changed { found, .. } = &e {
+        *run.origin_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = found.clone();
+    }
+    Failure::new(e.reason(), e.to_string())
+}
+
+/// When the engine requires a pinned identity and none is there yet, shows
+/// the content waiting for it (`WaitingForIdentity`) until the operator
+/// publishes it. Returns the pin, if any.
+async fn wait_for_identity(run: &ContentRun, fill: &Fill) -> Option<blake3::Hash> {
+    if let Some(r) = fill.pinned_root() {
+        return Some(r);
+    }
+    if !fill.spec.require_pin {
+        return None;
+    }
+    info!(content = %run.cfg.id, root = ?fill.content_digest().map(|d| d.to_string()), "every piece held; waiting for the pinned identity");
+    run.set(
+        Phase::Fetching,
+        Some("WaitingForIdentity"),
+        Some(
+            "every piece is held and verified against the authorities' hashes; waiting for the operator to pin the content's root".into(),
+        ),
+    );
+    let r = fill.wait_pinned().await;
+    run.set(Phase::Fetching, None, None);
+    Some(r)
+}
+
+/// Takes pieces from files already on disk (`sources`: the destination, a
+/// previous version's file): as each missing piece's hash becomes trusted,
+/// its byte range is read from each source in turn, verified against that
+/// hash, and stored (counted as reused, not fetched). A mismatching piece is
+/// simply fetched as usual. Only regular files are read, never through a
+/// symlink.
+async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
+    let files: Vec<Arc<std::fs::File>> = sources
+        .iter()
+        .filter_map(|p| open_reuse_source(p).map(Arc::new))
+        .collect();
+    if files.is_empty() {
+        return;
+    }
+    let layout = fill.layout();
+    let mut untried: Vec<u32> = (0..layout.piece_count())
+        .filter(|p| !fill.store.has(*p))
+        .collect();
+    let mut reused = 0u64;
+    while !untried.is_empty() && !fill.is_complete() {
+        let changed = fill.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (ready, rest): (Vec<u32>, Vec<u32>) = untried
+            .into_iter()
+            .partition(|p| fill.store.has(*p) || fill.hash(*p).is_some());
+        untried = rest;
+        for piece in ready {
+            if fill.is_closed() {
+                return;
+            }
+            let Some(hash) = fill.hash(piece).filter(|_| !fill.store.has(piece)) else {
+                continue;
+            };
+            let range = layout.piece_range(piece);
+            for file in &files {
+                let file = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; (range.end - range.start) as usize];
+                    file.read_exact_at(&mut buf, range.start).ok()?;
+                    let ok = content::verify_piece(&layout, piece, &buf, &hash).is_ok();
+                    ok.then(|| bytes::Bytes::from(buf))
+                })
+                .await;
+                let Ok(Some(data)) = read else { continue };
+                let len = data.len() as u64;
+                match fill.store_verified(None, &me, piece, data, None).await {
+                    Ok(true) => {
+                        reused += 1;
+                        fill.stats.reused_pieces.fetch_add(1, Ordering::Relaxed);
+                        fill.stats.bytes_reused.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        // The fetch path meets the same fault and reports it.
+                        warn!(content = %fill.spec.id, piece, error = %e, "cannot store a reused piece");
+                        return;
+                    }
+                }
+                break;
+            }
+        }
+        if untried.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = fill.closed() => return,
+        }
+        // Hashes arrive in batches: let a batch land before scanning again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if reused > 0 {
+        info!(content = %fill.spec.id, reused, "pieces reused from files on disk");
+    }
+}
+
+/// Opens `path` for reading if it is a regular file reached without
+/// following a symlink in its last component.
+// TODO(fsroot): resolve beneath the data root (no symlink in any component)
+// once the fsroot module lands.
+fn open_reuse_source(path: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
 }
 
 fn now_ms() -> u64 {
@@ -1182,6 +1549,10 @@ fn snapshot(run: &ContentRun, banned: &[String], connected: &[String]) -> Conten
         bytes_wasted: 0,
         rate: 0.0,
         resumed_pieces: 0,
+        reused_pieces: 0,
+        root: None,
+        pinned: false,
+        origin_version: run.origin_version(),
         pieces_rejected: 0,
         rejected_from: BTreeMap::new(),
         banned_peers: banned.to_vec(),
@@ -1201,6 +1572,9 @@ fn snapshot(run: &ContentRun, banned: &[String], connected: &[String]) -> Conten
         st.bytes_sent = s.bytes_sent.load(Ordering::Relaxed);
         st.bytes_wasted = s.bytes_wasted.load(Ordering::Relaxed);
         st.resumed_pieces = s.resumed_pieces.load(Ordering::Relaxed);
+        st.reused_pieces = s.reused_pieces.load(Ordering::Relaxed);
+        st.root = fill.content_digest().map(|d| d.to_string());
+        st.pinned = fill.pinned_root().is_some();
         st.pieces_rejected = s.pieces_rejected.load(Ordering::Relaxed);
         st.rejected_from = fill.rejected_from();
         if phase == Phase::Fetching && st.message.is_none() {

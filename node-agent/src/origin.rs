@@ -9,8 +9,26 @@
 //!
 //! Error messages name the URL without its query string or credentials
 //! (presigned URLs carry signatures there) and never include header values.
+//!
+//! Version pinning: the first response (HEAD or range GET) gives the
+//! origin's validator — a strong `ETag`, else `Last-Modified` — unless the
+//! operator already pinned one ([`OriginClient::pin_version`]). Every range
+//! read then carries `If-Match` (or `If-Unmodified-Since`) and its response
+//! validator is compared: a `412`, or a response naming another version, is
+//! [`OriginError::Changed`], never retried, so bytes of two versions are
+//! never mixed. An origin without validators is read unpinned (logged); the
+//! hash authorities' root agreement is then the only guard.
+//!
+//! Private origins: unless [`OriginOptions::allow_private`], every address
+//! the client connects to (the URL's IP literal, each DNS answer, every
+//! redirect hop) is checked and loopback, link-local, unspecified and cloud
+//! metadata addresses are refused (`OriginForbidden`): no SSRF from nodes.
+//! Redirects are bounded ([`MAX_REDIRECTS`]), never downgrade https to http
+//! and never carry credentials in the URL.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -33,6 +51,10 @@ pub struct OriginOptions {
     pub max_retries: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Allow origins (and redirect targets) on loopback, link-local,
+    /// unspecified and metadata addresses. Off by default; the agent's
+    /// `--allow-private-origins` turns it on (local clusters, tests).
+    pub allow_private: bool,
 }
 
 impl Default for OriginOptions {
@@ -43,8 +65,158 @@ impl Default for OriginOptions {
             max_retries: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            allow_private: false,
         }
     }
+}
+
+/// Most redirect hops followed.
+pub const MAX_REDIRECTS: usize = 5;
+
+/// Whether connecting to `ip` is refused when private origins are not
+/// allowed: loopback, unspecified, link-local, and the cloud metadata
+/// endpoints (AWS/GCP/Azure 169.254.169.254, AWS IPv6 fd00:ec2::254,
+/// Alibaba 100.100.100.200). IPv4-mapped IPv6 addresses are judged as IPv4.
+pub fn is_forbidden_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return forbidden_v4(v4);
+            }
+            let metadata = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+            v6.is_loopback()
+                || v6.is_unspecified()
+                // fe80::/10
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6 == metadata
+        }
+    }
+}
+
+fn forbidden_v4(v4: Ipv4Addr) -> bool {
+    v4.is_loopback()
+        || v4.is_unspecified()
+        || v4.is_link_local()
+        || v4.is_broadcast()
+        || v4 == Ipv4Addr::new(100, 100, 100, 200)
+}
+
+/// The error a refused address or redirect carries through reqwest, found
+/// again by [`OriginClient::classify`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// DNS resolution that drops forbidden addresses (and fails when none is
+/// left), so a name pointing at a metadata endpoint is never connected to.
+struct CheckedResolver;
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
+                .collect();
+            let allowed: Vec<SocketAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|a| !is_forbidden_ip(a.ip()))
+                .collect();
+            if allowed.is_empty() && !addrs.is_empty() {
+                return Err(Box::new(Refused(format!(
+                    "{host} resolves only to loopback, link-local or metadata addresses"
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Why a URL (the origin's or a redirect target's) is refused, if it is.
+fn refuse_url(url: &Url, allow_private: bool) -> Option<String> {
+    if !url.username().is_empty() || url.password().is_some() {
+        return Some("credentials in the URL are not allowed (use headersFrom)".into());
+    }
+    if allow_private {
+        return None;
+    }
+    let host = url.host_str()?;
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(ip) = literal.parse::<IpAddr>() else {
+        let d = host.trim_end_matches('.').to_ascii_lowercase();
+        if d == "localhost" || d.ends_with(".localhost") {
+            return Some(format!("host {host} is loopback"));
+        }
+        return None;
+    };
+    is_forbidden_ip(ip)
+        .then(|| format!("address {ip} is loopback, link-local or a metadata endpoint"))
+}
+
+/// Redirects: at most [`MAX_REDIRECTS`] hops, no https→http downgrade, each
+/// target checked like the origin itself.
+fn redirect_policy(allow_private: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(Refused(format!("more than {MAX_REDIRECTS} redirects")));
+        }
+        let downgrade = attempt
+            .previous()
+            .last()
+            .is_some_and(|prev| prev.scheme() == "https" && attempt.url().scheme() != "https");
+        if downgrade {
+            return attempt.error(Refused("redirect from https to http refused".into()));
+        }
+        if !matches!(attempt.url().scheme(), "http" | "https") {
+            return attempt.error(Refused("redirect to a non-http URL refused".into()));
+        }
+        if let Some(why) = refuse_url(attempt.url(), allow_private) {
+            return attempt.error(Refused(format!("redirect refused: {why}")));
+        }
+        attempt.follow()
+    })
+}
+
+/// Whether `v` (a pinned origin version) is an entity tag.
+fn is_etag(v: &str) -> bool {
+    v.starts_with('"')
+}
+
+/// The validator of a response: its strong ETag, else its Last-Modified.
+/// Weak ETags (`W/"..."`) cannot pin byte ranges (If-Match compares
+/// strongly), so they are skipped.
+pub fn validator_of(headers: &HeaderMap) -> Option<String> {
+    let etag = headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| is_etag(v) && v.len() >= 2);
+    if let Some(e) = etag {
+        return Some(e.to_string());
+    }
+    headers
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The response's validator of the same kind as `pinned` (an ETag is
+/// compared with the ETag, a date with Last-Modified), if it sends one.
+fn same_kind_validator(headers: &HeaderMap, pinned: &str) -> Option<String> {
+    let name = if is_etag(pinned) {
+        header::ETAG
+    } else {
+        header::LAST_MODIFIED
+    };
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
 }
 
 /// Errors reading an origin. [`OriginError::reason`] gives the Kubernetes
@@ -85,6 +257,14 @@ pub enum OriginError {
     InvalidUrl { url: String, reason: String },
     #[error("invalid origin header {name:?}: {reason}")]
     InvalidHeader { name: String, reason: String },
+    #[error("origin {url} changed: reads are pinned to version {pinned}, the origin now has {found}", found = found.as_deref().unwrap_or("another version"))]
+    Changed {
+        url: String,
+        pinned: String,
+        found: Option<String>,
+    },
+    #[error("origin {url} refused: {reason}")]
+    PrivateAddress { url: String, reason: String },
 }
 
 impl OriginError {
@@ -92,7 +272,8 @@ impl OriginError {
     pub fn reason(&self) -> &'static str {
         match self {
             OriginError::NotFound { .. } => "OriginNotFound",
-            OriginError::Forbidden { .. } => "OriginForbidden",
+            OriginError::Forbidden { .. } | OriginError::PrivateAddress { .. } => "OriginForbidden",
+            OriginError::Changed { .. } => "OriginChanged",
             OriginError::HttpStatus { .. }
             | OriginError::BadContentRange { .. }
             | OriginError::UnknownLength { .. } => "OriginHttpError",
@@ -138,6 +319,9 @@ pub struct OriginClient {
     shown: String,
     opts: OriginOptions,
     metrics: Option<Metrics>,
+    /// The version every read is pinned to (shared by clones: all readers
+    /// of one content use one version).
+    pin: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for OriginClient {
@@ -179,6 +363,15 @@ impl OriginClient {
                 reason: "no host".into(),
             });
         }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(OriginError::InvalidUrl {
+                url: shown,
+                reason: "credentials in the URL are not allowed (use headersFrom)".into(),
+            });
+        }
+        if let Some(reason) = refuse_url(&parsed, opts.allow_private) {
+            return Err(OriginError::PrivateAddress { url: shown, reason });
+        }
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             let hn = HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
@@ -200,8 +393,13 @@ impl OriginClient {
             hv.set_sensitive(true);
             map.append(hn, hv);
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
+            .redirect(redirect_policy(opts.allow_private));
+        if !opts.allow_private {
+            builder = builder.dns_resolver(Arc::new(CheckedResolver));
+        }
+        let client = builder
             .default_headers(map)
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.read_timeout)
@@ -218,7 +416,59 @@ impl OriginClient {
             shown,
             opts,
             metrics: None,
+            pin: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Pins reads to origin version `v` (an ETag, or a Last-Modified
+    /// date): what the operator published for this content id.
+    pub fn pin_version(&self, v: String) {
+        *self.pin.lock().unwrap_or_else(PoisonError::into_inner) = Some(v);
+    }
+
+    /// The version reads are pinned to, once known.
+    pub fn version(&self) -> Option<String> {
+        self.pin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Checks a response against the pinned version, pinning its validator
+    /// when nothing is pinned yet (the first response wins).
+    fn check_version(&self, headers: &HeaderMap) -> Result<(), OriginError> {
+        let mut pin = self.pin.lock().unwrap_or_else(PoisonError::into_inner);
+        match pin.as_deref() {
+            None => {
+                match validator_of(headers) {
+                    Some(v) => {
+                        debug!(url = %self.shown, version = %v, "origin version pinned");
+                        *pin = Some(v);
+                    }
+                    None => {
+                        warn!(url = %self.shown, "the origin sends neither a strong ETag nor Last-Modified: reads cannot be pinned to one version; only the root agreement of the readers guards against a change")
+                    }
+                }
+                Ok(())
+            }
+            Some(p) => match same_kind_validator(headers, p) {
+                Some(found) if found != p => Err(OriginError::Changed {
+                    url: self.shown.clone(),
+                    pinned: p.to_string(),
+                    found: Some(found),
+                }),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Adds the precondition of the pinned version to a range request.
+    fn conditional(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.version() {
+            Some(v) if is_etag(&v) => req.header(header::IF_MATCH, v),
+            Some(v) => req.header(header::IF_UNMODIFIED_SINCE, v),
+            None => req,
+        }
     }
 
     /// Counts every request in `metrics` (`origin_requests_total{outcome}`,
@@ -243,6 +493,17 @@ impl OriginClient {
     }
 
     fn classify(&self, e: reqwest::Error) -> OriginError {
+        // A refused address or redirect is ours, somewhere in the chain.
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if let Some(r) = c.downcast_ref::<Refused>() {
+                return OriginError::PrivateAddress {
+                    url: self.shown.clone(),
+                    reason: r.0.clone(),
+                };
+            }
+            cause = c.source();
+        }
         if e.is_timeout() {
             OriginError::Timeout {
                 url: self.shown.clone(),
@@ -264,6 +525,15 @@ impl OriginClient {
                 status: status.as_u16(),
             },
             s => OriginError::HttpStatus { url, status: s },
+        }
+    }
+
+    /// The origin answered 412 to our precondition: it changed.
+    fn changed(&self, headers: &HeaderMap) -> OriginError {
+        OriginError::Changed {
+            url: self.shown.clone(),
+            pinned: self.version().unwrap_or_default(),
+            found: validator_of(headers),
         }
     }
 
@@ -319,6 +589,7 @@ impl OriginClient {
             if status.is_success()
                 && let Some(len) = header_u64(resp.headers(), header::CONTENT_LENGTH)
             {
+                self.check_version(resp.headers())?;
                 return Ok(len);
             }
             if !status.is_success() && !matches!(status.as_u16(), 405 | 501) {
@@ -327,12 +598,17 @@ impl OriginClient {
             debug!(url = %self.shown, %status, "HEAD gave no length; trying a range GET");
             let resp = self
                 .send(
-                    self.client
-                        .get(self.url.clone())
+                    self.conditional(self.client.get(self.url.clone()))
                         .header(header::RANGE, "bytes=0-0"),
                 )
                 .await?;
             let status = resp.status();
+            if status == StatusCode::PRECONDITION_FAILED {
+                return Err(self.changed(resp.headers()));
+            }
+            if status.is_success() {
+                self.check_version(resp.headers())?;
+            }
             let content_range = resp
                 .headers()
                 .get(header::CONTENT_RANGE)
@@ -375,12 +651,17 @@ impl OriginClient {
         let requested = format!("bytes={}-{}", range.start, range.end - 1);
         let resp = self
             .send(
-                self.client
-                    .get(self.url.clone())
+                self.conditional(self.client.get(self.url.clone()))
                     .header(header::RANGE, &requested),
             )
             .await?;
         let status = resp.status();
+        if status == StatusCode::PRECONDITION_FAILED {
+            return Err(self.changed(resp.headers()));
+        }
+        if status.is_success() {
+            self.check_version(resp.headers())?;
+        }
         let answer = match status {
             StatusCode::PARTIAL_CONTENT => {
                 let got = resp
@@ -652,6 +933,8 @@ mod tests {
             max_retries: 3,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(40),
+            // The test servers listen on loopback.
+            allow_private: true,
         }
     }
 
@@ -857,9 +1140,244 @@ mod tests {
         )
         .unwrap_err();
         assert!(!err.to_string().contains("secret"));
-        let c =
-            OriginClient::new("https://user:pw@h/x?a=b", vec![], OriginOptions::default()).unwrap();
+        // Credentials in the URL are refused, and never shown.
+        let err = OriginClient::new("https://user:pw@h/x?a=b", vec![], OriginOptions::default())
+            .unwrap_err();
+        assert_eq!(err.reason(), "InvalidOriginUrl");
+        assert!(!err.to_string().contains("pw"), "{err}");
+        let c = OriginClient::new("https://h/x?a=b", vec![], OriginOptions::default()).unwrap();
         assert_eq!(c.display_url(), "https://h/x?…");
+    }
+
+    /// Serves `ranged(data)` with a strong ETag, honouring If-Match; the
+    /// content switches to `next` after `switch_after` requests.
+    fn versioned(data: Bytes, next: Bytes, switch_after: usize) -> Handler {
+        let (a, b) = (ranged(data.clone()), ranged(next.clone()));
+        Arc::new(move |req, n| {
+            let (serve, tag) = if n < switch_after {
+                (&a, "\"v1\"")
+            } else {
+                (&b, "\"v2\"")
+            };
+            if let Some(want) = req.headers().get(header::IF_MATCH)
+                && want.to_str().ok() != Some(tag)
+            {
+                let mut r = status(412);
+                r.headers_mut()
+                    .insert(header::ETAG, HeaderValue::from_static(tag));
+                return r;
+            }
+            let mut r = serve(req, n);
+            r.headers_mut()
+                .insert(header::ETAG, HeaderValue::from_static(tag));
+            r
+        })
+    }
+
+    #[tokio::test]
+    async fn reads_are_pinned_to_the_first_version_seen() {
+        let (v1, v2) = (content(1000), Bytes::from(vec![9u8; 1000]));
+        let s = server(versioned(v1.clone(), v2, 3), false).await;
+        let c = client(&s);
+        assert_eq!(c.content_length().await.unwrap(), 1000);
+        assert_eq!(c.version().as_deref(), Some("\"v1\""));
+        assert_eq!(c.fetch_range(0..10).await.unwrap(), v1.slice(0..10));
+        assert_eq!(c.fetch_range(10..20).await.unwrap(), v1.slice(10..20));
+        // The origin changed: If-Match fails, never retried, never mixed.
+        let before = s.hits.load(Ordering::SeqCst);
+        let err = c.fetch_range(20..30).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+        assert!(!err.is_transient());
+        assert!(
+            matches!(&err, OriginError::Changed { pinned, found: Some(f), .. } if pinned == "\"v1\"" && f == "\"v2\""),
+            "{err:?}"
+        );
+        assert_eq!(s.hits.load(Ordering::SeqCst) - before, 1);
+    }
+
+    #[tokio::test]
+    async fn a_published_version_pins_from_the_start() {
+        let (v1, v2) = (content(1000), Bytes::from(vec![9u8; 1000]));
+        // The origin already serves v2; the operator pinned v1.
+        let s = server(versioned(v1, v2, 0), false).await;
+        let c = client(&s);
+        c.pin_version("\"v1\"".into());
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+        // HEAD names the new version too.
+        let err = c.content_length().await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+    }
+
+    #[tokio::test]
+    async fn an_origin_ignoring_preconditions_is_caught_by_its_validator() {
+        // Answers every range with the current version's ETag, ignoring
+        // If-Match (as some servers do).
+        let v1 = ranged(content(1000));
+        let v2 = ranged(Bytes::from(vec![9u8; 1000]));
+        let h: Handler = Arc::new(move |req, n| {
+            let (mut r, tag) = if n < 1 {
+                (v1(req, n), "\"a\"")
+            } else {
+                (v2(req, n), "\"b\"")
+            };
+            r.headers_mut()
+                .insert(header::ETAG, HeaderValue::from_static(tag));
+            r
+        });
+        let s = server(h, false).await;
+        let c = client(&s);
+        c.fetch_range(0..10).await.unwrap();
+        let err = c.fetch_range(10..20).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+    }
+
+    #[tokio::test]
+    async fn last_modified_pins_when_there_is_no_strong_etag() {
+        let inner = ranged(content(1000));
+        let h: Handler = Arc::new(move |req, n| {
+            let mut r = inner(req, n);
+            r.headers_mut()
+                .insert(header::ETAG, HeaderValue::from_static("W/\"weak\""));
+            let lm = if n < 2 {
+                "Mon, 30 Nov 2026 10:00:00 GMT"
+            } else {
+                "Mon, 30 Nov 2026 11:00:00 GMT"
+            };
+            r.headers_mut()
+                .insert(header::LAST_MODIFIED, HeaderValue::from_static(lm));
+            r
+        });
+        let s = server(h, false).await;
+        let c = client(&s);
+        c.fetch_range(0..10).await.unwrap();
+        assert_eq!(
+            c.version().as_deref(),
+            Some("Mon, 30 Nov 2026 10:00:00 GMT")
+        );
+        c.fetch_range(10..20).await.unwrap();
+        let err = c.fetch_range(20..30).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+    }
+
+    #[test]
+    fn forbidden_addresses() {
+        for bad in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "169.254.169.254",
+            "169.254.1.1",
+            "100.100.100.200",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(is_forbidden_ip(bad.parse().unwrap()), "{bad}");
+        }
+        for ok in [
+            "10.0.0.1",
+            "192.168.1.1",
+            "8.8.8.8",
+            "fd00::1",
+            "2001:db8::1",
+        ] {
+            assert!(!is_forbidden_ip(ok.parse().unwrap()), "{ok}");
+        }
+    }
+
+    #[tokio::test]
+    async fn private_origins_are_refused_unless_allowed() {
+        let strict = OriginOptions {
+            allow_private: false,
+            ..fast_opts()
+        };
+        for url in [
+            "http://127.0.0.1:1/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[fd00:ec2::254]/",
+            "http://[::1]:8080/x",
+            "http://localhost/x",
+        ] {
+            let err = OriginClient::new(url, vec![], strict.clone()).unwrap_err();
+            assert_eq!(err.reason(), "OriginForbidden", "{url}");
+        }
+        // A name resolving to loopback is refused at connect time.
+        let data = content(100);
+        let s = server(ranged(data.clone()), false).await;
+        let port = s.addr.port();
+        let c = OriginClient::new(
+            &format!("http://localtest.invalid.localhost.:{port}/x"),
+            vec![],
+            strict.clone(),
+        );
+        assert!(c.is_err(), "*.localhost is loopback");
+        // Names are checked on what they resolve to.
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let resolved = CheckedResolver.resolve(name).await;
+        let err = resolved.err().expect("localhost resolves only to loopback");
+        assert!(err.is::<Refused>(), "{err}");
+        // Allowed: the same origin is read.
+        let c = OriginClient::new(&format!("http://{}/x", s.addr), vec![], fast_opts()).unwrap();
+        assert_eq!(c.fetch_range(0..10).await.unwrap(), data.slice(0..10));
+    }
+
+    #[tokio::test]
+    async fn redirects_are_checked_and_bounded() {
+        let data = content(100);
+        let target = server(ranged(data.clone()), false).await;
+        let to = format!("http://{}/x", target.addr);
+        let redirect: Handler = Arc::new(move |_, _| {
+            let mut r = status(302);
+            r.headers_mut()
+                .insert(header::LOCATION, HeaderValue::from_str(&to).unwrap());
+            r
+        });
+        let hop = server(redirect, false).await;
+        // Allowed private origins: followed.
+        let c = OriginClient::new(&format!("http://{}/r", hop.addr), vec![], fast_opts()).unwrap();
+        assert_eq!(c.fetch_range(0..10).await.unwrap(), data.slice(0..10));
+        // A loop is cut after MAX_REDIRECTS hops.
+        let looping: Handler = Arc::new(|req, _| {
+            let mut r = status(302);
+            let next = format!("{}x", req.uri().path());
+            r.headers_mut()
+                .insert(header::LOCATION, HeaderValue::from_str(&next).unwrap());
+            r
+        });
+        let l = server(looping, false).await;
+        let c = OriginClient::new(&format!("http://{}/r", l.addr), vec![], fast_opts()).unwrap();
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginForbidden", "{err:?}");
+        assert!(l.hits.load(Ordering::SeqCst) <= MAX_REDIRECTS + 1);
+        // A redirect carrying credentials is refused.
+        let cred: Handler = Arc::new(|_, _| {
+            let mut r = status(302);
+            r.headers_mut().insert(
+                header::LOCATION,
+                HeaderValue::from_static("http://user:pw@127.0.0.1:1/x"),
+            );
+            r
+        });
+        let cs = server(cred, false).await;
+        let c = OriginClient::new(&format!("http://{}/r", cs.addr), vec![], fast_opts()).unwrap();
+        let err = c.fetch_range(0..10).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginForbidden", "{err:?}");
+        assert!(!err.to_string().contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn redirect_targets_are_judged_like_origins() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(refuse_url(&u("http://169.254.169.254/"), false).is_some());
+        assert!(refuse_url(&u("http://[::ffff:7f00:1]/"), false).is_some());
+        assert!(refuse_url(&u("http://10.1.2.3/"), false).is_none());
+        assert!(refuse_url(&u("http://127.0.0.1/"), true).is_none());
+        assert!(refuse_url(&u("http://a:b@10.1.2.3/"), true).is_some());
     }
 
     #[test]

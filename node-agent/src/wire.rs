@@ -18,7 +18,10 @@
 //! stream per content towards each peer (`Hello`, then `Bitfield`, `Hashes`,
 //! `Have` as pieces arrive), and one bidirectional stream per piece request
 //! (`Request` → `Piece` or `Reject`). Cancelling a request is stopping its
-//! stream, so there is no cancel message.
+//! stream, so there is no cancel message. A unidirectional stream may also
+//! carry a single `Resync`: the receiver opens a fresh announce stream for
+//! that content (a node that stopped progressing asks its peers to repeat
+//! their announcements).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -95,6 +98,8 @@ pub enum Message {
     Piece { piece: u32, data: Bytes },
     /// The request was refused.
     Reject { piece: u32, reason: RejectReason },
+    /// Asks the receiver to announce `content` again on a new stream.
+    Resync { content: String },
 }
 
 mod tag {
@@ -105,6 +110,7 @@ mod tag {
     pub const REQUEST: u8 = 5;
     pub const PIECE: u8 = 6;
     pub const REJECT: u8 = 7;
+    pub const RESYNC: u8 = 8;
 }
 
 /// Everything that can be wrong with a frame. Each variant is a reason to
@@ -267,6 +273,9 @@ impl Message {
                     reason: RejectReason::from_u8(r.u8("reject reason")?)?,
                 }
             }
+            tag::RESYNC => Message::Resync {
+                content: r.content_id()?,
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -324,6 +333,10 @@ impl Message {
                 out.put_u8(tag::PIECE);
                 out.put_u32(*piece);
                 out.put_slice(data);
+            }
+            Message::Resync { content } => {
+                out.put_u8(tag::RESYNC);
+                put_content_id(out, content);
             }
             Message::Reject { piece, reason } => {
                 out.put_u8(tag::REJECT);
@@ -520,6 +533,9 @@ mod tests {
             Message::Reject {
                 piece: 2,
                 reason: RejectReason::NotAllowed,
+            },
+            Message::Resync {
+                content: "model-a".into(),
             },
         ]
     }

@@ -117,6 +117,9 @@ async fn only_valid_allowed_nodes_get_data() {
         peers: vec![],
         // node-2 holds a valid certificate but is not allowed this content.
         allowed_peers: vec!["node-1".into()],
+        root: None,
+        origin_version: None,
+        reuse_from: Vec::new(),
     }];
     let cfg = AgentConfig {
         metrics_addr: Some(node.metrics),

@@ -55,6 +55,8 @@ fn spawn_agent(kubeconfig: &Path, root: &Path) -> AgentProc {
     cmd.args(["node", "--node-name", NODE, "--data-root"])
         .arg(root.join("data"))
         .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        // The test origin listens on loopback.
+        .arg("--allow-private-origins")
         .arg("--identity-dir")
         .arg(root.join("identity"))
         .env("KUBECONFIG", kubeconfig)
@@ -224,6 +226,36 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
         .await
         .expect("assign");
     let dest = root.path().join("data/models/model.bin");
+    // As the only authority it reports the root of its hash list and the
+    // origin version it pinned, and waits for the operator to pin the
+    // identity: holding every piece is not Complete yet.
+    let want = blake3::hash(&data).to_hex().to_string();
+    let vote = eventually(60, "the authority's root", &agent, || async {
+        let st = fills.get(NODE).await.ok()?.status?;
+        st.distributions
+            .into_iter()
+            .find(|d| d.uid == a.uid && d.reason.as_deref() == Some("WaitingForIdentity"))
+    })
+    .await;
+    assert_eq!(vote.root, Some(format!("blake3:{want}")));
+    assert_eq!(vote.content_id, Some(a.content_id.clone()));
+    assert_eq!(vote.phase, NodePhase::Downloading);
+    assert_eq!(vote.origin_version, Some(origin.etag()));
+    assert!(
+        !dest.exists(),
+        "nothing is in place before the identity is pinned"
+    );
+    let mut pinned = a.clone();
+    pinned.manifest_digest = vote.root.clone();
+    pinned.size = vote.size;
+    if let Some(h) = pinned.source.http.as_mut() {
+        h.origin_version = vote.origin_version.clone();
+    }
+    let assign = json!({ "spec": { "distributions": [pinned] } });
+    fills
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&assign))
+        .await
+        .expect("pin the identity");
     let entry = eventually(60, "the distribution Complete", &agent, || async {
         let st = fills.get(NODE).await.ok()?.status?;
         st.distributions
@@ -231,7 +263,6 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
             .find(|d| d.uid == a.uid && d.phase == NodePhase::Complete)
     })
     .await;
-    let want = blake3::hash(&data).to_hex().to_string();
     assert_eq!(common::file_blake3(&dest).as_deref(), Some(want.as_str()));
     assert_eq!(entry.size, Some(data.len() as u64));
     assert_eq!(entry.bytes_done, data.len() as u64);

@@ -29,6 +29,7 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::collection::vec((0..wire::MAX_PIECES, any::<[u8; 32]>()), 0..8)
             .prop_map(|entries| Message::Hashes { entries }),
         (id, 0..wire::MAX_PIECES).prop_map(|(content, piece)| Message::Request { content, piece }),
+        id.prop_map(|content| Message::Resync { content }),
         (
             0..wire::MAX_PIECES,
             proptest::collection::vec(any::<u8>(), 0..256)

@@ -444,6 +444,9 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
                 source: source.clone(),
                 peers,
                 allowed_peers: names.clone(),
+                root: None,
+                origin_version: None,
+                reuse_from: Vec::new(),
             }],
         );
         // Keep serving after completion: a node that is done still uploads

@@ -1,6 +1,12 @@
 //! The contents this agent took on, persisted under the data root, so that
 //! after a restart it deletes the data of distributions unassigned while it
 //! was away — and only files it created itself.
+//!
+//! Ownership: each entry names the content id, the owning Distribution uid
+//! and the path its file lives at. A file is deleted only through the entry
+//! of the uid that owns it, never when it is a seeder's source, and never
+//! while any current assignment claims an overlapping path
+//! ([`Manifest::deletable_path`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,6 +89,24 @@ impl Manifest {
         Ok(())
     }
 
+    /// The file that removing content `id` of Distribution `uid` may delete:
+    /// its recorded path, if the entry exists, belongs to `uid`, is not a
+    /// seeder's source, and no path in `claimed` (the current assignments'
+    /// targets and seed sources) overlaps it.
+    pub fn deletable_path(&self, id: &str, uid: &str, claimed: &[PathBuf]) -> Option<PathBuf> {
+        let e = self.entries.get(id)?;
+        if e.uid != uid || e.seeder {
+            return None;
+        }
+        if claimed
+            .iter()
+            .any(|c| crate::k8s::translate::paths_overlap(c, &e.path))
+        {
+            return None;
+        }
+        Some(e.path.clone())
+    }
+
     fn save(&self) -> Result<(), ManifestError> {
         let io = |op, source| ManifestError::Io {
             op,
@@ -128,5 +152,51 @@ mod tests {
         let again = Manifest::load(dir.path());
         assert_eq!(again.entries().len(), 1);
         assert_eq!(again.entries().get("c1"), Some(&e));
+    }
+
+    #[test]
+    fn only_the_owner_deletes_and_never_a_claimed_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut m = Manifest::load(dir.path());
+        let e = Entry {
+            uid: "u1".into(),
+            namespace: "ns".into(),
+            name: "d".into(),
+            path: "a/b.bin".into(),
+            seeder: false,
+        };
+        m.insert("c1", e.clone()).expect("insert");
+        m.insert(
+            "s1",
+            Entry {
+                seeder: true,
+                path: "src/x".into(),
+                ..e.clone()
+            },
+        )
+        .expect("insert");
+        assert_eq!(
+            m.deletable_path("c1", "u1", &[]),
+            Some(PathBuf::from("a/b.bin"))
+        );
+        // Another uid does not own it.
+        assert_eq!(m.deletable_path("c1", "u2", &[]), None);
+        // Unknown content: nothing recorded, nothing deleted.
+        assert_eq!(m.deletable_path("c9", "u1", &[]), None);
+        // A seeder's source is never deleted.
+        assert_eq!(m.deletable_path("s1", "u1", &[]), None);
+        // A path another current assignment claims (equal or overlapping)
+        // stays.
+        for claimed in ["a/b.bin", "a"] {
+            assert_eq!(
+                m.deletable_path("c1", "u1", &[PathBuf::from(claimed)]),
+                None,
+                "{claimed}"
+            );
+        }
+        assert!(
+            m.deletable_path("c1", "u1", &[PathBuf::from("a/b.bin2")])
+                .is_some()
+        );
     }
 }

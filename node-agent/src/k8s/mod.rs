@@ -81,6 +81,11 @@ pub struct NodeArgs {
     /// Node label that holds the node's zone.
     #[arg(long, default_value = DEFAULT_ZONE_LABEL)]
     pub zone_label: String,
+    /// Allow origins on loopback, link-local and metadata addresses (and
+    /// redirects to them). Refused by default: an origin URL must not reach
+    /// the node's own services or the cloud metadata endpoint.
+    #[arg(long)]
+    pub allow_private_origins: bool,
     /// The pod's IP (from the downward API), advertised when listening on
     /// 0.0.0.0.
     #[arg(long, env = "POD_IP", hide = true)]
@@ -228,6 +233,8 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         &identity,
         EngineOptions {
             retry_transient_origin: true,
+            require_pin: true,
+            allow_private_origins: args.allow_private_origins,
         },
         metrics,
     )?;
@@ -265,6 +272,7 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         }
         agent.retry_removals().await;
         agent.label_complete().await;
+        agent.finish_swaps();
         let due = agent.report().await;
 
         let wait = due
@@ -373,6 +381,19 @@ struct Tracked {
     running: Option<ContentConfig>,
     /// The node label for this distribution is set.
     labeled: bool,
+    /// The previous version (content id, path) while a new one fills: its
+    /// file stays in place until the new one is complete.
+    superseded: Option<(String, PathBuf)>,
+}
+
+/// Earlier files a new run may reuse pieces from: the previous version's,
+/// when it lived at another path.
+fn reuse_from(t: &Tracked, cfg: &ContentConfig) -> Vec<PathBuf> {
+    t.superseded
+        .iter()
+        .map(|(_, p)| p.clone())
+        .filter(|p| p != &cfg.path)
+        .collect()
 }
 
 /// An unassigned distribution whose label removal is still to be done; its
@@ -405,6 +426,11 @@ impl NodeAgent {
             self.startup_cleanup(spec).await;
             self.cleaned_up = true;
         }
+        let claimed: Vec<PathBuf> = spec
+            .distributions
+            .iter()
+            .flat_map(|a| translate::claimed_paths(a, &me))
+            .collect();
         let assigned: BTreeSet<&str> = spec.distributions.iter().map(|a| a.uid.as_str()).collect();
         let gone: Vec<String> = self
             .tracked
@@ -414,12 +440,22 @@ impl NodeAgent {
             .collect();
         for uid in gone {
             if let Some(t) = self.tracked.remove(&uid) {
-                self.unassign(&uid, t).await;
+                self.unassign(&uid, t, &claimed).await;
             }
         }
+        let conflicts = translate::path_conflicts(&spec.distributions, &me);
         for a in &spec.distributions {
             self.removing.remove(&a.uid);
-            let desired = translate::translate(a, &me, &self.args.data_root, &peer_addrs);
+            let desired = match conflicts.get(&a.uid) {
+                Some(other) => Desired::Invalid {
+                    reason: "PathConflict",
+                    message: format!(
+                        "path {} overlaps the path of {other} on this node; nothing was touched",
+                        a.path
+                    ),
+                },
+                None => translate::translate(a, &me, &self.args.data_root, &peer_addrs),
+            };
             let t = self
                 .tracked
                 .entry(a.uid.clone())
@@ -428,12 +464,31 @@ impl NodeAgent {
                     desired: desired.clone(),
                     running: None,
                     labeled: false,
+                    superseded: None,
                 });
             t.assignment = a.clone();
             t.desired = desired.clone();
             let id = a.content_id.clone();
+            // A new content id for the same Distribution is a new version
+            // (an edit, or the origin changed): stop the old run, keep its
+            // file in place (and labelled) until the new one is swapped in.
+            if let Some(old) = t.running.as_ref().filter(|old| old.id != id) {
+                let (old_id, old_path) = (old.id.clone(), old.path.clone());
+                info!(content = %id, previous = %old_id, distribution = %a.name, "new version of the distribution; starting it beside the previous one");
+                if let Err(e) = self.engine.remove(&old_id, false).await {
+                    warn!(content = %old_id, error = %e, "stopping the previous version failed");
+                }
+                // Its partial data is of no use any more; its file stays.
+                if let Err(e) = self.engine.delete_data_of(&old_id, None) {
+                    warn!(content = %old_id, error = %e, "deleting the previous version's partial data failed");
+                }
+                t.running = None;
+                if t.superseded.is_none() {
+                    t.superseded = Some((old_id, old_path));
+                }
+            }
             match desired {
-                Desired::Run(cfg) => match &t.running {
+                Desired::Run(mut cfg) => match &t.running {
                     Some(old) => {
                         let learnt = self
                             .engine
@@ -446,6 +501,7 @@ impl NodeAgent {
                                 warn!(content = %id, error = %e, "stopping the content failed");
                             }
                             t.running = None;
+                            cfg.reuse_from = reuse_from(t, &cfg);
                             start(&self.engine, &mut self.manifest, t, cfg, &me);
                         } else {
                             if translate::peers_changed(old, &cfg) {
@@ -456,28 +512,81 @@ impl NodeAgent {
                                     cfg.allowed_peers.clone(),
                                 );
                             }
+                            self.engine.pin(&id, cfg.root, cfg.origin_version.clone());
                             let mut keep = cfg;
                             keep.size = old.size;
+                            keep.reuse_from.clone_from(&old.reuse_from);
                             t.running = Some(keep);
                         }
                     }
-                    None => start(&self.engine, &mut self.manifest, t, cfg, &me),
+                    None => {
+                        cfg.reuse_from = reuse_from(t, &cfg);
+                        start(&self.engine, &mut self.manifest, t, cfg, &me);
+                    }
                 },
                 Desired::Wait { .. } | Desired::Invalid { .. } => {
-                    if t.running.take().is_some()
-                        && let Err(e) = self.engine.remove(&id, false).await
+                    if let Some(old) = t.running.take()
+                        && let Err(e) = self.engine.remove(&old.id, false).await
                     {
-                        warn!(content = %id, error = %e, "stopping the content failed");
+                        warn!(content = %old.id, error = %e, "stopping the content failed");
                     }
                 }
             }
         }
     }
 
+    /// Once a new version is complete (swapped in atomically at its path),
+    /// removes what is left of the previous one: its record, and its file
+    /// when the path changed and this Distribution owns it.
+    fn finish_swaps(&mut self) {
+        let me = self.args.node_name.clone();
+        let claimed: Vec<PathBuf> = self
+            .tracked
+            .values()
+            .flat_map(|t| translate::claimed_paths(&t.assignment, &me))
+            .collect();
+        for t in self.tracked.values_mut() {
+            let Some((old_id, _)) = &t.superseded else {
+                continue;
+            };
+            let complete = t.running.is_some()
+                && self
+                    .engine
+                    .status(&t.assignment.content_id)
+                    .is_some_and(|s| s.phase == Phase::Complete);
+            if !complete {
+                continue;
+            }
+            let old_id = old_id.clone();
+            if let Some(path) = self
+                .manifest
+                .deletable_path(&old_id, &t.assignment.uid, &claimed)
+                .and_then(|p| dest_path(&self.args.data_root, &p).ok())
+            {
+                info!(content = %old_id, path = %path.display(), "removing the previous version's file");
+                if let Err(e) = self.engine.delete_data_of(&old_id, Some(&path)) {
+                    warn!(content = %old_id, error = %e, "deleting the previous version failed; retrying");
+                    continue;
+                }
+            }
+            if let Err(e) = self.manifest.remove(&old_id) {
+                warn!(error = %e, "updating the manifest failed");
+            }
+            t.superseded = None;
+        }
+    }
+
     /// After a restart: deletes the data of contents no longer assigned
-    /// (only those in the manifest: files this agent created) and removes
-    /// the labels of distributions no longer assigned.
+    /// (only those in the manifest: files this agent created, never a path a
+    /// current assignment claims) and removes the labels of distributions
+    /// no longer assigned.
     async fn startup_cleanup(&mut self, spec: &NodeFillSpec) {
+        let me = self.args.node_name.clone();
+        let claimed: Vec<PathBuf> = spec
+            .distributions
+            .iter()
+            .flat_map(|a| translate::claimed_paths(a, &me))
+            .collect();
         let ids: BTreeSet<&str> = spec
             .distributions
             .iter()
@@ -491,12 +600,11 @@ impl NodeAgent {
             .map(|(id, e)| (id.clone(), e.clone()))
             .collect();
         for (id, e) in stale {
-            info!(content = %id, distribution = %format!("{}/{}", e.namespace, e.name), "deleting the data of a distribution unassigned while the agent was away");
-            let dest = if e.seeder {
-                None
-            } else {
-                dest_path(&self.args.data_root, &e.path).ok()
-            };
+            info!(content = %id, distribution = %format!("{}/{}", e.namespace, e.name), "deleting the data of a content unassigned while the agent was away");
+            let dest = self
+                .manifest
+                .deletable_path(&id, &e.uid, &claimed)
+                .and_then(|p| dest_path(&self.args.data_root, &p).ok());
             match self.engine.delete_data_of(&id, dest.as_deref()) {
                 Ok(()) => {
                     if let Err(e) = self.manifest.remove(&id) {
@@ -536,32 +644,38 @@ impl NodeAgent {
         }
     }
 
-    /// Removal protocol: stop the transfer and delete the data, then remove
-    /// the label, then (in the next status write) drop the entry.
-    async fn unassign(&mut self, uid: &str, t: Tracked) {
+    /// Removal protocol: stop the transfer and delete the data this
+    /// Distribution owns (never a path another assignment claims, never a
+    /// seeder's source), then remove the label, then (in the next status
+    /// write) drop the entry.
+    async fn unassign(&mut self, uid: &str, t: Tracked, claimed: &[PathBuf]) {
         let a = &t.assignment;
-        let id = &a.content_id;
-        info!(content = %id, distribution = %format!("{}/{}", a.namespace, a.name), "unassigned; deleting its data");
-        let was_running = match self.engine.remove(id, true).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(content = %id, error = %e, "deleting the data failed");
-                true
-            }
-        };
-        if !was_running {
-            // Never started (or stopped while waiting): files of an earlier
-            // run may still be there.
-            let seeder = self.manifest.entries().get(id).is_some_and(|e| e.seeder);
-            let dest = (!seeder)
-                .then(|| dest_path(&self.args.data_root, std::path::Path::new(&a.path)).ok())
-                .flatten();
-            if let Err(e) = self.engine.delete_data_of(id, dest.as_deref()) {
-                warn!(content = %id, error = %e, "deleting the data failed");
-            }
+        info!(content = %a.content_id, distribution = %format!("{}/{}", a.namespace, a.name), "unassigned; deleting its data");
+        let mut ids = vec![a.content_id.clone()];
+        if let Some(r) = &t.running
+            && r.id != a.content_id
+        {
+            ids.push(r.id.clone());
         }
-        if let Err(e) = self.manifest.remove(id) {
-            warn!(error = %e, "updating the manifest failed");
+        if let Some((old, _)) = &t.superseded {
+            ids.push(old.clone());
+        }
+        for id in ids {
+            if let Err(e) = self.engine.remove(&id, false).await {
+                warn!(content = %id, error = %e, "stopping the content failed");
+            }
+            let dest = self
+                .manifest
+                .deletable_path(&id, uid, claimed)
+                .and_then(|p| dest_path(&self.args.data_root, &p).ok());
+            match self.engine.delete_data_of(&id, dest.as_deref()) {
+                Ok(()) => {
+                    if let Err(e) = self.manifest.remove(&id) {
+                        warn!(error = %e, "updating the manifest failed");
+                    }
+                }
+                Err(e) => warn!(content = %id, error = %e, "deleting the data failed"),
+            }
         }
         self.removing.insert(
             uid.to_string(),
@@ -634,7 +748,7 @@ impl NodeAgent {
             uid: a.uid.clone(),
             phase: NodePhase::Pending,
             bytes_done: 0,
-            content_id: None,
+            content_id: Some(a.content_id.clone()),
             root: None,
             origin_version: None,
             size: a.size,
@@ -679,8 +793,12 @@ impl NodeAgent {
                     e.bytes_per_second = st.rate.max(0.0) as u64;
                     e.reason = st.reason;
                     e.message = st.message;
+                    // The root of the complete hash list (the authorities'
+                    // vote for the pinned identity) and the origin version.
+                    e.root.clone_from(&st.root);
+                    e.origin_version = st.origin_version;
                     if e.phase == NodePhase::Complete {
-                        e.digest = self.engine.content_digest(id).map(|d| d.to_string());
+                        e.digest = st.root;
                     }
                 }
             }
@@ -931,7 +1049,7 @@ impl Reporter {
         let state = json!({
             "endpoint": self.endpoint,
             "fingerprint": self.fingerprint,
-            "distributions": entries.iter().map(|e| json!([e.uid, e.phase, e.size, e.reason, e.digest])).collect::<Vec<_>>(),
+            "distributions": entries.iter().map(|e| json!([e.uid, e.content_id, e.phase, e.size, e.reason, e.digest, e.root, e.origin_version])).collect::<Vec<_>>(),
         });
         let dirty = self.last_state.as_ref() != Some(&state);
         let due = report::next_write(now, self.last_write, self.interval, dirty);

@@ -13,6 +13,8 @@ use crate::content::Digest;
 
 /// What to do with one assignment.
 #[derive(Debug, Clone)]
+// Few of these exist (one per assignment); boxing the config buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Desired {
     /// Run this content.
     Run(ContentConfig),
@@ -94,6 +96,28 @@ pub fn translate(
             );
         }
     };
+    // The pinned identity: the user's blake3 digest at once, else the root
+    // the operator published once the authorities agreed.
+    let published = match a.manifest_digest.as_deref().map(str::parse::<Digest>) {
+        None => None,
+        Some(Ok(d @ Digest::Blake3(_))) => Some(d),
+        Some(Ok(_)) => {
+            return invalid(
+                "InvalidManifestDigest",
+                "manifestDigest must be a blake3 root".into(),
+            );
+        }
+        Some(Err(e)) => return invalid("InvalidManifestDigest", e.to_string()),
+    };
+    let root = match digest {
+        Some(d @ Digest::Blake3(_)) => Some(d),
+        _ => published,
+    };
+    let origin_version = a
+        .source
+        .http
+        .as_ref()
+        .and_then(|h| h.origin_version.clone());
     if a.size.is_none() && !can_learn_size {
         return Desired::Wait {
             reason: "WaitingForSize",
@@ -125,11 +149,55 @@ pub fn translate(
             .filter(|n| n.as_str() != me)
             .cloned()
             .collect(),
+        root,
+        origin_version,
+        reuse_from: Vec::new(),
     })
 }
 
+/// Whether two paths under the data root overlap: equal, or one is a
+/// directory holding the other (compared by components, so `a/b` and
+/// `a/bc` do not overlap).
+pub fn paths_overlap(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// The paths an assignment claims on node `me`: its target, and the source
+/// file when `me` seeds it.
+pub fn claimed_paths(a: &Assignment, me: &str) -> Vec<PathBuf> {
+    let mut out = vec![PathBuf::from(&a.path)];
+    if let Some(seed) = &a.source.node
+        && seed.node_name == me
+    {
+        out.push(PathBuf::from(&seed.path));
+    }
+    out
+}
+
+/// Assignments whose paths overlap an earlier assignment's (in spec order)
+/// on node `me`: uid → the `namespace/name` of the one that holds the path.
+/// The operator never assigns overlapping paths; this is defence in depth
+/// so that a second Distribution on a path touches nothing.
+pub fn path_conflicts(assignments: &[Assignment], me: &str) -> HashMap<String, String> {
+    let mut held: Vec<(PathBuf, &Assignment)> = Vec::new();
+    let mut out = HashMap::new();
+    for a in assignments {
+        let mine = claimed_paths(a, me);
+        let clash = held
+            .iter()
+            .find(|(p, other)| other.uid != a.uid && mine.iter().any(|m| paths_overlap(m, p)));
+        if let Some((_, other)) = clash {
+            out.insert(a.uid.clone(), format!("{}/{}", other.namespace, other.name));
+            continue;
+        }
+        held.extend(mine.into_iter().map(|p| (p, a)));
+    }
+    out
+}
+
 /// Whether a running content must be restarted to follow `new`: anything
-/// but its peers changed. A size the running content learnt itself (an
+/// but its peers, its pinned root or origin version (applied live, see
+/// `Engine::pin`) changed. A size the running content learnt itself (an
 /// origin reader, the seeder) and the operator now copies in is no change.
 pub fn needs_restart(
     running: &ContentConfig,
@@ -413,5 +481,95 @@ mod tests {
                 .collect();
             assert_eq!(ours, theirs, "{pieces} pieces, {readers} readers");
         }
+    }
+
+    #[test]
+    fn the_pinned_identity_comes_from_a_blake3_digest_or_the_published_root() {
+        let b3 = format!("blake3:{}", "cd".repeat(32));
+        // sha256 digest, nothing published: no pin yet.
+        let a = http(&["n1"], Some(10 << 20));
+        let c = run(translate(&a, "n2", Path::new(ROOT), &addrs()));
+        assert_eq!(c.root, None);
+        assert_eq!(c.origin_version, None);
+        // Published root and origin version.
+        let mut a = http(&["n1"], Some(10 << 20));
+        a.manifest_digest = Some(b3.clone());
+        if let Some(h) = a.source.http.as_mut() {
+            h.origin_version = Some("\"v1\"".into());
+        }
+        let c = run(translate(&a, "n2", Path::new(ROOT), &addrs()));
+        assert_eq!(c.root.map(|d| d.to_string()), Some(b3.clone()));
+        assert_eq!(c.origin_version.as_deref(), Some("\"v1\""));
+        // A pin arriving later is applied live, not by a restart.
+        let before = run(translate(
+            &http(&["n1"], Some(10 << 20)),
+            "n2",
+            Path::new(ROOT),
+            &addrs(),
+        ));
+        assert!(!needs_restart(&before, None, &c));
+        // The user's blake3 digest pins at once.
+        let mut a = http(&["n1"], None);
+        if let Some(h) = a.source.http.as_mut() {
+            h.digest = Some(b3.clone());
+        }
+        let c = run(translate(&a, "n1", Path::new(ROOT), &addrs()));
+        assert_eq!(c.root.map(|d| d.to_string()), Some(b3));
+        // A published sha256 or garbage is refused.
+        for bad in [format!("sha256:{}", "ab".repeat(32)), "blake3:zz".into()] {
+            let mut a = http(&["n1"], Some(10));
+            a.manifest_digest = Some(bad.clone());
+            assert!(
+                matches!(
+                    translate(&a, "n2", Path::new(ROOT), &addrs()),
+                    Desired::Invalid {
+                        reason: "InvalidManifestDigest",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlapping_paths_conflict_and_the_later_one_is_refused() {
+        let mk = |uid: &str, name: &str, path: &str| Assignment {
+            uid: uid.into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            path: path.into(),
+            ..http(&["n1"], None)
+        };
+        let list = vec![
+            mk("u1", "a", "models/m.bin"),
+            mk("u2", "b", "models/m.bin"),
+            mk("u3", "c", "models"),
+            mk("u4", "d", "models/m.bin2"),
+            mk("u5", "e", "other/x"),
+        ];
+        let c = path_conflicts(&list, "n1");
+        assert_eq!(c.get("u2").map(String::as_str), Some("ns/a"));
+        assert_eq!(c.get("u3").map(String::as_str), Some("ns/a"));
+        assert!(!c.contains_key("u1"));
+        assert!(!c.contains_key("u4"), "a/b and a/bc do not overlap");
+        assert!(!c.contains_key("u5"));
+        // A seeder's source path is claimed on the seeding node only.
+        let mut seed = mk("s1", "seed", "out/copy");
+        seed.source = ResolvedSource {
+            http: None,
+            node: Some(SeedNode {
+                node_name: "n1".into(),
+                path: "src/build.tar".into(),
+            }),
+        };
+        let list = vec![seed, mk("u6", "f", "src/build.tar")];
+        assert_eq!(
+            path_conflicts(&list, "n1").get("u6").map(String::as_str),
+            Some("ns/seed")
+        );
+        assert!(path_conflicts(&list, "n2").is_empty());
+        assert!(paths_overlap(Path::new("a/b"), Path::new("a")));
+        assert!(!paths_overlap(Path::new("a/b"), Path::new("a/bc")));
     }
 }

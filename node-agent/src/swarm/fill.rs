@@ -17,11 +17,14 @@
 //!   (a bounded set: the seeder, or the few origin readers).
 //!
 //! A hash announced twice with different values is a conflict: the first one
-//! stays and the conflict is logged. When the user gave a `blake3:` digest,
-//! the full hash list must merge to it before the content completes; with a
-//! `sha256:` digest the finished file is hashed and compared; with neither the
-//! finished file is re-hashed and compared to the root of the hash list, which
-//! catches a corrupted disk or an origin that changed under the readers.
+//! stays and the conflict is logged. The content has a *pinned root* (its
+//! identity): the user's `blake3:` digest, or the root the operator
+//! published once every authority reported the same one. The full hash list
+//! must merge to it before the content completes; without a pin yet a fill
+//! that requires one ([`FillSpec::require_pin`]) waits. With a `sha256:`
+//! digest the finished file is hashed and compared; with no pin at all (a
+//! standalone agent) the finished file is re-hashed and compared to the root
+//! of the hash list, which catches a corrupted disk.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -84,6 +87,13 @@ pub struct FillSpec {
     pub authority: Authority,
     /// Nodes this content may be served to.
     pub allowed: HashSet<String>,
+    /// The pinned BLAKE3 root known at start (the operator's
+    /// `manifestDigest`); a `blake3:` digest pins too. Later pins arrive
+    /// through [`Fill::pin_root`].
+    pub root: Option<blake3::Hash>,
+    /// Never finish without a pinned root (the Kubernetes agent: only the
+    /// operator's agreed identity makes a content Complete).
+    pub require_pin: bool,
 }
 
 /// Errors of finishing a content.
@@ -95,6 +105,10 @@ pub enum FillError {
     DigestMismatch { got: Digest, want: Digest },
     #[error("the finished file does not match the piece hashes (BLAKE3 {got}, expected {want})")]
     RootMismatch { got: String, want: String },
+    #[error("piece hashes merge to {got}, not to the pinned root {want}")]
+    IdentityMismatch { got: String, want: String },
+    #[error("no pinned root yet")]
+    NotPinned,
     #[error("piece hash list incomplete: {0} hashes unknown")]
     HashesMissing(usize),
     #[error(transparent)]
@@ -109,6 +123,8 @@ impl FillError {
         match self {
             FillError::ManifestMismatch(_) | FillError::DigestMismatch { .. } => "DigestMismatch",
             FillError::RootMismatch { .. } => "VerificationFailed",
+            FillError::IdentityMismatch { .. } => "IdentityMismatch",
+            FillError::NotPinned => "WaitingForIdentity",
             FillError::HashesMissing(_) => "HashesMissing",
             FillError::Content(_) => "VerificationFailed",
             FillError::Store(crate::store::StoreError::InsufficientSpace { .. }) => {
@@ -130,6 +146,10 @@ pub struct FillStats {
     pub pieces_rejected: AtomicU64,
     /// Pieces held when the store was opened (resumed from disk).
     pub resumed_pieces: AtomicU64,
+    /// Pieces taken from a file already on disk (the previous version or a
+    /// file at the destination) after they verified against their hash.
+    pub reused_pieces: AtomicU64,
+    pub bytes_reused: AtomicU64,
 }
 
 struct Session {
@@ -168,6 +188,8 @@ pub struct Fill {
     /// Cancelled when the content is removed from this agent: sessions and
     /// announcements end, the store takes no more writes.
     closed: CancellationToken,
+    /// The pinned root (see the module comment); set once.
+    pinned: watch::Sender<Option<blake3::Hash>>,
 }
 
 impl std::fmt::Debug for Fill {
@@ -191,7 +213,13 @@ impl Fill {
             .store(u64::from(have.count_ones()), Ordering::Relaxed);
         let (complete, _) = watch::channel(false);
         let allowed = Mutex::new(spec.allowed.clone());
+        let initial_pin = spec.root.or(match spec.digest {
+            Some(Digest::Blake3(b)) => Some(blake3::Hash::from_bytes(b)),
+            _ => None,
+        });
+        let (pinned, _) = watch::channel(initial_pin);
         Arc::new(Fill {
+            pinned,
             allowed,
             closed: CancellationToken::new(),
             spec,
@@ -260,6 +288,74 @@ impl Fill {
         for id in ids {
             self.remove_session(id);
         }
+    }
+
+    /// Pins the content's root (the operator's agreed identity). A pin is
+    /// never replaced: another root means another content id.
+    pub fn pin_root(&self, root: blake3::Hash) {
+        self.pinned.send_if_modified(|p| {
+            if p.is_none() {
+                *p = Some(root);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The pinned root, if any.
+    pub fn pinned_root(&self) -> Option<blake3::Hash> {
+        *self.pinned.borrow()
+    }
+
+    /// Resolves once a root is pinned.
+    pub async fn wait_pinned(&self) -> blake3::Hash {
+        let mut rx = self.pinned.subscribe();
+        loop {
+            if let Some(r) = *rx.borrow_and_update() {
+                return r;
+            }
+            // The sender lives as long as `self`.
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Pieces held plus hashes known: grows whenever the fill makes progress
+    /// (the stall watchdog compares it over time).
+    pub fn progress_mark(&self) -> u64 {
+        let st = self.lock();
+        let known = st.hashes.len() - st.unknown_hashes;
+        u64::from(self.store.held_count()) + known as u64
+    }
+
+    /// Whether some session's peer holds a piece we could request now.
+    pub fn any_peer_interesting(&self) -> bool {
+        let st = self.lock();
+        st.sessions.keys().any(|id| st.picker.interesting(*id))
+    }
+
+    /// Nodes with an open announce session for this content.
+    pub fn session_nodes(&self) -> HashSet<String> {
+        self.lock()
+            .sessions
+            .values()
+            .map(|s| s.node.clone())
+            .collect()
+    }
+
+    /// Nodes this content may be exchanged with now.
+    pub fn allowed_nodes(&self) -> HashSet<String> {
+        self.allowed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Resolves when the fill is closed.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
     }
 
     /// Whether [`Fill::close`] was called.
@@ -636,17 +732,26 @@ impl Fill {
             st.hashes.iter().flatten().copied().collect()
         };
         let root = content::root_from_pieces(&layout, &hashes)?;
-        let need_rehash = match &self.spec.digest {
-            Some(d @ Digest::Blake3(_)) => {
-                if !content::manifest_root_matches(&layout, &hashes, d) {
-                    return Err(FillError::ManifestMismatch(*d));
-                }
-                // Every piece was verified against a list that merges to
-                // the user's digest: the file is that content.
-                false
+        if let Some(d @ Digest::Blake3(_)) = &self.spec.digest
+            && !content::manifest_root_matches(&layout, &hashes, d)
+        {
+            return Err(FillError::ManifestMismatch(*d));
+        }
+        let pinned = self.pinned_root();
+        match pinned {
+            Some(want) if want != root => {
+                return Err(FillError::IdentityMismatch {
+                    got: format!("blake3:{}", root.to_hex()),
+                    want: format!("blake3:{}", want.to_hex()),
+                });
             }
-            _ => true,
-        };
+            None if self.spec.require_pin => return Err(FillError::NotPinned),
+            _ => {}
+        }
+        // Every piece was verified against a list that merges to the pinned
+        // root: the file is that content. Without a pin, re-hash the file
+        // against its own list; a sha256 digest needs the bytes anyway.
+        let need_rehash = pinned.is_none() || matches!(self.spec.digest, Some(Digest::Sha256(_)));
         if need_rehash {
             let mut b3 = blake3::Hasher::new();
             let mut sha = match &self.spec.digest {
@@ -708,6 +813,8 @@ mod tests {
             digest,
             authority: Authority::Readers(vec![("r0".into(), 0..2), ("r1".into(), 2..4)]),
             allowed: ["a".to_string()].into(),
+            root: None,
+            require_pin: false,
         };
         Fill::new(spec, store, false)
     }
@@ -781,5 +888,82 @@ mod tests {
             .await
             .expect_err("must fail");
         assert_eq!(err.reason(), "DigestMismatch");
+    }
+
+    fn hashes(layout: &Layout, bytes: &[u8]) -> Vec<(u32, PieceHash)> {
+        (0..layout.piece_count())
+            .map(|i| {
+                let r = layout.piece_range(i);
+                (
+                    i,
+                    piece_hash(layout, i, &bytes[r.start as usize..r.end as usize]),
+                )
+            })
+            .collect()
+    }
+
+    fn pinned_fill(dir: &std::path::Path, size: usize) -> Arc<Fill> {
+        let layout = Layout::new(size as u64, PIECE).expect("layout");
+        let store = PieceStore::open(dir, "c", layout).expect("store");
+        let spec = FillSpec {
+            id: "c".into(),
+            layout,
+            digest: None,
+            authority: Authority::Seeder("s".into()),
+            allowed: HashSet::new(),
+            root: None,
+            require_pin: true,
+        };
+        Fill::new(spec, store, false)
+    }
+
+    async fn store_all(f: &Fill, bytes: &[u8]) {
+        let layout = f.layout();
+        for i in 0..layout.piece_count() {
+            let r = layout.piece_range(i);
+            let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+            f.store_verified(None, "me", i, piece, None)
+                .await
+                .expect("store");
+        }
+    }
+
+    #[tokio::test]
+    async fn complete_only_against_the_pinned_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = data(3 * PIECE as usize);
+        let f = pinned_fill(dir.path(), bytes.len());
+        f.hashes_from("s", &hashes(&f.layout(), &bytes));
+        store_all(&f, &bytes).await;
+        assert!(f.is_complete(), "every piece held and hash known");
+        // Held, but no identity pinned: not finished.
+        let dest = dir.path().join("out/c.bin");
+        let err = f.finish(&dest).await.expect_err("no pin yet");
+        assert_eq!(err.reason(), "WaitingForIdentity");
+        assert!(!dest.exists());
+        // A pin that is not this list's root: refused, nothing in place.
+        let other = blake3::hash(b"other content");
+        f.pin_root(other);
+        let err = f.finish(&dest).await.expect_err("wrong identity");
+        assert_eq!(err.reason(), "IdentityMismatch");
+        assert!(!dest.exists());
+        // A pin is never replaced.
+        f.pin_root(blake3::hash(&bytes));
+        assert_eq!(f.pinned_root(), Some(other));
+
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let g = pinned_fill(dir2.path(), bytes.len());
+        g.hashes_from("s", &hashes(&g.layout(), &bytes));
+        store_all(&g, &bytes).await;
+        let root = blake3::hash(&bytes);
+        let waiter = {
+            let g = g.clone();
+            tokio::spawn(async move { g.wait_pinned().await })
+        };
+        g.pin_root(root);
+        assert_eq!(waiter.await.expect("join"), root);
+        let dest = dir2.path().join("out/c.bin");
+        g.finish(&dest).await.expect("finish against the pin");
+        assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
     }
 }

@@ -7,7 +7,15 @@
 //! in the TLS handshake, before any stream exists). When both sides dial
 //! each other, the connection dialed by the node with the smaller name is
 //! kept and the other closed, on both sides, so each pair ends up with one
-//! connection. A banned node is disconnected and never accepted again.
+//! connection. A banned node is disconnected and never accepted again. An
+//! incoming connection presenting the certificate of a node we already hold
+//! a connection to replaces that one only if it no longer answers a probe
+//! (the peer restarted); a live connection is never silently replaced.
+//!
+//! Liveness: every content runs a stall watchdog ([`Swarm::watch_stalls`]):
+//! no piece or hash gained for [`STALL_AFTER`] while a connected peer or
+//! authority could help resets that content's sessions with them and asks
+//! them to announce again ([`wire::Message::Resync`]).
 //!
 //! Memory: at most `max_inflight` pieces are being downloaded and at most
 //! `upload_slots` pieces being uploaded at any time, each one buffer of one
@@ -117,8 +125,21 @@ struct PeerConn {
 }
 
 /// Simultaneous dials settle within this time; an incoming connection next
-/// to an older one means the peer restarted.
+/// to an older one means the peer restarted, or someone else presents its
+/// certificate: the older one is probed.
 const RESTART_GRACE: Duration = Duration::from_secs(3);
+
+/// How long a probe of an existing connection may take before it counts as
+/// dead.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// No progress for this long, while a connected peer or authority could
+/// help, is a stall.
+pub const STALL_AFTER: Duration = Duration::from_secs(15);
+/// Longest wait between two resyncs of a content that stays stalled.
+const STALL_MAX: Duration = Duration::from_secs(60);
+/// How often the watchdog looks.
+const STALL_POLL: Duration = Duration::from_secs(2);
 
 pub(crate) struct Shared {
     pub(crate) opts: SwarmOptions,
@@ -141,6 +162,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     next_session: AtomicU64,
     pub(crate) shutdown: CancellationToken,
+    /// Stall resyncs done (`peerfill_agent_stall_resyncs_total`).
+    stall_resyncs: Option<prometheus::IntCounter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,7 +203,14 @@ impl Swarm {
                 addr: opts.listen,
                 source,
             })?;
+        let stall_resyncs = prometheus::IntCounter::new(
+            "peerfill_agent_stall_resyncs_total",
+            "Contents that made no progress while peers could help, and were resynced",
+        )
+        .ok()
+        .filter(|c| metrics.registry().register(Box::new(c.clone())).is_ok());
         let shared = Arc::new(Shared {
+            stall_resyncs,
             upload_slots: Arc::new(Semaphore::new(opts.upload_slots.max(1))),
             inflight: Arc::new(Semaphore::new(opts.max_inflight.max(1))),
             up: RateLimiter::new(opts.upload_rate),
@@ -314,6 +344,25 @@ impl Swarm {
         Some(fill)
     }
 
+    /// Removes `fill` if it is still the content's current fill (not a
+    /// successor added meanwhile), closing it.
+    pub fn remove_fill(&self, fill: &Arc<Fill>) {
+        {
+            let mut contents = self
+                .shared
+                .contents
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if contents
+                .get(&fill.spec.id)
+                .is_some_and(|f| Arc::ptr_eq(f, fill))
+            {
+                contents.remove(&fill.spec.id);
+            }
+        }
+        fill.close();
+    }
+
     /// Replaces the nodes content `id` may be exchanged with, announcing it
     /// to connected nodes that are newly allowed.
     pub fn set_allowed(&self, id: &str, allowed: HashSet<String>) {
@@ -332,6 +381,88 @@ impl Swarm {
                 ));
             }
         }
+    }
+
+    /// Watches `fill` until it is complete or closed: when it gains no
+    /// piece and no hash for [`STALL_AFTER`] (doubling up to a minute while
+    /// it stays stalled) and a connected node could help — an allowed peer
+    /// with no announce session (a lost announcement), the authority of a
+    /// missing hash, or a peer holding a piece we could request — the
+    /// sessions with those nodes are reset and they are asked to announce
+    /// again.
+    pub async fn watch_stalls(&self, fill: Arc<Fill>) {
+        let mut mark = fill.progress_mark();
+        let mut since = tokio::time::Instant::now();
+        let mut patience = STALL_AFTER;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(STALL_POLL) => {}
+                _ = fill.closed() => return,
+                _ = self.shared.shutdown.cancelled() => return,
+            }
+            if fill.is_complete() {
+                return;
+            }
+            let now = fill.progress_mark();
+            if now != mark {
+                mark = now;
+                since = tokio::time::Instant::now();
+                patience = STALL_AFTER;
+                continue;
+            }
+            if since.elapsed() < patience {
+                continue;
+            }
+            let targets = self.stall_targets(&fill);
+            if targets.is_empty() {
+                continue;
+            }
+            warn!(
+                content = %fill.spec.id,
+                stalled_secs = since.elapsed().as_secs(),
+                nodes = ?targets,
+                "no progress while peers could help; resetting sessions and asking for fresh announcements"
+            );
+            if let Some(c) = &self.shared.stall_resyncs {
+                c.inc();
+            }
+            for node in &targets {
+                fill.drop_node(node);
+                let conn = lock(&self.shared.conns).get(node).map(|c| c.conn.clone());
+                if let Some(conn) = conn {
+                    tokio::spawn(peer::request_resync(
+                        conn,
+                        node.clone(),
+                        fill.spec.id.clone(),
+                    ));
+                }
+            }
+            since = tokio::time::Instant::now();
+            patience = (patience * 2).min(STALL_MAX);
+        }
+    }
+
+    /// The connected nodes a stalled `fill` should resync with.
+    fn stall_targets(&self, fill: &Fill) -> Vec<String> {
+        let connected: HashSet<String> = lock(&self.shared.conns).keys().cloned().collect();
+        let sessions = fill.session_nodes();
+        let mut out: HashSet<String> = fill
+            .allowed_nodes()
+            .into_iter()
+            .filter(|n| connected.contains(n) && !sessions.contains(n))
+            .collect();
+        out.extend(
+            fill.pending_authorities()
+                .into_iter()
+                .filter(|n| connected.contains(n)),
+        );
+        if fill.any_peer_interesting() {
+            out.extend(sessions.into_iter().filter(|n| connected.contains(n)));
+        }
+        out.remove(&self.shared.opts.node);
+        let mut v: Vec<String> = out.into_iter().collect();
+        v.sort();
+        v
     }
 
     /// Nodes banned for sending bad pieces.
@@ -373,12 +504,13 @@ impl Shared {
             let added = self.contents_added.notified();
             tokio::pin!(added);
             added.as_mut().enable();
-            if let Some(f) = self.content(id) {
+            // A closed fill is a run being replaced: wait for its successor.
+            if let Some(f) = self.content(id).filter(|f| !f.is_closed()) {
                 return Some(f);
             }
             tokio::select! {
                 _ = &mut added => {}
-                _ = tokio::time::sleep_until(deadline) => return self.content(id),
+                _ = tokio::time::sleep_until(deadline) => return self.content(id).filter(|f| !f.is_closed()),
                 _ = self.shutdown.cancelled() => return None,
             }
         }
@@ -436,17 +568,34 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, node: Stri
         conn.close(close::BANNED, b"banned");
         return;
     }
+    // A peer only dials when it has no connection to us, so a new incoming
+    // connection next to an established one means the peer lost the old
+    // one (restarted) — or someone else presents its certificate. Probe the
+    // old one: replace it only if it no longer answers.
+    let older = lock(&shared.conns)
+        .get(&node)
+        .filter(|pc| {
+            pc.conn.close_reason().is_none() && !dialed && pc.since.elapsed() > RESTART_GRACE
+        })
+        .map(|pc| pc.conn.clone());
+    let mut old_dead = None;
+    if let Some(old) = older {
+        if peer::probe(&old, PROBE_WAIT).await {
+            warn!(peer = %node, addr = %conn.remote_address(), live = %old.remote_address(), "refused a second connection presenting the certificate of a node whose connection is alive");
+            conn.close(close::DUPLICATE, b"duplicate: the live connection answers");
+            return;
+        }
+        info!(peer = %node, "the old connection does not answer; the peer restarted");
+        old_dead = Some(old.stable_id());
+    }
     {
         let mut conns = lock(&shared.conns);
         if let Some(existing) = conns.get(&node)
             && existing.conn.close_reason().is_none()
         {
-            // A peer only dials when it has no connection to us, so a new
-            // incoming connection next to an established one means the peer
-            // lost the old one (restarted): the old one is dead, replace it.
             // Otherwise both dialed at once: keep the connection dialed by
             // the smaller node name, which both sides choose alike.
-            let peer_restarted = !dialed && existing.since.elapsed() > RESTART_GRACE;
+            let peer_restarted = old_dead == Some(existing.conn.stable_id());
             let me_smaller = shared.opts.node < node;
             let new_canonical = dialed == me_smaller;
             let old_canonical = existing.dialed_by_me == me_smaller;

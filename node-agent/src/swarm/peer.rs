@@ -104,6 +104,12 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connectio
 }
 
 /// Reads a peer's announcements for one content and downloads from it.
+///
+/// What the peer said on this stream (its pieces, the hashes it is the
+/// authority for) is kept, so that when our run of the content is replaced
+/// while the stream lives (a restart, a retry after a local fault) the
+/// session re-attaches to the new run with that state instead of staying
+/// attached to a dead one: the peer never has to repeat itself.
 async fn inbound_announce(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -117,6 +123,16 @@ async fn inbound_announce(
             size,
             piece_size,
         })) => (content, size, piece_size),
+        Ok(Some(Message::Resync { content })) => {
+            // The peer asks us to announce this content again.
+            if let Some(fill) = shared.content(&content).filter(|f| !f.is_closed())
+                && fill.allows(&node)
+            {
+                debug!(peer = %node, content = %content, "peer asked for a fresh announcement");
+                tokio::spawn(announce(shared.clone(), conn, node, fill));
+            }
+            return;
+        }
         Ok(None) => return,
         Ok(Some(other)) => {
             protocol_error(
@@ -132,54 +148,133 @@ async fn inbound_announce(
             return;
         }
     };
-    let Some(fill) = shared.wait_content(&content_id, CONTENT_WAIT).await else {
-        debug!(peer = %node, content = %content_id, "announce for a content we do not hold");
-        let _ = recv.stop(0u32.into());
-        return;
-    };
-    let layout = fill.layout();
-    if layout.size != size || layout.piece_size != piece_size {
-        warn!(peer = %node, content = %content_id, size, piece_size, "peer announces another layout; ignored");
-        let _ = recv.stop(0u32.into());
-        return;
-    }
-    let sid: PeerId = shared.next_session();
-    let cancel = fill.add_session(sid, &node);
-    let downloader = tokio::spawn(download(
-        shared.clone(),
-        conn.clone(),
-        node.clone(),
-        fill.clone(),
-        sid,
-        cancel.clone(),
-    ));
+    // The peer's state as announced on this stream (replayed on re-attach).
+    let pieces = usize::try_from(size.div_ceil(u64::from(piece_size.max(1)))).unwrap_or(0);
+    let mut peer_bits = vec![0u8; pieces.div_ceil(8)];
+    let mut peer_hashes: Vec<(u32, PieceHash)> = Vec::new();
+    let mut attached_before = false;
     loop {
-        let frame = tokio::select! {
-            f = wire::read_frame(&mut recv, MAX_CONTROL_FRAME) => f,
-            _ = cancel.cancelled() => break,
+        let Some(fill) = shared.wait_content(&content_id, CONTENT_WAIT).await else {
+            debug!(peer = %node, content = %content_id, "announce for a content we do not hold");
+            let _ = recv.stop(0u32.into());
+            return;
         };
-        match frame {
-            Ok(Some(Message::Bitfield { bits })) => fill.session_bitfield(sid, &bits),
-            Ok(Some(Message::Have { piece })) => fill.session_have(sid, piece),
-            Ok(Some(Message::Hashes { entries })) => fill.hashes_from(&node, &entries),
-            Ok(Some(other)) => {
-                let what = format!("{other:?}").chars().take(60).collect::<String>();
-                protocol_error(&conn, &node, "unexpected message on announce stream", &what);
-                break;
-            }
-            Ok(None) => break,
-            Err(WireError::Io(e)) => {
-                debug!(peer = %node, error = %e, "announce stream ended");
-                break;
-            }
-            Err(e) => {
-                protocol_error(&conn, &node, "malformed frame", &e);
-                break;
+        let layout = fill.layout();
+        if layout.size != size || layout.piece_size != piece_size {
+            warn!(peer = %node, content = %content_id, size, piece_size, "peer announces another layout; ignored");
+            let _ = recv.stop(0u32.into());
+            return;
+        }
+        let sid: PeerId = shared.next_session();
+        let cancel = fill.add_session(sid, &node);
+        if attached_before {
+            debug!(peer = %node, content = %content_id, "announce session re-attached to the new run");
+            fill.session_bitfield(sid, &peer_bits);
+            if !peer_hashes.is_empty() {
+                fill.hashes_from(&node, &peer_hashes);
             }
         }
+        attached_before = true;
+        let downloader = tokio::spawn(download(
+            shared.clone(),
+            conn.clone(),
+            node.clone(),
+            fill.clone(),
+            sid,
+            cancel.clone(),
+        ));
+        let mut stream_over = false;
+        loop {
+            let frame = tokio::select! {
+                f = wire::read_frame(&mut recv, MAX_CONTROL_FRAME) => f,
+                _ = cancel.cancelled() => break,
+            };
+            match frame {
+                Ok(Some(Message::Bitfield { bits })) => {
+                    for (dst, src) in peer_bits.iter_mut().zip(bits.iter()) {
+                        *dst = *src;
+                    }
+                    fill.session_bitfield(sid, &bits);
+                }
+                Ok(Some(Message::Have { piece })) => {
+                    if let Some(b) = peer_bits.get_mut(piece as usize / 8) {
+                        *b |= 0x80 >> (piece % 8);
+                    }
+                    fill.session_have(sid, piece);
+                }
+                Ok(Some(Message::Hashes { entries })) => {
+                    // Only an authority's hashes are ever used; keep those.
+                    if fill.spec.authority.ranges_of(&node).next().is_some() {
+                        peer_hashes.extend(entries.iter().copied());
+                    }
+                    fill.hashes_from(&node, &entries);
+                }
+                Ok(Some(other)) => {
+                    let what = format!("{other:?}").chars().take(60).collect::<String>();
+                    protocol_error(&conn, &node, "unexpected message on announce stream", &what);
+                    stream_over = true;
+                    break;
+                }
+                Ok(None) => {
+                    stream_over = true;
+                    break;
+                }
+                Err(WireError::Io(e)) => {
+                    debug!(peer = %node, error = %e, "announce stream ended");
+                    stream_over = true;
+                    break;
+                }
+                Err(e) => {
+                    protocol_error(&conn, &node, "malformed frame", &e);
+                    stream_over = true;
+                    break;
+                }
+            }
+        }
+        fill.remove_session(sid);
+        downloader.abort();
+        // Our run was replaced under a live stream: attach to the next one.
+        // Any other end (peer done, dropped, banned) ends the stream.
+        if stream_over || !fill.is_closed() || conn.close_reason().is_some() {
+            return;
+        }
     }
-    fill.remove_session(sid);
-    downloader.abort();
+}
+
+/// Asks `node` to announce `content` to us again (see [`Message::Resync`]).
+pub(crate) async fn request_resync(conn: quinn::Connection, node: String, content: String) {
+    let mut send = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(peer = %node, error = %e, "cannot open a resync stream");
+            return;
+        }
+    };
+    if let Err(e) = send.write_all(&Message::Resync { content }.encode()).await {
+        debug!(peer = %node, error = %e, "cannot send a resync");
+        return;
+    }
+    let _ = send.finish();
+}
+
+/// Content id of liveness probes: ids never start with a dot, so the peer
+/// answers `Reject` at once.
+const PROBE_CONTENT: &str = ".probe";
+
+/// Whether `conn` still answers a request within `wait` (a dead connection
+/// to a restarted peer does not).
+pub(crate) async fn probe(conn: &quinn::Connection, wait: Duration) -> bool {
+    let attempt = async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        let req = Message::Request {
+            content: PROBE_CONTENT.to_string(),
+            piece: 0,
+        };
+        send.write_all(&req.encode()).await.ok()?;
+        let _ = send.finish();
+        wire::read_frame(&mut recv, MAX_REQUEST_FRAME).await.ok()?
+    };
+    matches!(tokio::time::timeout(wait, attempt).await, Ok(Some(_)))
 }
 
 /// Keeps up to `pipeline` requests outstanding to one peer for one content.

@@ -38,7 +38,14 @@ pub struct Origin {
     pub addr: SocketAddr,
     pub served: Arc<AtomicU64>,
     pub requests: Arc<AtomicU64>,
+    /// The content served now (replaceable: an origin that changes).
+    current: Arc<std::sync::Mutex<Arc<Vec<u8>>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The strong ETag the test origin sends for `data`.
+pub fn etag_of(data: &[u8]) -> String {
+    format!("\"{}\"", &blake3::hash(data).to_hex()[..16])
 }
 
 impl Origin {
@@ -49,16 +56,18 @@ impl Origin {
         let addr = listener.local_addr().expect("origin addr");
         let served = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
-        let (s, r) = (served.clone(), requests.clone());
+        let current = Arc::new(std::sync::Mutex::new(data));
+        let (s, r, cur) = (served.clone(), requests.clone(), current.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (data, s, r) = (data.clone(), s.clone(), r.clone());
+                let (cur, s, r) = (cur.clone(), s.clone(), r.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let (data, s, r) = (data.clone(), s.clone(), r.clone());
+                        let data = cur.lock().map(|d| d.clone()).unwrap_or_default();
+                        let (s, r) = (s.clone(), r.clone());
                         async move { Ok::<_, Infallible>(serve(req, &data, &s, &r)) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -71,8 +80,21 @@ impl Origin {
             addr,
             served,
             requests,
+            current,
             task,
         }
+    }
+
+    /// Serves `data` from now on (the origin's content changes).
+    pub fn replace(&self, data: Arc<Vec<u8>>) {
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = data;
+        }
+    }
+
+    /// The ETag of what the origin serves now.
+    pub fn etag(&self) -> String {
+        self.current.lock().map(|d| etag_of(&d)).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -98,6 +120,17 @@ fn serve(
 ) -> Response<Full<Bytes>> {
     requests.fetch_add(1, Ordering::SeqCst);
     let total = data.len() as u64;
+    let etag = etag_of(data);
+    // Reads pinned to another version fail their precondition.
+    if let Some(want) = req.headers().get(hyper::header::IF_MATCH)
+        && want.to_str().ok() != Some(etag.as_str())
+    {
+        return Response::builder()
+            .status(StatusCode::PRECONDITION_FAILED)
+            .header(hyper::header::ETAG, etag)
+            .body(Full::new(Bytes::new()))
+            .unwrap_or_default();
+    }
     let head = req.method() == hyper::Method::HEAD;
     if req.uri().path() != "/blob" {
         return Response::builder()
@@ -131,6 +164,7 @@ fn serve(
     let mut resp = Response::builder()
         .status(status)
         .header(hyper::header::ACCEPT_RANGES, "bytes")
+        .header(hyper::header::ETAG, etag)
         .header(hyper::header::CONTENT_LENGTH, body.len());
     if let Some(cr) = content_range {
         resp = resp.header(hyper::header::CONTENT_RANGE, cr);
@@ -219,9 +253,14 @@ pub fn http_config(
             })
             .collect(),
         allowed_peers: all.iter().map(|n| n.name.clone()).collect(),
+        root: None,
+        origin_version: None,
+        reuse_from: Vec::new(),
     }];
     AgentConfig {
         metrics_addr: Some(me.metrics),
+        // The test origins listen on loopback.
+        allow_private_origins: true,
         ..AgentConfig::new(
             me.name.clone(),
             me.addr,
