@@ -347,14 +347,15 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
         Some(s) => vec![s.as_str()],
         None => names.iter().map(String::as_str).collect(),
     };
-    let pinned = |r: &NodeDistributionStatus| r.phase != NodePhase::Failed;
+    // A Failed entry (e.g. OriginChanged with the new version) pins nothing.
+    let usable = |r: &NodeDistributionStatus| r.phase != NodePhase::Failed;
 
     let size = match current.and_then(|a| a.size) {
         Some(size) => Some(size),
         None => {
             let values: Vec<(&str, Option<u64>)> = authorities
                 .iter()
-                .map(|n| (*n, report(n).filter(|r| pinned(r)).and_then(|r| r.size)))
+                .map(|n| (*n, report(n).filter(|r| usable(r)).and_then(|r| r.size)))
                 .collect();
             agreed("size", &values).unwrap_or_else(|e| {
                 disagreement = Some(e);
@@ -389,7 +390,7 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
                 .map(|n| {
                     (
                         *n,
-                        report(n).filter(|r| pinned(r)).and_then(|r| r.root.clone()),
+                        report(n).filter(|r| usable(r)).and_then(|r| r.root.clone()),
                     )
                 })
                 .collect();
@@ -406,7 +407,7 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
         .or_else(|| {
             readers.iter().find_map(|r| {
                 report(&r.node)
-                    .filter(|r| pinned(r))
+                    .filter(|r| usable(r))
                     .and_then(|r| r.origin_version.clone())
             })
         })

@@ -846,6 +846,94 @@ async fn identity() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_with_a_local_fault_is_replaced_and_blocks_no_one() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(90), local_fault())
+        .await
+        .context("test timed out")?
+}
+
+async fn local_fault() -> Result<()> {
+    let api = start_api().await?;
+    let client = api.client()?;
+    for name in ["gpu-1", "gpu-2"] {
+        create_node(&client, name, &[("pool", "gpu")], false).await?;
+    }
+    let operator = start_operator(&client, "op-a")?;
+    let fills: Api<NodeFill> = Api::all(client.clone());
+    let mut agents = BTreeMap::new();
+    let mut heartbeats = Vec::new();
+    for (i, name) in ["gpu-1", "gpu-2"].iter().enumerate() {
+        let agent = FakeAgent::new(&client, name, 7201 + i as u16)?;
+        agent.join().await?;
+        heartbeats.push(agent.heartbeat());
+        agents.insert(name.to_string(), agent);
+    }
+    let dists: Api<Distribution> = Api::namespaced(client.clone(), "default");
+    let d = dists
+        .create(&PostParams::default(), &distribution("full", 1))
+        .await?;
+    let uid = d.uid().context("uid")?;
+    let first = eventually(15, "assignment", || async {
+        assignments(&fills, "gpu-1", &uid).await
+    })
+    .await?;
+    let reader = agents[&first.origin_readers[0].node].clone();
+    let other = agents
+        .values()
+        .find(|a| a.name != reader.name)
+        .cloned()
+        .context("other agent")?;
+    other.set(&d, "Pending", None, 0, None).await?;
+    // The reader's disk is too small: it is replaced in its slot, and the
+    // Distribution does not fail.
+    reader
+        .set(&d, "Failed", None, 0, Some("InsufficientSpace"))
+        .await?;
+    let moved = eventually(15, "reader replaced", || async {
+        Ok(assignments(&fills, &other.name, &uid)
+            .await?
+            .filter(|a| a.origin_readers.iter().map(|r| &r.node).eq([&other.name])))
+    })
+    .await?;
+    assert_eq!(moved.content_id, first.content_id, "same version");
+    let st = status_where(&dists, "full", "failing node listed", |s| {
+        s.failing_nodes.iter().any(|f| f.node == reader.name)
+    })
+    .await?;
+    assert_ne!(st.phase, Some(Phase::Failed));
+    assert_eq!(st.failing_nodes[0].reason, "InsufficientSpace");
+    // The failed node keeps its assignment (its agent retries) without the
+    // reader role.
+    let kept = assignments(&fills, &reader.name, &uid)
+        .await?
+        .context("the failed node keeps its assignment")?;
+    assert!(kept.role.origin_ranges.is_empty());
+    // The new reader learns the size and completes; the failed node is the
+    // only one left: Failed/NodesFailed naming it.
+    let size = MIB;
+    other.set(&d, "Complete", Some(size), size, None).await?;
+    let st = status_where(&dists, "full", "NodesFailed", |s| {
+        s.phase == Some(Phase::Failed)
+    })
+    .await?;
+    assert_eq!(
+        st.condition(CONDITION_FAILED).map(|c| c.reason.as_str()),
+        Some("NodesFailed")
+    );
+    // Space freed: the agent retries and completes; so does the Distribution.
+    reader.set(&d, "Complete", Some(size), size, None).await?;
+    status_where(&dists, "full", "Complete", |s| {
+        s.phase == Some(Phase::Complete)
+    })
+    .await?;
+    for h in heartbeats {
+        h.abort();
+    }
+    operator.task.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_when_the_leader_dies() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(60), failover())
         .await
