@@ -1150,17 +1150,13 @@ async fn symlinked_target_dir(ctx: &Ctx, nodes: &[String], blob: &Blob) -> anyho
         )
     })?;
     ensure!(!reason.is_empty(), "Failed without a reason");
-    ensure!(
-        snapshot(&outside_dirs)? == before,
-        "files outside the data root changed"
-    );
+    unchanged(&before, &snapshot(&outside_dirs)?)
+        .context("files outside the data root changed while the Distribution ran")?;
     println!("(j) symlinked directory: Failed {reason}: {message}");
     kubectl_delete(ctx, &d).await?;
     ctx.cluster.wait_distribution_gone(&d, SETTLE).await?;
-    ensure!(
-        snapshot(&outside_dirs)? == before,
-        "deleting the Distribution changed files outside the data root"
-    );
+    unchanged(&before, &snapshot(&outside_dirs)?)
+        .context("deleting the Distribution changed files outside the data root")?;
     Ok(())
 }
 
@@ -1222,6 +1218,27 @@ async fn symlinked_source(ctx: &Ctx, nodes: &[String]) -> anyhow::Result<()> {
         std::fs::read(&secret)? == secret_bytes,
         "the file behind the symlinked source changed"
     );
+    Ok(())
+}
+
+/// Ok if `after` equals `before`; else names the files removed, changed
+/// and created.
+fn unchanged(
+    before: &BTreeMap<PathBuf, Vec<u8>>,
+    after: &BTreeMap<PathBuf, Vec<u8>>,
+) -> anyhow::Result<()> {
+    let mut diff = Vec::new();
+    for (p, bytes) in before {
+        match after.get(p) {
+            None => diff.push(format!("removed {}", p.display())),
+            Some(b) if b != bytes => diff.push(format!("changed {}", p.display())),
+            Some(_) => {}
+        }
+    }
+    for p in after.keys().filter(|p| !before.contains_key(*p)) {
+        diff.push(format!("created {}", p.display()));
+    }
+    ensure!(diff.is_empty(), "{}", diff.join(", "));
     Ok(())
 }
 
