@@ -553,15 +553,15 @@ async fn reader_paused(ctx: &Ctx) -> anyhow::Result<()> {
     // the others must be done well before the freeze ends.
     let r = wait_nodes_complete(ctx, &d, &others, Duration::from_secs(58)).await;
     let waited = frozen.elapsed();
+    let readers_during = readers_of(ctx, &d).await.unwrap_or_default();
     if let Some(left) = Duration::from_secs(60).checked_sub(frozen.elapsed()) {
         tokio::time::sleep(left).await;
     }
     ctx.local().signal_agent(&victim, AgentSignal::Continue)?;
-    r.with_context(|| format!("with reader {victim} frozen"))?;
+    r.with_context(|| format!("with reader {victim} frozen (readers then {readers_during:?})"))?;
     println!(
-        "(a) others complete {:.0}s after freezing reader {victim}; readers now {:?}",
-        waited.as_secs_f64(),
-        readers_of(ctx, &d).await?
+        "(a) others complete {:.0}s after freezing reader {victim}; readers then {readers_during:?}",
+        waited.as_secs_f64()
     );
     wait_complete_on(ctx, &d, nodes.len()).await?;
     check_files(ctx, &nodes, "chaos/pause.bin", &blob)?;
