@@ -768,6 +768,14 @@ async fn origin_changed(ctx: &Ctx) -> anyhow::Result<()> {
             })?;
         check_files(ctx, &nodes, "chaos/changed.bin", version)?;
         let s = done.status.clone().unwrap_or_default();
+        // Version 1 bytes had been read when it changed: ending with
+        // version 2 means the change was seen and the content restarted.
+        ensure!(
+            version.version == 1 || s.origin_revision.unwrap_or(0) >= 1,
+            "every node holds version {} but status.originRevision is {:?}: the origin change went unnoticed",
+            version.version,
+            s.origin_revision
+        );
         println!(
             "(e) no digest: every node holds version {} (originRevision {:?}, contentId {:?}, origin 412s {})",
             version.version,
