@@ -501,29 +501,38 @@ fn describe_nodefill(out: &mut String, nf: &NodeFill) {
         nf.spec.peers.len()
     );
     for a in &nf.spec.distributions {
+        let readers: Vec<String> = a
+            .origin_readers
+            .iter()
+            .map(|r| format!("{} {}..{}", r.node, r.start, r.end))
+            .collect();
         let _ = writeln!(
             out,
-            "  assigned {}/{} uid {} size {:?} role {:?} readers {} peers {}",
+            "  assigned {}/{} uid {} content {} size {:?} manifest {:?} role {:?} readers [{}] peers {}",
             a.namespace,
             a.name,
             a.uid,
+            a.content_id,
             a.size,
+            a.manifest_digest,
             a.role,
-            a.origin_readers.len(),
+            readers.join(", "),
             a.peers.len()
         );
     }
     for e in &s.distributions {
         let _ = writeln!(
             out,
-            "  status {}/{} {} {}/{} B (origin {}, peers {}) {:?} {:?}",
+            "  status {}/{} content {:?} {} {}/{} B (origin {}, peers {}) root {:?} {:?} {:?}",
             e.namespace,
             e.name,
+            e.content_id,
             e.phase.as_str(),
             e.bytes_done,
             e.size.unwrap_or(0),
             e.bytes_from_origin,
             e.bytes_from_peers,
+            e.root,
             e.reason,
             e.message
         );

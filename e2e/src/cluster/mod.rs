@@ -34,7 +34,18 @@
 //! `PEERFILL_E2E_KEEP=1` or [`LocalClusterOptions::keep_work_dir`].
 //!
 //! Binaries are taken from next to the running executable (`target/<profile>/`);
-//! build them first with `cargo build --workspace --bins`.
+//! build them first with `cargo build --workspace --bins`. Both binaries get
+//! [`ALLOW_PRIVATE_ORIGINS`] (the origin is on loopback) when their `--help`
+//! lists it.
+//!
+//! Faults for the chaos suite (`tests/chaos.rs`): agents can be SIGSTOPped
+//! and continued ([`LocalCluster::signal_agent`]), crashed and started
+//! through a shared reference ([`LocalCluster::crash_agent`],
+//! [`LocalCluster::start_agent`]), and given extra environment
+//! ([`NodeOptions::env`], e.g. the test-only disk-cap fault); the
+//! [`Origin`] can replace a blob by another version ([`Origin::replace_blob`],
+//! with or without validators), go down ([`Outage`]) and cut connections,
+//! and answers conditional requests as nginx does.
 //!
 //! # Real cluster
 //!
