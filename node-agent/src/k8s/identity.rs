@@ -257,6 +257,85 @@ impl Request {
     }
 }
 
+/// Renewal of the running identity, driven by the NodeFill loop:
+///
+/// 1. every pass, [`Renewer::due_request`]: `Some(request)` when renewal is
+///    due; its CSR goes to `status.certificateRequest` (instead of the
+///    current request's);
+/// 2. on every `spec.identity`, [`Renewer::on_issued`]: when it answers the
+///    renewal, the new certificate is swapped into the running endpoint,
+///    written to the identity directory and its key becomes the current
+///    one; then publish `NodeIdentity::fingerprint` as
+///    `status.certificateFingerprint`.
+#[derive(Debug)]
+pub struct Renewer {
+    node: String,
+    dir: std::path::PathBuf,
+    /// Where in the renewal window this agent renews (see [`renew_at`]).
+    jitter: f64,
+    pending: Option<Request>,
+}
+
+impl Renewer {
+    /// A renewer for `node` with identity directory `dir`; picks up a
+    /// renewal left pending by an earlier run of this pod.
+    pub fn new(node: &str, dir: &Path) -> Renewer {
+        Renewer {
+            node: node.to_string(),
+            dir: dir.to_path_buf(),
+            jitter: rand::random::<f64>(),
+            pending: Request::load_renewal(node, dir),
+        }
+    }
+
+    /// The renewal request to publish, if `current` is due at `now`
+    /// (generated on first need, then kept until answered).
+    pub fn due_request(
+        &mut self,
+        current: &NodeIdentity,
+        now: SystemTime,
+    ) -> Result<Option<&Request>, IdentityError> {
+        if self.pending.is_none() {
+            let (not_before, not_after) = cert_validity(&current.cert_pem)?;
+            if now < renew_at(not_before, not_after, self.jitter) {
+                return Ok(None);
+            }
+            tracing::info!(node = %self.node, "certificate renewal due; requesting a new one");
+            self.pending = Some(Request::generate_renewal(&self.node, &self.dir)?);
+        }
+        Ok(self.pending.as_ref())
+    }
+
+    /// Whether a renewal is waiting for its answer.
+    pub fn pending(&self) -> Option<&Request> {
+        self.pending.as_ref()
+    }
+
+    /// Takes `issued` if it answers the pending renewal: swaps it into
+    /// `current` (live connections continue, new ones use it), writes it
+    /// to the identity directory and promotes its key. `Ok(false)`: not the
+    /// answer (nothing pending, or the answer to another request).
+    pub fn on_issued(
+        &mut self,
+        current: &mut NodeIdentity,
+        issued: &IssuedIdentity,
+    ) -> Result<bool, IdentityError> {
+        let Some(pending) = &self.pending else {
+            return Ok(false);
+        };
+        if issued.request_digest != pending.digest {
+            return Ok(false);
+        }
+        let renewed = pending.accept(issued)?;
+        current.renew(&renewed)?;
+        Request::promote_renewal(&self.dir)?;
+        renewed.write(&self.dir)?;
+        tracing::info!(node = %self.node, "certificate renewed");
+        self.pending = None;
+        Ok(true)
+    }
+}
+
 fn cert_der(pem: &str) -> Result<Vec<u8>, TlsError> {
     let first = rustls_pemfile::certs(&mut pem.as_bytes())
         .next()
@@ -414,5 +493,71 @@ mod tests {
         let reloaded = Request::load_or_generate("node-1", dir.path()).expect("reload");
         assert_eq!(reloaded.digest, renewal.digest);
         assert!(Request::load_renewal("node-1", dir.path()).is_none());
+    }
+
+    #[test]
+    fn renewer_requests_when_due_and_swaps_the_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ClusterCa::generate("test-ca").expect("ca");
+        let answer = |r: &Request| IssuedIdentity {
+            certificate: ca.sign_csr(&r.csr_pem, "node-1").expect("sign"),
+            ca_certificate: ca.cert_pem().to_string(),
+            request_digest: r.digest.clone(),
+        };
+        let first = Request::load_or_generate("node-1", dir.path()).expect("request");
+        let first_answer = answer(&first);
+        let mut id = first.accept(&first_answer).expect("accepted");
+        let (_, not_after) = cert_validity(&id.cert_pem).expect("validity");
+        let now = SystemTime::now();
+
+        let mut r = Renewer::new("node-1", dir.path());
+        assert!(r.due_request(&id, now).expect("check").is_none());
+        // The current answer is not a renewal's.
+        assert!(!r.on_issued(&mut id, &first_answer).expect("ignored"));
+        let due = r
+            .due_request(&id, not_after)
+            .expect("due")
+            .expect("request")
+            .clone();
+        // Asked again before the answer: the same request.
+        let again = r
+            .due_request(&id, not_after)
+            .expect("due")
+            .expect("request");
+        assert_eq!(again.digest, due.digest);
+        // A restarted agent picks the pending renewal up.
+        let restarted = Renewer::new("node-1", dir.path());
+        assert_eq!(
+            restarted.pending().map(|p| p.digest.clone()),
+            Some(due.digest.clone())
+        );
+
+        let old_fp = id.fingerprint().expect("fp");
+        assert!(r.on_issued(&mut id, &answer(&due)).expect("renewed"));
+        assert_ne!(id.fingerprint().expect("fp"), old_fp);
+        assert!(r.pending().is_none());
+        // The files on disk are the renewed identity.
+        let on_disk = NodeIdentity::load(
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            &dir.path().join("ca.crt"),
+        )
+        .expect("written");
+        assert_eq!(
+            on_disk.fingerprint().expect("fp"),
+            id.fingerprint().expect("fp")
+        );
+        assert_eq!(
+            Request::load_or_generate("node-1", dir.path())
+                .expect("reload")
+                .digest,
+            due.digest
+        );
+        // Fresh again: nothing due.
+        assert!(
+            r.due_request(&id, SystemTime::now())
+                .expect("check")
+                .is_none()
+        );
     }
 }
