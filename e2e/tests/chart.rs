@@ -694,6 +694,8 @@ fn default_render_type_checks_and_keeps_its_promises() -> Result<()> {
         [
             "--metrics",
             "0.0.0.0:9463",
+            "--metrics-bind-address",
+            "$(POD_IP)",
             "--leader-election-namespace",
             "$(POD_NAMESPACE)",
             "--leader-election-lease",
@@ -716,7 +718,7 @@ fn default_render_type_checks_and_keeps_its_promises() -> Result<()> {
         .iter()
         .map(|e| e.name.as_str())
         .collect();
-    for required in ["POD_NAME", "POD_NAMESPACE"] {
+    for required in ["POD_NAME", "POD_NAMESPACE", "POD_IP"] {
         assert!(
             env_names.contains(required),
             "operator env lacks {required}"
@@ -746,6 +748,8 @@ fn default_render_type_checks_and_keeps_its_promises() -> Result<()> {
             "0.0.0.0:7443",
             "--metrics",
             "0.0.0.0:9464",
+            "--metrics-bind-address",
+            "$(POD_IP)",
             "--identity-dir",
             "/var/run/peerfill/identity"
         ],
@@ -810,15 +814,16 @@ fn default_render_type_checks_and_keeps_its_promises() -> Result<()> {
                 .iter()
                 .filter_map(|p| p.name.as_deref())
                 .collect();
-            for probe in [&c.liveness_probe, &c.readiness_probe]
-                .into_iter()
-                .flatten()
-            {
+            for (probe, path) in [
+                (&c.liveness_probe, "/healthz"),
+                (&c.readiness_probe, "/readyz"),
+            ] {
+                let Some(probe) = probe else { continue };
                 let get = probe
                     .http_get
                     .as_ref()
                     .ok_or_else(|| anyhow!("{who}: probe is not httpGet"))?;
-                assert_eq!(get.path.as_deref(), Some("/healthz"), "{who}: probe path");
+                assert_eq!(get.path.as_deref(), Some(path), "{who}: probe path");
                 match &get.port {
                     k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n) => {
                         assert!(
@@ -1239,14 +1244,28 @@ fn chart_crds_equal_generated_crds() -> Result<()> {
     Ok(())
 }
 
-/// Runs `binary` with the chart's `args` followed by `--help`: clap parses
-/// left to right, so it exits 0 only if every argument the chart passes is
-/// one the binary knows.
+/// What the kubelet makes of a `$(VAR)` reference in an argument: the
+/// downward-API value (a sample of the right shape here).
+fn expand_env_refs(arg: &str) -> String {
+    [
+        ("$(POD_IP)", "10.244.0.7"),
+        ("$(NODE_NAME)", "node-a"),
+        ("$(POD_NAME)", "pod-a"),
+        ("$(POD_NAMESPACE)", "peerfill-system"),
+    ]
+    .iter()
+    .fold(arg.to_string(), |a, (var, value)| a.replace(var, value))
+}
+
+/// Runs `binary` with the chart's `args` (env references expanded as the
+/// kubelet does) followed by `--help`: clap parses and checks values left
+/// to right, so it exits 0 only if every argument the chart passes is one
+/// the binary knows, with a value it accepts.
 fn accepts_command_line(binary: &str, args: &[String]) -> Result<()> {
     let path = peerfill_e2e::cluster::binary_path(binary)
         .with_context(|| format!("{binary} (run `cargo build --workspace --bins` first)"))?;
     let out = std::process::Command::new(&path)
-        .args(args)
+        .args(args.iter().map(|a| expand_env_refs(a)))
         .arg("--help")
         .output()
         .with_context(|| format!("running {}", path.display()))?;

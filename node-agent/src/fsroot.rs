@@ -271,6 +271,18 @@ impl DataRoot {
         Ok(rel.to_path_buf())
     }
 
+    /// [`DataRoot::rel_of`] for a path a Distribution chose (target or
+    /// node-source path): also refuses the agent's reserved names
+    /// ([`check_user_path`]). Call it before downloading anything.
+    pub fn user_rel_of(&self, abs: &Path) -> Result<PathBuf, FsError> {
+        let rel = self.rel_of(abs)?;
+        check_user_path(&rel).map_err(|source| FsError::Path {
+            path: rel.clone(),
+            source,
+        })?;
+        Ok(rel)
+    }
+
     /// A directory beneath the root (created if `create`), as a root of its
     /// own: operations on it stay confined to it.
     pub fn subdir(&self, rel: &Path, create: bool) -> Result<DataRoot, FsError> {
@@ -809,6 +821,16 @@ mod tests {
         assert_eq!(m.len, 5);
         assert_eq!(r.read(rel).unwrap(), b"hello");
         assert_eq!(r.rel_of(&r.join(rel)).unwrap(), rel);
+        assert_eq!(r.user_rel_of(&r.join(rel)).unwrap(), rel);
+        let state = r.join(Path::new(".peerfill-status/x.json"));
+        assert!(r.rel_of(&state).is_ok());
+        assert!(matches!(
+            r.user_rel_of(&state),
+            Err(FsError::Path {
+                source: PathError::Reserved { .. },
+                ..
+            })
+        ));
         let sub = r.subdir(Path::new("models"), false).unwrap();
         assert_eq!(sub.read(Path::new("llama/w.bin")).unwrap(), b"hello");
         assert!(r.remove_file(rel).unwrap());

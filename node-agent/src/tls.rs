@@ -6,13 +6,20 @@
 //! clients verify that the server's certificate names the node they dialled,
 //! so both ends know which node they talk to (see [`peer_node`]).
 //!
+//! On top of the chain and the name, both ends check the peer's certificate
+//! fingerprint against [`PeerPins`] (fed from `spec.peers`), and the
+//! certificate presented is a [`LiveIdentity`] that can be swapped while
+//! the endpoint runs (renewal of the short-lived node certificates, see
+//! [`NODE_CERT_VALIDITY`]).
+//!
 //! All rustls configs are built with the `ring` provider explicitly, so
 //! nothing depends on a process-wide default provider being installed.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use rcgen::{
@@ -20,19 +27,29 @@ use rcgen::{
     DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PublicKeyData, SanType, SerialNumber,
 };
-use rustls::RootCertStore;
+use rustls::client::ResolvesClientCert;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// ALPN protocol of the agents' QUIC links.
 pub const ALPN: &[u8] = b"peerfill/1";
 
-/// Validity of node certificates.
-pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Validity of node certificates: short, so a leaked node key is useful
+/// for a day at most. Agents renew when a third of it is left
+/// (`k8s::identity::renewal_due`), i.e. after ~16 h.
+pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// Back-dating of a node certificate's `notBefore`, for clock skew between
+/// the operator and the nodes.
+pub const NODE_CERT_BACKDATE: Duration = Duration::from_secs(5 * 60);
 /// Validity of the cluster CA certificate.
 pub const CA_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Back-dating of `notBefore`, to tolerate clock skew between nodes.
+/// Back-dating of the CA's `notBefore`, to tolerate clock skew between nodes.
 const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 
 /// Errors of this module.
@@ -64,6 +81,12 @@ pub enum TlsError {
     },
     #[error("the peer presented no certificate")]
     NoPeerCertificate,
+    #[error("node {node} presented certificate {got}, but its pinned certificate is {pinned:?}")]
+    PinMismatch {
+        node: String,
+        got: String,
+        pinned: Vec<String>,
+    },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -118,7 +141,7 @@ fn node_params(node: &str) -> Result<CertificateParams, TlsError> {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node);
     params.distinguished_name = dn;
-    params.not_before = now - CLOCK_SKEW;
+    params.not_before = now - NODE_CERT_BACKDATE;
     params.not_after = now + NODE_CERT_VALIDITY;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -213,18 +236,18 @@ impl ClusterCa {
         &self.key_pem
     }
 
-    /// A fresh key and certificate for `node` (SAN DNS + CN = node, 1 year,
-    /// EKU serverAuth + clientAuth).
+    /// A fresh key and certificate for `node` (SAN DNS + CN = node,
+    /// [`NODE_CERT_VALIDITY`], EKU serverAuth + clientAuth).
     pub fn issue(&self, node: &str) -> Result<NodeIdentity, TlsError> {
         let params = node_params(node)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(NodeIdentity {
-            node: node.to_string(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            ca_pem: self.cert_pem.clone(),
-        })
+        Ok(NodeIdentity::new(
+            node.to_string(),
+            cert.pem(),
+            key.serialize_pem(),
+            self.cert_pem.clone(),
+        ))
     }
 
     /// Signs a node's CSR, refusing one whose subject CN or SANs name
@@ -293,13 +316,20 @@ pub fn generate_csr(node: &str) -> Result<(String, String), TlsError> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
-/// A node's certificate, key and the CA certificate that roots the cluster.
+/// A node's certificate, key and the CA certificate that roots the cluster,
+/// with the TLS state shared by the configs built from it: the peer pins
+/// and the live (swappable) certificate. Clones share that state.
 #[derive(Clone)]
 pub struct NodeIdentity {
     pub node: String,
     pub cert_pem: String,
     pub key_pem: String,
     pub ca_pem: String,
+    /// Checked by [`server_config`] and [`client_config`]; feed it from
+    /// `spec.peers` ([`PeerPins::set`]).
+    pub pins: PeerPins,
+    /// What the configs present; [`NodeIdentity::renew`] swaps it.
+    pub live: LiveIdentity,
 }
 
 impl std::fmt::Debug for NodeIdentity {
@@ -388,12 +418,44 @@ impl NodeIdentity {
         parse_key(&key_pem, &key.display().to_string())?;
         parse_certs(&ca_pem, &ca.display().to_string())?;
         let node = node_name_of_cert(leaf.as_ref())?;
-        Ok(NodeIdentity {
+        Ok(NodeIdentity::new(node, cert_pem, key_pem, ca_pem))
+    }
+
+    /// An identity from its parts, with no pins and nothing live yet.
+    pub fn new(node: String, cert_pem: String, key_pem: String, ca_pem: String) -> NodeIdentity {
+        NodeIdentity {
             node,
             cert_pem,
             key_pem,
             ca_pem,
-        })
+            pins: PeerPins::new(),
+            live: LiveIdentity::default(),
+        }
+    }
+
+    /// Swaps the certificate presented by every config built from this
+    /// identity (or a clone of it) to `renewed`'s, without touching live
+    /// connections: new handshakes, accepted or dialled, use it. `renewed`
+    /// must be for the same node.
+    pub fn renew(&mut self, renewed: &NodeIdentity) -> Result<(), TlsError> {
+        if renewed.node != self.node {
+            return Err(TlsError::InvalidCertificate(format!(
+                "the renewed certificate is for node {}, not {}",
+                renewed.node, self.node
+            )));
+        }
+        self.live.set(renewed)?;
+        self.cert_pem = renewed.cert_pem.clone();
+        self.key_pem = renewed.key_pem.clone();
+        self.ca_pem = renewed.ca_pem.clone();
+        Ok(())
+    }
+
+    /// `sha256:<hex>` of this identity's certificate.
+    pub fn fingerprint(&self) -> Result<String, TlsError> {
+        Ok(cert_fingerprint(
+            first_cert(&self.cert_pem, "node certificate")?.as_ref(),
+        ))
     }
 
     /// Writes `tls.crt`, `tls.key` (mode 0600) and `ca.crt` into `dir`, each
@@ -449,6 +511,261 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     std::fs::rename(&tmp, path).map_err(|e| io("renaming", e))
 }
 
+/// `sha256:<hex>` of a certificate's DER: the form of
+/// `certificateFingerprint` in NodeFill status and `spec.peers`.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(der)))
+}
+
+/// Certificate fingerprints pinned per node (from `spec.peers[]
+/// .certificateFingerprint`), checked by both QUIC verifiers on top of the
+/// CA chain and the node name: a node with pins is accepted only with one
+/// of them; a node without any is accepted on the chain alone (its
+/// fingerprint is not published yet). Cheap to clone; clones share the set.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPins {
+    inner: Arc<RwLock<HashMap<String, BTreeSet<String>>>>,
+}
+
+impl PeerPins {
+    pub fn new() -> PeerPins {
+        PeerPins::default()
+    }
+
+    /// Replaces every pin: `(node, fingerprint)` pairs; a node may have
+    /// several (e.g. the old and the new certificate around a renewal).
+    pub fn set<I, N, F>(&self, pins: I)
+    where
+        I: IntoIterator<Item = (N, F)>,
+        N: Into<String>,
+        F: AsRef<str>,
+    {
+        let mut map: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (node, fp) in pins {
+            map.entry(node.into())
+                .or_default()
+                .insert(fp.as_ref().trim().to_ascii_lowercase());
+        }
+        *self.inner.write().unwrap_or_else(PoisonError::into_inner) = map;
+    }
+
+    /// The fingerprints pinned for `node`, if any.
+    pub fn pinned(&self, node: &str) -> Option<BTreeSet<String>> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .filter(|s| !s.is_empty())
+            .cloned()
+    }
+
+    /// Whether the certificate `der` may stand for `node`.
+    pub fn check(&self, node: &str, der: &[u8]) -> Result<(), TlsError> {
+        let Some(allowed) = self.pinned(node) else {
+            return Ok(());
+        };
+        let got = cert_fingerprint(der);
+        if allowed.contains(&got) {
+            Ok(())
+        } else {
+            Err(TlsError::PinMismatch {
+                node: node.to_string(),
+                got,
+                pinned: allowed.into_iter().collect(),
+            })
+        }
+    }
+}
+
+fn pin_error(e: TlsError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(e),
+    )))
+}
+
+/// Server side: the CA chain (webpki), then the client's pin.
+#[derive(Debug)]
+struct PinnedClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    pins: PeerPins,
+}
+
+impl ClientCertVerifier for PinnedClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let node = node_name_of_cert(end_entity.as_ref()).map_err(pin_error)?;
+        self.pins
+            .check(&node, end_entity.as_ref())
+            .map_err(pin_error)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+}
+
+/// Client side: the CA chain and the dialled name (webpki), then the pin of
+/// the dialled node.
+#[derive(Debug)]
+struct PinnedServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    pins: PeerPins,
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        // webpki checked the certificate names `server_name`; the pin is
+        // that node's.
+        let node = node_name_of_cert(end_entity.as_ref()).map_err(pin_error)?;
+        self.pins
+            .check(&node, end_entity.as_ref())
+            .map_err(pin_error)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The certificate and key this agent presents, swappable while the QUIC
+/// endpoint runs: the configs built by [`server_config`] and
+/// [`client_config`] resolve it on every handshake, so after
+/// [`LiveIdentity::set`] new connections (accepted and dialled) use the new
+/// certificate while live ones continue untouched. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct LiveIdentity {
+    current: Arc<RwLock<Option<Arc<CertifiedKey>>>>,
+}
+
+impl std::fmt::Debug for LiveIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveIdentity").finish_non_exhaustive()
+    }
+}
+
+impl LiveIdentity {
+    /// Presents `id`'s certificate from now on (it must be for the same
+    /// node and CA: peers verify it against the same roots).
+    pub fn set(&self, id: &NodeIdentity) -> Result<(), TlsError> {
+        let (chain, key) = id.chain_and_key()?;
+        let ck = CertifiedKey::from_der(chain, key, &provider())?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(ck));
+        Ok(())
+    }
+
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `sha256:<hex>` of the certificate presented now.
+    pub fn fingerprint(&self) -> Option<String> {
+        self.get()
+            .and_then(|ck| ck.cert.first().map(|c| cert_fingerprint(c.as_ref())))
+    }
+
+    fn set_if_empty(&self, id: &NodeIdentity) -> Result<(), TlsError> {
+        if self.get().is_none() {
+            self.set(id)?;
+        }
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for LiveIdentity {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
+impl ResolvesClientCert for LiveIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.get().is_some()
+    }
+}
+
 /// QUIC transport settings shared by both ends: keep-alives so idle peer
 /// links survive NAT/conntrack, a 30 s idle timeout so dead peers are noticed,
 /// and receive windows large enough that a 4 MiB piece streams at full speed
@@ -467,17 +784,28 @@ pub fn transport_config() -> quinn::TransportConfig {
 }
 
 /// Server side: requires a client certificate chained to the cluster CA
-/// (clients without one fail the handshake before any stream opens).
+/// (clients without one fail the handshake before any stream opens) and,
+/// if its node has pins in `id.pins`, one of them. Presents `id.live`
+/// (initialised to `id`'s certificate if empty).
 pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier =
+    let inner =
         WebPkiClientVerifier::builder_with_provider(id.roots()?, provider.clone()).build()?;
-    let (chain, key) = id.chain_and_key()?;
+    let verifier = Arc::new(PinnedClientVerifier {
+        inner,
+        pins: id.pins.clone(),
+    });
+    id.live.set_if_empty(id)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(Arc::new(id.live.clone()));
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No session resumption: a resumed handshake skips the verifiers, so a
+    // changed pin or a renewed certificate would not apply to it. Peer
+    // links are long-lived; a full handshake each is cheap.
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -485,16 +813,28 @@ pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, TlsError>
     Ok(cfg)
 }
 
-/// Client side: presents the node certificate and accepts only a server
-/// whose certificate chains to the cluster CA and names the node dialled
-/// (`endpoint.connect_with(cfg, addr, server_node_name)`).
+/// Client side: presents `id.live` (initialised to `id`'s certificate if
+/// empty) and accepts only a server whose certificate chains to the cluster
+/// CA, names the node dialled (`endpoint.connect_with(cfg, addr,
+/// server_node_name)`) and, if that node has pins in `id.pins`, is pinned.
 pub fn client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, TlsError> {
-    let (chain, key) = id.chain_and_key()?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(id.roots()?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Quic(format!("server verifier: {e}")))?;
+    let verifier = Arc::new(PinnedServerVerifier {
+        inner,
+        pins: id.pins.clone(),
+    });
+    id.live.set_if_empty(id)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(id.roots()?)
-        .with_client_auth_cert(chain, key)?;
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(id.live.clone()));
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // See server_config: every handshake is a full, verified one.
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
@@ -647,6 +987,99 @@ mod tests {
         task.abort();
     }
 
+    /// The leaf certificate fingerprint the other end of `conn` presented.
+    fn peer_fingerprint(conn: &quinn::Connection) -> String {
+        let certs = conn
+            .peer_identity()
+            .unwrap()
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .unwrap();
+        cert_fingerprint(certs[0].as_ref())
+    }
+
+    /// Renewal: both ends swap their certificate while a connection is
+    /// live; the live connection keeps working, new connections (accepted
+    /// and dialled) present the new certificates.
+    #[tokio::test]
+    async fn renewed_certificates_are_used_by_new_connections_only() {
+        let ca = ClusterCa::generate("peerfill test CA").unwrap();
+        let mut server_id = ca.issue("node-a").unwrap();
+        let mut client_id = ca.issue("node-b").unwrap();
+        let server = endpoint_server(&server_id);
+        let addr = server.local_addr().unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client_cfg = client_config(&client_id).unwrap();
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let accept = tokio::spawn({
+            let server = server.clone();
+            async move {
+                while let Some(incoming) = server.accept().await {
+                    let Ok(conn) = incoming.await else { continue };
+                    let _ = seen_tx.send(peer_fingerprint(&conn));
+                    let conn2 = conn.clone();
+                    tokio::spawn(async move {
+                        while let Ok((mut send, mut recv)) = conn2.accept_bi().await {
+                            if let Ok(data) = recv.read_to_end(1 << 20).await {
+                                let _ = send.write_all(&data).await;
+                                let _ = send.finish();
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        let echo = |conn: quinn::Connection, msg: &'static [u8]| async move {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(msg).await.unwrap();
+            send.finish().unwrap();
+            recv.read_to_end(1 << 20).await.unwrap()
+        };
+        tokio::time::timeout(T, async {
+            let old = client
+                .connect_with(client_cfg.clone(), addr, "node-a")
+                .unwrap()
+                .await
+                .unwrap();
+            assert_eq!(peer_fingerprint(&old), server_id.fingerprint().unwrap());
+            assert_eq!(
+                seen_rx.recv().await.unwrap(),
+                client_id.fingerprint().unwrap()
+            );
+
+            let (old_server_fp, old_client_fp) = (
+                server_id.fingerprint().unwrap(),
+                client_id.fingerprint().unwrap(),
+            );
+            server_id.renew(&ca.issue("node-a").unwrap()).unwrap();
+            client_id.renew(&ca.issue("node-b").unwrap()).unwrap();
+            assert_ne!(server_id.fingerprint().unwrap(), old_server_fp);
+            assert_eq!(
+                server_id.live.fingerprint(),
+                Some(server_id.fingerprint().unwrap())
+            );
+
+            // The live connection is untouched.
+            assert_eq!(echo(old.clone(), b"still here").await, b"still here");
+            // A new connection, with the configs built before the renewal.
+            let new = client
+                .connect_with(client_cfg.clone(), addr, "node-a")
+                .unwrap()
+                .await
+                .unwrap();
+            assert_eq!(peer_fingerprint(&new), server_id.fingerprint().unwrap());
+            let seen = seen_rx.recv().await.unwrap();
+            assert_eq!(seen, client_id.fingerprint().unwrap());
+            assert_ne!(seen, old_client_fp);
+            assert_eq!(echo(new, b"renewed").await, b"renewed");
+            assert_eq!(echo(old, b"old too").await, b"old too");
+            // Renewing to another node's certificate is refused.
+            assert!(server_id.renew(&ca.issue("node-z").unwrap()).is_err());
+        })
+        .await
+        .expect("renewal test timed out");
+        accept.abort();
+    }
+
     #[test]
     fn csr_flow() {
         let ca = ClusterCa::generate("ca").unwrap();
@@ -655,12 +1088,7 @@ mod tests {
         let der = first_cert(&cert, "signed").unwrap();
         assert_eq!(node_name_of_cert(der.as_ref()).unwrap(), "node-1");
         // The issued certificate works with the CSR's key.
-        let id = NodeIdentity {
-            node: "node-1".into(),
-            cert_pem: cert,
-            key_pem: key,
-            ca_pem: ca.cert_pem().into(),
-        };
+        let id = NodeIdentity::new("node-1".into(), cert, key, ca.cert_pem().into());
         server_config(&id).unwrap();
         client_config(&id).unwrap();
 

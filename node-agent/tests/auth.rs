@@ -225,3 +225,141 @@ async fn only_valid_allowed_nodes_get_data() {
         agent.log_tail()
     );
 }
+
+/// Accepts QUIC connections on `server` and reports each handshake's
+/// outcome: the client's node name, or the error.
+fn report_handshakes(
+    server: quinn::Endpoint,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<Result<String, String>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            let outcome = match incoming.await {
+                Ok(conn) => tls::peer_node(&conn).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if tx.send(outcome).is_err() {
+                break;
+            }
+        }
+    });
+    (task, rx)
+}
+
+/// The next handshake outcome the server reported (bounded wait).
+async fn next_outcome(
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<Result<String, String>>,
+) -> Result<String, String> {
+    tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("handshake outcome")
+        .expect("server running")
+}
+
+/// Dials `addr` as node `name` with `cfg`; the handshake result.
+async fn handshake(cfg: quinn::ClientConfig, addr: SocketAddr, name: &str) -> Result<(), String> {
+    let endpoint =
+        quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).map_err(|e| e.to_string())?;
+    let attempt = async {
+        let conn = endpoint
+            .connect_with(cfg, addr, name)
+            .map_err(|e| format!("connect: {e}"))?
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        // In TLS 1.3 the client is done before the server has checked the
+        // client certificate: the server's verdict is what it reports.
+        drop(conn);
+        Ok(())
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+    endpoint.close(0u32.into(), b"");
+    out
+}
+
+/// `spec.peers[].certificateFingerprint` is enforced on both ends: a node
+/// presenting a valid certificate of the cluster CA for node X, but not X's
+/// pinned one, is refused; the pinned certificate is accepted; a node
+/// without a pin is accepted on the chain alone.
+#[tokio::test]
+async fn certificate_fingerprints_are_pinned() {
+    let ca = ClusterCa::generate("peerfill-test-ca").expect("ca");
+    let server_id = ca.issue("node-0").expect("node-0");
+    let real_x = ca.issue("node-x").expect("node-x");
+    // Same CA, same node name, another key: what a stolen CA signature or a
+    // replayed CSR would give an attacker.
+    let impostor_x = ca.issue("node-x").expect("impostor");
+    let unpinned = ca.issue("node-y").expect("node-y");
+
+    // Server side: node-0 pins node-x.
+    server_id
+        .pins
+        .set([("node-x", real_x.fingerprint().expect("fp"))]);
+    let server = quinn::Endpoint::server(
+        tls::server_config(&server_id).expect("server cfg"),
+        (Ipv4Addr::LOCALHOST, 0).into(),
+    )
+    .expect("server endpoint");
+    let addr = server.local_addr().expect("addr");
+    let (task, mut seen) = report_handshakes(server.clone());
+
+    let _ = handshake(
+        tls::client_config(&impostor_x).expect("cfg"),
+        addr,
+        "node-0",
+    )
+    .await;
+    let outcome = next_outcome(&mut seen).await;
+    assert!(
+        outcome.is_err(),
+        "server accepted the impostor: {outcome:?}"
+    );
+
+    handshake(tls::client_config(&real_x).expect("cfg"), addr, "node-0")
+        .await
+        .expect("the pinned node-x is accepted");
+    assert_eq!(next_outcome(&mut seen).await, Ok("node-x".to_string()));
+    handshake(tls::client_config(&unpinned).expect("cfg"), addr, "node-0")
+        .await
+        .expect("a node without a pin is accepted on the chain");
+    assert_eq!(next_outcome(&mut seen).await, Ok("node-y".to_string()));
+
+    // Client side: a client pinning node-0 to another certificate refuses
+    // the (CA-valid) server; pinned to the real one, it connects.
+    let client = ca.issue("node-y").expect("client");
+    let other_0 = ca.issue("node-0").expect("other node-0");
+    client
+        .pins
+        .set([("node-0", other_0.fingerprint().expect("fp"))]);
+    let got = handshake(tls::client_config(&client).expect("cfg"), addr, "node-0").await;
+    assert!(got.is_err(), "client accepted an unpinned node-0: {got:?}");
+    let _ = next_outcome(&mut seen).await;
+    // Pins are live: updating them applies to the next handshake.
+    client
+        .pins
+        .set([("node-0", server_id.fingerprint().expect("fp"))]);
+    let cfg = tls::client_config(&client).expect("cfg");
+    handshake(cfg, addr, "node-0")
+        .await
+        .expect("pinned server accepted");
+    assert_eq!(next_outcome(&mut seen).await, Ok("node-y".to_string()));
+
+    // And the server's pins are live too: pinning node-x to the impostor
+    // now refuses the former one.
+    server_id
+        .pins
+        .set([("node-x", impostor_x.fingerprint().expect("fp"))]);
+    let _ = handshake(tls::client_config(&real_x).expect("cfg"), addr, "node-0").await;
+    let outcome = next_outcome(&mut seen).await;
+    assert!(
+        outcome.is_err(),
+        "re-pinned node-x still accepted: {outcome:?}"
+    );
+
+    server.close(0u32.into(), b"");
+    task.abort();
+}

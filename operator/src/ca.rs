@@ -131,7 +131,13 @@ pub fn csr_decision(fill: &NodeFill, node: Option<&Node>) -> CsrDecision {
     }
 }
 
-/// Signs a request for node `name`.
+/// Signs a request for node `name`. Node certificates are short-lived:
+/// valid [`NODE_CERT_VALIDITY`](peerfill_agent::tls::NODE_CERT_VALIDITY)
+/// (24 h) from now, `notBefore` backdated by
+/// [`NODE_CERT_BACKDATE`](peerfill_agent::tls::NODE_CERT_BACKDATE) for clock
+/// skew. Agents renew with a new CSR once
+/// a third of that is left; a new request (new digest) is signed by
+/// [`csr_decision`] like a first one, so renewal needs nothing more here.
 pub fn answer(
     ca: &ClusterCa,
     name: &str,
@@ -199,5 +205,27 @@ mod tests {
         assert!(id.certificate.contains("BEGIN CERTIFICATE"));
         assert_eq!(id.ca_certificate, ca.cert_pem());
         assert!(answer(&ca, "n2", &csr, request_digest(&csr)).is_err());
+    }
+
+    #[test]
+    fn node_certificates_live_a_day() {
+        use peerfill_agent::k8s::identity::{cert_validity, renewal_due};
+        use peerfill_agent::tls::{NODE_CERT_BACKDATE, NODE_CERT_VALIDITY};
+        let ca = ClusterCa::generate(CA_COMMON_NAME).unwrap();
+        let (csr, _key) = peerfill_agent::tls::generate_csr("n1").unwrap();
+        let id = answer(&ca, "n1", &csr, request_digest(&csr)).unwrap();
+        let (not_before, not_after) = cert_validity(&id.certificate).unwrap();
+        assert_eq!(
+            NODE_CERT_VALIDITY,
+            std::time::Duration::from_secs(24 * 3600)
+        );
+        assert_eq!(
+            not_after.duration_since(not_before).unwrap(),
+            NODE_CERT_VALIDITY + NODE_CERT_BACKDATE
+        );
+        let now = std::time::SystemTime::now();
+        assert!(not_before < now && now < not_after);
+        assert!(!renewal_due(not_before, not_after, now));
+        assert!(renewal_due(not_before, not_after, not_after));
     }
 }
