@@ -1086,12 +1086,9 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
         };
         // Take this attempt's fill out of the swarm: peers' sessions move to
         // the next attempt's fill (see `peer::inbound_announce`).
-        let fill = run
-            .fill
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(fill) = fill {
+        // (The closed fill stays in the run so the status keeps its
+        // progress; the next attempt replaces it.)
+        if let Some(fill) = run.fill() {
             engine.inner.swarm.remove_fill(&fill);
         }
         if !(retry && failure.is_local_fault()) {
@@ -1146,7 +1143,11 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
             if let Some(v) = run.origin_pin() {
                 o.pin_version(v);
             }
-            *run.origin.lock().unwrap_or_else(PoisonError::into_inner) = Some(o.clone());
+            if matches!(&c.source, SourceConfig::Http { readers, .. } if readers.iter().any(|r| r == me))
+            {
+                // An origin reader reports the version it reads.
+                *run.origin.lock().unwrap_or_else(PoisonError::into_inner) = Some(o.clone());
+            }
             Some(o)
         }
         SourceConfig::Node { .. } => None,
@@ -1213,6 +1214,24 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     if let Some(r) = run.root_pin() {
         fill.pin_root(r);
     }
+    // Files already on disk (at the destination, or the previous version's
+    // path) are reuse sources, piece by piece, once each piece verifies;
+    // their pieces are held back from the network until tried.
+    let reuse_files: Vec<Arc<std::fs::File>> = if seed_path.is_some() {
+        Vec::new()
+    } else {
+        std::iter::once(dest.clone())
+            .chain(
+                c.reuse_from
+                    .iter()
+                    .filter_map(|p| dest_path(&cfg.data_dir, p).ok()),
+            )
+            .filter_map(|p| open_reuse_source(&p).map(Arc::new))
+            .collect()
+    };
+    if !reuse_files.is_empty() {
+        fill.defer_for_reuse();
+    }
     *run.fill.lock().unwrap_or_else(PoisonError::into_inner) = Some(fill.clone());
     run.set(Phase::Fetching, None, None);
     swarm.add_content(fill.clone());
@@ -1263,21 +1282,12 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
         let (swarm, fill) = (swarm.clone(), fill.clone());
         AbortOnDrop(tokio::spawn(async move { swarm.watch_stalls(fill).await }))
     };
-    // Files already on disk (at the destination, or the previous version's
-    // path) are reuse sources, piece by piece, once each piece verifies.
-    let sources: Vec<PathBuf> = std::iter::once(dest.clone())
-        .chain(
-            c.reuse_from
-                .iter()
-                .filter_map(|p| dest_path(&cfg.data_dir, p).ok()),
-        )
-        .collect();
-    let _reuse = {
+    let _reuse = (!reuse_files.is_empty()).then(|| {
         let (fill, me) = (fill.clone(), me.to_string());
         AbortOnDrop(tokio::spawn(async move {
-            reuse_pieces(fill, me, sources).await
+            reuse_pieces(fill, me, reuse_files).await
         }))
-    };
+    });
 
     // Origin reader: re-hash what we already hold of our range (resume),
     // then read the rest.
@@ -1388,14 +1398,15 @@ async fn wait_for_identity(run: &ContentRun, fill: &Fill) -> Option<blake3::Hash
 /// hash, and stored (counted as reused, not fetched). A mismatching piece is
 /// simply fetched as usual. Only regular files are read, never through a
 /// symlink.
-async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
-    let files: Vec<Arc<std::fs::File>> = sources
-        .iter()
-        .filter_map(|p| open_reuse_source(p).map(Arc::new))
-        .collect();
-    if files.is_empty() {
-        return;
+async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>>) {
+    /// Releases whatever is still held back, however the task ends.
+    struct Release(Arc<Fill>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.reuse_finished();
+        }
     }
+    let _release = Release(fill.clone());
     let layout = fill.layout();
     let mut untried: Vec<u32> = (0..layout.piece_count())
         .filter(|p| !fill.store.has(*p))
@@ -1414,6 +1425,7 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
                 return;
             }
             let Some(hash) = fill.hash(piece).filter(|_| !fill.store.has(piece)) else {
+                fill.reuse_tried(piece);
                 continue;
             };
             let range = layout.piece_range(piece);
@@ -1444,6 +1456,7 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
                 }
                 break;
             }
+            fill.reuse_tried(piece);
         }
         if untried.is_empty() {
             break;
@@ -1452,8 +1465,6 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
             _ = &mut changed => {}
             _ = fill.closed() => return,
         }
-        // Hashes arrive in batches: let a batch land before scanning again.
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if reused > 0 {
         info!(content = %fill.spec.id, reused, "pieces reused from files on disk");
