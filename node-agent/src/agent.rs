@@ -412,6 +412,10 @@ struct ContentRun {
     origin: Mutex<Option<OriginClient>>,
     /// The version found when the origin changed (`OriginChanged`).
     origin_seen: Mutex<Option<String>>,
+    /// Cancelled when the published origin version is not the one this
+    /// reader read at: its pieces are of another version, so the content
+    /// stops with `OriginChanged` (the operator then starts a new version).
+    origin_conflict: CancellationToken,
 }
 
 impl ContentRun {
@@ -424,6 +428,7 @@ impl ContentRun {
             pins: Mutex::new((root, cfg.origin_version.clone())),
             origin: Mutex::new(None),
             origin_seen: Mutex::new(None),
+            origin_conflict: CancellationToken::new(),
             cfg,
             node,
             fill: Mutex::new(None),
@@ -818,10 +823,23 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-            && client.version().as_deref() != Some(v.as_str())
         {
-            info!(content = %id, version = %v, "origin reads pinned to the published version");
-            client.pin_version(v);
+            match client.version() {
+                Some(own) if own != v => {
+                    // We read another version than the one published: what
+                    // we hold must never be mixed with the others' pieces.
+                    warn!(content = %id, own = %own, published = %v, "this reader read another origin version than the published one");
+                    *run.origin_seen
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(own);
+                    run.origin_conflict.cancel();
+                }
+                Some(_) => {}
+                None => {
+                    info!(content = %id, version = %v, "origin reads pinned to the published version");
+                    client.pin_version(v);
+                }
+            }
         }
     }
 
@@ -1335,6 +1353,7 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
         let result = tokio::select! {
             r = &mut task.0 => r,
             _ = fill.wait_complete() => Ok(Ok(())),
+            _ = run.origin_conflict.cancelled() => return Err(version_conflict(run)),
         };
         match result {
             Ok(Ok(())) => {}
@@ -1347,8 +1366,13 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
             Err(e) => return Err(Failure::new("InternalError", e.to_string())),
         }
     }
-    fill.wait_complete().await;
-    wait_for_identity(run, &fill).await;
+    tokio::select! {
+        _ = async {
+            fill.wait_complete().await;
+            wait_for_identity(run, &fill).await;
+        } => {}
+        _ = run.origin_conflict.cancelled() => return Err(version_conflict(run)),
+    }
     match fill.finish(&dest).await {
         Ok(()) => {
             info!(content = %c.id, dest = %dest.display(), "content complete and verified");
@@ -1367,6 +1391,17 @@ fn origin_failure(run: &ContentRun, e: crate::origin::OriginError) -> Failure {
             .unwrap_or_else(PoisonError::into_inner) = found.clone();
     }
     Failure::new(e.reason(), e.to_string())
+}
+
+/// The failure of a reader whose origin version is not the published one.
+fn version_conflict(run: &ContentRun) -> Failure {
+    let own = run.origin_version().unwrap_or_default();
+    Failure::new(
+        "OriginChanged",
+        format!(
+            "this reader read origin version {own}, not the published one: the origin changed between the readers"
+        ),
+    )
 }
 
 /// When the engine requires a pinned identity and none is there yet, shows

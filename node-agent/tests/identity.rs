@@ -362,3 +362,44 @@ async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_of_another_version_than_the_published_one_stops() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = Arc::new(random_bytes(3 * PIECE as usize, 17));
+    let origin = Origin::start(data.clone()).await;
+    let nodes = nodes(tmp.path(), 1);
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &[nodes[0].name.clone()]);
+    let e = start_engine(
+        &nodes[0],
+        &certs,
+        EngineOptions {
+            require_pin: true,
+            retry_transient_origin: true,
+            ..EngineOptions::default()
+        },
+    );
+    let c = content(&nodes, 0, &certs, "split", &origin.url());
+    e.add(c.clone()).expect("add");
+    assert!(
+        wait_until(Duration::from_secs(30), || e
+            .status("split")
+            .is_some_and(|s| s.reason.as_deref() == Some("WaitingForIdentity")))
+        .await
+    );
+    // The operator published another reader's version: the origin changed
+    // between the readers, so this reader's pieces are of another version.
+    e.pin("split", None, Some("\"another\"".into()));
+    assert!(
+        wait_until(Duration::from_secs(30), || phase(&e, "split")
+            == Some((Phase::Failed, Some("OriginChanged".into()))))
+        .await,
+        "{:?}",
+        e.status("split")
+    );
+    let st = e.status("split").expect("status");
+    assert_eq!(st.origin_version, Some(origin.etag()));
+    assert!(!nodes[0].data_dir.join(&c.path).exists());
+    e.shutdown().await;
+}
