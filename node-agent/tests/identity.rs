@@ -403,3 +403,61 @@ async fn a_reader_of_another_version_than_the_published_one_stops() {
     assert!(!nodes[0].data_dir.join(&c.path).exists());
     e.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_with_a_nodes_certificate_does_not_replace_its_live_one() {
+    use peerfill_agent::metrics::Metrics;
+    use peerfill_agent::swarm::{Swarm, SwarmOptions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let nodes = nodes(tmp.path(), 3);
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &[nodes[0].name.clone(), nodes[1].name.clone()]);
+    let load = |name: &str| {
+        let f = IdentityFiles::in_dir(&certs.join(name));
+        NodeIdentity::load(&f.cert, &f.key, &f.ca).expect("identity")
+    };
+    let x = Swarm::start(
+        SwarmOptions::new("node-0", nodes[0].addr),
+        &load("node-0"),
+        Metrics::new(),
+    )
+    .expect("x");
+    let y_metrics = Metrics::new();
+    let y = Swarm::start(
+        SwarmOptions::new("node-1", nodes[1].addr),
+        &load("node-1"),
+        y_metrics.clone(),
+    )
+    .expect("y");
+    x.connect([("node-1".to_string(), nodes[1].addr)]);
+    assert!(
+        wait_until(Duration::from_secs(20), || y.peer_addr("node-0")
+            == Some(nodes[0].addr))
+        .await
+    );
+    // Past the grace for simultaneous dials: only a probe decides now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Someone else presents node-0's certificate from another address.
+    let impostor = Swarm::start(
+        SwarmOptions::new("node-0", nodes[2].addr),
+        &load("node-0"),
+        Metrics::new(),
+    )
+    .expect("impostor");
+    impostor.connect([("node-1".to_string(), nodes[1].addr)]);
+    assert!(
+        wait_until(Duration::from_secs(20), || metric_value(
+            &y_metrics.render(),
+            "peerfill_agent_duplicate_connections_refused_total"
+        )
+        .is_some_and(|v| v >= 1.0))
+        .await,
+        "the second connection was never refused"
+    );
+    // The live connection is the one kept.
+    assert_eq!(y.peer_addr("node-0"), Some(nodes[0].addr));
+    assert_eq!(x.connected(), vec!["node-1".to_string()]);
+    impostor.shutdown().await;
+    x.shutdown().await;
+    y.shutdown().await;
+}
