@@ -184,6 +184,29 @@ async fn complete_only_once_the_identity_is_pinned_and_matches() {
         e.status("bad")
     );
     assert!(!nodes[0].data_dir.join(&bad.path).exists());
+
+    // Restarted with its identity pinned, the origin reader verifies the
+    // file it holds as a whole and reads nothing from the origin again.
+    let served = origin.served();
+    e.remove("good", false).await.expect("remove");
+    let mut again = good.clone();
+    again.root = Some(root.parse().expect("root"));
+    e.add(again).expect("re-add");
+    assert!(
+        wait_until(Duration::from_secs(30), || phase(&e, "good")
+            .is_some_and(|(p, _)| p == Phase::Complete))
+        .await,
+        "{:?}",
+        e.status("good")
+    );
+    let st = e.status("good").expect("status");
+    assert_eq!(st.reused_pieces, u64::from(st.piece_count), "{st:?}");
+    assert_eq!(st.bytes_from_origin, 0, "{st:?}");
+    assert_eq!(origin.served(), served);
+    assert_eq!(
+        file_blake3(&dest).as_deref(),
+        Some(blake3::hash(&data).to_hex().as_str())
+    );
     e.shutdown().await;
 }
 
