@@ -302,7 +302,9 @@ impl AgentConfig {
     }
 }
 
-/// `data_dir/rel`, refusing anything that could leave the data root.
+/// `data_dir/rel`, refusing anything that could leave the data root, the
+/// agent's own state directories, and control characters (a NUL byte would
+/// only fail after the whole download).
 pub fn dest_path(data_dir: &Path, rel: &Path) -> Result<PathBuf, AgentError> {
     let ok =
         !rel.as_os_str().is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
@@ -310,6 +312,26 @@ pub fn dest_path(data_dir: &Path, rel: &Path) -> Result<PathBuf, AgentError> {
         return Err(AgentError::Invalid(format!(
             "path {} must be relative to the data root, without '..'",
             rel.display()
+        )));
+    }
+    if rel
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .any(|b| b.is_ascii_control())
+    {
+        return Err(AgentError::Invalid(format!(
+            "path {:?} contains control characters",
+            rel.display()
+        )));
+    }
+    if let Some(Component::Normal(first)) = rel.components().next()
+        && (first == STATUS_DIR || first == PARTIAL_DIR)
+    {
+        return Err(AgentError::Invalid(format!(
+            "path {} is inside the agent's own state ({})",
+            rel.display(),
+            first.to_string_lossy()
         )));
     }
     Ok(data_dir.join(rel))
@@ -1756,7 +1778,16 @@ contents:
     fn rejects_paths_escaping_the_data_root() {
         let root = Path::new("/var/lib/peerfill");
         assert!(dest_path(root, Path::new("a/b.bin")).is_ok());
-        for bad in ["../etc/passwd", "/etc/passwd", "a/../../b", ""] {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "",
+            ".peerfill-status/assignments.json",
+            ".peerfill-partial/x.bitmap",
+            "a/b\0c",
+            "a/b\nc",
+        ] {
             assert!(dest_path(root, Path::new(bad)).is_err(), "{bad:?} accepted");
         }
         let escaping = YAML.replace("models/a.bin", "../../etc/shadow");
