@@ -302,7 +302,9 @@ impl AgentConfig {
     }
 }
 
-/// `data_dir/rel`, refusing anything that could leave the data root.
+/// `data_dir/rel`, refusing anything that could leave the data root, the
+/// agent's own state directories, and control characters (a NUL byte would
+/// only fail after the whole download).
 pub fn dest_path(data_dir: &Path, rel: &Path) -> Result<PathBuf, AgentError> {
     let ok =
         !rel.as_os_str().is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
@@ -310,6 +312,26 @@ pub fn dest_path(data_dir: &Path, rel: &Path) -> Result<PathBuf, AgentError> {
         return Err(AgentError::Invalid(format!(
             "path {} must be relative to the data root, without '..'",
             rel.display()
+        )));
+    }
+    if rel
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .any(|b| b.is_ascii_control())
+    {
+        return Err(AgentError::Invalid(format!(
+            "path {:?} contains control characters",
+            rel.display()
+        )));
+    }
+    if let Some(Component::Normal(first)) = rel.components().next()
+        && (first == STATUS_DIR || first == PARTIAL_DIR)
+    {
+        return Err(AgentError::Invalid(format!(
+            "path {} is inside the agent's own state ({})",
+            rel.display(),
+            first.to_string_lossy()
         )));
     }
     Ok(data_dir.join(rel))
@@ -412,6 +434,10 @@ struct ContentRun {
     origin: Mutex<Option<OriginClient>>,
     /// The version found when the origin changed (`OriginChanged`).
     origin_seen: Mutex<Option<String>>,
+    /// Cancelled when the published origin version is not the one this
+    /// reader read at: its pieces are of another version, so the content
+    /// stops with `OriginChanged` (the operator then starts a new version).
+    origin_conflict: CancellationToken,
 }
 
 impl ContentRun {
@@ -424,6 +450,7 @@ impl ContentRun {
             pins: Mutex::new((root, cfg.origin_version.clone())),
             origin: Mutex::new(None),
             origin_seen: Mutex::new(None),
+            origin_conflict: CancellationToken::new(),
             cfg,
             node,
             fill: Mutex::new(None),
@@ -818,10 +845,23 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-            && client.version().as_deref() != Some(v.as_str())
         {
-            info!(content = %id, version = %v, "origin reads pinned to the published version");
-            client.pin_version(v);
+            match client.version() {
+                Some(own) if own != v => {
+                    // We read another version than the one published: what
+                    // we hold must never be mixed with the others' pieces.
+                    warn!(content = %id, own = %own, published = %v, "this reader read another origin version than the published one");
+                    *run.origin_seen
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(own);
+                    run.origin_conflict.cancel();
+                }
+                Some(_) => {}
+                None => {
+                    info!(content = %id, version = %v, "origin reads pinned to the published version");
+                    client.pin_version(v);
+                }
+            }
         }
     }
 
@@ -1086,12 +1126,9 @@ async fn content_task(run: Arc<ContentRun>, engine: Engine) {
         };
         // Take this attempt's fill out of the swarm: peers' sessions move to
         // the next attempt's fill (see `peer::inbound_announce`).
-        let fill = run
-            .fill
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(fill) = fill {
+        // (The closed fill stays in the run so the status keeps its
+        // progress; the next attempt replaces it.)
+        if let Some(fill) = run.fill() {
             engine.inner.swarm.remove_fill(&fill);
         }
         if !(retry && failure.is_local_fault()) {
@@ -1146,7 +1183,11 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
             if let Some(v) = run.origin_pin() {
                 o.pin_version(v);
             }
-            *run.origin.lock().unwrap_or_else(PoisonError::into_inner) = Some(o.clone());
+            if matches!(&c.source, SourceConfig::Http { readers, .. } if readers.iter().any(|r| r == me))
+            {
+                // An origin reader reports the version it reads.
+                *run.origin.lock().unwrap_or_else(PoisonError::into_inner) = Some(o.clone());
+            }
             Some(o)
         }
         SourceConfig::Node { .. } => None,
@@ -1213,6 +1254,24 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     if let Some(r) = run.root_pin() {
         fill.pin_root(r);
     }
+    // Files already on disk (at the destination, or the previous version's
+    // path) are reuse sources, piece by piece, once each piece verifies;
+    // their pieces are held back from the network until tried.
+    let reuse_files: Vec<Arc<std::fs::File>> = if seed_path.is_some() {
+        Vec::new()
+    } else {
+        std::iter::once(dest.clone())
+            .chain(
+                c.reuse_from
+                    .iter()
+                    .filter_map(|p| dest_path(&cfg.data_dir, p).ok()),
+            )
+            .filter_map(|p| open_reuse_source(&p).map(Arc::new))
+            .collect()
+    };
+    if !reuse_files.is_empty() {
+        fill.defer_for_reuse();
+    }
     *run.fill.lock().unwrap_or_else(PoisonError::into_inner) = Some(fill.clone());
     run.set(Phase::Fetching, None, None);
     swarm.add_content(fill.clone());
@@ -1263,21 +1322,22 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
         let (swarm, fill) = (swarm.clone(), fill.clone());
         AbortOnDrop(tokio::spawn(async move { swarm.watch_stalls(fill).await }))
     };
-    // Files already on disk (at the destination, or the previous version's
-    // path) are reuse sources, piece by piece, once each piece verifies.
-    let sources: Vec<PathBuf> = std::iter::once(dest.clone())
-        .chain(
-            c.reuse_from
-                .iter()
-                .filter_map(|p| dest_path(&cfg.data_dir, p).ok()),
+    let mut reuse_files = reuse_files;
+    if trust_verified_file(&fill, me, &reuse_files).await {
+        // Every hash is known: take the whole file before reading anything.
+        reuse_pieces(
+            fill.clone(),
+            me.to_string(),
+            std::mem::take(&mut reuse_files),
         )
-        .collect();
-    let _reuse = {
+        .await;
+    }
+    let _reuse = (!reuse_files.is_empty()).then(|| {
         let (fill, me) = (fill.clone(), me.to_string());
         AbortOnDrop(tokio::spawn(async move {
-            reuse_pieces(fill, me, sources).await
+            reuse_pieces(fill, me, reuse_files).await
         }))
-    };
+    });
 
     // Origin reader: re-hash what we already hold of our range (resume),
     // then read the rest.
@@ -1325,6 +1385,7 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
         let result = tokio::select! {
             r = &mut task.0 => r,
             _ = fill.wait_complete() => Ok(Ok(())),
+            _ = run.origin_conflict.cancelled() => return Err(version_conflict(run)),
         };
         match result {
             Ok(Ok(())) => {}
@@ -1337,8 +1398,13 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
             Err(e) => return Err(Failure::new("InternalError", e.to_string())),
         }
     }
-    fill.wait_complete().await;
-    wait_for_identity(run, &fill).await;
+    tokio::select! {
+        _ = async {
+            fill.wait_complete().await;
+            wait_for_identity(run, &fill).await;
+        } => {}
+        _ = run.origin_conflict.cancelled() => return Err(version_conflict(run)),
+    }
     match fill.finish(&dest).await {
         Ok(()) => {
             info!(content = %c.id, dest = %dest.display(), "content complete and verified");
@@ -1357,6 +1423,17 @@ fn origin_failure(run: &ContentRun, e: crate::origin::OriginError) -> Failure {
             .unwrap_or_else(PoisonError::into_inner) = found.clone();
     }
     Failure::new(e.reason(), e.to_string())
+}
+
+/// The failure of a reader whose origin version is not the published one.
+fn version_conflict(run: &ContentRun) -> Failure {
+    let own = run.origin_version().unwrap_or_default();
+    Failure::new(
+        "OriginChanged",
+        format!(
+            "this reader read origin version {own}, not the published one: the origin changed between the readers"
+        ),
+    )
 }
 
 /// When the engine requires a pinned identity and none is there yet, shows
@@ -1388,14 +1465,15 @@ async fn wait_for_identity(run: &ContentRun, fill: &Fill) -> Option<blake3::Hash
 /// hash, and stored (counted as reused, not fetched). A mismatching piece is
 /// simply fetched as usual. Only regular files are read, never through a
 /// symlink.
-async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
-    let files: Vec<Arc<std::fs::File>> = sources
-        .iter()
-        .filter_map(|p| open_reuse_source(p).map(Arc::new))
-        .collect();
-    if files.is_empty() {
-        return;
+async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>>) {
+    /// Releases whatever is still held back, however the task ends.
+    struct Release(Arc<Fill>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.reuse_finished();
+        }
     }
+    let _release = Release(fill.clone());
     let layout = fill.layout();
     let mut untried: Vec<u32> = (0..layout.piece_count())
         .filter(|p| !fill.store.has(*p))
@@ -1414,6 +1492,7 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
                 return;
             }
             let Some(hash) = fill.hash(piece).filter(|_| !fill.store.has(piece)) else {
+                fill.reuse_tried(piece);
                 continue;
             };
             let range = layout.piece_range(piece);
@@ -1444,6 +1523,7 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
                 }
                 break;
             }
+            fill.reuse_tried(piece);
         }
         if untried.is_empty() {
             break;
@@ -1452,12 +1532,50 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Vec<PathBuf>) {
             _ = &mut changed => {}
             _ = fill.closed() => return,
         }
-        // Hashes arrive in batches: let a batch land before scanning again.
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if reused > 0 {
         info!(content = %fill.spec.id, reused, "pieces reused from files on disk");
     }
+}
+
+/// A whole file that merges to the pinned root is this content: its hashes
+/// are trusted at once (no authority needed, and an origin reader need not
+/// re-read its range after a restart). Done before any origin read starts.
+async fn trust_verified_file(fill: &Fill, me: &str, files: &[Arc<std::fs::File>]) -> bool {
+    let Some(root) = fill.pinned_root() else {
+        return false;
+    };
+    let layout = fill.layout();
+    for file in files {
+        if file.metadata().map(|m| m.len()).ok() != Some(layout.size) {
+            continue;
+        }
+        let f = file.clone();
+        let hashes = tokio::task::spawn_blocking(move || hash_file(&f, &layout)).await;
+        if let Ok(Some(hashes)) = hashes
+            && content::root_from_pieces(&layout, &hashes).ok() == Some(root)
+        {
+            info!(content = %fill.spec.id, "a file on disk is the pinned content; its hashes are trusted");
+            let entries: Vec<(u32, content::PieceHash)> = (0u32..).zip(hashes).collect();
+            fill.own_hashes(me, &entries);
+            return true;
+        }
+    }
+    false
+}
+
+/// The piece hashes of a whole file (None if it cannot be read).
+fn hash_file(file: &std::fs::File, layout: &Layout) -> Option<Vec<content::PieceHash>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; layout.piece_size as usize];
+    (0..layout.piece_count())
+        .map(|i| {
+            let r = layout.piece_range(i);
+            let b = &mut buf[..(r.end - r.start) as usize];
+            file.read_exact_at(b, r.start).ok()?;
+            Some(content::piece_hash(layout, i, b))
+        })
+        .collect()
 }
 
 /// Opens `path` for reading if it is a regular file reached without
@@ -1660,7 +1778,16 @@ contents:
     fn rejects_paths_escaping_the_data_root() {
         let root = Path::new("/var/lib/peerfill");
         assert!(dest_path(root, Path::new("a/b.bin")).is_ok());
-        for bad in ["../etc/passwd", "/etc/passwd", "a/../../b", ""] {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "",
+            ".peerfill-status/assignments.json",
+            ".peerfill-partial/x.bitmap",
+            "a/b\0c",
+            "a/b\nc",
+        ] {
             assert!(dest_path(root, Path::new(bad)).is_err(), "{bad:?} accepted");
         }
         let escaping = YAML.replace("models/a.bin", "../../etc/shadow");

@@ -549,35 +549,46 @@ impl OriginClient {
         }
     }
 
-    /// Runs `attempt` with retries on transient errors.
+    /// Runs `attempt` with retries on transient errors: exponential backoff
+    /// from `initial_backoff` doubling to `max_backoff`, with jitter that
+    /// spreads the retries of many nodes hitting the same origin, at most
+    /// `max_retries` times.
     async fn with_retries<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, OriginError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, OriginError>>,
     {
-        let mut backoff = self.opts.initial_backoff;
+        use backon::Retryable;
+        let policy = backon::ExponentialBuilder::default()
+            .with_min_delay(self.opts.initial_backoff)
+            .with_max_delay(self.opts.max_backoff)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(self.opts.max_retries as usize);
         let mut tries = 0u32;
-        loop {
+        (|| {
             tries += 1;
-            let r = attempt().await;
-            self.record(&r);
-            match r {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_transient() && tries <= self.opts.max_retries => {
-                    // Full jitter in [backoff/2, backoff] spreads retries of
-                    // many nodes hitting the same origin.
-                    let jittered = backoff.mul_f64(rand::random_range(0.5..=1.0));
-                    warn!(
-                        url = %self.shown, what, attempt = tries, error = %e,
-                        retry_in_ms = jittered.as_millis() as u64,
-                        "origin request failed; retrying"
-                    );
-                    tokio::time::sleep(jittered).await;
-                    backoff = (backoff * 2).min(self.opts.max_backoff);
-                }
-                Err(e) => return Err(e),
+            let fut = attempt();
+            async move {
+                let r = fut.await;
+                self.record(&r);
+                r
             }
-        }
+        })
+        .retry(policy)
+        .sleep(tokio::time::sleep)
+        .when(OriginError::is_transient)
+        .notify(|e: &OriginError, wait: Duration| {
+            warn!(
+                url = %self.shown, what, error = %e,
+                retry_in_ms = wait.as_millis() as u64,
+                "origin request failed; retrying"
+            );
+        })
+        .await
+        .inspect_err(
+            |_| debug!(url = %self.shown, what, attempts = tries, "origin request gave up"),
+        )
     }
 
     /// The content length: from HEAD, or, when HEAD gives none, from the

@@ -322,3 +322,209 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
     drop(origin);
     server.shutdown().await;
 }
+
+/// The API stand-in, the Node and NodeFill, and an agent with its identity
+/// issued: what every scenario below starts from.
+struct Cluster {
+    root: tempfile::TempDir,
+    server: peerfill_e2e::apiserver::ApiServerHandle,
+    fills: Api<NodeFill>,
+    agent: AgentProc,
+}
+
+async fn cluster() -> Cluster {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = ApiServer::start(ApiServerOptions {
+        crd_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")),
+        bookmark_interval: Duration::from_secs(1),
+        ..ApiServerOptions::default()
+    })
+    .await
+    .expect("API stand-in");
+    let kubeconfig = root.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let client = server.client().expect("client");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let fills: Api<NodeFill> = Api::all(client);
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": { "name": NODE },
+    }))
+    .expect("node");
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("create node");
+    let nf = NodeFill::new(
+        NODE,
+        NodeFillSpec {
+            report_interval_seconds: Some(2),
+            ..NodeFillSpec::default()
+        },
+    );
+    fills
+        .create(&PostParams::default(), &nf)
+        .await
+        .expect("create nodefill");
+    let agent = spawn_agent(&kubeconfig, root.path());
+    let csr = eventually(30, "the certificate request", &agent, || async {
+        fills.get(NODE).await.ok()?.status?.certificate_request
+    })
+    .await;
+    let ca = ClusterCa::generate("test-ca").expect("ca");
+    let cert = ca.sign_csr(&csr, NODE).expect("sign");
+    let identity = json!({ "spec": { "identity": {
+        "certificate": cert,
+        "caCertificate": ca.cert_pem(),
+        "requestDigest": sha256_digest(csr.as_bytes()),
+    } } });
+    fills
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&identity))
+        .await
+        .expect("answer the request");
+    Cluster {
+        root,
+        server,
+        fills,
+        agent,
+    }
+}
+
+impl Cluster {
+    async fn assign(&self, list: &[Assignment]) {
+        let assign = json!({ "spec": { "distributions": list } });
+        self.fills
+            .patch(NODE, &PatchParams::default(), &Patch::Merge(&assign))
+            .await
+            .expect("assign");
+    }
+
+    async fn entry(
+        &self,
+        what: &str,
+        pred: impl Fn(&peerfill_crds::nodefill::NodeDistributionStatus) -> bool,
+    ) -> peerfill_crds::nodefill::NodeDistributionStatus {
+        eventually(60, what, &self.agent, || async {
+            let st = self.fills.get(NODE).await.ok()?.status?;
+            st.distributions.into_iter().find(|d| pred(d))
+        })
+        .await
+    }
+
+    /// Plays the operator: waits for the only authority's vote and pins it.
+    async fn pin(&self, a: &mut Assignment, others: &[Assignment]) {
+        let id = a.content_id.clone();
+        let vote = self
+            .entry("the authority's root", |d| {
+                d.content_id.as_deref() == Some(id.as_str())
+                    && d.reason.as_deref() == Some("WaitingForIdentity")
+            })
+            .await;
+        a.manifest_digest = vote.root.clone();
+        a.size = vote.size;
+        if let Some(h) = a.source.http.as_mut() {
+            h.origin_version = vote.origin_version.clone();
+        }
+        let mut list = others.to_vec();
+        list.push(a.clone());
+        self.assign(&list).await;
+        self.entry("Complete", |d| {
+            d.content_id.as_deref() == Some(id.as_str()) && d.phase == NodePhase::Complete
+        })
+        .await;
+    }
+
+    fn data(&self, path: &str) -> PathBuf {
+        self.root.path().join("data").join(path)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_owned_and_edits_swap_the_new_version_in() {
+    let c = cluster().await;
+    let v1 = Arc::new(random_bytes(700_000, 21));
+    let v2 = Arc::new(random_bytes(700_000, 22));
+    let origin1 = Origin::start(v1.clone()).await;
+    let origin2 = Origin::start(v2.clone()).await;
+    let hex = |d: &[u8]| blake3::hash(d).to_hex().to_string();
+
+    // Distribution A completes at models/m.bin.
+    let mut a = assignment(&origin1.url(), None);
+    c.assign(std::slice::from_ref(&a)).await;
+    c.pin(&mut a, &[]).await;
+    let path_a = c.data("models/model.bin");
+    assert_eq!(common::file_blake3(&path_a), Some(hex(&v1)));
+
+    // Distribution B (another namespace) on the same path, same size, other
+    // bytes, no digest: refused, nothing touched.
+    let mut b = assignment(&origin2.url(), None);
+    b.uid = "6a1f0c3e-0000-4000-8000-00000000000b".into();
+    b.namespace = "other".into();
+    b.name = "intruder".into();
+    b.content_id = Assignment::content_id_for_uid(&b.uid);
+    c.assign(&[a.clone(), b.clone()]).await;
+    let refused = c
+        .entry("B refused", |d| {
+            d.uid == b.uid && d.phase == NodePhase::Failed
+        })
+        .await;
+    assert_eq!(refused.reason.as_deref(), Some("PathConflict"));
+    assert!(
+        refused
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("default/model")),
+        "{refused:?}"
+    );
+    // Deleting B deletes nothing of A's.
+    c.assign(std::slice::from_ref(&a)).await;
+    eventually(30, "B's entry gone", &c.agent, || async {
+        let st = c.fills.get(NODE).await.ok()?.status?;
+        (!st.distributions.iter().any(|d| d.uid == b.uid)).then_some(())
+    })
+    .await;
+    assert_eq!(common::file_blake3(&path_a), Some(hex(&v1)));
+    c.entry("A still Complete", |d| {
+        d.uid == a.uid && d.phase == NodePhase::Complete
+    })
+    .await;
+
+    // Edit A: new URL and path, hence a new content id. The old file stays
+    // until the new version is complete, then the old path is cleaned up.
+    let mut edited = assignment(&origin2.url(), None);
+    edited.content_id = Assignment::content_id_for_version(&a.uid, "edited", 0);
+    edited.path = "models/model-v2.bin".into();
+    c.assign(std::slice::from_ref(&edited)).await;
+    let new_id = edited.content_id.clone();
+    c.entry("the new version waiting for its identity", |d| {
+        d.content_id.as_deref() == Some(new_id.as_str())
+            && d.reason.as_deref() == Some("WaitingForIdentity")
+    })
+    .await;
+    assert_eq!(
+        common::file_blake3(&path_a),
+        Some(hex(&v1)),
+        "the previous version stays in place meanwhile"
+    );
+    c.pin(&mut edited, &[]).await;
+    let path_v2 = c.data("models/model-v2.bin");
+    assert_eq!(common::file_blake3(&path_v2), Some(hex(&v2)));
+    eventually(
+        30,
+        "the previous version's file removed",
+        &c.agent,
+        || async { (!path_a.exists()).then_some(()) },
+    )
+    .await;
+
+    // Unassigned: only its own file goes.
+    c.assign(&[]).await;
+    eventually(30, "the new version's file removed", &c.agent, || async {
+        (!path_v2.exists()).then_some(())
+    })
+    .await;
+    drop(origin1);
+    drop(origin2);
+    let Cluster { server, agent, .. } = c;
+    drop(agent);
+    server.shutdown().await;
+}

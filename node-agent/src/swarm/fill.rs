@@ -167,6 +167,10 @@ struct State {
     next_announcer: u64,
     sessions: HashMap<PeerId, Session>,
     rejected_from: BTreeMap<String, u64>,
+    /// Pieces a file on disk may provide, not tried yet: their hash is kept
+    /// from the picker until the reuse task tried them, so they are not
+    /// fetched over the network first. Empty without reuse sources.
+    reuse_pending: Vec<bool>,
 }
 
 /// One content in the swarm. Shared by the peer sessions, the origin
@@ -232,6 +236,7 @@ impl Fill {
                 next_announcer: 0,
                 sessions: HashMap::new(),
                 rejected_from: BTreeMap::new(),
+                reuse_pending: Vec::new(),
             }),
             changed: Notify::new(),
             stats,
@@ -353,6 +358,41 @@ impl Fill {
             .clone()
     }
 
+    /// Holds back every missing piece for the reuse task (see
+    /// `State::reuse_pending`) until [`Fill::reuse_tried`] or
+    /// [`Fill::reuse_finished`].
+    pub fn defer_for_reuse(&self) {
+        let mut st = self.lock();
+        let n = self.spec.layout.piece_count();
+        st.reuse_pending = (0..n).map(|i| !st.picker.have(i)).collect();
+    }
+
+    /// The reuse task tried `piece` (reused or not): it may be fetched now.
+    pub fn reuse_tried(&self, piece: u32) {
+        let mut st = self.lock();
+        if let Some(p) = st.reuse_pending.get_mut(piece as usize) {
+            *p = false;
+        }
+        if st.hashes.get(piece as usize).is_some_and(Option::is_some) {
+            st.picker.set_hash_known(piece);
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// The reuse task is done (or gone): nothing is held back any more.
+    pub fn reuse_finished(&self) {
+        let mut st = self.lock();
+        let pending = std::mem::take(&mut st.reuse_pending);
+        for (i, p) in pending.into_iter().enumerate() {
+            if p && st.hashes[i].is_some() {
+                st.picker.set_hash_known(i as u32);
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
     /// Resolves when the fill is closed.
     pub async fn closed(&self) {
         self.closed.cancelled().await
@@ -442,7 +482,14 @@ impl Fill {
             None => {
                 *slot = Some(hash);
                 st.unknown_hashes -= 1;
-                st.picker.set_hash_known(piece);
+                if !st
+                    .reuse_pending
+                    .get(piece as usize)
+                    .copied()
+                    .unwrap_or(false)
+                {
+                    st.picker.set_hash_known(piece);
+                }
                 true
             }
         }

@@ -164,6 +164,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Stall resyncs done (`peerfill_agent_stall_resyncs_total`).
     stall_resyncs: Option<prometheus::IntCounter>,
+    /// Second connections refused because the node's live connection
+    /// answered (`peerfill_agent_duplicate_connections_refused_total`).
+    duplicates_refused: Option<prometheus::IntCounter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -209,8 +212,15 @@ impl Swarm {
         )
         .ok()
         .filter(|c| metrics.registry().register(Box::new(c.clone())).is_ok());
+        let duplicates_refused = prometheus::IntCounter::new(
+            "peerfill_agent_duplicate_connections_refused_total",
+            "Connections presenting the certificate of a node whose live connection still answers, refused",
+        )
+        .ok()
+        .filter(|c| metrics.registry().register(Box::new(c.clone())).is_ok());
         let shared = Arc::new(Shared {
             stall_resyncs,
+            duplicates_refused,
             upload_slots: Arc::new(Semaphore::new(opts.upload_slots.max(1))),
             inflight: Arc::new(Semaphore::new(opts.max_inflight.max(1))),
             up: RateLimiter::new(opts.upload_rate),
@@ -472,6 +482,13 @@ impl Swarm {
         v
     }
 
+    /// The remote address of the connection to `node`, if connected.
+    pub fn peer_addr(&self, node: &str) -> Option<SocketAddr> {
+        lock(&self.shared.conns)
+            .get(node)
+            .map(|c| c.conn.remote_address())
+    }
+
     /// Nodes currently connected.
     pub fn connected(&self) -> Vec<String> {
         let mut v: Vec<String> = lock(&self.shared.conns).keys().cloned().collect();
@@ -582,6 +599,9 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, node: Stri
     if let Some(old) = older {
         if peer::probe(&old, PROBE_WAIT).await {
             warn!(peer = %node, addr = %conn.remote_address(), live = %old.remote_address(), "refused a second connection presenting the certificate of a node whose connection is alive");
+            if let Some(c) = &shared.duplicates_refused {
+                c.inc();
+            }
             conn.close(close::DUPLICATE, b"duplicate: the live connection answers");
             return;
         }

@@ -108,6 +108,10 @@ pub async fn read_origin_range(
                 metrics.clone(),
             );
             async move {
+                // Taken meanwhile (reused from a verified file on disk).
+                if fill.store.has(piece) {
+                    return Ok(());
+                }
                 let bytes = layout.piece_range(piece);
                 limiter.acquire(bytes.end - bytes.start).await;
                 let data = client.fetch_range(bytes).await?;
