@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::content::{self, DEFAULT_PIECE_SIZE, Digest, Layout};
+use crate::fsroot::DataRoot;
 use crate::metrics::{self, Metrics};
 use crate::origin::{OriginClient, OriginOptions, split_ranges};
 use crate::ratelimit::RateLimiter;
@@ -772,18 +773,17 @@ impl Engine {
             id: id.to_string(),
             source,
         };
-        PieceStore::remove(&self.inner.cfg.data_dir.join(PARTIAL_DIR), id).map_err(del)?;
+        let data_dir = &self.inner.cfg.data_dir;
+        if !data_dir.exists() {
+            return Ok(());
+        }
+        // Beneath the root only: a symlinked directory on the way is
+        // refused, so a delete never reaches a file outside the root.
+        let root = DataRoot::open(data_dir).map_err(|e| del(e.into()))?;
+        PieceStore::remove_in(&root, id).map_err(del)?;
         if let Some(dest) = dest {
-            match std::fs::remove_file(dest) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(del(StoreError::Io {
-                        op: "removing",
-                        path: dest.to_path_buf(),
-                        source: e,
-                    }));
-                }
-                _ => {}
-            }
+            let rel = root.user_rel_of(dest).map_err(|e| del(e.into()))?;
+            root.remove_file(&rel).map_err(|e| del(e.into()))?;
         }
         let _ = std::fs::remove_file(status_path(&self.inner.status_dir, id));
         Ok(())
@@ -1162,6 +1162,13 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     let me = cfg.node.as_str();
     let dest = dest_path(&cfg.data_dir, &c.path)
         .map_err(|_| Failure::new("InvalidPath", format!("invalid path {}", c.path.display())))?;
+    // Every file this content touches is resolved beneath the data root,
+    // never through a symlink; a bad path fails here, before any download.
+    let data_root =
+        DataRoot::open(&cfg.data_dir).map_err(|e| Failure::new("StorageError", e.to_string()))?;
+    data_root
+        .user_rel_of(&dest)
+        .map_err(|e| Failure::new("InvalidPath", e.to_string()))?;
     // Layout: configured, or the origin's length.
     let mut origin_opts = if retry {
         // The engine retries on its own, showing the failure meanwhile.
@@ -1198,10 +1205,7 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
             .await
             .map_err(|e| origin_failure(run, e))?,
         (None, None) => match &c.source {
-            SourceConfig::Node { path: Some(p), .. } => tokio::fs::metadata(p)
-                .await
-                .map_err(|e| Failure::new("SourceUnreadable", format!("{}: {e}", p.display())))?
-                .len(),
+            SourceConfig::Node { path: Some(p), .. } => source_len(&data_root, p)?,
             _ => return Err(Failure::new("InvalidConfig", "content size unknown")),
         },
     };
@@ -1239,7 +1243,10 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     // source is served as it is (it IS the source, and is hashed below).
     let partial_dir = cfg.data_dir.join(PARTIAL_DIR);
     let store = match &seed_path {
-        Some(p) => PieceStore::open_complete(p, layout),
+        Some(p) => data_root
+            .user_rel_of(p)
+            .map_err(StoreError::from)
+            .and_then(|rel| PieceStore::open_complete_in(&data_root, &rel, layout)),
         None => {
             let (dir, id) = (partial_dir.clone(), c.id.clone());
             match tokio::task::spawn_blocking(move || PieceStore::open(&dir, &id, layout)).await {
@@ -1266,7 +1273,7 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
                     .iter()
                     .filter_map(|p| dest_path(&cfg.data_dir, p).ok()),
             )
-            .filter_map(|p| open_reuse_source(&p).map(Arc::new))
+            .filter_map(|p| open_reuse_source(&data_root, &p).map(Arc::new))
             .collect()
     };
     if !reuse_files.is_empty() {
@@ -1578,18 +1585,29 @@ fn hash_file(file: &std::fs::File, layout: &Layout) -> Option<Vec<content::Piece
         .collect()
 }
 
-/// Opens `path` for reading if it is a regular file reached without
-/// following a symlink in its last component.
-// TODO(fsroot): resolve beneath the data root (no symlink in any component)
-// once the fsroot module lands.
-fn open_reuse_source(path: &Path) -> Option<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
+/// Opens `path` (beneath the data root) for reading if it is a regular file
+/// reached without following a symlink in any component.
+fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<std::fs::File> {
+    let rel = root.user_rel_of(path).ok()?;
+    let file = root.open_read(&rel).ok()?;
     file.metadata().ok()?.is_file().then_some(file)
+}
+
+/// Size of a node source's file, resolved beneath the data root: a symlink
+/// anywhere on the way (which could lead out of the root) is refused.
+fn source_len(root: &DataRoot, path: &Path) -> Result<u64, Failure> {
+    let unreadable =
+        |why: String| Failure::new("SourceUnreadable", format!("{}: {why}", path.display()));
+    let rel = root
+        .user_rel_of(path)
+        .map_err(|e| unreadable(e.to_string()))?;
+    match root.metadata(&rel).map_err(|e| unreadable(e.to_string()))? {
+        Some(m) if m.is_file() => Ok(m.len),
+        Some(_) => Err(unreadable(
+            "not a regular file (symlinks are never followed)".into(),
+        )),
+        None => Err(unreadable("no such file".into())),
+    }
 }
 
 fn now_ms() -> u64 {

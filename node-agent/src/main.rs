@@ -79,11 +79,6 @@ struct Exposure {
     /// endpoint is not exposed on every interface of the pod.
     #[arg(long)]
     metrics_bind_address: Option<IpAddr>,
-    /// Allow origins (and redirects) to loopback, link-local (cloud metadata
-    /// included) and private addresses. Off by default: such connections
-    /// are refused. Local test clusters set it.
-    #[arg(long)]
-    allow_private_origins: bool,
 }
 
 impl Exposure {
@@ -131,12 +126,9 @@ fn main() -> ExitCode {
         Command::Node(NodeCommand { mut args, exposure }) => match runtime() {
             Some(rt) => {
                 args.metrics = exposure.metrics_addr(args.metrics);
-                // INTEGRATION: `exposure.allow_private_origins` goes to the
-                // origin client (`OriginOptions::allow_private`) once the
-                // node agent takes it (NodeArgs/run_node).
                 info!(
                     metrics = %args.metrics,
-                    allow_private_origins = exposure.allow_private_origins,
+                    allow_private_origins = args.allow_private_origins,
                     "node agent starting"
                 );
                 rt.block_on(node(args))
@@ -260,7 +252,7 @@ mod tests {
         let Command::Node(n) = parse(&base).unwrap().command else {
             panic!("not the node command");
         };
-        assert!(!n.exposure.allow_private_origins, "refused by default");
+        assert!(!n.args.allow_private_origins, "refused by default");
         assert_eq!(
             n.exposure.metrics_addr(n.args.metrics),
             "0.0.0.0:9464".parse::<SocketAddr>().unwrap()
@@ -274,7 +266,7 @@ mod tests {
         let Command::Node(n) = parse(&with).unwrap().command else {
             panic!("not the node command");
         };
-        assert!(n.exposure.allow_private_origins);
+        assert!(n.args.allow_private_origins);
         assert_eq!(
             n.exposure.metrics_addr(n.args.metrics),
             "10.1.2.3:9464".parse::<SocketAddr>().unwrap()

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
@@ -254,9 +254,8 @@ impl LocalCluster {
                 "--leader-election-lease".into(),
                 LEASE_NAME.into(),
             ];
-            if supports_flag(&operator_bin, &[], ALLOW_PRIVATE_ORIGINS) {
-                args.push(ALLOW_PRIVATE_ORIGINS.into());
-            }
+            // The local cluster's origins live on loopback.
+            args.push(ALLOW_PRIVATE_ORIGINS.into());
             args.extend(opts.operator_args.iter().map(OsString::from));
             let env = cluster.env(&[
                 ("POD_NAME", pod_name.as_str()),
@@ -489,9 +488,7 @@ impl LocalCluster {
                 "--identity-dir".into(),
                 identity_dir.clone().into(),
             ];
-            if supports_flag(bin, &["node"], ALLOW_PRIVATE_ORIGINS) {
-                args.push(ALLOW_PRIVATE_ORIGINS.into());
-            }
+            args.push(ALLOW_PRIVATE_ORIGINS.into());
             args.extend(self.opts.agent_args.iter().map(OsString::from));
             let pod = format!("peerfill-agent-{name}");
             let ip_text = ip.to_string();
@@ -889,32 +886,6 @@ pub const ALLOW_PRIVATE_ORIGINS: &str = "--allow-private-origins";
 /// gives the process, so it can be killed.
 fn lock(m: &Mutex<ChildProcess>) -> std::sync::MutexGuard<'_, ChildProcess> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Whether `bin <sub...> --help` mentions `flag` (cached per binary):
-/// binaries built before the flag existed refuse unknown arguments.
-// TODO(issue 11): drop this check once both binaries have the flag on main.
-fn supports_flag(bin: &Path, sub: &[&str], flag: &str) -> bool {
-    static CACHE: OnceLock<Mutex<BTreeMap<(PathBuf, String), bool>>> = OnceLock::new();
-    let key = (bin.to_path_buf(), format!("{} {flag}", sub.join(" ")));
-    let cache = CACHE.get_or_init(|| Mutex::new(BTreeMap::new()));
-    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).copied()) {
-        return v;
-    }
-    let found = std::process::Command::new(bin)
-        .args(sub)
-        .arg("--help")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
-        .unwrap_or(false);
-    if !found {
-        tracing::warn!(bin = %bin.display(), flag, "binary lacks the flag; not passing it");
-    }
-    if let Ok(mut c) = cache.lock() {
-        c.insert(key, found);
-    }
-    found
 }
 
 /// The workspace's `crds/` if it exists; else the generated CRDs written

@@ -119,7 +119,12 @@ type FillRx = watch::Receiver<Option<NodeFill>>;
 /// Keeps the latest version of NodeFill `node` in a watch channel: one
 /// watch with a field selector on the name, relisting (after a 410 Gone or
 /// a broken stream) with backoff.
-fn watch_nodefill(api: Api<NodeFill>, node: String, stop: CancellationToken) -> FillRx {
+fn watch_nodefill(
+    api: Api<NodeFill>,
+    node: String,
+    stop: CancellationToken,
+    health: metrics::Health,
+) -> FillRx {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
@@ -131,6 +136,12 @@ fn watch_nodefill(api: Api<NodeFill>, node: String, stop: CancellationToken) -> 
                 _ = stop.cancelled() => return,
             };
             let Some(ev) = ev else { return };
+            // Readiness follows the watch: any event (a re-list included)
+            // shows the API server answers; an error shows it does not.
+            match &ev {
+                Ok(_) => health.set_watch_alive(std::time::Instant::now()),
+                Err(e) => health.set_watch_down(std::time::Instant::now(), e.to_string()),
+            }
             match ev {
                 Ok(Event::Init) => listed = false,
                 Ok(Event::InitApply(o)) | Ok(Event::Apply(o)) if o.name_any() == node => {
@@ -175,8 +186,9 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     tls::validate_node_name(&args.node_name)?;
     dest_path(&args.data_root, std::path::Path::new("x"))?;
     let metrics = Metrics::new();
+    let health = metrics::Health::new(metrics::HealthConfig::node());
     // Liveness is served from the start, also while waiting for the
-    // certificate.
+    // certificate; readiness needs the watch and the QUIC endpoint.
     let listener = tokio::net::TcpListener::bind(args.metrics)
         .await
         .map_err(|source| NodeError::Metrics {
@@ -184,9 +196,10 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
             source,
         })?;
     {
-        let m = metrics.clone();
+        let (m, h) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve_listener(listener, m).await {
+            let limits = metrics::ServerLimits::default();
+            if let Err(e) = metrics::serve_with(listener, m, h, limits).await {
                 error!(error = %e, "metrics endpoint failed");
             }
         });
@@ -195,7 +208,12 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     let fills: Api<NodeFill> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let stop_watch = shutdown.child_token();
-    let mut fill_rx = watch_nodefill(fills.clone(), args.node_name.clone(), stop_watch.clone());
+    let mut fill_rx = watch_nodefill(
+        fills.clone(),
+        args.node_name.clone(),
+        stop_watch.clone(),
+        health.clone(),
+    );
 
     let zone = match nodes.get_opt(&args.node_name).await {
         Ok(Some(n)) => n.labels().get(&args.zone_label).cloned(),
@@ -212,7 +230,8 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     let request = Request::load_or_generate(&args.node_name, &args.identity_dir)?;
     info!(node = %args.node_name, digest = %request.digest, "certificate requested");
     let mut reporter = Reporter::new(fills.clone(), client, &args, request.clone(), zone);
-    let Some(identity) = wait_for_identity(&mut reporter, &request, &mut fill_rx, &shutdown).await
+    let Some(mut identity) =
+        wait_for_identity(&mut reporter, &request, &mut fill_rx, &shutdown).await
     else {
         stop_watch.cancel();
         return Ok(());
@@ -241,6 +260,9 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     reporter.endpoint = Some(advertised_endpoint(&args, engine.local_addr()));
     reporter.fingerprint = Some(identity::fingerprint(&identity.cert_pem)?);
     reporter.ready_since = Some(now_time());
+    health.set_endpoint_up(true);
+    let mut renewer = identity::Renewer::new(&args.node_name, &args.identity_dir);
+    let mut progress_seen: HashMap<String, (u64, Instant)> = HashMap::new();
 
     let mut agent = NodeAgent {
         manifest: Manifest::load(engine.status_dir()),
@@ -266,6 +288,24 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
             }
             agent.reporter.interval = report::report_interval(nf.spec.report_interval_seconds);
             if agent.last_spec.as_ref() != Some(&nf.spec) {
+                // Peers are pinned to the certificate fingerprints the
+                // operator published, on top of the cluster CA.
+                identity.pins.set(
+                    nf.spec
+                        .peers
+                        .iter()
+                        .filter_map(|p| Some((p.node.clone(), p.certificate_fingerprint.clone()?))),
+                );
+                if let Some(issued) = &nf.spec.identity {
+                    match renewer.on_issued(&mut identity, issued) {
+                        Ok(true) => match identity.fingerprint() {
+                            Ok(f) => agent.reporter.fingerprint = Some(f),
+                            Err(e) => warn!(error = %e, "fingerprint of the renewed certificate"),
+                        },
+                        Ok(false) => {}
+                        Err(e) => warn!(error = %e, "cannot take the renewed certificate"),
+                    }
+                }
                 agent.reconcile(&nf.spec).await;
                 agent.last_spec = Some(nf.spec.clone());
             }
@@ -273,6 +313,16 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         agent.retry_removals().await;
         agent.label_complete().await;
         agent.finish_swaps();
+        // Short-lived certificates: ask for the next one ahead of expiry
+        // (published with the next status write).
+        match renewer.due_request(&identity, std::time::SystemTime::now()) {
+            Ok(Some(req)) if req.digest != agent.reporter.request.digest => {
+                agent.reporter.request = req.clone();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot prepare the certificate renewal"),
+        }
+        mark_stuck(&engine, &health, &mut progress_seen);
         let due = agent.report().await;
 
         let wait = due
@@ -295,6 +345,42 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     engine.shutdown().await;
     agent.reporter.stopping().await;
     Ok(())
+}
+
+/// A content counts as stuck (readiness, and after long enough liveness)
+/// when it is fetching and its verified bytes did not grow for this long.
+const STUCK_AFTER: Duration = Duration::from_secs(120);
+
+/// Feeds the health checks from the contents' progress.
+fn mark_stuck(
+    engine: &Engine,
+    health: &metrics::Health,
+    seen: &mut HashMap<String, (u64, Instant)>,
+) {
+    let ids = engine.ids();
+    seen.retain(|id, _| {
+        let keep = ids.contains(id);
+        if !keep {
+            health.set_stuck(id, false);
+        }
+        keep
+    });
+    for id in ids {
+        let Some(st) = engine.status(&id) else {
+            continue;
+        };
+        if st.phase != crate::agent::Phase::Fetching {
+            seen.remove(&id);
+            health.set_stuck(&id, false);
+            continue;
+        }
+        let now = Instant::now();
+        let entry = seen.entry(id.clone()).or_insert((st.bytes_done, now));
+        if entry.0 != st.bytes_done {
+            *entry = (st.bytes_done, now);
+        }
+        health.set_stuck(&id, now.duration_since(entry.1) >= STUCK_AFTER);
+    }
 }
 
 /// Writes the request until the operator answers it; `None` on shutdown.
