@@ -213,8 +213,9 @@ async fn complete_only_once_the_identity_is_pinned_and_matches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let v1 = Arc::new(random_bytes(32 * PIECE as usize, 13));
-    let v2 = Arc::new(random_bytes(32 * PIECE as usize, 14));
+    // Larger than the rate limiter's burst (4 MiB), so the limit bites.
+    let v1 = Arc::new(random_bytes(128 * PIECE as usize, 13));
+    let v2 = Arc::new(random_bytes(128 * PIECE as usize, 14));
     let origin = Origin::start(v1.clone()).await;
     let nodes = nodes(tmp.path(), 1);
     let certs = tmp.path().join("certs");
@@ -228,8 +229,8 @@ async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
         files.clone(),
         Vec::new(),
     );
-    // Slow enough that the change lands mid-transfer.
-    cfg.limits.origin_bytes_per_sec = Some(4 * u64::from(PIECE));
+    // Slow enough past the burst that the change lands mid-transfer.
+    cfg.limits.origin_bytes_per_sec = Some(16 * u64::from(PIECE));
     cfg.allow_private_origins = true;
     let identity = NodeIdentity::load(&files.cert, &files.key, &files.ca).expect("identity");
     let e = Engine::start(
@@ -249,6 +250,11 @@ async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
             .status("changing")
             .is_some_and(|s| s.pieces_done >= 2))
         .await
+    );
+    assert!(
+        e.status("changing")
+            .is_some_and(|s| s.pieces_done < s.piece_count),
+        "the transfer must still be running when the origin changes"
     );
     origin.replace(v2.clone());
     assert!(
@@ -314,7 +320,8 @@ async fn a_local_fault_is_retried_until_it_clears() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = Arc::new(random_bytes(64 * PIECE as usize, 16));
+    // Larger than the rate limiter's burst (4 MiB), so the limit bites.
+    let data = Arc::new(random_bytes(128 * PIECE as usize, 16));
     let origin = Origin::start(data.clone()).await;
     let nodes = nodes(tmp.path(), 2);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
@@ -339,7 +346,7 @@ async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
         files.clone(),
         Vec::new(),
     );
-    cfg.limits.download_bytes_per_sec = Some(8 * u64::from(PIECE));
+    cfg.limits.download_bytes_per_sec = Some(16 * u64::from(PIECE));
     let identity = NodeIdentity::load(&files.cert, &files.key, &files.ca).expect("identity");
     let b = Engine::start(
         &cfg,
@@ -355,10 +362,14 @@ async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
     assert!(
         wait_until(Duration::from_secs(30), || b
             .status(id)
-            .is_some_and(|s| s.pieces_done >= 4))
+            .is_some_and(|s| s.pieces_done >= 70))
         .await,
         "{:?}",
         b.status(id)
+    );
+    assert!(
+        b.status(id).is_some_and(|s| s.pieces_done < s.piece_count),
+        "the run must be replaced mid-transfer"
     );
     // The run is replaced at once (a restart of the content): node-0's
     // announcement, made to the old run, must reach the new one.
