@@ -322,6 +322,8 @@ pub struct OriginClient {
     /// The version every read is pinned to (shared by clones: all readers
     /// of one content use one version).
     pin: Arc<Mutex<Option<String>>>,
+    /// Whether the absence of validators was logged already.
+    unpinned_noted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for OriginClient {
@@ -417,6 +419,7 @@ impl OriginClient {
             opts,
             metrics: None,
             pin: Arc::new(Mutex::new(None)),
+            unpinned_noted: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -446,7 +449,12 @@ impl OriginClient {
                         *pin = Some(v);
                     }
                     None => {
-                        warn!(url = %self.shown, "the origin sends neither a strong ETag nor Last-Modified: reads cannot be pinned to one version; only the root agreement of the readers guards against a change")
+                        if !self
+                            .unpinned_noted
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            warn!(url = %self.shown, "the origin sends neither a strong ETag nor Last-Modified: reads cannot be pinned to one version; only the root agreement of the readers guards against a change");
+                        }
                     }
                 }
                 Ok(())

@@ -213,8 +213,9 @@ async fn complete_only_once_the_identity_is_pinned_and_matches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let v1 = Arc::new(random_bytes(32 * PIECE as usize, 13));
-    let v2 = Arc::new(random_bytes(32 * PIECE as usize, 14));
+    // Larger than the rate limiter's burst (4 MiB), so the limit bites.
+    let v1 = Arc::new(random_bytes(128 * PIECE as usize, 13));
+    let v2 = Arc::new(random_bytes(128 * PIECE as usize, 14));
     let origin = Origin::start(v1.clone()).await;
     let nodes = nodes(tmp.path(), 1);
     let certs = tmp.path().join("certs");
@@ -228,8 +229,8 @@ async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
         files.clone(),
         Vec::new(),
     );
-    // Slow enough that the change lands mid-transfer.
-    cfg.limits.origin_bytes_per_sec = Some(4 * u64::from(PIECE));
+    // Slow enough past the burst that the change lands mid-transfer.
+    cfg.limits.origin_bytes_per_sec = Some(16 * u64::from(PIECE));
     cfg.allow_private_origins = true;
     let identity = NodeIdentity::load(&files.cert, &files.key, &files.ca).expect("identity");
     let e = Engine::start(
@@ -249,6 +250,11 @@ async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
             .status("changing")
             .is_some_and(|s| s.pieces_done >= 2))
         .await
+    );
+    assert!(
+        e.status("changing")
+            .is_some_and(|s| s.pieces_done < s.piece_count),
+        "the transfer must still be running when the origin changes"
     );
     origin.replace(v2.clone());
     assert!(
@@ -314,7 +320,8 @@ async fn a_local_fault_is_retried_until_it_clears() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = Arc::new(random_bytes(64 * PIECE as usize, 16));
+    // Larger than the rate limiter's burst (4 MiB), so the limit bites.
+    let data = Arc::new(random_bytes(128 * PIECE as usize, 16));
     let origin = Origin::start(data.clone()).await;
     let nodes = nodes(tmp.path(), 2);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
@@ -339,7 +346,7 @@ async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
         files.clone(),
         Vec::new(),
     );
-    cfg.limits.download_bytes_per_sec = Some(8 * u64::from(PIECE));
+    cfg.limits.download_bytes_per_sec = Some(16 * u64::from(PIECE));
     let identity = NodeIdentity::load(&files.cert, &files.key, &files.ca).expect("identity");
     let b = Engine::start(
         &cfg,
@@ -355,10 +362,14 @@ async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
     assert!(
         wait_until(Duration::from_secs(30), || b
             .status(id)
-            .is_some_and(|s| s.pieces_done >= 4))
+            .is_some_and(|s| s.pieces_done >= 70))
         .await,
         "{:?}",
         b.status(id)
+    );
+    assert!(
+        b.status(id).is_some_and(|s| s.pieces_done < s.piece_count),
+        "the run must be replaced mid-transfer"
     );
     // The run is replaced at once (a restart of the content): node-0's
     // announcement, made to the old run, must reach the new one.
@@ -483,4 +494,86 @@ async fn a_second_connection_with_a_nodes_certificate_does_not_replace_its_live_
     impostor.shutdown().await;
     x.shutdown().await;
     y.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_readers_range_reassigned_completes_the_swarm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = Arc::new(random_bytes(24 * PIECE as usize, 18));
+    let origin = Origin::start(data.clone()).await;
+    // node-0 reaches the origin only through a connection that never
+    // answers (a paused origin, as node-0 sees it).
+    let paused = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let paused_url = format!("http://{}/blob", paused.local_addr().expect("addr"));
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = paused.accept().await {
+            held.push(s);
+        }
+    });
+    let nodes = nodes(tmp.path(), 3);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &names);
+    let opts = EngineOptions {
+        retry_transient_origin: true,
+        ..EngineOptions::default()
+    };
+    let engines: Vec<Engine> = nodes
+        .iter()
+        .map(|n| start_engine(n, &certs, opts.clone()))
+        .collect();
+    let id = "reassigned";
+    let config = |i: usize, readers: &[&str]| {
+        let url = if i == 0 { &paused_url } else { &origin.url() };
+        let mut c = content(&nodes, i, &certs, id, url);
+        c.size = Some(data.len() as u64);
+        c.source = peerfill_agent::agent::SourceConfig::Http {
+            url: url.clone(),
+            headers: Default::default(),
+            readers: readers.iter().map(|r| r.to_string()).collect(),
+        };
+        c
+    };
+    for (i, e) in engines.iter().enumerate() {
+        e.add(config(i, &["node-0", "node-1"])).expect("add");
+    }
+    // node-1's half arrives everywhere; node-0's never does.
+    assert!(
+        wait_until(Duration::from_secs(30), || engines[2]
+            .status(id)
+            .is_some_and(|s| s.pieces_done == s.piece_count / 2))
+        .await,
+        "{:?}",
+        engines[2].status(id)
+    );
+    // The operator reassigns node-0's range: every node restarts the
+    // content with node-1 as the only reader, within moments of each other.
+    for (i, e) in engines.iter().enumerate() {
+        e.remove(id, false).await.expect("remove");
+        e.add(config(i, &["node-1"])).expect("re-add");
+    }
+    for (i, e) in engines.iter().enumerate() {
+        assert!(
+            wait_until(Duration::from_secs(60), || phase(e, id)
+                .is_some_and(|(p, _)| p == Phase::Complete))
+            .await,
+            "node-{i}: {:?}",
+            e.status(id)
+        );
+        assert_eq!(
+            file_blake3(&nodes[i].data_dir.join("out").join(format!("{id}.bin"))).as_deref(),
+            Some(blake3::hash(&data).to_hex().as_str()),
+            "node-{i}"
+        );
+    }
+    // node-1 read each byte of the origin once; the others kept what they
+    // held across the restart.
+    assert_eq!(origin.served(), data.len() as u64);
+    hold.abort();
+    for e in &engines {
+        e.shutdown().await;
+    }
 }

@@ -151,7 +151,9 @@ async fn inbound_announce(
     // The peer's state as announced on this stream (replayed on re-attach).
     let pieces = usize::try_from(size.div_ceil(u64::from(piece_size.max(1)))).unwrap_or(0);
     let mut peer_bits = vec![0u8; pieces.div_ceil(8)];
-    let mut peer_hashes: Vec<(u32, PieceHash)> = Vec::new();
+    // Bounded by the piece count, however often the peer repeats itself.
+    let mut peer_hashes: std::collections::BTreeMap<u32, PieceHash> =
+        std::collections::BTreeMap::new();
     let mut attached_before = false;
     loop {
         let Some(fill) = shared.wait_content(&content_id, CONTENT_WAIT).await else {
@@ -171,7 +173,9 @@ async fn inbound_announce(
             debug!(peer = %node, content = %content_id, "announce session re-attached to the new run");
             fill.session_bitfield(sid, &peer_bits);
             if !peer_hashes.is_empty() {
-                fill.hashes_from(&node, &peer_hashes);
+                let replay: Vec<(u32, PieceHash)> =
+                    peer_hashes.iter().map(|(p, h)| (*p, *h)).collect();
+                fill.hashes_from(&node, &replay);
             }
         }
         attached_before = true;
@@ -205,7 +209,12 @@ async fn inbound_announce(
                 Ok(Some(Message::Hashes { entries })) => {
                     // Only an authority's hashes are ever used; keep those.
                     if fill.spec.authority.ranges_of(&node).next().is_some() {
-                        peer_hashes.extend(entries.iter().copied());
+                        peer_hashes.extend(
+                            entries
+                                .iter()
+                                .copied()
+                                .filter(|(p, _)| (*p as usize) < pieces),
+                        );
                     }
                     fill.hashes_from(&node, &entries);
                 }
