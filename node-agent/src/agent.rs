@@ -1205,6 +1205,11 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
             .await
             .map_err(|e| origin_failure(run, e))?,
         (None, None) => match &c.source {
+            SourceConfig::Node { path: Some(p), .. } if outside_root(&cfg.data_dir, p) => {
+                std::fs::symlink_metadata(p)
+                    .map_err(|e| Failure::new("SourceUnreadable", format!("{}: {e}", p.display())))?
+                    .len()
+            }
             SourceConfig::Node { path: Some(p), .. } => source_len(&data_root, p)?,
             _ => return Err(Failure::new("InvalidConfig", "content size unknown")),
         },
@@ -1243,6 +1248,7 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     // source is served as it is (it IS the source, and is hashed below).
     let partial_dir = cfg.data_dir.join(PARTIAL_DIR);
     let store = match &seed_path {
+        Some(p) if outside_root(&cfg.data_dir, p) => PieceStore::open_complete(p, layout),
         Some(p) => data_root
             .user_rel_of(p)
             .map_err(StoreError::from)
@@ -1591,6 +1597,14 @@ fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<std::fs::File> {
     let rel = root.user_rel_of(path).ok()?;
     let file = root.open_read(&rel).ok()?;
     file.metadata().ok()?.is_file().then_some(file)
+}
+
+/// Whether a seed file lies outside the data root. Only the agent's own
+/// config file (an administrator's choice) can name one: a Distribution's
+/// node-source path is always joined beneath the root, where it is resolved
+/// without following symlinks.
+fn outside_root(data_dir: &Path, path: &Path) -> bool {
+    !path.starts_with(data_dir)
 }
 
 /// Size of a node source's file, resolved beneath the data root: a symlink

@@ -35,8 +35,11 @@ pub const ORIGIN_PERMANENT_REASONS: &[&str] = &[
     "OriginTooManyRedirects",
     "InvalidUrl",
     "DigestMismatch",
-    "SourceNotFound",
-    "SourceNotReadable",
+    "InvalidOriginUrl",
+    "InvalidOriginHeaders",
+    // The agent's reason for a node source it cannot read (missing, not a
+    // regular file, a symlink): the seeder is the only source.
+    "SourceUnreadable",
 ];
 
 /// Origin reasons the agents retry with backoff (the origin is down or

@@ -447,6 +447,23 @@ pub fn aggregate(
             now,
         );
         Phase::Complete
+    } else if let Some(f) = origin_down.filter(|_| complete + failed_targets == desired) {
+        // Nothing moves while the origin is down: say so with the origin's
+        // reason (the agents keep retrying; a reachable origin turns this
+        // back into Progressing).
+        let message = format!(
+            "{}: {} ({counts}); the agents keep retrying",
+            f.node, f.message
+        );
+        set_conditions(
+            &mut st,
+            (false, &f.reason, message.clone()),
+            (false, &f.reason, message.clone()),
+            (true, &f.reason, message),
+            generation,
+            now,
+        );
+        Phase::Failed
     } else if complete + failed_targets == desired {
         // Only local faults are left (origin faults failed above): the
         // failed nodes keep their assignments, and the agents retry, so a
