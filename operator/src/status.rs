@@ -129,6 +129,25 @@ fn set_conditions(
     }
 }
 
+/// The conditions of a Failed phase: Failed=True, Progressing and Complete
+/// False, all three with `reason` and `message`.
+fn set_failed(
+    st: &mut DistributionStatus,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    set_conditions(
+        st,
+        (false, reason, message.clone()),
+        (false, reason, message.clone()),
+        (true, reason, message),
+        generation,
+        now,
+    );
+}
+
 /// The status of a Distribution being deleted: the previous one with phase
 /// Deleting, `remaining` nodes still holding it.
 pub fn deleting_status(
@@ -176,14 +195,7 @@ fn no_work_status(
         ),
     };
     st.phase = Some(Phase::Failed);
-    set_conditions(
-        &mut st,
-        (false, reason, message.clone()),
-        (false, reason, message.clone()),
-        (true, reason, message),
-        generation,
-        now,
-    );
+    set_failed(&mut st, reason, message, generation, now);
     st
 }
 
@@ -370,14 +382,7 @@ pub fn aggregate(
                 ORIGIN_CHANGE_WINDOW_SECONDS
             );
             st.phase = Some(Phase::Failed);
-            set_conditions(
-                &mut st,
-                (false, REASON_ORIGIN_UNSTABLE, message.clone()),
-                (false, REASON_ORIGIN_UNSTABLE, message.clone()),
-                (true, REASON_ORIGIN_UNSTABLE, message),
-                generation,
-                now,
-            );
+            set_failed(&mut st, REASON_ORIGIN_UNSTABLE, message, generation, now);
             st.completion_time = None;
             return st;
         }
@@ -417,14 +422,7 @@ pub fn aggregate(
 
     let phase = if let Some(f) = origin_failure {
         let message = format!("{}: {} ({counts})", f.node, f.message);
-        set_conditions(
-            &mut st,
-            (false, &f.reason, message.clone()),
-            (false, &f.reason, message.clone()),
-            (true, &f.reason, message),
-            generation,
-            now,
-        );
+        set_failed(&mut st, &f.reason, message, generation, now);
         Phase::Failed
     } else if desired == 0 {
         let message = format!("the target selects no node with a ready agent{down_note}");
@@ -455,28 +453,14 @@ pub fn aggregate(
             "{}: {} ({counts}); the agents keep retrying",
             f.node, f.message
         );
-        set_conditions(
-            &mut st,
-            (false, &f.reason, message.clone()),
-            (false, &f.reason, message.clone()),
-            (true, &f.reason, message),
-            generation,
-            now,
-        );
+        set_failed(&mut st, &f.reason, message, generation, now);
         Phase::Failed
     } else if complete + failed_targets == desired {
         // Only local faults are left (origin faults failed above): the
         // failed nodes keep their assignments, and the agents retry, so a
         // node that recovers turns this back into Progressing.
         let message = format!("{} failed ({counts})", plural(failed_targets, "node"));
-        set_conditions(
-            &mut st,
-            (false, REASON_NODES_FAILED, message.clone()),
-            (false, REASON_NODES_FAILED, message.clone()),
-            (true, REASON_NODES_FAILED, message),
-            generation,
-            now,
-        );
+        set_failed(&mut st, REASON_NODES_FAILED, message, generation, now);
         Phase::Failed
     } else {
         let (reason, message, waiting) = if let Some(d) = &plan.disagreement {
