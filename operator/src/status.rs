@@ -938,6 +938,78 @@ mod tests {
     }
 
     #[test]
+    fn an_origin_down_for_every_reader_fails_until_it_answers() {
+        // Both nodes read the origin. One world through the steps, each
+        // status written back as the shell does: (what, a's and b's
+        // failure reason or downloading, expected phase, Failed
+        // condition's status, main reason).
+        const DOWN: Option<&str> = Some("OriginUnreachable");
+        const UP: Option<&str> = None;
+        let steps = [
+            (
+                "every reader finds the origin down",
+                DOWN,
+                DOWN,
+                Phase::Failed,
+                "True",
+                "OriginUnreachable",
+            ),
+            (
+                "one reader answered, the other still finds it down",
+                UP,
+                DOWN,
+                Phase::Progressing,
+                "False",
+                "OriginUnreachable",
+            ),
+            (
+                "both readers answered",
+                UP,
+                UP,
+                Phase::Progressing,
+                "False",
+                REASON_TRANSFERRING,
+            ),
+        ];
+        let mut w = world(
+            vec![http_dist("d", "u", 2)],
+            vec![node("a", &[]), node("b", &[])],
+            &["a", "b"],
+        );
+        let plan = plan_distribution(&w.distributions[0], &w).unwrap();
+        let mut readers: Vec<&str> = plan.readers.iter().map(|r| r.node.as_str()).collect();
+        readers.sort_unstable();
+        assert_eq!(readers, ["a", "b"]);
+        for (what, a, b, phase, failed, main) in steps {
+            for (n, reason) in [("a", a), ("b", b)] {
+                match reason {
+                    Some(reason) => fail(&mut w, n, reason),
+                    None => edit_report(&mut w, n, "u", |e| {
+                        e.phase = NodePhase::Downloading;
+                        e.reason = None;
+                        e.message = None;
+                        e.size = Some(10);
+                        e.bytes_done = 5;
+                    }),
+                }
+            }
+            let st = status_of(&w);
+            assert_eq!(st.phase, Some(phase), "{what}");
+            let f = cond(&st, CONDITION_FAILED);
+            assert_eq!(f.status, failed, "{what}");
+            let c = match phase {
+                Phase::Failed => f,
+                _ => cond(&st, CONDITION_PROGRESSING),
+            };
+            assert_eq!(c.reason, main, "{what}");
+            assert_eq!(st.origin_revision, Some(0), "{what}");
+            let mut d = (*w.distributions[0]).clone();
+            d.status = Some(st);
+            w.distributions[0] = Arc::new(d);
+        }
+    }
+
+    #[test]
     fn a_down_seeder_is_named() {
         let mut d = (*http_dist("d", "u", 1)).clone();
         d.spec.source = peerfill_crds::Source {
