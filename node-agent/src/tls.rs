@@ -576,6 +576,13 @@ impl PeerPins {
             })
         }
     }
+
+    /// For the QUIC verifiers: whether the certificate `der` may stand for
+    /// the node it names, as a rustls error when not.
+    fn check_cert(&self, der: &[u8]) -> Result<(), rustls::Error> {
+        let node = node_name_of_cert(der).map_err(pin_error)?;
+        self.check(&node, der).map_err(pin_error)
+    }
 }
 
 fn pin_error(e: TlsError) -> rustls::Error {
@@ -605,10 +612,7 @@ impl ClientCertVerifier for PinnedClientVerifier {
         let ok = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let node = node_name_of_cert(end_entity.as_ref()).map_err(pin_error)?;
-        self.pins
-            .check(&node, end_entity.as_ref())
-            .map_err(pin_error)?;
+        self.pins.check_cert(end_entity.as_ref())?;
         Ok(ok)
     }
 
@@ -669,10 +673,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         )?;
         // webpki checked the certificate names `server_name`; the pin is
         // that node's.
-        let node = node_name_of_cert(end_entity.as_ref()).map_err(pin_error)?;
-        self.pins
-            .check(&node, end_entity.as_ref())
-            .map_err(pin_error)?;
+        self.pins.check_cert(end_entity.as_ref())?;
         Ok(ok)
     }
 

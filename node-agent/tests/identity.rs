@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,42 @@ use peerfill_agent::tls::NodeIdentity;
 
 const PIECE: u32 = 64 << 10;
 
+/// A temporary directory (kept while the test runs), `len` random bytes
+/// (from `seed`), an origin serving them, `n` nodes and an identity for
+/// each under the returned certificates directory.
+type Fixture = (tempfile::TempDir, Arc<Vec<u8>>, Origin, Vec<Node>, PathBuf);
+
+async fn fixture(len: usize, seed: u64, n: usize) -> Fixture {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = Arc::new(random_bytes(len, seed));
+    let origin = Origin::start(data.clone()).await;
+    let nodes = nodes(tmp.path(), n);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &names);
+    (tmp, data, origin, nodes, certs)
+}
+
+/// Completes only against a pinned identity; retries a transient origin.
+fn pinned() -> EngineOptions {
+    EngineOptions {
+        require_pin: true,
+        retry_transient_origin: true,
+        ..EngineOptions::default()
+    }
+}
+
 fn start_engine(node: &Node, certs: &Path, opts: EngineOptions) -> Engine {
+    start_engine_with(node, certs, opts, |_| {})
+}
+
+/// `start_engine` with the agent's configuration adjusted by `tune`.
+fn start_engine_with(
+    node: &Node,
+    certs: &Path,
+    opts: EngineOptions,
+    tune: impl FnOnce(&mut AgentConfig),
+) -> Engine {
     let dir = certs.join(&node.name);
     let files = IdentityFiles::in_dir(&dir);
     let mut cfg = AgentConfig::new(
@@ -30,6 +65,7 @@ fn start_engine(node: &Node, certs: &Path, opts: EngineOptions) -> Engine {
         Vec::new(),
     );
     cfg.allow_private_origins = true;
+    tune(&mut cfg);
     let identity = NodeIdentity::load(&files.cert, &files.key, &files.ca).expect("identity");
     Engine::start(
         &cfg,
@@ -64,13 +100,7 @@ fn phase(e: &Engine, id: &str) -> Option<(Phase, Option<String>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_on_disk_are_verified_piece_by_piece_never_trusted_by_size() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = Arc::new(random_bytes(16 * PIECE as usize, 11));
-    let origin = Origin::start(data.clone()).await;
-    let nodes = nodes(tmp.path(), 2);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
+    let (_tmp, data, origin, nodes, certs) = fixture(16 * PIECE as usize, 11, 2).await;
     let id = "reuse";
 
     // node-1 already has a file of the right size at the destination: its
@@ -123,21 +153,8 @@ async fn files_on_disk_are_verified_piece_by_piece_never_trusted_by_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_only_once_the_identity_is_pinned_and_matches() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = Arc::new(random_bytes(5 * PIECE as usize + 17, 12));
-    let origin = Origin::start(data.clone()).await;
-    let nodes = nodes(tmp.path(), 1);
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &[nodes[0].name.clone()]);
-    let e = start_engine(
-        &nodes[0],
-        &certs,
-        EngineOptions {
-            require_pin: true,
-            retry_transient_origin: true,
-            ..EngineOptions::default()
-        },
-    );
+    let (_tmp, data, origin, nodes, certs) = fixture(5 * PIECE as usize + 17, 12, 1).await;
+    let e = start_engine(&nodes[0], &certs, pinned());
     let good = content(&nodes, 0, &certs, "good", &origin.url());
     let mut bad = content(&nodes, 0, &certs, "bad", &origin.url());
     bad.path = "out/bad.bin".into();
@@ -212,37 +229,19 @@ async fn complete_only_once_the_identity_is_pinned_and_matches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
-    let tmp = tempfile::tempdir().expect("tempdir");
     // Larger than the rate limiter's burst (4 MiB), so the limit bites.
-    let v1 = Arc::new(random_bytes(128 * PIECE as usize, 13));
+    let (_tmp, _, origin, nodes, certs) = fixture(128 * PIECE as usize, 13, 1).await;
     let v2 = Arc::new(random_bytes(128 * PIECE as usize, 14));
-    let origin = Origin::start(v1.clone()).await;
-    let nodes = nodes(tmp.path(), 1);
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &[nodes[0].name.clone()]);
-    let dir = certs.join(&nodes[0].name);
-    let files = IdentityFiles::in_dir(&dir);
-    let mut cfg = AgentConfig::new(
-        nodes[0].name.clone(),
-        nodes[0].addr,
-        nodes[0].data_dir.clone(),
-        files.clone(),
-        Vec::new(),
-    );
-    // Slow enough past the burst that the change lands mid-transfer.
-    cfg.limits.origin_bytes_per_sec = Some(16 * u64::from(PIECE));
-    cfg.allow_private_origins = true;
-    let identity = NodeIdentity::load(&files.cert, &files.key, &files.ca).expect("identity");
-    let e = Engine::start(
-        &cfg,
-        &identity,
+    let e = start_engine_with(
+        &nodes[0],
+        &certs,
         EngineOptions {
             retry_transient_origin: true,
-            allow_private_origins: true,
             ..EngineOptions::default()
         },
-    )
-    .expect("engine");
+        // Slow enough past the burst that the change lands mid-transfer.
+        |cfg| cfg.limits.origin_bytes_per_sec = Some(16 * u64::from(PIECE)),
+    );
     let c = content(&nodes, 0, &certs, "changing", &origin.url());
     e.add(c.clone()).expect("add");
     assert!(
@@ -274,12 +273,7 @@ async fn an_origin_changing_mid_transfer_is_caught_never_mixed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_fault_is_retried_until_it_clears() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = Arc::new(random_bytes(4 * PIECE as usize, 15));
-    let origin = Origin::start(data.clone()).await;
-    let nodes = nodes(tmp.path(), 1);
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &[nodes[0].name.clone()]);
+    let (_tmp, data, origin, nodes, certs) = fixture(4 * PIECE as usize, 15, 1).await;
     // The partial-file directory cannot be created: a storage fault.
     let blocker = nodes[0].data_dir.join(".peerfill-partial");
     std::fs::create_dir_all(&nodes[0].data_dir).expect("mkdir");
@@ -319,14 +313,8 @@ async fn a_local_fault_is_retried_until_it_clears() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
-    let tmp = tempfile::tempdir().expect("tempdir");
     // Larger than the rate limiter's burst (4 MiB), so the limit bites.
-    let data = Arc::new(random_bytes(128 * PIECE as usize, 16));
-    let origin = Origin::start(data.clone()).await;
-    let nodes = nodes(tmp.path(), 2);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
+    let (_tmp, data, origin, nodes, certs) = fixture(128 * PIECE as usize, 16, 2).await;
     let id = "replaced";
     let a = start_engine(&nodes[0], &certs, EngineOptions::default());
     a.add(content(&nodes, 0, &certs, id, &origin.url()))
@@ -337,26 +325,9 @@ async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
         .await
     );
     // node-1 downloads slowly, so the replacement lands mid-transfer.
-    let dir = certs.join(&nodes[1].name);
-    let files = IdentityFiles::in_dir(&dir);
-    let mut cfg = AgentConfig::new(
-        nodes[1].name.clone(),
-        nodes[1].addr,
-        nodes[1].data_dir.clone(),
-        files.clone(),
-        Vec::new(),
-    );
-    cfg.limits.download_bytes_per_sec = Some(16 * u64::from(PIECE));
-    let identity = NodeIdentity::load(&files.cert, &files.key, &files.ca).expect("identity");
-    let b = Engine::start(
-        &cfg,
-        &identity,
-        EngineOptions {
-            allow_private_origins: true,
-            ..EngineOptions::default()
-        },
-    )
-    .expect("engine");
+    let b = start_engine_with(&nodes[1], &certs, EngineOptions::default(), |cfg| {
+        cfg.limits.download_bytes_per_sec = Some(16 * u64::from(PIECE))
+    });
     let c1 = content(&nodes, 1, &certs, id, &origin.url());
     b.add(c1.clone()).expect("add b");
     assert!(
@@ -399,21 +370,8 @@ async fn a_run_replaced_under_live_sessions_gets_its_peers_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_of_another_version_than_the_published_one_stops() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = Arc::new(random_bytes(3 * PIECE as usize, 17));
-    let origin = Origin::start(data.clone()).await;
-    let nodes = nodes(tmp.path(), 1);
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &[nodes[0].name.clone()]);
-    let e = start_engine(
-        &nodes[0],
-        &certs,
-        EngineOptions {
-            require_pin: true,
-            retry_transient_origin: true,
-            ..EngineOptions::default()
-        },
-    );
+    let (_tmp, _, origin, nodes, certs) = fixture(3 * PIECE as usize, 17, 1).await;
+    let e = start_engine(&nodes[0], &certs, pinned());
     let c = content(&nodes, 0, &certs, "split", &origin.url());
     e.add(c.clone()).expect("add");
     assert!(
@@ -498,9 +456,7 @@ async fn a_second_connection_with_a_nodes_certificate_does_not_replace_its_live_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_readers_range_reassigned_completes_the_swarm() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = Arc::new(random_bytes(24 * PIECE as usize, 18));
-    let origin = Origin::start(data.clone()).await;
+    let (_tmp, data, origin, nodes, certs) = fixture(24 * PIECE as usize, 18, 3).await;
     // node-0 reaches the origin only through a connection that never
     // answers (a paused origin, as node-0 sees it).
     let paused = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -513,10 +469,6 @@ async fn a_stalled_readers_range_reassigned_completes_the_swarm() {
             held.push(s);
         }
     });
-    let nodes = nodes(tmp.path(), 3);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
     let opts = EngineOptions {
         retry_transient_origin: true,
         ..EngineOptions::default()

@@ -21,7 +21,7 @@ use peerfill_crds::nodefill::{
     ResolvedHttpSource, ResolvedSource, Role,
 };
 use peerfill_crds::{NODE_LABEL_VALUE, node_label_key};
-use peerfill_e2e::apiserver::{ApiServer, ApiServerOptions};
+use peerfill_e2e::apiserver::{ApiServer, ApiServerHandle, ApiServerOptions};
 use serde_json::json;
 
 const NODE: &str = "node-1";
@@ -123,9 +123,9 @@ fn assignment(url: &str, size: Option<u64>) -> Assignment {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
-    let root = tempfile::tempdir().expect("tempdir");
+/// The API stand-in with the CRDs, a kubeconfig for it under `root`, and
+/// the Node and NodeFill APIs.
+async fn start_api(root: &Path) -> (ApiServerHandle, PathBuf, Api<Node>, Api<NodeFill>) {
     let server = ApiServer::start(ApiServerOptions {
         crd_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")),
         bookmark_interval: Duration::from_secs(1),
@@ -133,11 +133,43 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
     })
     .await
     .expect("API stand-in");
-    let kubeconfig = root.path().join("kubeconfig");
+    let kubeconfig = root.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let client = server.client().expect("client");
-    let nodes: Api<Node> = Api::all(client.clone());
-    let fills: Api<NodeFill> = Api::all(client);
+    (
+        server,
+        kubeconfig,
+        Api::all(client.clone()),
+        Api::all(client),
+    )
+}
+
+/// Signs the certificate request the agent writes and answers it in
+/// spec.identity.
+async fn answer_identity(fills: &Api<NodeFill>, agent: &AgentProc) {
+    let csr = eventually(30, "the certificate request", agent, || async {
+        fills.get(NODE).await.ok()?.status?.certificate_request
+    })
+    .await;
+    let ca = ClusterCa::generate("test-ca").expect("ca");
+    let cert = ca
+        .sign_csr(&csr, NODE)
+        .expect("a valid request for this node");
+    let identity = json!({ "spec": { "identity": {
+        "certificate": cert,
+        "caCertificate": ca.cert_pem(),
+        "requestDigest": sha256_digest(csr.as_bytes()),
+    } } });
+    fills
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&identity))
+        .await
+        .expect("answer the request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (server, kubeconfig, nodes, fills) = start_api(root.path()).await;
 
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
@@ -169,23 +201,7 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
         .expect("create nodefill");
 
     // Identity: sign the request it writes, answer in spec.identity.
-    let csr = eventually(30, "the certificate request", &agent, || async {
-        fills.get(NODE).await.ok()?.status?.certificate_request
-    })
-    .await;
-    let ca = ClusterCa::generate("test-ca").expect("ca");
-    let cert = ca
-        .sign_csr(&csr, NODE)
-        .expect("a valid request for this node");
-    let identity = json!({ "spec": { "identity": {
-        "certificate": cert,
-        "caCertificate": ca.cert_pem(),
-        "requestDigest": sha256_digest(csr.as_bytes()),
-    } } });
-    fills
-        .patch(NODE, &PatchParams::default(), &Patch::Merge(&identity))
-        .await
-        .expect("answer the request");
+    answer_identity(&fills, &agent).await;
     let status = eventually(30, "AgentReady=True and an endpoint", &agent, || async {
         let st = fills.get(NODE).await.ok()?.status?;
         let ready = st
@@ -327,25 +343,14 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
 /// issued: what every scenario below starts from.
 struct Cluster {
     root: tempfile::TempDir,
-    server: peerfill_e2e::apiserver::ApiServerHandle,
+    server: ApiServerHandle,
     fills: Api<NodeFill>,
     agent: AgentProc,
 }
 
 async fn cluster() -> Cluster {
     let root = tempfile::tempdir().expect("tempdir");
-    let server = ApiServer::start(ApiServerOptions {
-        crd_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")),
-        bookmark_interval: Duration::from_secs(1),
-        ..ApiServerOptions::default()
-    })
-    .await
-    .expect("API stand-in");
-    let kubeconfig = root.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let client = server.client().expect("client");
-    let nodes: Api<Node> = Api::all(client.clone());
-    let fills: Api<NodeFill> = Api::all(client);
+    let (server, kubeconfig, nodes, fills) = start_api(root.path()).await;
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node", "metadata": { "name": NODE },
     }))
@@ -366,21 +371,7 @@ async fn cluster() -> Cluster {
         .await
         .expect("create nodefill");
     let agent = spawn_agent(&kubeconfig, root.path());
-    let csr = eventually(30, "the certificate request", &agent, || async {
-        fills.get(NODE).await.ok()?.status?.certificate_request
-    })
-    .await;
-    let ca = ClusterCa::generate("test-ca").expect("ca");
-    let cert = ca.sign_csr(&csr, NODE).expect("sign");
-    let identity = json!({ "spec": { "identity": {
-        "certificate": cert,
-        "caCertificate": ca.cert_pem(),
-        "requestDigest": sha256_digest(csr.as_bytes()),
-    } } });
-    fills
-        .patch(NODE, &PatchParams::default(), &Patch::Merge(&identity))
-        .await
-        .expect("answer the request");
+    answer_identity(&fills, &agent).await;
     Cluster {
         root,
         server,

@@ -129,6 +129,25 @@ fn set_conditions(
     }
 }
 
+/// The conditions of a Failed phase: Failed=True, Progressing and Complete
+/// False, all three with `reason` and `message`.
+fn set_failed(
+    st: &mut DistributionStatus,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    set_conditions(
+        st,
+        (false, reason, message.clone()),
+        (false, reason, message.clone()),
+        (true, reason, message),
+        generation,
+        now,
+    );
+}
+
 /// The status of a Distribution being deleted: the previous one with phase
 /// Deleting, `remaining` nodes still holding it.
 pub fn deleting_status(
@@ -176,14 +195,7 @@ fn no_work_status(
         ),
     };
     st.phase = Some(Phase::Failed);
-    set_conditions(
-        &mut st,
-        (false, reason, message.clone()),
-        (false, reason, message.clone()),
-        (true, reason, message),
-        generation,
-        now,
-    );
+    set_failed(&mut st, reason, message, generation, now);
     st
 }
 
@@ -370,14 +382,7 @@ pub fn aggregate(
                 ORIGIN_CHANGE_WINDOW_SECONDS
             );
             st.phase = Some(Phase::Failed);
-            set_conditions(
-                &mut st,
-                (false, REASON_ORIGIN_UNSTABLE, message.clone()),
-                (false, REASON_ORIGIN_UNSTABLE, message.clone()),
-                (true, REASON_ORIGIN_UNSTABLE, message),
-                generation,
-                now,
-            );
+            set_failed(&mut st, REASON_ORIGIN_UNSTABLE, message, generation, now);
             st.completion_time = None;
             return st;
         }
@@ -417,14 +422,7 @@ pub fn aggregate(
 
     let phase = if let Some(f) = origin_failure {
         let message = format!("{}: {} ({counts})", f.node, f.message);
-        set_conditions(
-            &mut st,
-            (false, &f.reason, message.clone()),
-            (false, &f.reason, message.clone()),
-            (true, &f.reason, message),
-            generation,
-            now,
-        );
+        set_failed(&mut st, &f.reason, message, generation, now);
         Phase::Failed
     } else if desired == 0 {
         let message = format!("the target selects no node with a ready agent{down_note}");
@@ -455,28 +453,14 @@ pub fn aggregate(
             "{}: {} ({counts}); the agents keep retrying",
             f.node, f.message
         );
-        set_conditions(
-            &mut st,
-            (false, &f.reason, message.clone()),
-            (false, &f.reason, message.clone()),
-            (true, &f.reason, message),
-            generation,
-            now,
-        );
+        set_failed(&mut st, &f.reason, message, generation, now);
         Phase::Failed
     } else if complete + failed_targets == desired {
         // Only local faults are left (origin faults failed above): the
         // failed nodes keep their assignments, and the agents retry, so a
         // node that recovers turns this back into Progressing.
         let message = format!("{} failed ({counts})", plural(failed_targets, "node"));
-        set_conditions(
-            &mut st,
-            (false, REASON_NODES_FAILED, message.clone()),
-            (false, REASON_NODES_FAILED, message.clone()),
-            (true, REASON_NODES_FAILED, message),
-            generation,
-            now,
-        );
+        set_failed(&mut st, REASON_NODES_FAILED, message, generation, now);
         Phase::Failed
     } else {
         let (reason, message, waiting) = if let Some(d) = &plan.disagreement {
@@ -950,6 +934,78 @@ mod tests {
             assert_eq!(cond(&st, c).reason, main, "{what}");
             assert_eq!(st.failing_nodes.len(), 1, "{what}");
             assert_eq!(st.failing_nodes[0].node, failing, "{what}");
+        }
+    }
+
+    #[test]
+    fn an_origin_down_for_every_reader_fails_until_it_answers() {
+        // Both nodes read the origin. One world through the steps, each
+        // status written back as the shell does: (what, a's and b's
+        // failure reason or downloading, expected phase, Failed
+        // condition's status, main reason).
+        const DOWN: Option<&str> = Some("OriginUnreachable");
+        const UP: Option<&str> = None;
+        let steps = [
+            (
+                "every reader finds the origin down",
+                DOWN,
+                DOWN,
+                Phase::Failed,
+                "True",
+                "OriginUnreachable",
+            ),
+            (
+                "one reader answered, the other still finds it down",
+                UP,
+                DOWN,
+                Phase::Progressing,
+                "False",
+                "OriginUnreachable",
+            ),
+            (
+                "both readers answered",
+                UP,
+                UP,
+                Phase::Progressing,
+                "False",
+                REASON_TRANSFERRING,
+            ),
+        ];
+        let mut w = world(
+            vec![http_dist("d", "u", 2)],
+            vec![node("a", &[]), node("b", &[])],
+            &["a", "b"],
+        );
+        let plan = plan_distribution(&w.distributions[0], &w).unwrap();
+        let mut readers: Vec<&str> = plan.readers.iter().map(|r| r.node.as_str()).collect();
+        readers.sort_unstable();
+        assert_eq!(readers, ["a", "b"]);
+        for (what, a, b, phase, failed, main) in steps {
+            for (n, reason) in [("a", a), ("b", b)] {
+                match reason {
+                    Some(reason) => fail(&mut w, n, reason),
+                    None => edit_report(&mut w, n, "u", |e| {
+                        e.phase = NodePhase::Downloading;
+                        e.reason = None;
+                        e.message = None;
+                        e.size = Some(10);
+                        e.bytes_done = 5;
+                    }),
+                }
+            }
+            let st = status_of(&w);
+            assert_eq!(st.phase, Some(phase), "{what}");
+            let f = cond(&st, CONDITION_FAILED);
+            assert_eq!(f.status, failed, "{what}");
+            let c = match phase {
+                Phase::Failed => f,
+                _ => cond(&st, CONDITION_PROGRESSING),
+            };
+            assert_eq!(c.reason, main, "{what}");
+            assert_eq!(st.origin_revision, Some(0), "{what}");
+            let mut d = (*w.distributions[0]).clone();
+            d.status = Some(st);
+            w.distributions[0] = Arc::new(d);
         }
     }
 

@@ -659,7 +659,19 @@ async fn status_where(
     .await
 }
 
-async fn identity() -> Result<()> {
+/// An operator ("op-a") over two `pool: gpu` nodes whose fake agents
+/// (endpoints on ports `port` and `port + 1`) have joined and send
+/// heartbeats.
+struct GpuPair {
+    _api: ApiServerHandle,
+    operator: Operator,
+    fills: Api<NodeFill>,
+    dists: Api<Distribution>,
+    agents: BTreeMap<String, FakeAgent>,
+    heartbeats: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn gpu_pair(port: u16) -> Result<GpuPair> {
     let api = start_api().await?;
     let client = api.client()?;
     for name in ["gpu-1", "gpu-2"] {
@@ -670,12 +682,31 @@ async fn identity() -> Result<()> {
     let mut agents = BTreeMap::new();
     let mut heartbeats = Vec::new();
     for (i, name) in ["gpu-1", "gpu-2"].iter().enumerate() {
-        let agent = FakeAgent::new(&client, name, 7101 + i as u16)?;
+        let agent = FakeAgent::new(&client, name, port + i as u16)?;
         agent.join().await?;
         heartbeats.push(agent.heartbeat());
         agents.insert(name.to_string(), agent);
     }
     let dists: Api<Distribution> = Api::namespaced(client.clone(), "default");
+    Ok(GpuPair {
+        _api: api,
+        operator,
+        fills,
+        dists,
+        agents,
+        heartbeats,
+    })
+}
+
+async fn identity() -> Result<()> {
+    let GpuPair {
+        _api,
+        operator,
+        fills,
+        dists,
+        agents,
+        heartbeats,
+    } = gpu_pair(7101).await?;
     let d1 = dists
         .create(&PostParams::default(), &distribution("d1", 1))
         .await?;
@@ -853,22 +884,14 @@ async fn a_reader_with_a_local_fault_is_replaced_and_blocks_no_one() -> Result<(
 }
 
 async fn local_fault() -> Result<()> {
-    let api = start_api().await?;
-    let client = api.client()?;
-    for name in ["gpu-1", "gpu-2"] {
-        create_node(&client, name, &[("pool", "gpu")], false).await?;
-    }
-    let operator = start_operator(&client, "op-a")?;
-    let fills: Api<NodeFill> = Api::all(client.clone());
-    let mut agents = BTreeMap::new();
-    let mut heartbeats = Vec::new();
-    for (i, name) in ["gpu-1", "gpu-2"].iter().enumerate() {
-        let agent = FakeAgent::new(&client, name, 7201 + i as u16)?;
-        agent.join().await?;
-        heartbeats.push(agent.heartbeat());
-        agents.insert(name.to_string(), agent);
-    }
-    let dists: Api<Distribution> = Api::namespaced(client.clone(), "default");
+    let GpuPair {
+        _api,
+        operator,
+        fills,
+        dists,
+        agents,
+        heartbeats,
+    } = gpu_pair(7201).await?;
     let d = dists
         .create(&PostParams::default(), &distribution("full", 1))
         .await?;
