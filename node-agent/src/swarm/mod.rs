@@ -750,16 +750,37 @@ async fn dial_loop(shared: Arc<Shared>, node: String) {
         }
         let existing = lock(&shared.conns).get(&node).map(|c| c.conn.clone());
         if let Some(conn) = existing {
+            if conn.close_reason().is_none() {
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+                backoff = Duration::from_millis(200);
+                continue;
+            }
+            // Closed, but its task has not dropped it from the map yet:
+            // `closed()` would be ready at once and this loop would spin
+            // without ever yielding, starving the runtime. Drop the stale
+            // entry and wait before redialing.
+            {
+                let mut conns = lock(&shared.conns);
+                if conns
+                    .get(&node)
+                    .is_some_and(|pc| pc.conn.stable_id() == conn.stable_id())
+                {
+                    conns.remove(&node);
+                }
+            }
             tokio::select! {
-                _ = conn.closed() => {}
+                _ = tokio::time::sleep(backoff) => {}
                 _ = shared.shutdown.cancelled() => {}
             }
-            backoff = Duration::from_millis(200);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
             continue;
         }
         match dial(&shared, &node, addr).await {
             Ok(conn) => {
-                backoff = Duration::from_millis(200);
+                let began = tokio::time::Instant::now();
                 run_connection(shared.clone(), conn.clone(), node.clone(), true).await;
                 if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason()
                     && c.error_code == close::BANNED
@@ -767,6 +788,17 @@ async fn dial_loop(shared: Arc<Shared>, node: String) {
                     warn!(peer = %node, "the peer banned this node; not redialing");
                     lock(&shared.dial_targets).remove(&node);
                     return;
+                }
+                if began.elapsed() < Duration::from_secs(1) {
+                    // Closed at once (e.g. refused as a duplicate of a live
+                    // connection): back off rather than redial in a loop.
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shared.shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                } else {
+                    backoff = Duration::from_millis(200);
                 }
             }
             Err(e) => {
