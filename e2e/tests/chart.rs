@@ -1248,7 +1248,7 @@ fn chart_crds_equal_generated_crds() -> Result<()> {
 /// downward-API value (a sample of the right shape here).
 fn expand_env_refs(arg: &str) -> String {
     [
-        ("$(POD_IP)", "10.244.0.7"),
+        ("$(POD_IP)", "198.18.0.7"),
         ("$(NODE_NAME)", "node-a"),
         ("$(POD_NAME)", "pod-a"),
         ("$(POD_NAMESPACE)", "peerfill-system"),

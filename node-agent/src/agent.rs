@@ -1246,20 +1246,13 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     };
     // Nothing at the destination is trusted by its size: only a seeder's
     // source is served as it is (it IS the source, and is hashed below).
-    let partial_dir = cfg.data_dir.join(PARTIAL_DIR);
     let store = match &seed_path {
         Some(p) if outside_root(&cfg.data_dir, p) => PieceStore::open_complete(p, layout),
         Some(p) => data_root
             .user_rel_of(p)
             .map_err(StoreError::from)
             .and_then(|rel| PieceStore::open_complete_in(&data_root, &rel, layout)),
-        None => {
-            let (dir, id) = (partial_dir.clone(), c.id.clone());
-            match tokio::task::spawn_blocking(move || PieceStore::open(&dir, &id, layout)).await {
-                Ok(r) => r,
-                Err(e) => Err(StoreError::Join(e)),
-            }
-        }
+        None => PieceStore::open_in_async(&data_root, &c.id, layout).await,
     }
     .map_err(|e| Failure::new(store_reason(&e), e.to_string()))?;
     let liar = cfg.fault == Some(Fault::CorruptUploads);

@@ -260,7 +260,7 @@ mod tests {
         let mut with = base.to_vec();
         with.extend([
             "--metrics-bind-address",
-            "10.1.2.3",
+            "198.18.1.3",
             "--allow-private-origins",
         ]);
         let Command::Node(n) = parse(&with).unwrap().command else {
@@ -269,7 +269,7 @@ mod tests {
         assert!(n.args.allow_private_origins);
         assert_eq!(
             n.exposure.metrics_addr(n.args.metrics),
-            "10.1.2.3:9464".parse::<SocketAddr>().unwrap()
+            "198.18.1.3:9464".parse::<SocketAddr>().unwrap()
         );
         with.extend(["--metrics-bind-address", "not-an-ip"]);
         assert!(parse(&with).is_err());

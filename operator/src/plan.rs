@@ -216,6 +216,18 @@ pub fn version_key(dist: &Distribution) -> String {
     .to_string()
 }
 
+/// The root the user pinned: a `blake3:` digest is the content's BLAKE3
+/// root already (a `sha256:` one is not a root; agents check it over the
+/// finished file).
+pub fn user_root(dist: &Distribution) -> Option<String> {
+    dist.spec
+        .source
+        .http
+        .as_ref()
+        .and_then(|h| h.digest.clone())
+        .filter(|d| d.starts_with("blake3:"))
+}
+
 /// The origin revision a Distribution is at (`status.originRevision`).
 pub fn origin_revision(dist: &Distribution) -> u32 {
     dist.status
@@ -366,14 +378,7 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
     let chosen = names.clone();
     let readers = reader_ranges(names, size, dist.spec.strategy.piece_size);
 
-    let user_root = dist
-        .spec
-        .source
-        .http
-        .as_ref()
-        .and_then(|h| h.digest.clone())
-        .filter(|d| d.starts_with("blake3:"));
-    let manifest_digest = user_root
+    let manifest_digest = user_root(dist)
         .or_else(|| current.and_then(|a| a.manifest_digest.clone()))
         .or_else(|| {
             size?;

@@ -313,12 +313,11 @@ mod tests {
             ("http://[fe80::1]/", true),
             ("http://[fd00:ec2::254]/", true),
             ("http://[::ffff:127.0.0.1]/", true),
-            ("https://10.0.0.5/model.bin", false),
-            ("https://192.168.1.2/model.bin", false),
+            ("https://198.18.0.5/model.bin", false),
+            ("https://198.19.1.2/model.bin", false),
             ("https://[fd12::1]/model.bin", false),
             ("https://origin.example.com/model.bin", false),
-            ("https://8.8.8.8/", false),
-            ("https://100.100.100.201/", false),
+            ("https://198.18.100.201/", false),
         ] {
             let got = private_origin(url);
             assert_eq!(got.is_some(), refused, "{url}: {got:?}");

@@ -393,13 +393,7 @@ pub fn aggregate(
         st.content_id = Some(new_id);
         st.size = None;
         st.origin_version = None;
-        st.manifest_digest = dist
-            .spec
-            .source
-            .http
-            .as_ref()
-            .and_then(|h| h.digest.clone())
-            .filter(|d| d.starts_with("blake3:"));
+        st.manifest_digest = crate::plan::user_root(dist);
         st.complete_nodes = Some(0);
         st.failed_nodes = Some(0);
         st.failing_nodes = Vec::new();
