@@ -1,0 +1,144 @@
+//! Reuse of files already on disk (the destination, a previous version's
+//! file): every piece that verifies against a trusted hash is taken from
+//! them instead of the network.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tracing::{info, warn};
+
+use crate::content::{self, Layout};
+use crate::fsroot::DataRoot;
+use crate::swarm::Fill;
+
+/// Takes pieces from files already on disk (`sources`: the destination, a
+/// previous version's file): as each missing piece's hash becomes trusted,
+/// its byte range is read from each source in turn, verified against that
+/// hash, and stored (counted as reused, not fetched). A mismatching piece is
+/// simply fetched as usual. Only regular files are read, never through a
+/// symlink.
+pub(super) async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>>) {
+    /// Releases whatever is still held back, however the task ends.
+    struct Release(Arc<Fill>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.reuse_finished();
+        }
+    }
+    let _release = Release(fill.clone());
+    let layout = fill.layout();
+    let mut untried: Vec<u32> = (0..layout.piece_count())
+        .filter(|p| !fill.store.has(*p))
+        .collect();
+    let mut reused = 0u64;
+    while !untried.is_empty() && !fill.is_complete() {
+        let changed = fill.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (ready, rest): (Vec<u32>, Vec<u32>) = untried
+            .into_iter()
+            .partition(|p| fill.store.has(*p) || fill.hash(*p).is_some());
+        untried = rest;
+        for piece in ready {
+            if fill.is_closed() {
+                return;
+            }
+            let Some(hash) = fill.hash(piece).filter(|_| !fill.store.has(piece)) else {
+                fill.reuse_tried(piece);
+                continue;
+            };
+            let range = layout.piece_range(piece);
+            for file in &files {
+                let file = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; (range.end - range.start) as usize];
+                    file.read_exact_at(&mut buf, range.start).ok()?;
+                    let ok = content::verify_piece(&layout, piece, &buf, &hash).is_ok();
+                    ok.then(|| bytes::Bytes::from(buf))
+                })
+                .await;
+                let Ok(Some(data)) = read else { continue };
+                let len = data.len() as u64;
+                match fill.store_verified(None, &me, piece, data, None).await {
+                    Ok(true) => {
+                        reused += 1;
+                        fill.stats.reused_pieces.fetch_add(1, Ordering::Relaxed);
+                        fill.stats.bytes_reused.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        // The fetch path meets the same fault and reports it.
+                        warn!(content = %fill.spec.id, piece, error = %e, "cannot store a reused piece");
+                        return;
+                    }
+                }
+                break;
+            }
+            fill.reuse_tried(piece);
+        }
+        if untried.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = fill.closed() => return,
+        }
+    }
+    if reused > 0 {
+        info!(content = %fill.spec.id, reused, "pieces reused from files on disk");
+    }
+}
+
+/// A whole file that merges to the pinned root is this content: its hashes
+/// are trusted at once (no authority needed, and an origin reader need not
+/// re-read its range after a restart). Done before any origin read starts.
+pub(super) async fn trust_verified_file(
+    fill: &Fill,
+    me: &str,
+    files: &[Arc<std::fs::File>],
+) -> bool {
+    let Some(root) = fill.pinned_root() else {
+        return false;
+    };
+    let layout = fill.layout();
+    for file in files {
+        if file.metadata().map(|m| m.len()).ok() != Some(layout.size) {
+            continue;
+        }
+        let f = file.clone();
+        let hashes = tokio::task::spawn_blocking(move || hash_file(&f, &layout)).await;
+        if let Ok(Some(hashes)) = hashes
+            && content::root_from_pieces(&layout, &hashes).ok() == Some(root)
+        {
+            info!(content = %fill.spec.id, "a file on disk is the pinned content; its hashes are trusted");
+            let entries: Vec<(u32, content::PieceHash)> = (0u32..).zip(hashes).collect();
+            fill.own_hashes(me, &entries);
+            return true;
+        }
+    }
+    false
+}
+
+/// The piece hashes of a whole file (None if it cannot be read).
+fn hash_file(file: &std::fs::File, layout: &Layout) -> Option<Vec<content::PieceHash>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; layout.piece_size as usize];
+    (0..layout.piece_count())
+        .map(|i| {
+            let r = layout.piece_range(i);
+            let b = &mut buf[..(r.end - r.start) as usize];
+            file.read_exact_at(b, r.start).ok()?;
+            Some(content::piece_hash(layout, i, b))
+        })
+        .collect()
+}
+
+/// Opens `path` (beneath the data root) for reading if it is a regular file
+/// reached without following a symlink in any component.
+pub(super) fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<std::fs::File> {
+    let rel = root.user_rel_of(path).ok()?;
+    let file = root.open_read(&rel).ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
+}
