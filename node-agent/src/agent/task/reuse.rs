@@ -1,6 +1,7 @@
-//! Reuse of files already on disk (the destination, a previous version's
-//! file): every piece that verifies against a trusted hash is taken from
-//! them instead of the network.
+//! Phase 2 of an attempt: reuse of files already on disk (the destination,
+//! a previous version's file). Every piece that verifies against a trusted
+//! hash is taken from them instead of the network; a whole file that merges
+//! to the pinned root is trusted at once.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,13 +13,55 @@ use crate::content::{self, Layout};
 use crate::fsroot::DataRoot;
 use crate::swarm::Fill;
 
+use super::super::{ContentConfig, dest_path};
+use super::AbortOnDrop;
+
+/// The files to reuse pieces from: the destination, then the `reuseFrom`
+/// paths, each a regular file beneath the data root.
+pub(super) fn sources(
+    root: &DataRoot,
+    data_dir: &Path,
+    c: &ContentConfig,
+    dest: &Path,
+) -> Vec<Arc<std::fs::File>> {
+    std::iter::once(dest.to_path_buf())
+        .chain(
+            c.reuse_from
+                .iter()
+                .filter_map(|p| dest_path(data_dir, p).ok()),
+        )
+        .filter_map(|p| open_reuse_source(root, &p).map(Arc::new))
+        .collect()
+}
+
+/// Starts reusing `files`: a file that is the pinned content is taken whole
+/// before anything is read elsewhere; otherwise pieces are tried in the
+/// background as their hashes become trusted (the task stops with the
+/// returned guard).
+pub(super) async fn start(
+    fill: &Arc<Fill>,
+    me: &str,
+    mut files: Vec<Arc<std::fs::File>>,
+) -> Option<AbortOnDrop<()>> {
+    if trust_verified_file(fill, me, &files).await {
+        // Every hash is known: take the whole file before reading anything.
+        reuse_pieces(fill.clone(), me.to_string(), std::mem::take(&mut files)).await;
+    }
+    (!files.is_empty()).then(|| {
+        let (fill, me) = (fill.clone(), me.to_string());
+        AbortOnDrop(tokio::spawn(
+            async move { reuse_pieces(fill, me, files).await },
+        ))
+    })
+}
+
 /// Takes pieces from files already on disk (`sources`: the destination, a
 /// previous version's file): as each missing piece's hash becomes trusted,
 /// its byte range is read from each source in turn, verified against that
 /// hash, and stored (counted as reused, not fetched). A mismatching piece is
 /// simply fetched as usual. Only regular files are read, never through a
 /// symlink.
-pub(super) async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>>) {
+async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>>) {
     /// Releases whatever is still held back, however the task ends.
     struct Release(Arc<Fill>);
     impl Drop for Release {
@@ -94,11 +137,7 @@ pub(super) async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std
 /// A whole file that merges to the pinned root is this content: its hashes
 /// are trusted at once (no authority needed, and an origin reader need not
 /// re-read its range after a restart). Done before any origin read starts.
-pub(super) async fn trust_verified_file(
-    fill: &Fill,
-    me: &str,
-    files: &[Arc<std::fs::File>],
-) -> bool {
+async fn trust_verified_file(fill: &Fill, me: &str, files: &[Arc<std::fs::File>]) -> bool {
     let Some(root) = fill.pinned_root() else {
         return false;
     };
@@ -137,7 +176,7 @@ fn hash_file(file: &std::fs::File, layout: &Layout) -> Option<Vec<content::Piece
 
 /// Opens `path` (beneath the data root) for reading if it is a regular file
 /// reached without following a symlink in any component.
-pub(super) fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<std::fs::File> {
+fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<std::fs::File> {
     let rel = root.user_rel_of(path).ok()?;
     let file = root.open_read(&rel).ok()?;
     file.metadata().ok()?.is_file().then_some(file)

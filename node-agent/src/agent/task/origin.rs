@@ -1,0 +1,159 @@
+//! Phase 3 of an attempt, for an origin reader: it is the authority of the
+//! piece hashes of its ranges, so it re-hashes what it already holds of them
+//! (resume), then reads the rest from the origin over HTTP, while the swarm
+//! fetches everything else from peers. Transient origin failures are shown
+//! in the status and retried when the engine retries.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backon::Retryable;
+use tracing::{info, warn};
+
+use crate::origin::{OriginClient, OriginError};
+use crate::swarm::{Authority, Fill, OriginReadError, read_origin_range, seed_hashes};
+
+use super::super::Phase;
+use super::super::engine::Engine;
+use super::super::failure::{Failure, origin_failure, version_conflict};
+use super::{AbortOnDrop, ContentRun, retry_backoff};
+
+/// The background task reading this node's ranges from the origin.
+pub(super) type ReaderTask = AbortOnDrop<Result<(), OriginReadError>>;
+
+/// For an origin reader: re-hashes what it holds of its ranges, then starts
+/// reading the rest. `None` when this node reads nothing.
+pub(super) async fn start_reader(
+    run: &Arc<ContentRun>,
+    engine: &Engine,
+    fill: &Arc<Fill>,
+    origin: Option<OriginClient>,
+    authority: &Authority,
+) -> Result<Option<ReaderTask>, Failure> {
+    let (Some(client), Authority::Readers(rs)) = (origin, authority) else {
+        return Ok(None);
+    };
+    let inner = &engine.inner;
+    let me = inner.cfg.node.as_str();
+    for (_, range) in rs.iter().filter(|(n, _)| n == me) {
+        seed_hashes(fill, me, range.clone())
+            .await
+            .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+    }
+    let mine: Vec<_> = rs
+        .iter()
+        .filter(|(n, _)| n == me)
+        .map(|(_, r)| r.clone())
+        .collect();
+    if mine.is_empty() {
+        return Ok(None);
+    }
+    let (fill, me, limiter, metrics, run) = (
+        fill.clone(),
+        me.to_string(),
+        inner.origin_limiter.clone(),
+        inner.metrics.clone(),
+        run.clone(),
+    );
+    let retry = inner.opts.retry_transient_origin;
+    let concurrency = inner.cfg.tuning.origin_concurrency;
+    Ok(Some(AbortOnDrop(tokio::spawn(async move {
+        for range in mine {
+            with_origin_retry(&run, retry, Phase::Fetching, || {
+                read_origin_range(
+                    fill.clone(),
+                    me.clone(),
+                    client.clone(),
+                    range.clone(),
+                    concurrency,
+                    limiter.clone(),
+                    metrics.clone(),
+                )
+            })
+            .await?;
+        }
+        Ok::<(), OriginReadError>(())
+    }))))
+}
+
+/// Waits until the reader has read its ranges or the content is complete
+/// without it (the reader is then stopped), or the published origin version
+/// turns out not to be the one it read.
+pub(super) async fn await_reader(
+    run: &ContentRun,
+    fill: &Fill,
+    mut task: ReaderTask,
+) -> Result<(), Failure> {
+    let result = tokio::select! {
+        r = &mut task.0 => r,
+        _ = fill.wait_complete() => Ok(Ok(())),
+        _ = run.origin_conflict.cancelled() => return Err(version_conflict(run)),
+    };
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(OriginReadError::Origin(oe))) => Err(origin_failure(run, oe)),
+        Ok(Err(e)) => Err(Failure::new(e.reason(), e.to_string())),
+        Err(e) => Err(Failure::new("InternalError", e.to_string())),
+    }
+}
+
+/// Runs `op` until it succeeds; a transient origin failure is shown as
+/// Failed with its reason and retried after a capped exponential backoff
+/// when the engine retries (otherwise it is returned).
+pub(super) async fn with_origin_retry<T, E, F, Fut>(
+    run: &ContentRun,
+    retry: bool,
+    resume_phase: Phase,
+    op: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: OriginFailure,
+{
+    let failed = AtomicBool::new(false);
+    let result = op
+        .retry(retry_backoff())
+        .sleep(tokio::time::sleep)
+        .when(|e: &E| retry && e.transient())
+        .notify(|e: &E, wait: Duration| {
+            warn!(content = %run.cfg.id, reason = e.reason_str(), error = %e, retry_in = ?wait, "origin failed; retrying");
+            run.set(
+                Phase::Failed,
+                Some(e.reason_str()),
+                Some(format!("{e} (retrying in {}s)", wait.as_secs().max(1))),
+            );
+            failed.store(true, Ordering::Relaxed);
+        })
+        .await;
+    if result.is_ok() && failed.load(Ordering::Relaxed) {
+        info!(content = %run.cfg.id, "origin reachable again");
+        run.set(resume_phase, None, None);
+    }
+    result
+}
+
+/// Origin errors as [`with_origin_retry`] sees them.
+pub(super) trait OriginFailure: std::fmt::Display {
+    fn transient(&self) -> bool;
+    fn reason_str(&self) -> &'static str;
+}
+
+impl OriginFailure for OriginError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+    fn reason_str(&self) -> &'static str {
+        self.reason()
+    }
+}
+
+impl OriginFailure for OriginReadError {
+    fn transient(&self) -> bool {
+        matches!(self, OriginReadError::Origin(e) if e.is_transient())
+    }
+    fn reason_str(&self) -> &'static str {
+        self.reason()
+    }
+}
