@@ -11,6 +11,7 @@ pub mod fsroot;
 pub mod metrics;
 pub mod origin;
 pub mod ratelimit;
+pub mod retry;
 pub mod store;
 pub mod tls;
 

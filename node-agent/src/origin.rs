@@ -567,11 +567,7 @@ impl OriginClient {
         Fut: std::future::Future<Output = Result<T, OriginError>>,
     {
         use backon::Retryable;
-        let policy = backon::ExponentialBuilder::default()
-            .with_min_delay(self.opts.initial_backoff)
-            .with_max_delay(self.opts.max_backoff)
-            .with_factor(2.0)
-            .with_jitter()
+        let policy = crate::retry::Policy::new(self.opts.initial_backoff, self.opts.max_backoff)
             .with_max_times(self.opts.max_retries as usize);
         let mut tries = 0u32;
         (|| {

@@ -1,8 +1,6 @@
 //! Enrollment: the certificate request written into the NodeFill status
 //! until the operator answers it in the spec.
 
-use std::time::Duration;
-
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -12,6 +10,7 @@ use super::is_not_found;
 use super::report;
 use super::reporter::Reporter;
 use super::watch::FillRx;
+use crate::retry::{self, Backoff};
 use crate::tls;
 
 /// Writes the request until the operator answers it; `None` on shutdown.
@@ -21,7 +20,9 @@ pub(super) async fn wait_for_identity(
     fill_rx: &mut FillRx,
     shutdown: &CancellationToken,
 ) -> Option<tls::NodeIdentity> {
-    let mut backoff = Duration::from_secs(1);
+    // Polls at the policy's first wait; a refused write waits longer.
+    let mut backoff = Backoff::new(retry::ENROLL);
+    let mut wait = retry::ENROLL.min;
     let mut written: Option<Instant> = None;
     let mut refused: Option<String> = None;
     loop {
@@ -48,14 +49,15 @@ pub(super) async fn wait_for_identity(
             match reporter.write_request().await {
                 Ok(()) => {
                     written = Some(Instant::now());
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
+                    wait = retry::ENROLL.min;
                 }
                 Err(e) if is_not_found(&e) => {
                     debug!("NodeFill not there yet");
                 }
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "cannot write the certificate request");
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "cannot write the certificate request");
                 }
             }
         } else if current.is_none() {
@@ -63,7 +65,7 @@ pub(super) async fn wait_for_identity(
         }
         tokio::select! {
             _ = fill_rx.changed() => {}
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return None,
         }
     }

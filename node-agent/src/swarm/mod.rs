@@ -732,7 +732,7 @@ async fn dial_loop(shared: Arc<Shared>, node: String) {
             _ = shared.shutdown.cancelled() => return,
         }
     }
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = crate::retry::Backoff::new(crate::retry::DIAL);
     loop {
         let addr = {
             let mut targets = lock(&shared.dial_targets);
@@ -755,7 +755,7 @@ async fn dial_loop(shared: Arc<Shared>, node: String) {
                     _ = conn.closed() => {}
                     _ = shared.shutdown.cancelled() => {}
                 }
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 continue;
             }
             // Closed, but its task has not dropped it from the map yet:
@@ -771,11 +771,7 @@ async fn dial_loop(shared: Arc<Shared>, node: String) {
                     conns.remove(&node);
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shared.shutdown.cancelled() => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff.sleep(&shared.shutdown).await;
             continue;
         }
         match dial(&shared, &node, addr).await {
@@ -792,22 +788,14 @@ async fn dial_loop(shared: Arc<Shared>, node: String) {
                 if began.elapsed() < Duration::from_secs(1) {
                     // Closed at once (e.g. refused as a duplicate of a live
                     // connection): back off rather than redial in a loop.
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shared.shutdown.cancelled() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff.sleep(&shared.shutdown).await;
                 } else {
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                 }
             }
             Err(e) => {
                 debug!(peer = %node, %addr, error = %e, "dial failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.shutdown.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.sleep(&shared.shutdown).await;
             }
         }
     }

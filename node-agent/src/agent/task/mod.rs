@@ -16,11 +16,9 @@ mod seed;
 mod state;
 
 use std::sync::Arc;
-use std::time::Duration;
-
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tracing::warn;
 
+use crate::retry::{self, Backoff};
 use crate::swarm::Fill;
 
 use super::Phase;
@@ -38,32 +36,14 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// First wait before retrying an origin that failed transiently, or a
-/// content stopped by a local fault.
-const RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest wait between two such attempts.
-const RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// The capped exponential backoff of the engine's retries (transient origin
-/// failures, local faults): 1 s doubling to 60 s, with jitter so nodes that
-/// failed together do not retry together.
-fn retry_backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN)
-        .with_max_delay(RETRY_MAX)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-}
-
 /// Fills or seeds one content until complete or failed for good. Each
 /// attempt builds a fresh fill; an attempt that stops on a local fault
-/// (and, in a long-running agent, only then) is retried with capped
-/// exponential backoff, the partial file kept, so the content resumes by
+/// (and, in a long-running agent, only then) is retried with the capped
+/// exponential backoff of [`retry::ENGINE`], the partial file kept, so the content resumes by
 /// itself once the fault is gone.
 pub(super) async fn content_task(run: Arc<ContentRun>, engine: Engine) {
     let retry = engine.inner.opts.retry_transient_origin;
-    let mut backoff = retry_backoff().build();
+    let mut backoff = Backoff::new(retry::ENGINE);
     loop {
         let failure = match content_attempt(&run, &engine).await {
             Ok(()) => return,
@@ -80,7 +60,7 @@ pub(super) async fn content_task(run: Arc<ContentRun>, engine: Engine) {
             run.fail(failure.reason, failure.message);
             return;
         }
-        let wait = backoff.next().unwrap_or(RETRY_MAX);
+        let wait = backoff.next_delay();
         warn!(content = %run.cfg.id, reason = failure.reason, error = %failure.message, retry_in = ?wait, "local fault; retrying");
         run.set(
             Phase::Failed,

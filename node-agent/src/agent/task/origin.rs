@@ -12,12 +12,13 @@ use backon::Retryable;
 use tracing::{info, warn};
 
 use crate::origin::{OriginClient, OriginError};
+use crate::retry;
 use crate::swarm::{Authority, Fill, OriginReadError, read_origin_range, seed_hashes};
 
 use super::super::Phase;
 use super::super::engine::Engine;
 use super::super::failure::{Failure, origin_failure, version_conflict};
-use super::{AbortOnDrop, ContentRun, retry_backoff};
+use super::{AbortOnDrop, ContentRun};
 
 /// The background task reading this node's ranges from the origin.
 pub(super) type ReaderTask = AbortOnDrop<Result<(), OriginReadError>>;
@@ -114,7 +115,7 @@ where
 {
     let failed = AtomicBool::new(false);
     let result = op
-        .retry(retry_backoff())
+        .retry(retry::ENGINE)
         .sleep(tokio::time::sleep)
         .when(|e: &E| retry && e.transient())
         .notify(|e: &E, wait: Duration| {
