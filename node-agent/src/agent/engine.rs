@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::content::Digest;
 use crate::fsroot::DataRoot;
@@ -155,7 +155,8 @@ impl Engine {
                 status_stop: CancellationToken::new(),
             }),
         };
-        tokio::spawn(status_loop(engine.clone()));
+        let span = info_span!("status_writer", dir = %engine.inner.status_dir.display());
+        tokio::spawn(status_loop(engine.clone()).instrument(span));
         Ok(engine)
     }
 
@@ -207,7 +208,10 @@ impl Engine {
             self.inner.cfg.node.clone(),
             self.inner.changed.clone(),
         ));
-        let task = tokio::spawn(content_task(run.clone(), self.clone()));
+        // One span per content task: its logs (and its helpers') carry the
+        // content id and path.
+        let span = info_span!("content", id = %c.id, path = %c.path.display());
+        let task = tokio::spawn(content_task(run.clone(), self.clone()).instrument(span));
         contents.insert(
             c.id.clone(),
             Running {

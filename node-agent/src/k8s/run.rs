@@ -10,7 +10,7 @@ use kube::{Client, Resource, ResourceExt};
 use peerfill_crds::nodefill::NodeFill;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::enroll::wait_for_identity;
 use super::identity::{self, Request};
@@ -73,8 +73,9 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     let request = Request::load_or_generate(&args.node_name, &args.identity_dir)?;
     info!(node = %args.node_name, digest = %request.digest, "certificate requested");
     let mut reporter = Reporter::new(fills.clone(), client, &args, request.clone(), zone);
-    let Some(mut identity) =
-        wait_for_identity(&mut reporter, &request, &mut fill_rx, &shutdown).await
+    let Some(mut identity) = wait_for_identity(&mut reporter, &request, &mut fill_rx, &shutdown)
+        .instrument(info_span!("enroll", node = %args.node_name))
+        .await
     else {
         stop_watch.cancel();
         return Ok(());
@@ -105,6 +106,8 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
     reporter.ready_since = Some(now_time());
     health.set_endpoint_up(true);
     let mut renewer = identity::Renewer::new(&args.node_name, &args.identity_dir);
+    // Renewal runs inside the main loop (no await): its steps log in this span.
+    let renewal = info_span!("renewal", node = %args.node_name);
     let mut progress_seen: HashMap<String, (u64, Instant)> = HashMap::new();
 
     let mut agent = NodeAgent {
@@ -140,14 +143,14 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
                         .filter_map(|p| Some((p.node.clone(), p.certificate_fingerprint.clone()?))),
                 );
                 if let Some(issued) = &nf.spec.identity {
-                    match renewer.on_issued(&mut identity, issued) {
+                    renewal.in_scope(|| match renewer.on_issued(&mut identity, issued) {
                         Ok(true) => match identity.fingerprint() {
                             Ok(f) => agent.reporter.fingerprint = Some(f),
                             Err(e) => warn!(error = %e, "fingerprint of the renewed certificate"),
                         },
                         Ok(false) => {}
                         Err(e) => warn!(error = %e, "cannot take the renewed certificate"),
-                    }
+                    });
                 }
                 agent.reconcile(&nf.spec).await;
                 agent.last_spec = Some(nf.spec.clone());
@@ -158,13 +161,15 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         agent.finish_swaps();
         // Short-lived certificates: ask for the next one ahead of expiry
         // (published with the next status write).
-        match renewer.due_request(&identity, std::time::SystemTime::now()) {
-            Ok(Some(req)) if req.digest != agent.reporter.request.digest => {
-                agent.reporter.request = req.clone();
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot prepare the certificate renewal"),
-        }
+        renewal.in_scope(
+            || match renewer.due_request(&identity, std::time::SystemTime::now()) {
+                Ok(Some(req)) if req.digest != agent.reporter.request.digest => {
+                    agent.reporter.request = req.clone();
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot prepare the certificate renewal"),
+            },
+        );
         mark_stuck(&engine, &health, &mut progress_seen);
         let due = agent.report().await;
 

@@ -9,7 +9,7 @@ use kube::runtime::watcher::{self, Event};
 use peerfill_crds::nodefill::NodeFill;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{Instrument, info_span, warn};
 
 use crate::metrics;
 
@@ -26,7 +26,8 @@ pub(super) fn watch_nodefill(
     health: metrics::Health,
 ) -> FillRx {
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
+    let span = info_span!("nodefill_watch", node = %node);
+    let watch = async move {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
         let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
         let mut listed = false;
@@ -58,6 +59,7 @@ pub(super) fn watch_nodefill(
                 Err(e) => warn!(error = %e, "watching the NodeFill failed; retrying"),
             }
         }
-    });
+    };
+    tokio::spawn(watch.instrument(span));
     rx
 }

@@ -718,7 +718,8 @@ async fn accept_loop(shared: Arc<Shared>) {
                     return;
                 }
             };
-            run_connection(shared, conn, node, false).await;
+            let span = tracing::info_span!("peer", node = %node, %remote, dialed = false);
+            tracing::Instrument::instrument(run_connection(shared, conn, node, false), span).await;
         });
     }
 }
@@ -777,7 +778,9 @@ async fn dial_loop(shared: Arc<Shared>, node: String) {
         match dial(&shared, &node, addr).await {
             Ok(conn) => {
                 let began = tokio::time::Instant::now();
-                run_connection(shared.clone(), conn.clone(), node.clone(), true).await;
+                let span = tracing::info_span!("peer", node = %node, remote = %addr, dialed = true);
+                let run = run_connection(shared.clone(), conn.clone(), node.clone(), true);
+                tracing::Instrument::instrument(run, span).await;
                 if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason()
                     && c.error_code == close::BANNED
                 {

@@ -16,7 +16,7 @@ mod seed;
 mod state;
 
 use std::sync::Arc;
-use tracing::warn;
+use tracing::{Instrument, warn};
 
 use crate::retry::{self, Backoff};
 use crate::swarm::Fill;
@@ -94,7 +94,9 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     }
     let _watchdog = {
         let (swarm, fill) = (engine.inner.swarm.clone(), p.fill.clone());
-        AbortOnDrop(tokio::spawn(async move { swarm.watch_stalls(fill).await }))
+        AbortOnDrop(tokio::spawn(
+            async move { swarm.watch_stalls(fill).await }.in_current_span(),
+        ))
     };
     let _reuse = reuse::start(&p.fill, me, reuse_files).await;
     if let Some(reader) = origin::start_reader(run, engine, &p.fill, p.origin, &p.authority).await?

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::Retryable;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::origin::{OriginClient, OriginError};
 use crate::retry;
@@ -59,7 +59,7 @@ pub(super) async fn start_reader(
     );
     let retry = inner.opts.retry_transient_origin;
     let concurrency = inner.cfg.tuning.origin_concurrency;
-    Ok(Some(AbortOnDrop(tokio::spawn(async move {
+    let read = async move {
         for range in mine {
             with_origin_retry(&run, retry, Phase::Fetching, || {
                 read_origin_range(
@@ -75,7 +75,8 @@ pub(super) async fn start_reader(
             .await?;
         }
         Ok::<(), OriginReadError>(())
-    }))))
+    };
+    Ok(Some(AbortOnDrop(tokio::spawn(read.in_current_span()))))
 }
 
 /// Waits until the reader has read its ranges or the content is complete

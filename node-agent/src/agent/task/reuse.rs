@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::content::{self, Layout};
 use crate::fsroot::DataRoot;
@@ -50,7 +50,7 @@ pub(super) async fn start(
     (!files.is_empty()).then(|| {
         let (fill, me) = (fill.clone(), me.to_string());
         AbortOnDrop(tokio::spawn(
-            async move { reuse_pieces(fill, me, files).await },
+            async move { reuse_pieces(fill, me, files).await }.in_current_span(),
         ))
     })
 }
