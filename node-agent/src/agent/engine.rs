@@ -66,7 +66,7 @@ pub(super) struct EngineInner {
 }
 
 /// The swarm engine with a changing set of contents: contents are added,
-/// removed and re-peered while it runs. [`run`] drives it from a config
+/// removed and re-peered while it runs. [`run`](super::run) drives it from a config
 /// file; the Kubernetes agent from its NodeFill. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
