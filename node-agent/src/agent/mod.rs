@@ -37,6 +37,7 @@
 //! process.
 
 mod config;
+mod contents;
 mod engine;
 mod failure;
 mod status;
@@ -53,7 +54,8 @@ pub use config::{
     ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, IdentityFiles, Limits, PeerConfig,
     STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,
 };
-pub use engine::{ContentOpError, Engine, EngineOptions};
+pub use contents::ContentOpError;
+pub use engine::{Engine, EngineOptions};
 pub use failure::is_local_fault;
 pub use status::{ContentStatus, Phase, status_path};
 
