@@ -62,3 +62,41 @@ pub(super) fn version_conflict(run: &ContentRun) -> Failure {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn only_faults_of_this_node_are_local() {
+        for reason in ["InsufficientSpace", "StorageError"] {
+            assert!(is_local_fault(reason), "{reason}");
+            assert!(Failure::new(reason, "x").is_local_fault());
+        }
+        for reason in [
+            "DigestMismatch",
+            "IdentityMismatch",
+            "OriginChanged",
+            "OriginUnreachable",
+            "InvalidPath",
+            "InvalidConfig",
+            "SourceUnreadable",
+        ] {
+            assert!(!is_local_fault(reason), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_insufficient_space_any_other_store_error_a_storage_error() {
+        let full = StoreError::InsufficientSpace {
+            needed: 2,
+            available: 1,
+            path: PathBuf::from("/data/x"),
+        };
+        assert_eq!(store_reason(&full), "InsufficientSpace");
+        let missing = StoreError::NotHeld { index: 3 };
+        assert_eq!(store_reason(&missing), "StorageError");
+    }
+}
