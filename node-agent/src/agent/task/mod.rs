@@ -39,8 +39,8 @@ impl<T> Drop for AbortOnDrop<T> {
 /// Fills or seeds one content until complete or failed for good. Each
 /// attempt builds a fresh fill; an attempt that stops on a local fault
 /// (and, in a long-running agent, only then) is retried with the capped
-/// exponential backoff of [`retry::ENGINE`], the partial file kept, so the content resumes by
-/// itself once the fault is gone.
+/// exponential backoff of [`retry::ENGINE`], the partial file kept, so the
+/// content resumes by itself once the fault is gone.
 pub(super) async fn content_task(run: Arc<ContentRun>, engine: Engine) {
     let retry = engine.inner.opts.retry_transient_origin;
     let mut backoff = Backoff::new(retry::ENGINE);
