@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::content::{self, DEFAULT_PIECE_SIZE, Digest, Layout};
+use crate::content::{self, Digest, Layout};
 use crate::fsroot::DataRoot;
 use crate::metrics::{self, Metrics};
 use crate::origin::{OriginClient, OriginOptions, split_ranges};
@@ -146,7 +146,9 @@ pub struct ContentConfig {
     /// Size in bytes; asked from the origin (HEAD) when absent.
     #[serde(default)]
     pub size: Option<u64>,
-    #[serde(default = "default_piece_size")]
+    /// Piece size; `0` (the default): chosen from the size, as the operator
+    /// does for a Distribution without `pieceSize` ([`Layout::for_content`]).
+    #[serde(default)]
     pub piece_size: u32,
     /// Expected digest, `sha256:<hex>` or `blake3:<hex>`; always enforced.
     #[serde(default)]
@@ -170,10 +172,6 @@ pub struct ContentConfig {
     /// may be reused once they verify; the destination itself always is.
     #[serde(default)]
     pub reuse_from: Vec<PathBuf>,
-}
-
-fn default_piece_size() -> u32 {
-    DEFAULT_PIECE_SIZE
 }
 
 /// Where the bytes come from.
@@ -940,7 +938,7 @@ fn validate_content(cfg: &AgentConfig, c: &ContentConfig) -> Result<(), AgentErr
     }
     dest_path(&cfg.data_dir, &c.path)?;
     if let Some(size) = c.size {
-        Layout::new(size, c.piece_size)
+        Layout::for_content(size, c.piece_size)
             .map_err(|e| AgentError::Invalid(format!("content {}: {e}", c.id)))?;
     }
     match &c.source {
@@ -1214,7 +1212,7 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
             _ => return Err(Failure::new("InvalidConfig", "content size unknown")),
         },
     };
-    let layout = Layout::new(size, c.piece_size)
+    let layout = Layout::for_content(size, c.piece_size)
         .map_err(|e| Failure::new("InvalidConfig", e.to_string()))?;
     let authority = match &c.source {
         SourceConfig::Http { readers, .. } => {
@@ -1788,7 +1786,7 @@ contents:
     fn loads_yaml_and_json_alike() {
         let cfg = load_str(YAML, "yaml").expect("yaml config");
         assert_eq!(cfg.contents.len(), 2);
-        assert_eq!(cfg.contents[0].piece_size, DEFAULT_PIECE_SIZE);
+        assert_eq!(cfg.contents[0].piece_size, 0);
         assert_eq!(cfg.limits.download_bytes_per_sec, Some(100 << 20));
         assert!(matches!(
             &cfg.contents[1].source,

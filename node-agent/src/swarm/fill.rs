@@ -29,8 +29,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
@@ -710,7 +710,8 @@ impl Fill {
     /// taken by pieces it has sent fewer times): ask other holders first.
     pub(crate) fn refused(&self, id: PeerId, piece: u32) {
         let mut st = self.lock();
-        st.picker.refused(piece, id, Instant::now() + REFUSAL_BACKOFF);
+        st.picker
+            .refused(piece, id, Instant::now() + REFUSAL_BACKOFF);
         Self::forget_request(&mut st, id, piece);
         drop(st);
         self.changed.notify_waiters();

@@ -422,6 +422,9 @@ mod tests {
         assert_eq!(p.pick(1, &mut rng(), now), None);
         assert_eq!(p.pick(2, &mut rng(), now), Some(0));
         p.release(0, 2);
-        assert_eq!(p.pick(1, &mut rng(), now + std::time::Duration::from_secs(2)), Some(0));
+        assert_eq!(
+            p.pick(1, &mut rng(), now + std::time::Duration::from_secs(2)),
+            Some(0)
+        );
     }
 }

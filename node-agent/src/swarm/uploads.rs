@@ -84,7 +84,12 @@ pub(crate) enum Arrival {
     Refuse,
 }
 
-pub(crate) fn on_arrival(sent: u32, waiting: usize, busy_after: usize, max_waiting: usize) -> Arrival {
+pub(crate) fn on_arrival(
+    sent: u32,
+    waiting: usize,
+    busy_after: usize,
+    max_waiting: usize,
+) -> Arrival {
     if sent == 0 {
         if waiting >= max_waiting {
             Arrival::QueueAndEvict
@@ -302,7 +307,10 @@ mod tests {
         // The fresh piece got the slot while piece 0 still had one copy.
         assert_eq!(fresh.await.expect("task"), Some(1));
         assert_eq!(f.upload_count(5), 1);
-        again.await.expect("task").expect("served after the fresh piece");
+        again
+            .await
+            .expect("task")
+            .expect("served after the fresh piece");
         assert_eq!(f.upload_count(0), 2);
         assert_eq!(q.waiting(), 0);
     }
