@@ -190,11 +190,12 @@ pub struct Target {
 #[serde(rename_all = "camelCase")]
 pub struct Strategy {
     /// Piece size in bytes: the unit of verification and exchange. A power
-    /// of two from 65536 (64 KiB) to 67108864 (64 MiB); default 4 MiB.
-    #[serde(default = "default_piece_size")]
+    /// of two from 65536 (64 KiB) to 67108864 (64 MiB). Unset: chosen from
+    /// the content size, about 1024 pieces, from 256 KiB to 4 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = PIECE_SIZE_MIN, max = PIECE_SIZE_MAX))]
     #[x_kube(validation = Rule::new(PIECE_SIZE_POWER_OF_TWO_RULE).message(PIECE_SIZE_POWER_OF_TWO_MESSAGE))]
-    pub piece_size: u64,
+    pub piece_size: Option<u64>,
     /// Most nodes reading from the origin at once (each reads a disjoint
     /// range), 1 to 64; default 4. The origin serves about one copy in total.
     #[serde(default = "default_max_origin_connections")]
@@ -215,10 +216,6 @@ pub struct Strategy {
     pub priority: i32,
 }
 
-fn default_piece_size() -> u64 {
-    PIECE_SIZE_DEFAULT
-}
-
 fn default_max_origin_connections() -> u32 {
     MAX_ORIGIN_CONNECTIONS_DEFAULT
 }
@@ -226,7 +223,7 @@ fn default_max_origin_connections() -> u32 {
 impl Default for Strategy {
     fn default() -> Self {
         Self {
-            piece_size: PIECE_SIZE_DEFAULT,
+            piece_size: None,
             max_origin_connections: MAX_ORIGIN_CONNECTIONS_DEFAULT,
             max_download_bytes_per_second: None,
             max_upload_bytes_per_second: None,
@@ -406,7 +403,9 @@ impl DistributionSpec {
         }
         c.check("spec.target.path", check_relative_path(&self.target.path));
         let s = &self.strategy;
-        c.check("spec.strategy.pieceSize", check_piece_size(s.piece_size));
+        if let Some(size) = s.piece_size {
+            c.check("spec.strategy.pieceSize", check_piece_size(size));
+        }
         c.check(
             "spec.strategy.maxOriginConnections",
             check_range(
@@ -472,7 +471,7 @@ mod tests {
             path: "/abs".into(),
         });
         s.target.path = "../x".into();
-        s.strategy.piece_size = 0;
+        s.strategy.piece_size = Some(0);
         s.strategy.max_origin_connections = 65;
         s.strategy.max_upload_bytes_per_second = Some(1);
         s.strategy.priority = 5000;
@@ -501,7 +500,7 @@ mod tests {
         }))
         .expect("minimal spec parses");
         assert_eq!(s.strategy, Strategy::default());
-        assert_eq!(s.strategy.piece_size, 4 * 1024 * 1024);
+        assert_eq!(s.strategy.piece_size, None);
         assert_eq!(s.strategy.max_origin_connections, 4);
     }
 

@@ -157,7 +157,8 @@ pub struct Assignment {
     /// from any other node. Piece ranges are empty until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
-    /// Piece size in bytes.
+    /// Piece size in bytes; `0` when the Distribution left it to the size
+    /// (`validation::auto_piece_size`, see [`Assignment::effective_piece_size`]).
     pub piece_size: u64,
     /// The pinned identity of the content: its BLAKE3 root (`blake3:<hex>`).
     /// From the user's `blake3:` digest at once; otherwise published only
@@ -218,13 +219,18 @@ impl Assignment {
         h.finalize().to_hex().as_str()[..32].to_owned()
     }
 
+    /// The piece size in use, once it is known: the one set, or the one the
+    /// size gives.
+    pub fn effective_piece_size(&self) -> Option<u64> {
+        match self.piece_size {
+            0 => self.size.map(crate::validation::auto_piece_size),
+            set => Some(set),
+        }
+    }
+
     /// Number of pieces, once the size is known (a 0-byte content has none).
     pub fn piece_count(&self) -> Option<u64> {
-        let size = self.size?;
-        if self.piece_size == 0 {
-            return None;
-        }
-        Some(size.div_ceil(self.piece_size))
+        Some(self.size?.div_ceil(self.effective_piece_size()?))
     }
 }
 
@@ -627,7 +633,12 @@ mod tests {
             a.size = Some(size);
             assert_eq!(a.piece_count(), Some(pieces), "{size}");
         }
+        // Left to the size: 64 MiB in 256 KiB pieces.
         a.piece_size = 0;
+        a.size = Some(64 << 20);
+        assert_eq!(a.effective_piece_size(), Some(256 << 10));
+        assert_eq!(a.piece_count(), Some(256));
+        a.size = None;
         assert_eq!(a.piece_count(), None);
     }
 

@@ -89,8 +89,27 @@ pub const PIECE_SIZE_MIN: u64 = 64 * 1024;
 /// Largest piece size: a piece is buffered and verified as a whole before it
 /// is served, so it bounds per-transfer memory.
 pub const PIECE_SIZE_MAX: u64 = 64 * 1024 * 1024;
-/// Default piece size (4 MiB).
-pub const PIECE_SIZE_DEFAULT: u64 = 4 * 1024 * 1024;
+/// Pieces the automatic piece size aims at (see [`auto_piece_size`]).
+pub const AUTO_PIECES: u64 = 1024;
+/// Smallest automatic piece size (256 KiB).
+pub const AUTO_PIECE_SIZE_MIN: u64 = 256 * 1024;
+/// Largest automatic piece size (4 MiB).
+pub const AUTO_PIECE_SIZE_MAX: u64 = 4 * 1024 * 1024;
+
+/// The piece size used when a Distribution does not set one: the power of
+/// two giving about [`AUTO_PIECES`] pieces, from 256 KiB to 4 MiB.
+///
+/// Why: the swarm forwards each fresh piece as a whole, so the last node
+/// finishes a few piece-times after the origin's last byte; a thousand
+/// pieces keep that tail near a percent of the transfer. Below 256 KiB the
+/// per-piece work (a stream, a hash, an announcement to every peer) costs
+/// more than it saves; above 4 MiB the piece buffers an agent holds (a few
+/// per transfer in flight) outgrow its memory budget.
+pub fn auto_piece_size(size: u64) -> u64 {
+    size.div_ceil(AUTO_PIECES)
+        .next_power_of_two()
+        .clamp(AUTO_PIECE_SIZE_MIN, AUTO_PIECE_SIZE_MAX)
+}
 /// CEL: the piece size is a power of two (pieces then align with pages and
 /// with every smaller power-of-two block size).
 pub const PIECE_SIZE_POWER_OF_TWO_RULE: &str = "self in [65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864]";
@@ -520,5 +539,20 @@ mod tests {
         assert!(text.contains("; spec.source: exactly one of"), "{text}");
         assert!(errors.names_field("spec.source"));
         assert!(!errors.names_field("spec"));
+    }
+
+    #[test]
+    fn automatic_piece_sizes() {
+        assert_eq!(auto_piece_size(0), AUTO_PIECE_SIZE_MIN);
+        assert_eq!(auto_piece_size(32 << 20), 256 << 10);
+        assert_eq!(auto_piece_size(64 << 20), 256 << 10);
+        assert_eq!(auto_piece_size(256 << 20), 256 << 10);
+        assert_eq!(auto_piece_size((256 << 20) + 1), 512 << 10);
+        assert_eq!(auto_piece_size(1 << 30), 1 << 20);
+        assert_eq!(auto_piece_size(4 << 30), 4 << 20);
+        assert_eq!(auto_piece_size(1 << 40), 4 << 20);
+        for size in [0, 1, 12345, 64 << 20, 3 << 30, 1 << 40] {
+            assert_eq!(check_piece_size(auto_piece_size(size)), Ok(()));
+        }
     }
 }

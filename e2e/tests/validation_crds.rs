@@ -97,8 +97,8 @@ fn valid_examples_are_admitted_with_defaults() {
             }
             if doc["kind"] == "Distribution" {
                 assert!(
-                    doc["spec"]["strategy"]["pieceSize"].is_u64(),
-                    "{}: pieceSize not defaulted: {}",
+                    doc["spec"]["strategy"]["maxOriginConnections"].is_u64(),
+                    "{}: strategy not defaulted: {}",
                     file.display(),
                     doc["spec"]
                 );
@@ -239,6 +239,6 @@ fn the_issue_invalid_manifests_are_refused_naming_the_field() {
     assert_eq!(schema.admit(&mut ok, None), Ok(()));
     assert_eq!(
         ok["spec"]["strategy"],
-        json!({"maxOriginConnections": 4, "pieceSize": 4194304, "priority": 0})
+        json!({"maxOriginConnections": 4, "priority": 0})
     );
 }

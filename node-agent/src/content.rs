@@ -102,6 +102,18 @@ impl Layout {
         Ok(Layout { size, piece_size })
     }
 
+    /// The layout of a content whose piece size may be left to the size
+    /// (`0`: [`peerfill_crds::validation::auto_piece_size`], the rule the
+    /// operator uses for the origin readers' ranges).
+    pub fn for_content(size: u64, piece_size: u32) -> Result<Layout, ContentError> {
+        if piece_size != 0 {
+            return Layout::new(size, piece_size);
+        }
+        let auto = peerfill_crds::validation::auto_piece_size(size);
+        // Within [256 KiB, 4 MiB] by construction.
+        Layout::new(size, u32::try_from(auto).unwrap_or(MAX_PIECE_SIZE))
+    }
+
     /// Re-checks a layout that came from outside (deserialised, from the wire).
     pub fn validate(&self) -> Result<(), ContentError> {
         Layout::new(self.size, self.piece_size).map(|_| ())

@@ -376,7 +376,13 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
         }
     };
     let chosen = names.clone();
-    let readers = reader_ranges(names, size, dist.spec.strategy.piece_size);
+    let piece_size = dist
+        .spec
+        .strategy
+        .piece_size
+        .or(size.map(peerfill_crds::validation::auto_piece_size))
+        .unwrap_or(0);
+    let readers = reader_ranges(names, size, piece_size);
 
     let manifest_digest = user_root(dist)
         .or_else(|| current.and_then(|a| a.manifest_digest.clone()))
@@ -642,7 +648,8 @@ pub fn assignment(dist: &Distribution, plan: &DistPlan, node: &str) -> Assignmen
         source: resolved_source(dist, plan),
         path: dist.spec.target.path.clone(),
         size: plan.size,
-        piece_size: s.piece_size,
+        // 0: left to the size (the agents apply the same rule).
+        piece_size: s.piece_size.unwrap_or(0),
         manifest_digest: plan.manifest_digest.clone(),
         role: Role {
             origin_ranges,
@@ -789,7 +796,7 @@ pub(crate) mod tests {
                     ..Target::default()
                 },
                 strategy: Strategy {
-                    piece_size: 1 << 20,
+                    piece_size: Some(1 << 20),
                     max_origin_connections: readers,
                     ..Strategy::default()
                 },
@@ -1226,7 +1233,7 @@ pub(crate) mod tests {
             ),
             (
                 "piece size",
-                Box::new(|d| d.spec.strategy.piece_size = 1 << 21),
+                Box::new(|d| d.spec.strategy.piece_size = Some(1 << 21)),
                 true,
             ),
             (

@@ -71,7 +71,7 @@ fn distribution(name: &str, source: Source, path: &str) -> Distribution {
                 ..Target::default()
             },
             strategy: Strategy {
-                piece_size: 1 << 20,
+                piece_size: Some(1 << 20),
                 max_origin_connections: 4,
                 ..Strategy::default()
             },

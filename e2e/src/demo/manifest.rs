@@ -39,7 +39,7 @@ pub fn demo_distribution(
     http.digest = Some(digest.to_owned());
     http.headers_from = None;
     if let Some(size) = piece_size {
-        dist.spec.strategy.piece_size = size;
+        dist.spec.strategy.piece_size = Some(size);
     }
     dist.metadata.namespace = Some(namespace.to_owned());
     Ok(dist)
@@ -61,10 +61,10 @@ mod tests {
         assert_eq!(d.metadata.name.as_deref(), Some("model-weights"));
         assert_eq!(d.metadata.namespace.as_deref(), Some("default"));
         // The example's own piece size stays unless asked otherwise.
-        assert_eq!(d.spec.strategy.piece_size, 4 << 20);
+        assert_eq!(d.spec.strategy.piece_size, None);
         let d = demo_distribution("http://127.0.0.9/a", &digest, "ns", Some(1 << 20))
             .expect("example parses");
-        assert_eq!(d.spec.strategy.piece_size, 1 << 20);
+        assert_eq!(d.spec.strategy.piece_size, Some(1 << 20));
         // Still valid by the CRD's own rules.
         d.spec.validate().expect("valid spec");
     }

@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::content::{DEFAULT_PIECE_SIZE, Digest, Layout};
+use crate::content::{Digest, Layout};
 use crate::store::PARTIAL_DIR;
 use crate::swarm::Fault;
 use crate::tls;
@@ -131,7 +131,9 @@ pub struct ContentConfig {
     /// Size in bytes; asked from the origin (HEAD) when absent.
     #[serde(default)]
     pub size: Option<u64>,
-    #[serde(default = "default_piece_size")]
+    /// Piece size; `0` (the default): chosen from the size, as the operator
+    /// does for a Distribution without `pieceSize` ([`Layout::for_content`]).
+    #[serde(default)]
     pub piece_size: u32,
     /// Expected digest, `sha256:<hex>` or `blake3:<hex>`; always enforced.
     #[serde(default)]
@@ -157,9 +159,6 @@ pub struct ContentConfig {
     pub reuse_from: Vec<PathBuf>,
 }
 
-fn default_piece_size() -> u32 {
-    DEFAULT_PIECE_SIZE
-}
 
 /// Where the bytes come from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -334,7 +333,7 @@ pub(super) fn validate_content(cfg: &AgentConfig, c: &ContentConfig) -> Result<(
     }
     dest_path(&cfg.data_dir, &c.path)?;
     if let Some(size) = c.size {
-        Layout::new(size, c.piece_size)
+        Layout::for_content(size, c.piece_size)
             .map_err(|e| AgentError::Invalid(format!("content {}: {e}", c.id)))?;
     }
     match &c.source {
@@ -392,7 +391,7 @@ contents:
     fn loads_yaml_and_json_alike() {
         let cfg = load_str(YAML, "yaml").expect("yaml config");
         assert_eq!(cfg.contents.len(), 2);
-        assert_eq!(cfg.contents[0].piece_size, DEFAULT_PIECE_SIZE);
+        assert_eq!(cfg.contents[0].piece_size, 0);
         assert_eq!(cfg.limits.download_bytes_per_sec, Some(100 << 20));
         assert!(matches!(
             &cfg.contents[1].source,

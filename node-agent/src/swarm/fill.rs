@@ -28,8 +28,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
@@ -40,6 +41,9 @@ use super::picker::{PeerId, Picker};
 use crate::content::{self, Digest, Layout, PieceHash};
 use crate::store::PieceStore;
 use crate::wire::{self, Message};
+
+/// How long a piece a peer refused for now is asked of other holders only.
+const REFUSAL_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Who may tell us the hash of a piece.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +198,8 @@ pub struct Fill {
     closed: CancellationToken,
     /// The pinned root (see the module comment); set once.
     pinned: watch::Sender<Option<blake3::Hash>>,
+    /// Copies of each piece this node started uploading (see `uploads`).
+    uploads: Box<[AtomicU32]>,
 }
 
 impl std::fmt::Debug for Fill {
@@ -223,6 +229,7 @@ impl Fill {
         });
         let (pinned, _) = watch::channel(initial_pin);
         Arc::new(Fill {
+            uploads: (0..n).map(|_| AtomicU32::new(0)).collect(),
             pinned,
             allowed,
             closed: CancellationToken::new(),
@@ -645,11 +652,24 @@ impl Fill {
         self.changed.notify_waiters();
     }
 
+    /// Copies of `piece` this node started uploading.
+    pub(crate) fn upload_count(&self, piece: u32) -> u32 {
+        self.uploads
+            .get(piece as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn count_upload(&self, piece: u32) {
+        if let Some(c) = self.uploads.get(piece as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Chooses a piece to request from session `id` and returns it with its
     /// trusted hash and a token that cancels the request.
     pub(crate) fn pick(&self, id: PeerId) -> Option<(u32, PieceHash, CancellationToken)> {
         let mut st = self.lock();
-        let piece = st.picker.pick(id, &mut rand::rng())?;
+        let piece = st.picker.pick(id, &mut rand::rng(), Instant::now())?;
         let Some(hash) = st.hashes[piece as usize] else {
             // The picker only offers pieces with a known hash.
             st.picker.release(piece, id);
@@ -681,6 +701,17 @@ impl Fill {
     pub(crate) fn release(&self, id: PeerId, piece: u32) {
         let mut st = self.lock();
         st.picker.release(piece, id);
+        Self::forget_request(&mut st, id, piece);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// The peer of session `id` refused the piece for now (its uplink is
+    /// taken by pieces it has sent fewer times): ask other holders first.
+    pub(crate) fn refused(&self, id: PeerId, piece: u32) {
+        let mut st = self.lock();
+        st.picker
+            .refused(piece, id, Instant::now() + REFUSAL_BACKOFF);
         Self::forget_request(&mut st, id, piece);
         drop(st);
         self.changed.notify_waiters();

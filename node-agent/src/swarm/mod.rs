@@ -25,6 +25,7 @@ mod fill;
 mod origin_reader;
 mod peer;
 pub mod picker;
+mod uploads;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -155,7 +156,9 @@ pub(crate) struct Shared {
     dial_targets: Mutex<HashMap<String, DialTarget>>,
     banned: Mutex<HashSet<String>>,
     strikes: Mutex<HashMap<String, u32>>,
-    pub(crate) upload_slots: Arc<Semaphore>,
+    pub(crate) uploads: Arc<uploads::UploadQueue>,
+    /// Requests refused for now (`peerfill_agent_upload_requests_refused_total`).
+    pub(crate) uploads_refused: Option<prometheus::IntCounter>,
     pub(crate) inflight: Arc<Semaphore>,
     pub(crate) up: RateLimiter,
     pub(crate) down: RateLimiter,
@@ -218,10 +221,17 @@ impl Swarm {
         )
         .ok()
         .filter(|c| metrics.registry().register(Box::new(c.clone())).is_ok());
+        let uploads_refused = prometheus::IntCounter::new(
+            "peerfill_agent_upload_requests_refused_total",
+            "Piece requests refused for now because this node already sent that piece and its upload slots are wanted for pieces it sent fewer times",
+        )
+        .ok()
+        .filter(|c| metrics.registry().register(Box::new(c.clone())).is_ok());
         let shared = Arc::new(Shared {
+            uploads_refused,
             stall_resyncs,
             duplicates_refused,
-            upload_slots: Arc::new(Semaphore::new(opts.upload_slots.max(1))),
+            uploads: uploads::UploadQueue::new(opts.upload_slots),
             inflight: Arc::new(Semaphore::new(opts.max_inflight.max(1))),
             up: RateLimiter::new(opts.upload_rate),
             down: RateLimiter::new(opts.download_rate),

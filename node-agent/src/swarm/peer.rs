@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::picker::PeerId;
+use super::uploads::Busy;
 use super::{Fill, Shared, close};
 use crate::content::{self, PieceHash};
 use crate::metrics::Source;
@@ -366,6 +367,12 @@ async fn fetch(
         Ok(d) => d,
         Err(e) => {
             match e {
+                FetchError::Rejected(RejectReason::Unavailable) => {
+                    // Busy with pieces it sent fewer times: ask other holders.
+                    debug!(peer = %node, piece, "request refused for now");
+                    fill.refused(sid, piece);
+                    return;
+                }
                 FetchError::Rejected(r) => {
                     debug!(peer = %node, piece, reason = ?r, "request rejected")
                 }
@@ -511,11 +518,19 @@ async fn serve_request(
         let _ = send.finish();
         return;
     }
-    // Bounded upload slots: wait in line, unless the requester gives up.
+    // Bounded upload slots, least-sent piece first; a piece we already sent
+    // may be refused for now (see `uploads`), unless the requester gives up.
     let permit = tokio::select! {
-        p = shared.upload_slots.clone().acquire_owned() => match p {
+        p = shared.uploads.admit(&fill, piece) => match p {
             Ok(p) => p,
-            Err(_) => return,
+            Err(Busy) => {
+                if let Some(c) = &shared.uploads_refused {
+                    c.inc();
+                }
+                let _ = send.write_all(&reject(RejectReason::Unavailable)).await;
+                let _ = send.finish();
+                return;
+            }
         },
         _ = send.stopped() => return,
     };

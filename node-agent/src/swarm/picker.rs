@@ -9,6 +9,7 @@
 //! others are cancelled.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use rand::Rng;
 
@@ -36,6 +37,9 @@ pub struct Picker {
     /// Peers with an outstanding request for each piece.
     inflight: Vec<Vec<PeerId>>,
     peers: HashMap<PeerId, Vec<bool>>,
+    /// Pieces a peer refused for now, not to be asked of it again before
+    /// the instant (other holders first).
+    refused: HashMap<PeerId, HashMap<u32, Instant>>,
     missing: usize,
 }
 
@@ -49,6 +53,7 @@ impl Picker {
             availability: vec![0; n],
             inflight: vec![Vec::new(); n],
             peers: HashMap::new(),
+            refused: HashMap::new(),
             missing: n,
         }
     }
@@ -130,6 +135,7 @@ impl Picker {
     /// Forgets a peer: its availability and its outstanding requests (the
     /// caller drops those requests; the pieces go back to the pool).
     pub fn remove_peer(&mut self, peer: PeerId) {
+        self.refused.remove(&peer);
         if let Some(bits) = self.peers.remove(&peer) {
             for (i, b) in bits.iter().enumerate() {
                 if *b {
@@ -165,13 +171,28 @@ impl Picker {
         (0..self.state.len()).any(|i| bits[i] && self.requestable(i))
     }
 
+    /// The peer refused `piece` for now: the request ends, and the piece is
+    /// not asked of that peer again before `until` (other holders may be).
+    pub fn refused(&mut self, piece: u32, peer: PeerId, until: Instant) {
+        if !self.valid(piece) {
+            return;
+        }
+        self.release_index(piece as usize, peer);
+        self.refused.entry(peer).or_default().insert(piece, until);
+    }
+
     /// Chooses the next piece to request from `peer` and records the request.
-    pub fn pick(&mut self, peer: PeerId, rng: &mut impl Rng) -> Option<u32> {
+    pub fn pick(&mut self, peer: PeerId, rng: &mut impl Rng, now: Instant) -> Option<u32> {
+        if let Some(r) = self.refused.get_mut(&peer) {
+            r.retain(|_, until| *until > now);
+        }
+        let refused = self.refused.get(&peer);
+        let is_refused = |i: usize| refused.is_some_and(|r| r.contains_key(&(i as u32)));
         let bits = self.peers.get(&peer)?;
         let mut best: Option<(u32, usize)> = None; // (availability, index)
         let mut ties = 0u32;
         for (i, &has) in bits.iter().enumerate() {
-            if !has || !self.requestable(i) || !self.inflight[i].is_empty() {
+            if !has || !self.requestable(i) || !self.inflight[i].is_empty() || is_refused(i) {
                 continue;
             }
             let a = self.availability[i];
@@ -199,6 +220,7 @@ impl Picker {
                     || !self.requestable(i)
                     || out.len() >= ENDGAME_DUPLICATES
                     || out.contains(&peer)
+                    || is_refused(i)
                 {
                     continue;
                 }
@@ -298,9 +320,9 @@ mod tests {
         p.add_peer(2, |i| i != 2);
         p.add_peer(3, |i| i != 2 && i != 1);
         // Piece 2 is held by one peer only, piece 1 by two, 0 and 3 by three.
-        assert_eq!(p.pick(1, &mut rng()), Some(2));
-        assert_eq!(p.pick(1, &mut rng()), Some(1));
-        let third = p.pick(1, &mut rng()).unwrap();
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), Some(2));
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), Some(1));
+        let third = p.pick(1, &mut rng(), Instant::now()).unwrap();
         assert!(third == 0 || third == 3);
     }
 
@@ -308,12 +330,12 @@ mod tests {
     fn never_picks_pieces_without_hash_or_held() {
         let mut p = Picker::new(3);
         p.add_peer(1, |_| true);
-        assert_eq!(p.pick(1, &mut rng()), None);
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), None);
         p.set_hash_known(1);
         p.set_have(0);
         p.set_hash_known(0);
-        assert_eq!(p.pick(1, &mut rng()), Some(1));
-        assert_eq!(p.pick(1, &mut rng()), None);
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), Some(1));
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), None);
     }
 
     #[test]
@@ -323,15 +345,15 @@ mod tests {
         p.add_peer(1, |_| true);
         p.add_peer(2, |_| true);
         p.add_peer(3, |_| true);
-        let a = p.pick(1, &mut rng()).unwrap();
-        let b = p.pick(2, &mut rng()).unwrap();
+        let a = p.pick(1, &mut rng(), Instant::now()).unwrap();
+        let b = p.pick(2, &mut rng(), Instant::now()).unwrap();
         assert_ne!(a, b);
         assert!(p.is_endgame());
         // Peer 1 may duplicate the other piece but not its own.
-        assert_eq!(p.pick(1, &mut rng()), Some(b));
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), Some(b));
         // Peer 3 duplicates piece a (b already has two copies out).
-        assert_eq!(p.pick(3, &mut rng()), Some(a));
-        assert_eq!(p.pick(3, &mut rng()), None);
+        assert_eq!(p.pick(3, &mut rng(), Instant::now()), Some(a));
+        assert_eq!(p.pick(3, &mut rng(), Instant::now()), None);
         assert!(p.begin_write(b, 2));
         assert!(!p.begin_write(b, 1), "second copy is a duplicate");
         assert_eq!(p.finish_write(b), Vec::<PeerId>::new());
@@ -346,18 +368,18 @@ mod tests {
         known(&mut p);
         p.add_peer(1, |_| true);
         p.add_peer(2, |_| true);
-        let a = p.pick(1, &mut rng()).unwrap();
+        let a = p.pick(1, &mut rng(), Instant::now()).unwrap();
         p.release(a, 1);
         assert!(!p.is_endgame());
-        let a2 = p.pick(1, &mut rng()).unwrap();
-        let b = p.pick(1, &mut rng()).unwrap();
+        let a2 = p.pick(1, &mut rng(), Instant::now()).unwrap();
+        let b = p.pick(1, &mut rng(), Instant::now()).unwrap();
         assert_ne!(a2, b);
         p.remove_peer(1);
         assert!(!p.is_endgame());
         assert!(p.interesting(2));
         let mut got = vec![
-            p.pick(2, &mut rng()).unwrap(),
-            p.pick(2, &mut rng()).unwrap(),
+            p.pick(2, &mut rng(), Instant::now()).unwrap(),
+            p.pick(2, &mut rng(), Instant::now()).unwrap(),
         ];
         got.sort();
         assert_eq!(got, vec![0, 1]);
@@ -369,9 +391,9 @@ mod tests {
         p.set_hash_known(0);
         p.add_peer(1, |_| true);
         p.add_peer(2, |_| true);
-        assert_eq!(p.pick(1, &mut rng()), Some(0));
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), Some(0));
         assert!(!p.is_endgame());
-        assert_eq!(p.pick(2, &mut rng()), None);
+        assert_eq!(p.pick(2, &mut rng(), Instant::now()), None);
     }
 
     #[test]
@@ -379,10 +401,30 @@ mod tests {
         let mut p = Picker::new(1);
         known(&mut p);
         p.add_peer(1, |_| true);
-        assert_eq!(p.pick(1, &mut rng()), Some(0));
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), Some(0));
         assert!(p.begin_write(0, 1));
         p.abort_write(0);
         assert!(!p.have(0));
-        assert_eq!(p.pick(1, &mut rng()), Some(0));
+        assert_eq!(p.pick(1, &mut rng(), Instant::now()), Some(0));
+    }
+
+    #[test]
+    fn a_refused_piece_is_asked_of_other_holders_until_the_backoff_ends() {
+        let mut p = Picker::new(2);
+        p.set_hash_known(0);
+        p.set_hash_known(1);
+        p.add_peer(1, |i| i == 0);
+        p.add_peer(2, |i| i == 0);
+        let now = Instant::now();
+        assert_eq!(p.pick(1, &mut rng(), now), Some(0));
+        p.refused(0, 1, now + std::time::Duration::from_secs(1));
+        // Not again from peer 1 while refused; another holder may have it.
+        assert_eq!(p.pick(1, &mut rng(), now), None);
+        assert_eq!(p.pick(2, &mut rng(), now), Some(0));
+        p.release(0, 2);
+        assert_eq!(
+            p.pick(1, &mut rng(), now + std::time::Duration::from_secs(2)),
+            Some(0)
+        );
     }
 }

@@ -44,7 +44,7 @@ pub(super) async fn prepare(run: &ContentRun, engine: &Engine) -> Result<Prepare
     let (dest, data_root) = destination(&cfg.data_dir, c)?;
     let origin = origin_client(run, engine)?;
     let size = content_size(run, engine, origin.as_ref(), &data_root).await?;
-    let layout = Layout::new(size, c.piece_size)
+    let layout = Layout::for_content(size, c.piece_size)
         .map_err(|e| Failure::new("InvalidConfig", e.to_string()))?;
     let authority = match &c.source {
         SourceConfig::Http { readers, .. } => {
