@@ -8,6 +8,8 @@
 //! (headers included), not payload.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::procs::run;
@@ -117,19 +119,32 @@ impl LinkSeries {
         if cap <= 0.0 { 0.0 } else { sent as f64 / cap }
     }
 
+    /// When the origin had sent `bytes` in all (linear within the interval
+    /// that crossed it), seconds; None if it never did.
+    pub fn origin_sent_secs(&self, bytes: u64) -> Option<f64> {
+        let mut sent = 0u64;
+        for (k, &b) in self.origin_up.iter().enumerate() {
+            if b > 0 && sent + b >= bytes {
+                let frac = (bytes.saturating_sub(sent)) as f64 / b as f64;
+                return Some(self.t_secs[k] + frac * self.dt(k));
+            }
+            sent += b;
+        }
+        None
+    }
+
     /// Total bytes each node sent (wire).
     pub fn node_up_totals(&self) -> Vec<u64> {
         self.node_up.iter().map(|u| u.iter().sum()).collect()
     }
 
-    /// (mid-interval time, utilization) points for a plot.
+    /// A step line for a plot: each interval's utilization from its start
+    /// to its end (a long interval, e.g. a slow sample, shows as one step).
     pub fn utilization_points(&self) -> Vec<(f64, f64)> {
         (0..self.intervals())
-            .map(|k| {
-                (
-                    (self.t_secs[k] + self.t_secs[k + 1]) / 2.0,
-                    self.utilization(k),
-                )
+            .flat_map(|k| {
+                let u = self.utilization(k);
+                [(self.t_secs[k], u), (self.t_secs[k + 1], u)]
             })
             .collect()
     }
@@ -204,6 +219,42 @@ impl LinkSampler {
         }
         Ok(())
     }
+
+    /// Samples on a thread of its own, so a slow `ip` (the RTNL lock is
+    /// shared with every namespace operation on the machine) never delays
+    /// the caller's completion checks.
+    pub fn spawn(self) -> SamplerThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut s = self;
+            while !flag.load(Ordering::SeqCst) {
+                s.tick()?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(s)
+        });
+        SamplerThread { stop, handle }
+    }
+}
+
+/// A [`LinkSampler`] running on its own thread.
+pub struct SamplerThread {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<LinkSampler>>,
+}
+
+impl SamplerThread {
+    /// Stops the thread, takes a last sample now and returns the series.
+    pub fn finish(self) -> Result<LinkSeries> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut s = self.handle.join().map_err(|_| NetbenchError::Parse {
+            cmd: "link sampler thread".into(),
+            reason: "panicked".into(),
+        })??;
+        s.sample()?;
+        Ok(s.series)
+    }
 }
 
 #[cfg(test)]
@@ -255,9 +306,13 @@ mod tests {
         assert!((s.mean_utilization(3.0) - 5.0 / 6.0).abs() < 1e-12);
         assert!((s.mean_utilization(1.0) - 0.5).abs() < 1e-12);
         assert_eq!(s.node_up_totals(), vec![3_000_000, 2_000_000]);
+        assert_eq!(s.origin_sent_secs(250), Some(0.5));
+        assert_eq!(s.origin_sent_secs(500), Some(1.0));
+        assert_eq!(s.origin_sent_secs(501), None);
         let pts = s.utilization_points();
-        assert_eq!(pts.len(), 2);
-        assert!((pts[1].0 - 2.0).abs() < 1e-12);
+        assert_eq!(pts.len(), 4);
+        assert_eq!((pts[1].0, pts[2].0, pts[3].0), (1.0, 1.0, 3.0));
+        assert!((pts[3].1 - 1.0).abs() < 1e-12);
     }
 
     #[test]

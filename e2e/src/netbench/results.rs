@@ -589,7 +589,7 @@ pub fn plot_utilization(path: &Path, res: &Results, nodes: usize) -> Result<()> 
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)

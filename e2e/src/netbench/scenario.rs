@@ -15,7 +15,7 @@ use peerfill_agent::content::Digest;
 use rand::{RngCore, SeedableRng};
 use tracing::info;
 
-use super::links::{LinkSampler, LinkSeries};
+use super::links::{LinkSampler, LinkSeries, SamplerThread};
 use super::nginx::Nginx;
 use super::procs::{NsProc, Usage, cpu_jiffies, run_in, stop_all};
 use super::report::kumar_ross_secs;
@@ -74,8 +74,9 @@ pub struct Figures {
     /// processes, all cores), 0..1.
     pub machine_busy: f64,
     /// peerfill: when the origin's link had sent as many bytes as the
-    /// artifact (sampled every 250 ms); the rest of the time is the swarm
-    /// spreading the last pieces. Zero when not measured.
+    /// artifact (wire bytes, per-second samples, linear within a second);
+    /// the rest of the time is the swarm spreading the last pieces. Zero
+    /// when not measured.
     #[serde(default)]
     pub origin_copy_secs: f64,
     /// When each node finished (its verified copy), seconds, by node index.
@@ -372,7 +373,7 @@ struct Window {
     jiffies: Option<(u64, u64)>,
     log_mark: u64,
     link0: u64,
-    links: LinkSampler,
+    links: Option<SamplerThread>,
 }
 
 impl Window {
@@ -384,7 +385,7 @@ impl Window {
             log_mark: nginx.log_mark()?,
             link0: tb.origin_tx_bytes()?,
             jiffies: cpu_jiffies(),
-            links: LinkSampler::start(&tb.bridge_ns, "ho", ports, tb.caps.node_mbit)?,
+            links: Some(LinkSampler::start(&tb.bridge_ns, "ho", ports, tb.caps.node_mbit)?.spawn()),
             start: Instant::now(),
         })
     }
@@ -392,8 +393,10 @@ impl Window {
     /// The last link sample (at the end of the method) and what follows
     /// from the series: per-node times and the mean utilization.
     fn close_links(&mut self, f: &mut Figures, node_done: Vec<f64>) -> Result<()> {
-        self.links.sample()?;
-        let series = std::mem::take(&mut self.links.series);
+        let Some(sampler) = self.links.take() else {
+            return Ok(());
+        };
+        let series = sampler.finish()?;
         f.mean_utilization = series.mean_utilization(f64::INFINITY);
         f.node_done_secs = node_done;
         f.links = Some(series);
@@ -460,7 +463,6 @@ fn one_server(
                 *d = Some((win.start.elapsed().as_secs_f64(), exit.usage));
             }
         }
-        win.links.tick()?;
         if deadline.expired() {
             return Err(NetbenchError::Timeout {
                 what: format!("one server, {} nodes", spec.nodes),
@@ -598,16 +600,7 @@ fn peerfill(
         .collect();
     let mut done: Vec<Option<f64>> = vec![None; agents.len()];
     let mut usage = vec![Usage::default(); agents.len()];
-    let mut origin_copy_secs = 0.0;
-    let mut next_link_sample = Instant::now();
     while done.iter().any(Option::is_none) {
-        if origin_copy_secs == 0.0 && Instant::now() >= next_link_sample {
-            next_link_sample += Duration::from_millis(250);
-            let sent = tb.origin_tx_bytes()?.saturating_sub(win.link0);
-            if sent >= art.size {
-                origin_copy_secs = win.start.elapsed().as_secs_f64();
-            }
-        }
         for (i, a) in agents.iter_mut().enumerate() {
             if done[i].is_some() {
                 continue;
@@ -641,7 +634,6 @@ fn peerfill(
                 _ => {}
             }
         }
-        win.links.tick()?;
         if deadline.expired() {
             let left: Vec<String> = done
                 .iter()
@@ -679,7 +671,12 @@ fn peerfill(
         time_secs: times.iter().copied().fold(0.0, f64::max),
         first_secs: times.iter().copied().fold(f64::INFINITY, f64::min),
         machine_busy: busy,
-        origin_copy_secs,
+        // From the origin's bridge port (wire bytes, per-second samples).
+        origin_copy_secs: links_figures
+            .links
+            .as_ref()
+            .and_then(|l| l.origin_sent_secs(art.size))
+            .unwrap_or(0.0),
         ..links_figures
     };
     win.origin(tb, nginx, &mut f)?;
