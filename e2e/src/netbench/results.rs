@@ -214,6 +214,7 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
         "![uplink utilization over time at N = 16]({})\n",
         links.util_plot
     );
+    uplinks(&mut s, res, 16);
     targets(&mut s, res);
     memory(&mut s, res);
     let _ = writeln!(s, "### Analysis\n");
@@ -282,6 +283,47 @@ fn side_by_side(s: &mut String, res: &Results) {
             col(&|r| format!("{:.1}", r.peerfill.peak_rss_mib)),
         );
     }
+}
+
+/// Who carried the swarm at N = `nodes`: MiB each node sent (wire bytes),
+/// the origin readers first, and when the origin's one copy was out.
+fn uplinks(s: &mut String, res: &Results, nodes: usize) {
+    let runs: Vec<&RunResult> = res
+        .sorted_runs()
+        .into_iter()
+        .filter(|r| r.nodes == nodes && r.peerfill.links.is_some())
+        .collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "#### Who uploaded at N = {nodes}\n\nMiB each node sent during the run (wire bytes, \
+         from the link series), the {} origin readers first, then the others; and when the \
+         origin link had sent one copy.\n",
+        runs[0].readers
+    );
+    for r in runs {
+        let Some(l) = &r.peerfill.links else { continue };
+        let mib: Vec<String> = l
+            .node_up_totals()
+            .iter()
+            .map(|b| format!("{:.0}", *b as f64 / (1u64 << 20) as f64))
+            .collect();
+        let (readers, others) = mib.split_at(r.readers.min(mib.len()));
+        let _ = writeln!(
+            s,
+            "- `{}` {} Mbit/s, {}: readers {} · others {}; origin copy out after {:.1} s ({:.2} T*)",
+            r.meta.label,
+            r.node_mbit,
+            size_label(r.size),
+            readers.join(" "),
+            others.join(" "),
+            r.peerfill.origin_copy_secs,
+            r.peerfill.origin_copy_secs / r.bound_secs
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// The issue's targets, per label, reported (never asserted).
@@ -720,6 +762,13 @@ mod tests {
         );
         assert!(md.contains("largest agent VmHWM 70.0 ≤ 64 MiB **missed**"));
         assert!(md.contains("`0123456789ab`"));
+        // 16 nodes, each sent half a second's cap: 1.25 MiB at 20 Mbit/s → "1".
+        assert!(
+            md.contains(
+                "- `before` 20 Mbit/s, 64 MiB: readers 1 1 1 1 · others 1 1 1 1 1 1 1 1 1 1 1 1;"
+            ),
+            "{md}"
+        );
         assert!(md.contains("Placeholder for the integrator"));
         let with = markdown(
             &results(),
