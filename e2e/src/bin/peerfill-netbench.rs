@@ -640,6 +640,10 @@ fn render(res: &Results, out: &Output) -> Result<()> {
         let plot_rel = relative_to(&out.legacy_plot, &out.markdown);
         let legacy_rel = relative_to(&out.legacy, &out.markdown);
         text.push_str("\n## Earlier: the issue-6 sweep (100 Mbit/s, agent of commit 05528c0)\n\n");
+        text.push_str(
+            "_Kept as it was measured. Today's netbench reruns it with `sweep --label issue6 \
+             --nodes 2,4,8,16 --mib 256 --extra 8x1024` (results go to the section above)._\n\n",
+        );
         text.push_str(&report::legacy_section(
             &sw,
             &Render {

@@ -152,6 +152,28 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
          the agent of `main` before issue 15, `after` = with it); the table gives its BLAKE3.\n",
         links.results, links.results, m.cpu, m.cores, m.mem_gib, m.kernel
     );
+    if let Some(r) = res.runs.first() {
+        let delay = if res.runs.iter().all(|r| r.delay_emulated) {
+            format!("{} ms one-way delay (netem) on each uplink", r.delay_ms)
+        } else {
+            "**no delay**: this kernel has no `sch_netem`, so links are rate-capped only \
+             (round trips come from queueing in the links' 256 KiB FIFOs and CPU scheduling)"
+                .to_string()
+        };
+        let _ = writeln!(
+            s,
+            "Testbed (as in the issue-6 section below): one origin and N node hosts, each a \
+             network namespace with a veth link to a bridge, addresses from 198.18.0.0/15, every \
+             link capped both ways by HTB at the rate in the table; {delay}. The origin is nginx; \
+             the first min(N, {}) nodes read it in disjoint ranges; every node lists every other \
+             as a peer and keeps serving after it completes.\n",
+            res.runs
+                .iter()
+                .map(|r| r.readers)
+                .max()
+                .unwrap_or(r.readers)
+        );
+    }
     let _ = writeln!(
         s,
         "T* = the Kumar–Ross bound `max(F/u_origin, F/d_min, N·F/(u_origin + Σ u_i))` from the \
