@@ -125,6 +125,15 @@ fn derive(r: &RunResult) -> Derived {
     }
 }
 
+/// The agents' CPU seconds over (wall time × cores) of the peerfill run:
+/// how much of the machine the swarm itself used.
+fn agents_share(r: &RunResult, cores: usize) -> f64 {
+    let p = &r.peerfill;
+    let cpu = p.cpu_secs_per_gib_per_node * r.nodes as f64 * r.size as f64 / (1u64 << 30) as f64;
+    let capacity = p.time_secs * cores as f64;
+    if capacity > 0.0 { cpu / capacity } else { 0.0 }
+}
+
 fn short_hash(h: &str) -> &str {
     h.get(..12).unwrap_or(h)
 }
@@ -183,14 +192,15 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
          *util* = mean uplink utilization from the start to the last node: Σ node uplink bytes / \
          Σ node uplink caps, wire bytes (Ethernet + IP + UDP/TCP headers counted, as HTB counts \
          them) from the bridge ports' kernel counters, sampled every second. *CPU* = agents' \
-         utime+stime per GiB received per node. *RSS* = the largest agent VmHWM. *busy* = the \
-         machine's CPU busy share during the peerfill run; *load* = load average before the \
+         utime+stime per GiB received per node. *RSS* = the largest agent VmHWM. *agents · busy* = \
+         the agents' own CPU time over the run's wall time × cores, and the whole machine's \
+         CPU busy share during the run (everything on it); *load* = load average before the \
          run (other sessions shared the machine).\n"
     );
     let _ = writeln!(
         s,
         "| label | link Mbit/s | N | size | piece | T* | last | last/T* | first/T* | one server \
-         | origin copies | util | CPU s/GiB/node | RSS | busy | load | agent |"
+         | origin copies | util | CPU s/GiB/node | RSS | agents · busy | load | agent |"
     );
     let _ = writeln!(
         s,
@@ -202,7 +212,7 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
         let _ = writeln!(
             s,
             "| {} | {} / {} | {} | {} | {} KiB | {:.1} s | {:.1} s | {:.2} | {:.2} | {:.0} s{} \
-             | {:.3} · {:.3} | {:.0}% | {:.2} | {:.1} MiB | {:.0}% | {} | `{}` |",
+             | {:.3} · {:.3} | {:.0}% | {:.2} | {:.1} MiB | {:.0}% · {:.0}% | {} | `{}` |",
             r.meta.label,
             r.origin_mbit,
             r.node_mbit,
@@ -220,6 +230,7 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
             p.mean_utilization * 100.0,
             p.cpu_secs_per_gib_per_node,
             p.peak_rss_mib,
+            agents_share(r, m.cores) * 100.0,
             p.machine_busy * 100.0,
             r.meta.load_before,
             short_hash(&r.meta.agent_blake3),
