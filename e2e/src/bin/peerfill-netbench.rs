@@ -13,8 +13,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use peerfill_e2e::netbench::memory::{self, MemorySpec};
 use peerfill_e2e::netbench::report::{self, Machine, Render, Sweep};
-use peerfill_e2e::netbench::scenario::{self, RunResult, RunSpec};
+use peerfill_e2e::netbench::results::{self, Links, Results};
+use peerfill_e2e::netbench::scenario::{self, DEFAULT_PIECE_KIB, RunMeta, RunResult, RunSpec};
 use peerfill_e2e::netbench::testbed::{self, Caps};
 use peerfill_e2e::netbench::{
     Deadline, MIB, NetbenchError, PREFIX, Result, install_signal_handlers,
@@ -34,7 +36,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// N in {2,4,8,16} at 256 MiB and N=8 at 1 GiB; writes BENCHMARKS.md and the plot.
+    /// Runs N in `--nodes` at `--mib` (then `--extra`), appends each run to
+    /// the results JSON under `--label`, and re-renders BENCHMARKS.md and the
+    /// plots after every run.
     Sweep {
         #[command(flatten)]
         common: Common,
@@ -44,9 +48,41 @@ enum Cmd {
         /// Artifact size of the sweep, MiB.
         #[arg(long, default_value_t = 256)]
         mib: u64,
-        /// Extra runs after the sweep, as NODESxMIB (e.g. 8x1024); empty for none.
-        #[arg(long, value_delimiter = ',', default_value = "8x1024")]
+        /// Extra runs after the sweep, as NODESxMIB (e.g. 32x32,8x1024).
+        #[arg(long, value_delimiter = ',')]
         extra: Vec<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Agent memory at a large content and many peers, on loopback (no
+    /// root): S seeders holding the file, R receivers with all as peers.
+    Memory {
+        /// The peerfill-agent binary (default: next to this one).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// File size, MiB.
+        #[arg(long, default_value_t = 4096)]
+        mib: u64,
+        #[arg(long, default_value_t = 64)]
+        seeders: usize,
+        #[arg(long, default_value_t = 1)]
+        receivers: usize,
+        /// Piece size, KiB.
+        #[arg(long, default_value_t = DEFAULT_PIECE_KIB)]
+        piece_kib: u32,
+        /// Stored with the result (e.g. `before` / `after`).
+        #[arg(long, default_value = "dev")]
+        label: String,
+        /// Where the scratch directory `pfnb-<pid>` goes (needs the file
+        /// size times 1 + receivers, plus 2 GiB, free).
+        #[arg(long, default_value = "/var/tmp")]
+        work_root: PathBuf,
+        /// Hard timeout, seconds.
+        #[arg(long, default_value_t = 1200)]
+        timeout_secs: u64,
+        /// Keep the scratch dir (agent logs; the received copies are deleted).
+        #[arg(long)]
+        keep_work: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -66,7 +102,8 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         mib: u64,
     },
-    /// One run of both methods.
+    /// One run of both methods; prints its figures as JSON (`--record`
+    /// also appends it to the results and re-renders).
     Run {
         #[command(flatten)]
         common: Common,
@@ -74,9 +111,11 @@ enum Cmd {
         nodes: usize,
         #[arg(long)]
         mib: u64,
-        /// Measure peerfill only.
+        /// Append the run to the results JSON and re-render.
         #[arg(long)]
-        skip_one_server: bool,
+        record: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Deletes namespaces and work dirs of earlier runs whose process is gone.
     Cleanup {
@@ -88,18 +127,29 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Output {
-    /// Results JSON of the sweep (written by `sweep`, read by `render`).
+    /// Results JSON (runs and memory runs, each with its label).
     #[arg(long, default_value = "docs/bench/netbench.json")]
     results: PathBuf,
     /// Markdown report to write.
     #[arg(long, default_value = "BENCHMARKS.md")]
     markdown: PathBuf,
-    /// PNG plot to write (time against N at the sweep size).
-    #[arg(long, default_value = "docs/bench/netbench.png")]
-    plot: PathBuf,
-    /// Hand-written notes appended to the markdown, if the file exists.
-    #[arg(long, default_value = "e2e/netbench/notes.md")]
-    notes: PathBuf,
+    /// Plot of last node / T* against N, per label and link rate.
+    #[arg(long, default_value = "docs/bench/time-vs-bound.png")]
+    ratio_plot: PathBuf,
+    /// Plot of uplink utilization over time at N = 16.
+    #[arg(long, default_value = "docs/bench/utilization-n16.png")]
+    util_plot: PathBuf,
+    /// The integrator's analysis, put under "Analysis" if the file exists.
+    #[arg(long, default_value = "e2e/netbench/analysis.md")]
+    analysis: PathBuf,
+    /// The issue-6 sweep (old format), rendered as an earlier section.
+    #[arg(long, default_value = "docs/bench/netbench-issue6.json")]
+    legacy: PathBuf,
+    /// Its plot (not re-rendered) and hand-written notes.
+    #[arg(long, default_value = "docs/bench/netbench-issue6.png")]
+    legacy_plot: PathBuf,
+    #[arg(long, default_value = "e2e/netbench/notes-issue6.md")]
+    legacy_notes: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -128,6 +178,15 @@ struct Common {
     /// Keep each run's scratch dir (agent logs and status files).
     #[arg(long)]
     keep_work: bool,
+    /// Agents' piece size, KiB.
+    #[arg(long, default_value_t = DEFAULT_PIECE_KIB)]
+    piece_kib: u32,
+    /// Stored with every run (e.g. `before` / `after`); runs are keyed by it.
+    #[arg(long, default_value = "dev")]
+    label: String,
+    /// Measure peerfill only; the one-server time is computed (N·F/u_origin).
+    #[arg(long)]
+    skip_one_server: bool,
 }
 
 impl Common {
@@ -237,7 +296,8 @@ fn spec(common: &Common, bin: &Path, work: &Path, nodes: usize, mib: u64, caps: 
         work: run_dir,
         // About 2 s at the node cap, at least 8 MiB.
         calib_size: ((caps.node_mbit * 1e6 / 8.0 * 2.0) as u64).max(8 * MIB) / MIB * MIB,
-        skip_one_server: false,
+        skip_one_server: common.skip_one_server,
+        piece_size: common.piece_kib.saturating_mul(1024),
     }
 }
 
@@ -302,8 +362,35 @@ fn main() -> ExitCode {
             common,
             nodes,
             mib,
-            skip_one_server,
-        } => single(&common, nodes, mib, skip_one_server),
+            record,
+            out,
+        } => single(&common, nodes, mib, record.then_some(&out)),
+        Cmd::Memory {
+            agent_bin,
+            mib,
+            seeders,
+            receivers,
+            piece_kib,
+            label,
+            work_root,
+            timeout_secs,
+            keep_work,
+            out,
+        } => memory_cmd(
+            agent_bin.as_deref(),
+            MemorySpec {
+                size: mib * MIB,
+                seeders,
+                receivers,
+                piece_size: piece_kib.saturating_mul(1024),
+                agent_bin: PathBuf::new(),
+                work: work_root,
+            },
+            &label,
+            Duration::from_secs(timeout_secs),
+            keep_work,
+            &out,
+        ),
         Cmd::Sweep {
             common,
             nodes,
@@ -338,6 +425,9 @@ fn short(common: &Common, nodes: usize, mib: u64) -> Result<()> {
         return Err(NetbenchError::Leftovers(left));
     }
     for (method, f) in [("one server", &r.one_server), ("peerfill", &r.peerfill)] {
+        if method == "one server" && r.one_server_computed {
+            continue;
+        }
         if f.verified != r.nodes {
             return Err(NetbenchError::NodeFailed {
                 node: method.into(),
@@ -352,17 +442,125 @@ fn short(common: &Common, nodes: usize, mib: u64) -> Result<()> {
     Ok(())
 }
 
-fn single(common: &Common, nodes: usize, mib: u64, skip_one_server: bool) -> Result<()> {
+fn single(common: &Common, nodes: usize, mib: u64, record: Option<&Output>) -> Result<()> {
     let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(3600)));
     let (bin, work) = preflight(common)?;
-    let mut spec = spec(common, &bin, &work.0, nodes, mib, common.caps(100.0));
-    spec.skip_one_server = skip_one_server;
-    let r = one_run(&spec, deadline, common.keep_work)?;
+    let agent = AgentId::of(&bin)?;
+    let spec = spec(common, &bin, &work.0, nodes, mib, common.caps(100.0));
+    let r = measured(&spec, deadline, common, &agent)?;
     println!(
         "{}",
         serde_json::to_string(&r).unwrap_or_else(|e| format!("(json: {e})"))
     );
+    if let Some(out) = record {
+        let mut res = load_results(&out.results)?;
+        res.add_run(r);
+        save_and_render(&res, out)?;
+    }
     Ok(())
+}
+
+/// The agent binary's path and BLAKE3, recorded with every run.
+struct AgentId {
+    path: String,
+    blake3: String,
+}
+
+impl AgentId {
+    fn of(bin: &Path) -> Result<AgentId> {
+        let bytes = std::fs::read(bin).map_err(|source| NetbenchError::Io {
+            what: format!("reading {}", bin.display()),
+            source,
+        })?;
+        Ok(AgentId {
+            path: std::fs::canonicalize(bin)
+                .unwrap_or_else(|_| bin.to_path_buf())
+                .display()
+                .to_string(),
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+        })
+    }
+
+    fn meta(&self, label: &str) -> RunMeta {
+        RunMeta {
+            label: label.to_string(),
+            agent_path: self.path.clone(),
+            agent_blake3: self.blake3.clone(),
+            started: utc_now(),
+            load_before: report::loadavg(),
+            load_after: String::new(),
+            command: command_line(),
+        }
+    }
+}
+
+/// One run with its label, agent, time and load average.
+fn measured(
+    spec: &RunSpec,
+    deadline: Deadline,
+    common: &Common,
+    agent: &AgentId,
+) -> Result<RunResult> {
+    let mut meta = agent.meta(&common.label);
+    let mut r = one_run(spec, deadline, common.keep_work)?;
+    meta.load_after = report::loadavg();
+    r.meta = meta;
+    Ok(r)
+}
+
+fn load_results(path: &Path) -> Result<Results> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| NetbenchError::Parse {
+            cmd: format!("reading {}", path.display()),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Results::new(Machine::read())),
+        Err(source) => Err(NetbenchError::Io {
+            what: format!("reading {}", path.display()),
+            source,
+        }),
+    }
+}
+
+fn save_and_render(res: &Results, out: &Output) -> Result<()> {
+    write_file(
+        &out.results,
+        &serde_json::to_vec_pretty(res).map_err(|e| NetbenchError::Parse {
+            cmd: "serialising the results".into(),
+            reason: e.to_string(),
+        })?,
+    )?;
+    render(res, out)
+}
+
+fn memory_cmd(
+    agent_bin_arg: Option<&Path>,
+    mut spec: MemorySpec,
+    label: &str,
+    timeout: Duration,
+    keep: bool,
+    out: &Output,
+) -> Result<()> {
+    let deadline = Deadline::after(timeout);
+    let bin = agent_bin(agent_bin_arg)?;
+    let agent = AgentId::of(&bin)?;
+    remove_stale_work_dirs(&spec.work);
+    spec.work = spec.work.join(format!("{PREFIX}{}", std::process::id()));
+    spec.agent_bin = bin;
+    let guard = WorkDir(spec.work.clone(), keep);
+    let mut meta = agent.meta(label);
+    let outcome = memory::run(&spec, deadline);
+    if keep {
+        println!("kept {}", spec.work.display());
+    }
+    drop(guard);
+    let mut r = outcome?;
+    meta.load_after = report::loadavg();
+    r.meta = meta;
+    memory::print(&r);
+    let mut res = load_results(&out.results)?;
+    res.add_memory(r);
+    save_and_render(&res, out)
 }
 
 fn parse_extra(s: &str) -> Result<(usize, u64)> {
@@ -378,41 +576,27 @@ fn sweep(common: &Common, nodes: &[usize], mib: u64, extra: &[String], out: &Out
         plan.push(parse_extra(e)?);
     }
     let (bin, work) = preflight(common)?;
-    let started = Instant::now();
-    let mut sw = Sweep {
-        command: command_line(),
-        machine: Machine::read(),
-        started: utc_now(),
-        load_before: report::loadavg(),
-        load_after: String::new(),
-        wall_secs: 0.0,
-        size: mib * MIB,
-        runs: Vec::new(),
-    };
+    let agent = AgentId::of(&bin)?;
+    let mut res = load_results(&out.results)?;
+    res.machine = Machine::read();
     for (n, m) in plan {
         let spec = spec(common, &bin, &work.0, n, m, common.caps(100.0));
-        let r = one_run(&spec, deadline, common.keep_work)?;
-        sw.runs.push(r);
+        let r = measured(&spec, deadline, common, &agent)?;
+        res.add_run(r);
         // Written after every run, so an interrupted sweep keeps its figures.
-        sw.load_after = report::loadavg();
-        sw.wall_secs = started.elapsed().as_secs_f64();
-        write_file(
-            &out.results,
-            &serde_json::to_vec_pretty(&sw).unwrap_or_default(),
-        )?;
-        render(&sw, out)?;
+        save_and_render(&res, out)?;
     }
     let left = leftovers()?;
     if !left.is_empty() {
         return Err(NetbenchError::Leftovers(left));
     }
     println!(
-        "wrote {}, {} and {}; load average before {}, after {}",
+        "wrote {}, {}, {} and {}; load average now {}",
         out.results.display(),
         out.markdown.display(),
-        out.plot.display(),
-        sw.load_before,
-        sw.load_after
+        out.ratio_plot.display(),
+        out.util_plot.display(),
+        report::loadavg()
     );
     Ok(())
 }
@@ -430,43 +614,66 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Writes the markdown (with the notes, if any) and the plot.
-fn render(sw: &Sweep, out: &Output) -> Result<()> {
-    let notes = std::fs::read_to_string(&out.notes).ok();
-    let plot_rel = relative_to(&out.plot, &out.markdown);
+/// Writes BENCHMARKS.md (issue 15's results, then the issue-6 sweep if its
+/// JSON is there) and the plots.
+fn render(res: &Results, out: &Output) -> Result<()> {
+    let analysis = std::fs::read_to_string(&out.analysis).ok();
     let results_rel = relative_to(&out.results, &out.markdown);
-    let text = report::markdown(
-        sw,
-        &Render {
-            plot: Some(&plot_rel),
-            results: Some(&results_rel),
-            notes: notes.as_deref(),
+    let ratio_rel = relative_to(&out.ratio_plot, &out.markdown);
+    let util_rel = relative_to(&out.util_plot, &out.markdown);
+    let mut text = String::from("# Benchmarks\n\n");
+    text.push_str(&results::markdown(
+        res,
+        &Links {
+            results: &results_rel,
+            ratio_plot: &ratio_rel,
+            util_plot: &util_rel,
         },
-    );
-    write_file(&out.markdown, text.as_bytes())?;
-    if let Some(dir) = out.plot.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| NetbenchError::Io {
-            what: format!("creating {}", dir.display()),
-            source,
+        analysis.as_deref(),
+    ));
+    if let Ok(bytes) = std::fs::read(&out.legacy) {
+        let sw: Sweep = serde_json::from_slice(&bytes).map_err(|e| NetbenchError::Parse {
+            cmd: format!("reading {}", out.legacy.display()),
+            reason: e.to_string(),
         })?;
+        let notes = std::fs::read_to_string(&out.legacy_notes).ok();
+        let plot_rel = relative_to(&out.legacy_plot, &out.markdown);
+        let legacy_rel = relative_to(&out.legacy, &out.markdown);
+        text.push_str("\n## Earlier: the issue-6 sweep (100 Mbit/s, agent of commit 05528c0)\n\n");
+        text.push_str(
+            "_Kept as it was measured. Today's netbench reruns it with `sweep --label issue6 \
+             --nodes 2,4,8,16 --mib 256 --extra 8x1024` (results go to the section above)._\n\n",
+        );
+        text.push_str(&report::legacy_section(
+            &sw,
+            &Render {
+                plot: Some(&plot_rel),
+                results: Some(&legacy_rel),
+                notes: notes.as_deref(),
+            },
+        ));
     }
-    report::plot(&out.plot, sw)
+    write_file(&out.markdown, text.as_bytes())?;
+    for plot in [&out.ratio_plot, &out.util_plot] {
+        if let Some(dir) = plot.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| NetbenchError::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+        }
+    }
+    results::plot_ratio(&out.ratio_plot, res)?;
+    results::plot_utilization(&out.util_plot, res, 16)
 }
 
 fn render_from(out: &Output) -> Result<()> {
-    let bytes = std::fs::read(&out.results).map_err(|source| NetbenchError::Io {
-        what: format!("reading {}", out.results.display()),
-        source,
-    })?;
-    let sw: Sweep = serde_json::from_slice(&bytes).map_err(|e| NetbenchError::Parse {
-        cmd: format!("reading {}", out.results.display()),
-        reason: e.to_string(),
-    })?;
-    render(&sw, out)?;
+    let res = load_results(&out.results)?;
+    render(&res, out)?;
     println!(
-        "wrote {} and {}",
+        "wrote {}, {} and {}",
         out.markdown.display(),
-        out.plot.display()
+        out.ratio_plot.display(),
+        out.util_plot.display()
     );
     Ok(())
 }

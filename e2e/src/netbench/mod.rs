@@ -13,9 +13,12 @@
 //! - [`scenario`]: one run on one testbed: one server, then peerfill.
 //! - [`report`]: the bound, `BENCHMARKS.md` and the PNG plot.
 
+pub mod links;
+pub mod memory;
 pub mod nginx;
 pub mod procs;
 pub mod report;
+pub mod results;
 pub mod scenario;
 pub mod testbed;
 

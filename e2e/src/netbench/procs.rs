@@ -72,16 +72,43 @@ impl NsProc {
         env: &[(&str, &str)],
         log: &Path,
     ) -> Result<NsProc> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(program).args(args);
+        Self::spawn_cmd(
+            name,
+            cmd,
+            env,
+            log,
+            &format!("{} in {ns}", program.display()),
+        )
+    }
+
+    /// Starts `program args` in this namespace (loopback benchmarks).
+    pub fn spawn_here(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<NsProc> {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Self::spawn_cmd(name, cmd, env, log, &program.display().to_string())
+    }
+
+    fn spawn_cmd(
+        name: &str,
+        mut cmd: Command,
+        env: &[(&str, &str)],
+        log: &Path,
+        what: &str,
+    ) -> Result<NsProc> {
         let log_file =
             std::fs::File::create(log).map_err(io_err(format!("creating {}", log.display())))?;
         let log_err = log_file
             .try_clone()
             .map_err(io_err(format!("cloning {}", log.display())))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(program)
-            .args(args)
-            .envs(env.iter().copied())
+        cmd.envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err);
@@ -94,9 +121,7 @@ impl NsProc {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(io_err(format!("starting {} in {ns}", program.display())))?;
+        let child = cmd.spawn().map_err(io_err(format!("starting {what}")))?;
         Ok(NsProc {
             name: name.to_string(),
             child,
@@ -258,6 +283,44 @@ pub fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
         .ok()
 }
 
+/// Memory figures of a live process from `/proc/<pid>/status`, KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mem {
+    /// VmHWM: peak resident set.
+    pub hwm_kib: u64,
+    /// VmRSS: resident set now.
+    pub rss_kib: u64,
+    /// RssAnon: anonymous (heap, stacks) part of VmRSS.
+    pub anon_kib: u64,
+    /// RssFile: file-backed (mapped files) part of VmRSS.
+    pub file_kib: u64,
+}
+
+/// [`Mem`] from the text of `/proc/<pid>/status` (None without VmRSS: a
+/// zombie or kernel thread).
+pub fn parse_status_mem(status: &str) -> Option<Mem> {
+    let field = |key: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some(Mem {
+        hwm_kib: field("VmHWM:")?,
+        rss_kib: field("VmRSS:")?,
+        anon_kib: field("RssAnon:").unwrap_or(0),
+        file_kib: field("RssFile:").unwrap_or(0),
+    })
+}
+
+/// [`Mem`] of process `pid` now.
+pub fn proc_mem(pid: u32) -> Option<Mem> {
+    parse_status_mem(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
 /// Busy and total jiffies of all CPUs, from the first line of `/proc/stat`.
 pub fn cpu_jiffies() -> Option<(u64, u64)> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
@@ -295,6 +358,22 @@ mod tests {
         let s = "Name:\tx\nVmPeak:\t 9000 kB\nVmHWM:\t   43008 kB\nVmRSS:\t 100 kB\n";
         assert_eq!(parse_vm_hwm_kib(s), Some(43008));
         assert_eq!(parse_vm_hwm_kib("Name: x\n"), None);
+    }
+
+    #[test]
+    fn status_memory_fields_in_kib() {
+        let s = "Name:\tx\nVmHWM:\t   43008 kB\nVmRSS:\t 30000 kB\nRssAnon:\t 20000 kB\n\
+                 RssFile:\t 9000 kB\nRssShmem:\t 1000 kB\n";
+        assert_eq!(
+            parse_status_mem(s),
+            Some(Mem {
+                hwm_kib: 43008,
+                rss_kib: 30000,
+                anon_kib: 20000,
+                file_kib: 9000
+            })
+        );
+        assert_eq!(parse_status_mem("Name: x\nState: Z\n"), None);
     }
 
     #[test]

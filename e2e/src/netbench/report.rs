@@ -102,7 +102,7 @@ pub struct Render<'a> {
     pub notes: Option<&'a str>,
 }
 
-fn size_label(size: u64) -> String {
+pub(crate) fn size_label(size: u64) -> String {
     if size >= 1 << 30 && size.is_multiple_of(1 << 30) {
         format!("{} GiB", size >> 30)
     } else {
@@ -234,6 +234,24 @@ pub fn markdown(sw: &Sweep, opts: &Render<'_>) -> String {
     s
 }
 
+/// The issue-6 sweep as a section of a larger `BENCHMARKS.md`: the same
+/// text one heading level down, without the document title.
+pub fn legacy_section(sw: &Sweep, opts: &Render<'_>) -> String {
+    let text = markdown(sw, opts);
+    let body = text.strip_prefix("# Benchmarks\n\n").unwrap_or(&text);
+    body.lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("#{l}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
 /// The issue's targets at the largest N of the sweep size, reported only.
 fn targets(s: &mut String, runs: &[RunResult], size: u64, cores: usize) {
     let Some(r) = runs
@@ -314,7 +332,7 @@ fn targets(s: &mut String, runs: &[RunResult], size: u64, cores: usize) {
 
 /// Registers DejaVu Sans (Debian's fonts-dejavu-core) as plotters'
 /// "sans-serif": the ab_glyph backend draws text only with registered fonts.
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     const CANDIDATES: &[&str] = &[
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "/usr/share/fonts/TTF/DejaVuSans.ttf",
@@ -512,6 +530,9 @@ mod tests {
                 peak_rss_mib: 70.5,
                 ..Figures::default()
             },
+            one_server_computed: false,
+            piece_size: 4 << 20,
+            meta: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@ use peerfill_agent::content::Digest;
 use rand::{RngCore, SeedableRng};
 use tracing::info;
 
+use super::links::{LinkSampler, LinkSeries, SamplerThread};
 use super::nginx::Nginx;
 use super::procs::{NsProc, Usage, cpu_jiffies, run_in, stop_all};
 use super::report::kumar_ross_secs;
@@ -25,7 +26,9 @@ const ARTIFACT: &str = "artifact.bin";
 const CALIB: &str = "calib.bin";
 const CONTENT_ID: &str = "artifact";
 const AGENT_PORT: u16 = 7000;
-const PIECE_SIZE: u32 = 4 << 20;
+/// The netbench's piece size unless `--piece-kib` says otherwise (the
+/// agent's product default may differ; the run records what it used).
+pub const DEFAULT_PIECE_KIB: u32 = 4096;
 
 /// What one run is asked to do.
 #[derive(Debug, Clone)]
@@ -41,8 +44,11 @@ pub struct RunSpec {
     pub work: PathBuf,
     /// Size of the calibration download, bytes.
     pub calib_size: u64,
-    /// Measure peerfill only (investigations); the one-server figures stay zero.
+    /// Measure peerfill only; the one-server time is then computed
+    /// (N·F/u_origin) and marked so.
     pub skip_one_server: bool,
+    /// Piece size of the agents, bytes.
+    pub piece_size: u32,
 }
 
 /// Figures of one method in one run.
@@ -68,10 +74,21 @@ pub struct Figures {
     /// processes, all cores), 0..1.
     pub machine_busy: f64,
     /// peerfill: when the origin's link had sent as many bytes as the
-    /// artifact (sampled every 250 ms); the rest of the time is the swarm
-    /// spreading the last pieces. Zero when not measured.
+    /// artifact (wire bytes, per-second samples, linear within a second);
+    /// the rest of the time is the swarm spreading the last pieces. Zero
+    /// when not measured.
     #[serde(default)]
     pub origin_copy_secs: f64,
+    /// When each node finished (its verified copy), seconds, by node index.
+    #[serde(default)]
+    pub node_done_secs: Vec<f64>,
+    /// Time-weighted mean uplink utilization from the start to the last
+    /// node: Σ node uplink wire bytes / (N · node cap · time), 0..1.
+    #[serde(default)]
+    pub mean_utilization: f64,
+    /// Per-second link counters of every host (see [`LinkSeries`]).
+    #[serde(default)]
+    pub links: Option<LinkSeries>,
 }
 
 /// Everything measured in one run.
@@ -89,12 +106,45 @@ pub struct RunResult {
     pub bound_secs: f64,
     pub one_server: Figures,
     pub peerfill: Figures,
+    /// The one-server method was not run: its time is N·F/u_origin.
+    #[serde(default)]
+    pub one_server_computed: bool,
+    /// Piece size of the agents, bytes (0: not recorded, the old 4 MiB).
+    #[serde(default)]
+    pub piece_size: u32,
+    /// What was measured and when (set by the caller).
+    #[serde(default)]
+    pub meta: RunMeta,
+}
+
+/// Who, when and with what a run was measured.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RunMeta {
+    /// `--label` (e.g. `before` / `after`).
+    #[serde(default)]
+    pub label: String,
+    /// The agent binary's path and BLAKE3.
+    #[serde(default)]
+    pub agent_path: String,
+    #[serde(default)]
+    pub agent_blake3: String,
+    /// UTC `YYYY-MM-DD HH:MM` at the start.
+    #[serde(default)]
+    pub started: String,
+    /// `/proc/loadavg` (1/5/15 min) before and after the run.
+    #[serde(default)]
+    pub load_before: String,
+    #[serde(default)]
+    pub load_after: String,
+    /// The command line.
+    #[serde(default)]
+    pub command: String,
 }
 
 /// The artifact on the origin and its digest.
-struct Artifact {
-    size: u64,
-    blake3: blake3::Hash,
+pub(crate) struct Artifact {
+    pub(crate) size: u64,
+    pub(crate) blake3: blake3::Hash,
 }
 
 /// Runs both methods on one fresh testbed; the testbed and every process
@@ -119,7 +169,11 @@ pub fn run(spec: &RunSpec, global: Deadline) -> Result<RunResult> {
     // lower bound) plus start-up slack.
     let cs_ideal = spec.nodes as f64 * spec.size as f64 * 8.0 / (spec.caps.origin_mbit * 1e6);
     let one_server = if spec.skip_one_server {
-        Figures::default()
+        Figures {
+            time_secs: cs_ideal,
+            first_secs: cs_ideal,
+            ..Figures::default()
+        }
     } else {
         let f = one_server(
             &tb,
@@ -156,6 +210,9 @@ pub fn run(spec: &RunSpec, global: Deadline) -> Result<RunResult> {
         bound_secs: bound,
         one_server,
         peerfill,
+        one_server_computed: spec.skip_one_server,
+        piece_size: spec.piece_size,
+        meta: RunMeta::default(),
     })
 }
 
@@ -188,10 +245,25 @@ fn print_figures(method: &str, spec: &RunSpec, bound: f64, f: &Figures) {
             f.origin_copy_secs
         );
     }
+    if let Some(l) = &f.links {
+        let up: Vec<String> = l
+            .node_up_totals()
+            .iter()
+            .map(|b| format!("{:.0}", *b as f64 / MIB as f64))
+            .collect();
+        println!(
+            "  {method:<10} mean uplink utilization {:.0}% (wire bytes / caps); \
+             first node {:.2}x bound, last {:.2}x; MiB sent per node: {}",
+            f.mean_utilization * 100.0,
+            f.first_secs / bound,
+            f.time_secs / bound,
+            up.join(" ")
+        );
+    }
 }
 
 /// Writes `size` seeded random bytes and returns their BLAKE3 hash.
-fn write_artifact(path: &Path, size: u64, seed: u64) -> Result<Artifact> {
+pub(crate) fn write_artifact(path: &Path, size: u64, seed: u64) -> Result<Artifact> {
     let what = || format!("writing {}", path.display());
     let file = std::fs::File::create(path).map_err(io_err(what()))?;
     let mut out = std::io::BufWriter::with_capacity(MIB as usize, file);
@@ -230,7 +302,7 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, blake3::Hash)> {
     Ok((len, hasher.finalize()))
 }
 
-fn verify(node: &str, path: &Path, art: &Artifact) -> Result<()> {
+pub(crate) fn verify(node: &str, path: &Path, art: &Artifact) -> Result<()> {
     let fail = |reason: String| NetbenchError::Verify {
         node: node.to_string(),
         path: path.to_path_buf(),
@@ -301,16 +373,34 @@ struct Window {
     jiffies: Option<(u64, u64)>,
     log_mark: u64,
     link0: u64,
+    links: Option<SamplerThread>,
 }
 
 impl Window {
     fn open(tb: &Testbed, nginx: &Nginx) -> Result<Window> {
+        let ports = (0..tb.node_ns.len())
+            .map(|i| format!("h{}", i + 1))
+            .collect();
         Ok(Window {
             log_mark: nginx.log_mark()?,
             link0: tb.origin_tx_bytes()?,
             jiffies: cpu_jiffies(),
+            links: Some(LinkSampler::start(&tb.bridge_ns, "ho", ports, tb.caps.node_mbit)?.spawn()),
             start: Instant::now(),
         })
+    }
+
+    /// The last link sample (at the end of the method) and what follows
+    /// from the series: per-node times and the mean utilization.
+    fn close_links(&mut self, f: &mut Figures, node_done: Vec<f64>) -> Result<()> {
+        let Some(sampler) = self.links.take() else {
+            return Ok(());
+        };
+        let series = sampler.finish()?;
+        f.mean_utilization = series.mean_utilization(f64::INFINITY);
+        f.node_done_secs = node_done;
+        f.links = Some(series);
+        Ok(())
     }
 
     fn busy(&self) -> f64 {
@@ -342,7 +432,7 @@ fn one_server(
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let url = format!("http://{ORIGIN_IP}/{ARTIFACT}");
     let max_time = format!("{:.0}", deadline.remaining().as_secs_f64().max(1.0));
-    let win = Window::open(tb, nginx)?;
+    let mut win = Window::open(tb, nginx)?;
     let mut procs = Vec::with_capacity(spec.nodes);
     for (i, ns) in tb.node_ns.iter().enumerate() {
         let out = dir.join(format!("n{}.bin", i + 1));
@@ -389,6 +479,7 @@ fn one_server(
         machine_busy: busy,
         ..Figures::default()
     };
+    win.close_links(&mut f, done.iter().map(|d| d.0).collect())?;
     win.origin(tb, nginx, &mut f)?;
     let cpu: f64 = done.iter().map(|d| d.1.cpu_secs).sum();
     f.cpu_secs_per_gib_per_node = cpu / spec.nodes as f64 / (spec.size as f64 / GIB as f64);
@@ -439,7 +530,7 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
                 id: CONTENT_ID.into(),
                 path: PathBuf::from(ARTIFACT),
                 size: Some(art.size),
-                piece_size: PIECE_SIZE,
+                piece_size: spec.piece_size,
                 digest: Some(digest),
                 source: source.clone(),
                 peers,
@@ -491,7 +582,7 @@ fn peerfill(
         files.push(path);
     }
     let log_level = std::env::var("NETBENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into());
-    let win = Window::open(tb, nginx)?;
+    let mut win = Window::open(tb, nginx)?;
     let mut agents = Vec::with_capacity(cfgs.len());
     for ((cfg, file), ns) in cfgs.iter().zip(&files).zip(&tb.node_ns) {
         agents.push(NsProc::spawn(
@@ -509,16 +600,7 @@ fn peerfill(
         .collect();
     let mut done: Vec<Option<f64>> = vec![None; agents.len()];
     let mut usage = vec![Usage::default(); agents.len()];
-    let mut origin_copy_secs = 0.0;
-    let mut next_link_sample = Instant::now();
     while done.iter().any(Option::is_none) {
-        if origin_copy_secs == 0.0 && Instant::now() >= next_link_sample {
-            next_link_sample += Duration::from_millis(250);
-            let sent = tb.origin_tx_bytes()?.saturating_sub(win.link0);
-            if sent >= art.size {
-                origin_copy_secs = win.start.elapsed().as_secs_f64();
-            }
-        }
         for (i, a) in agents.iter_mut().enumerate() {
             if done[i].is_some() {
                 continue;
@@ -580,14 +662,22 @@ fn peerfill(
     for (u, a) in usage.iter_mut().zip(&agents) {
         *u = a.usage();
     }
+    // Before the stop: agents that stay keep uploading until then.
+    let mut links_figures = Figures::default();
+    win.close_links(&mut links_figures, done.iter().flatten().copied().collect())?;
     stop_all(&mut agents, Duration::from_secs(5));
     let times: Vec<f64> = done.into_iter().flatten().collect();
     let mut f = Figures {
         time_secs: times.iter().copied().fold(0.0, f64::max),
         first_secs: times.iter().copied().fold(f64::INFINITY, f64::min),
         machine_busy: busy,
-        origin_copy_secs,
-        ..Figures::default()
+        // From the origin's bridge port (wire bytes, per-second samples).
+        origin_copy_secs: links_figures
+            .links
+            .as_ref()
+            .and_then(|l| l.origin_sent_secs(art.size))
+            .unwrap_or(0.0),
+        ..links_figures
     };
     win.origin(tb, nginx, &mut f)?;
     let cpu: f64 = usage.iter().map(|u| u.cpu_secs).sum();
