@@ -67,7 +67,7 @@ enum Cmd {
         seeders: usize,
         #[arg(long, default_value_t = 1)]
         receivers: usize,
-        /// Piece size, KiB.
+        /// Piece size, KiB; 0: the product's default, chosen from the size.
         #[arg(long, default_value_t = DEFAULT_PIECE_KIB)]
         piece_kib: u32,
         /// Stored with the result (e.g. `before` / `after`).
@@ -178,7 +178,7 @@ struct Common {
     /// Keep each run's scratch dir (agent logs and status files).
     #[arg(long)]
     keep_work: bool,
-    /// Agents' piece size, KiB.
+    /// Agents' piece size, KiB; 0: the product's default, chosen from the size.
     #[arg(long, default_value_t = DEFAULT_PIECE_KIB)]
     piece_kib: u32,
     /// Stored with every run (e.g. `before` / `after`); runs are keyed by it.
@@ -297,7 +297,7 @@ fn spec(common: &Common, bin: &Path, work: &Path, nodes: usize, mib: u64, caps: 
         // About 2 s at the node cap, at least 8 MiB.
         calib_size: ((caps.node_mbit * 1e6 / 8.0 * 2.0) as u64).max(8 * MIB) / MIB * MIB,
         skip_one_server: common.skip_one_server,
-        piece_size: common.piece_kib.saturating_mul(1024),
+        piece_size: scenario::piece_size(common.piece_kib, mib * MIB),
     }
 }
 
@@ -382,7 +382,7 @@ fn main() -> ExitCode {
                 size: mib * MIB,
                 seeders,
                 receivers,
-                piece_size: piece_kib.saturating_mul(1024),
+                piece_size: scenario::piece_size(piece_kib, mib * MIB),
                 agent_bin: PathBuf::new(),
                 work: work_root,
             },

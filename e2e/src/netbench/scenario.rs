@@ -26,9 +26,19 @@ const ARTIFACT: &str = "artifact.bin";
 const CALIB: &str = "calib.bin";
 const CONTENT_ID: &str = "artifact";
 const AGENT_PORT: u16 = 7000;
-/// The netbench's piece size unless `--piece-kib` says otherwise (the
-/// agent's product default may differ; the run records what it used).
-pub const DEFAULT_PIECE_KIB: u32 = 4096;
+/// The netbench's piece size unless `--piece-kib` says otherwise: `0`, the
+/// product's default (a Distribution without `pieceSize`: chosen from the
+/// size). The run records the piece size it used.
+pub const DEFAULT_PIECE_KIB: u32 = 0;
+
+/// The piece size a run uses: `piece_kib` KiB, or for `0` what the operator
+/// and agents choose for a content of `size` bytes.
+pub fn piece_size(piece_kib: u32, size: u64) -> u32 {
+    match piece_kib {
+        0 => u32::try_from(peerfill_crds::validation::auto_piece_size(size)).unwrap_or(u32::MAX),
+        kib => kib.saturating_mul(1024),
+    }
+}
 
 /// What one run is asked to do.
 #[derive(Debug, Clone)]

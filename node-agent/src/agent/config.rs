@@ -159,7 +159,6 @@ pub struct ContentConfig {
     pub reuse_from: Vec<PathBuf>,
 }
 
-
 /// Where the bytes come from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
