@@ -553,6 +553,12 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
         // Keep serving after completion: a node that is done still uploads
         // to the others until the whole run is over (as a DaemonSet does).
         cfg.stay = true;
+        // Experiments: agent tuning overrides (partial JSON of the agent's
+        // `tuning`), e.g. NETBENCH_AGENT_TUNING='{"uploadSlots":2}'.
+        if let Ok(t) = std::env::var("NETBENCH_AGENT_TUNING") {
+            cfg.tuning = serde_json::from_str(&t)
+                .map_err(|e| NetbenchError::Config(format!("NETBENCH_AGENT_TUNING: {e}")))?;
+        }
         cfg.validate()
             .map_err(|e| NetbenchError::Config(format!("{name}: {e}")))?;
         out.push(cfg);

@@ -17,9 +17,11 @@
 //! authority could help resets that content's sessions with them and asks
 //! them to announce again ([`wire::Message::Resync`]).
 //!
-//! Memory: at most `max_inflight` pieces are being downloaded and at most
-//! `upload_slots` pieces being uploaded at any time, each one buffer of one
-//! piece, so memory does not grow with the content size or the peer count.
+//! Memory: at most `max_inflight` pieces and [`DOWNLOAD_BUFFER_BYTES`] are
+//! being downloaded, and at most `upload_slots` pieces and
+//! [`UPLOAD_BUFFER_BYTES`] being uploaded, at any time, each one buffer of
+//! one piece, so memory does not grow with the content size, the piece size
+//! or the peer count.
 
 mod fill;
 mod origin_reader;
@@ -63,6 +65,21 @@ pub enum Fault {
     CorruptUploads,
 }
 
+/// Piece buffers being downloaded, at most (whatever the piece size: with
+/// 4 MiB pieces that is 3 requests, with 256 KiB ones `max_inflight`).
+pub const DOWNLOAD_BUFFER_BYTES: u64 = 12 << 20;
+/// Piece buffers being uploaded, at most (see [`uploads`]).
+pub const UPLOAD_BUFFER_BYTES: u64 = 12 << 20;
+/// Unit of the download byte budget's semaphore.
+const BUFFER_UNIT: u64 = 64 << 10;
+
+/// Units of [`BUFFER_UNIT`] a piece of `len` bytes takes (at least one, at
+/// most the whole budget, so one piece of any size can always go).
+pub(crate) fn buffer_units(len: u64, budget: u64) -> u32 {
+    let units = len.div_ceil(BUFFER_UNIT).clamp(1, budget / BUFFER_UNIT);
+    u32::try_from(units).unwrap_or(u32::MAX)
+}
+
 /// Tuning and identity of the engine.
 #[derive(Debug, Clone)]
 pub struct SwarmOptions {
@@ -89,9 +106,9 @@ impl SwarmOptions {
         SwarmOptions {
             node: node.into(),
             listen,
-            max_inflight: 8,
+            max_inflight: 16,
             pipeline: 3,
-            upload_slots: 4,
+            upload_slots: 8,
             strikes_to_ban: 2,
             request_timeout: Duration::from_secs(30),
             download_rate: None,
@@ -160,6 +177,8 @@ pub(crate) struct Shared {
     /// Requests refused for now (`peerfill_agent_upload_requests_refused_total`).
     pub(crate) uploads_refused: Option<prometheus::IntCounter>,
     pub(crate) inflight: Arc<Semaphore>,
+    /// [`DOWNLOAD_BUFFER_BYTES`] in [`BUFFER_UNIT`]s.
+    pub(crate) inflight_bytes: Arc<Semaphore>,
     pub(crate) up: RateLimiter,
     pub(crate) down: RateLimiter,
     pub(crate) metrics: Metrics,
@@ -231,8 +250,11 @@ impl Swarm {
             uploads_refused,
             stall_resyncs,
             duplicates_refused,
-            uploads: uploads::UploadQueue::new(opts.upload_slots),
+            uploads: uploads::UploadQueue::new(opts.upload_slots, UPLOAD_BUFFER_BYTES),
             inflight: Arc::new(Semaphore::new(opts.max_inflight.max(1))),
+            inflight_bytes: Arc::new(Semaphore::new(
+                (DOWNLOAD_BUFFER_BYTES / BUFFER_UNIT) as usize,
+            )),
             up: RateLimiter::new(opts.upload_rate),
             down: RateLimiter::new(opts.download_rate),
             opts,

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use super::picker::PeerId;
 use super::uploads::Busy;
-use super::{Fill, Shared, close};
+use super::{DOWNLOAD_BUFFER_BYTES, Fill, Shared, buffer_units, close};
 use crate::content::{self, PieceHash};
 use crate::metrics::Source;
 use crate::wire::{self, Message, RejectReason, WireError};
@@ -302,13 +302,19 @@ async fn download(
         let changed = fill.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        // Every piece of a content but the last has the full piece size.
+        let units = buffer_units(u64::from(fill.layout().piece_size), DOWNLOAD_BUFFER_BYTES);
         while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
-            let Ok(permit) = shared.inflight.clone().try_acquire_owned() else {
+            let Ok(count) = shared.inflight.clone().try_acquire_owned() else {
+                break;
+            };
+            let Ok(bytes) = shared.inflight_bytes.clone().try_acquire_many_owned(units) else {
                 break;
             };
             let Some((piece, hash, token)) = fill.pick(sid) else {
                 break;
             };
+            let permit = (count, bytes);
             outstanding.spawn(fetch(
                 shared.clone(),
                 conn.clone(),
@@ -349,7 +355,10 @@ async fn fetch(
     piece: u32,
     hash: PieceHash,
     token: CancellationToken,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
 ) {
     let layout = fill.layout();
     let len = layout.piece_len(piece);
@@ -521,7 +530,7 @@ async fn serve_request(
     // Bounded upload slots, least-sent piece first; a piece we already sent
     // may be refused for now (see `uploads`), unless the requester gives up.
     let permit = tokio::select! {
-        p = shared.uploads.admit(&fill, piece) => match p {
+        p = shared.uploads.admit(&fill, piece, u64::from(layout.piece_len(piece))) => match p {
             Ok(p) => p,
             Err(Busy) => {
                 if let Some(c) = &shared.uploads_refused {
