@@ -413,15 +413,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         return Err(WireError::FrameTooLarge(u64::from(len)));
     }
     // Read straight into uninitialised capacity (no zeroing of up to a
-    // whole piece), never past this frame.
-    let mut body = BytesMut::with_capacity(len as usize);
+    // whole piece), never past this frame. Piece-sized bodies come from the
+    // buffer pool and go back to it when the piece is dropped.
+    let pool = crate::bufpool::global();
+    let mut body = pool.take_empty(len as usize);
     let mut limited = r.take(u64::from(len));
     while body.len() < len as usize {
         if limited.read_buf(&mut body).await? == 0 {
             return Err(WireError::UnexpectedEof);
         }
     }
-    Message::decode_body(body.freeze()).map(Some)
+    Message::decode_body(pool.freeze(body)).map(Some)
 }
 
 /// A `tokio_util` codec for the same frames, for buffered streams and tests.
