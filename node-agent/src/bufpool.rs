@@ -24,6 +24,10 @@ pub const POOL_MAX_BYTES: usize = 16 << 20;
 /// not worth keeping).
 pub const POOL_MIN_LEN: usize = 128 << 10;
 
+/// Alignment of pooled buffers: what `O_DIRECT` writes need (the store
+/// writes whole, aligned pieces straight from them).
+pub const ALIGN: usize = 4096;
+
 /// A pool of reusable buffers. [`global`] is the one the agent uses.
 #[derive(Debug)]
 pub struct BufPool {
@@ -37,22 +41,60 @@ struct Free {
     bytes: usize,
 }
 
+/// A buffer of `len` bytes starting at an [`ALIGN`]ed address, for one
+/// piece. Its memory is initialised (zeroed when first allocated, then
+/// whatever the previous piece left): callers overwrite all of it.
+#[derive(Debug)]
+pub struct PoolBuf {
+    /// Fully initialised (`len() == capacity()`), `ALIGN` bytes longer than
+    /// needed so an aligned window of `len` bytes fits.
+    vec: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl PoolBuf {
+    fn new(vec: Vec<u8>, len: usize) -> PoolBuf {
+        let off = vec.as_ptr().align_offset(ALIGN);
+        debug_assert!(off + len <= vec.len());
+        PoolBuf { vec, off, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.vec[self.off..self.off + self.len]
+    }
+}
+
+impl AsRef<[u8]> for PoolBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.vec[self.off..self.off + self.len]
+    }
+}
+
 /// A buffer lent by a pool: goes back to it on drop. Owner of the memory
 /// behind the [`Bytes`] made by [`BufPool::freeze`].
 struct Lent {
-    buf: Vec<u8>,
+    buf: PoolBuf,
     pool: &'static BufPool,
 }
 
 impl AsRef<[u8]> for Lent {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        self.buf.as_ref()
     }
 }
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        self.pool.put(std::mem::take(&mut self.buf));
+        self.pool.put(std::mem::take(&mut self.buf.vec));
     }
 }
 
@@ -74,30 +116,10 @@ impl BufPool {
         }
     }
 
-    /// An empty buffer with capacity for at least `len` bytes (for reads
-    /// into spare capacity).
-    pub fn take_empty(&self, len: usize) -> Vec<u8> {
-        let mut v = self.take(len);
-        v.clear();
-        v
-    }
-
-    /// A buffer of exactly `len` initialised bytes (contents unspecified:
-    /// the caller overwrites them). Zeroes only what a reused buffer never
-    /// held, so a reused buffer of the same size costs nothing.
-    pub fn take_filled(&self, len: usize) -> Vec<u8> {
-        let mut v = self.take(len);
-        if v.len() >= len {
-            v.truncate(len);
-        } else {
-            v.resize(len, 0);
-        }
-        v
-    }
-
-    /// A pooled buffer with capacity >= `len`, its length whatever it held
-    /// before (<= capacity, initialised), or a fresh empty one.
-    fn take(&self, len: usize) -> Vec<u8> {
+    /// An aligned buffer of `len` bytes: a pooled one that fits, or a fresh
+    /// zeroed one.
+    pub fn take(&self, len: usize) -> PoolBuf {
+        let need = len + ALIGN;
         if len >= POOL_MIN_LEN {
             let mut free = self.lock();
             // Prefer the smallest buffer that fits, so one large piece size
@@ -106,35 +128,35 @@ impl BufPool {
                 .bufs
                 .iter()
                 .enumerate()
-                .filter(|(_, b)| b.capacity() >= len)
-                .min_by_key(|(_, b)| b.capacity())
+                .filter(|(_, b)| b.len() >= need)
+                .min_by_key(|(_, b)| b.len())
                 .map(|(i, _)| i);
             if let Some(i) = best {
                 let v = free.bufs.swap_remove(i);
-                free.bytes -= v.capacity();
-                return v;
+                free.bytes -= v.len();
+                return PoolBuf::new(v, len);
             }
         }
-        Vec::with_capacity(len)
+        PoolBuf::new(vec![0u8; need], len)
     }
 
     /// Freezes `buf` into [`Bytes`] whose memory returns to this pool when
     /// the last clone drops.
-    pub fn freeze(&'static self, buf: Vec<u8>) -> Bytes {
-        if buf.capacity() < POOL_MIN_LEN {
-            return Bytes::from(buf);
+    pub fn freeze(&'static self, buf: PoolBuf) -> Bytes {
+        if buf.vec.len() < POOL_MIN_LEN {
+            return Bytes::copy_from_slice(buf.as_ref());
         }
         Bytes::from_owner(Lent { buf, pool: self })
     }
 
     fn put(&self, buf: Vec<u8>) {
-        let cap = buf.capacity();
-        if cap < POOL_MIN_LEN {
+        let size = buf.len();
+        if size < POOL_MIN_LEN {
             return;
         }
         let mut free = self.lock();
-        if free.bytes + cap <= self.max_bytes {
-            free.bytes += cap;
+        if free.bytes + size <= self.max_bytes {
+            free.bytes += size;
             free.bufs.push(buf);
         }
     }
@@ -158,39 +180,44 @@ mod tests {
         Box::leak(Box::new(BufPool::new(max)))
     }
 
+    const SIZE: usize = POOL_MIN_LEN + ALIGN;
+
     #[test]
-    fn buffers_come_back_and_are_reused() {
-        let pool = leak(4 * POOL_MIN_LEN);
-        let mut v = pool.take_empty(POOL_MIN_LEN);
-        let ptr = v.as_ptr();
-        v.extend_from_slice(&vec![7u8; POOL_MIN_LEN]);
+    fn buffers_are_aligned_come_back_and_are_reused() {
+        let pool = leak(4 * SIZE);
+        let mut v = pool.take(POOL_MIN_LEN);
+        assert_eq!(v.len(), POOL_MIN_LEN);
+        assert_eq!(v.as_ref().as_ptr() as usize % ALIGN, 0);
+        let ptr = v.as_ref().as_ptr();
+        v.as_mut_slice().fill(7);
         let b = pool.freeze(v);
+        assert_eq!(b.as_ptr(), ptr, "no copy");
         let clone = b.slice(10..20);
         drop(b);
         assert_eq!(pool.idle_bytes(), 0, "a slice still holds the buffer");
         assert_eq!(&clone[..], &[7u8; 10]);
         drop(clone);
-        assert_eq!(pool.idle_bytes(), POOL_MIN_LEN);
-        let again = pool.take_filled(POOL_MIN_LEN);
-        assert_eq!(again.as_ptr(), ptr, "the same memory is handed out again");
-        assert_eq!(again.len(), POOL_MIN_LEN);
+        assert_eq!(pool.idle_bytes(), SIZE);
+        let again = pool.take(POOL_MIN_LEN);
+        assert_eq!(again.as_ref().as_ptr(), ptr, "the same memory again");
         assert_eq!(pool.idle_bytes(), 0);
     }
 
     #[test]
     fn idle_bytes_stay_bounded_and_small_buffers_bypass() {
-        let pool = leak(2 * POOL_MIN_LEN);
+        let pool = leak(2 * SIZE);
         let held: Vec<Bytes> = (0..5)
-            .map(|_| pool.freeze(pool.take_filled(POOL_MIN_LEN)))
+            .map(|_| pool.freeze(pool.take(POOL_MIN_LEN)))
             .collect();
         drop(held);
-        assert_eq!(pool.idle_bytes(), 2 * POOL_MIN_LEN);
-        let small = pool.freeze(pool.take_filled(100));
+        assert_eq!(pool.idle_bytes(), 2 * SIZE);
+        let small = pool.freeze(pool.take(100));
+        assert_eq!(small.len(), 100);
         drop(small);
-        assert_eq!(pool.idle_bytes(), 2 * POOL_MIN_LEN);
+        assert_eq!(pool.idle_bytes(), 2 * SIZE);
         // A larger request than any idle buffer allocates afresh.
-        let big = pool.take_empty(4 * POOL_MIN_LEN);
-        assert!(big.capacity() >= 4 * POOL_MIN_LEN);
-        assert_eq!(pool.idle_bytes(), 2 * POOL_MIN_LEN);
+        let big = pool.take(4 * POOL_MIN_LEN);
+        assert_eq!(big.len(), 4 * POOL_MIN_LEN);
+        assert_eq!(pool.idle_bytes(), 2 * SIZE);
     }
 }

@@ -282,6 +282,11 @@ pub struct PieceStore {
 struct Inner {
     layout: Layout,
     file: File,
+    /// The partial file again, opened with `O_DIRECT`: whole pieces in
+    /// aligned buffers (the pool's) are written through it, skipping the
+    /// copy into the page cache, which profiles showed as the largest cost
+    /// per byte received. `None` where the filesystem refuses `O_DIRECT`.
+    direct: Option<File>,
     /// The data file (the `.partial`, or the complete file being served);
     /// for messages and [`PieceStore::path`] only, never opened by path.
     data_path: PathBuf,
@@ -574,6 +579,32 @@ fn preallocate(file: &File, len: u64, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A second, `O_DIRECT` descriptor of `file` (a new open file description,
+/// so the buffered one keeps its flags), or `None` if refused.
+fn open_direct(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    let magic = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&magic)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            debug!(error = %e, "no O_DIRECT for the partial file; writes go through the page cache");
+            None
+        }
+    }
+}
+
+/// Whether a write of `data` at `offset` meets `O_DIRECT`'s alignment.
+fn direct_aligned(data: &[u8], offset: u64) -> bool {
+    let align = crate::bufpool::ALIGN;
+    (data.as_ptr() as usize).is_multiple_of(align)
+        && data.len().is_multiple_of(align)
+        && offset.is_multiple_of(align as u64)
+}
+
 fn check_id(id: &str) -> Result<(), StoreError> {
     if id.is_empty() || id.contains('/') || id.contains('\0') || id.starts_with('.') {
         return Err(StoreError::InvalidId { id: id.to_string() });
@@ -706,10 +737,12 @@ impl PieceStore {
             // belongs to this layout even before its first piece lands.
             write_bitmap_file(&p, &layout, &have)?;
         }
+        let direct = open_direct(&file);
         Ok(PieceStore {
             inner: Arc::new(Inner {
                 layout,
                 file,
+                direct,
                 data_path,
                 partial: Some(p),
                 have: Mutex::new(have),
@@ -771,6 +804,7 @@ impl PieceStore {
             inner: Arc::new(Inner {
                 layout,
                 file,
+                direct: None,
                 data_path: path.to_path_buf(),
                 partial: None,
                 have: Mutex::new(Bitmap::full(layout.piece_count())),
@@ -913,10 +947,21 @@ impl PieceStore {
             });
         }
         let offset = inner.layout.piece_range(index).start;
-        inner
-            .file
-            .write_all_at(data, offset)
-            .map_err(io_err("writing", &inner.data_path))?;
+        let direct = inner
+            .direct
+            .as_ref()
+            .filter(|_| direct_aligned(data, offset))
+            .map(|f| f.write_all_at(data, offset));
+        if !matches!(direct, Some(Ok(()))) {
+            if let Some(Err(e)) = direct {
+                // E.g. a short direct write; the buffered path always works.
+                debug!(error = %e, piece = index, "direct write failed; writing through the page cache");
+            }
+            inner
+                .file
+                .write_all_at(data, offset)
+                .map_err(io_err("writing", &inner.data_path))?;
+        }
         let due = {
             let mut have = self.lock_have();
             if inner.closed.load(Ordering::Acquire) {
@@ -957,10 +1002,10 @@ impl PieceStore {
             let inner = &this.inner;
             let range = inner.layout.piece_range(index);
             let pool = crate::bufpool::global();
-            let mut buf = pool.take_filled((range.end - range.start) as usize);
+            let mut buf = pool.take((range.end - range.start) as usize);
             inner
                 .file
-                .read_exact_at(&mut buf, range.start)
+                .read_exact_at(buf.as_mut_slice(), range.start)
                 .map_err(io_err("reading", &inner.data_path))?;
             Ok(pool.freeze(buf))
         })
@@ -1261,6 +1306,32 @@ mod tests {
         let store = PieceStore::open(root.path(), "c", layout).unwrap();
         assert_eq!(store.have().iter_ones().collect::<Vec<_>>(), vec![1, 2, 4]);
         assert_eq!(store.read_piece(2).await.unwrap(), piece(&layout, 2));
+    }
+
+    /// Pieces in the pool's aligned buffers take the O_DIRECT path (where
+    /// the filesystem has it); they read back the same, before and after a
+    /// reopen, like any other piece.
+    #[tokio::test]
+    async fn aligned_pieces_write_through_and_read_back() {
+        let root = tempfile::tempdir().unwrap();
+        // Pieces above the pool's minimum; the last one is short (buffered).
+        let size = 256 << 10;
+        let layout = Layout::new(u64::from(size) * 2 + 100, size).unwrap();
+        let store = PieceStore::open(root.path(), "c", layout).unwrap();
+        let pool = crate::bufpool::global();
+        for i in 0..layout.piece_count() {
+            let want = piece(&layout, i);
+            let mut buf = pool.take(want.len());
+            buf.as_mut_slice().copy_from_slice(&want);
+            store.write_piece(i, pool.freeze(buf)).await.unwrap();
+            assert_eq!(store.read_piece(i).await.unwrap(), want);
+        }
+        drop(store);
+        let store = PieceStore::open(root.path(), "c", layout).unwrap();
+        assert!(store.is_complete());
+        for i in 0..layout.piece_count() {
+            assert_eq!(store.read_piece(i).await.unwrap(), piece(&layout, i));
+        }
     }
 
     /// Without a crash nothing is lost: the last handle dropping flushes,
