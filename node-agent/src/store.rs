@@ -947,6 +947,21 @@ impl PieceStore {
             });
         }
         let offset = inner.layout.piece_range(index).start;
+        // A whole piece in an unaligned buffer (e.g. read from the origin):
+        // copying it into a pooled aligned buffer costs far less than the
+        // page-cache copy a buffered write makes.
+        let realign = inner.direct.is_some()
+            && !direct_aligned(data, offset)
+            && data.len() >= crate::bufpool::POOL_MIN_LEN
+            && data.len().is_multiple_of(crate::bufpool::ALIGN)
+            && offset.is_multiple_of(crate::bufpool::ALIGN as u64);
+        let realigned = realign.then(|| {
+            let pool = crate::bufpool::global();
+            let mut buf = pool.take(data.len());
+            buf.as_mut_slice().copy_from_slice(data);
+            pool.freeze(buf)
+        });
+        let data = realigned.as_deref().unwrap_or(data);
         let direct = inner
             .direct
             .as_ref()
@@ -1321,9 +1336,15 @@ mod tests {
         let pool = crate::bufpool::global();
         for i in 0..layout.piece_count() {
             let want = piece(&layout, i);
-            let mut buf = pool.take(want.len());
-            buf.as_mut_slice().copy_from_slice(&want);
-            store.write_piece(i, pool.freeze(buf)).await.unwrap();
+            // Piece 1 comes in an ordinary (unaligned) buffer: realigned.
+            let data = if i == 1 {
+                want.clone()
+            } else {
+                let mut buf = pool.take(want.len());
+                buf.as_mut_slice().copy_from_slice(&want);
+                pool.freeze(buf)
+            };
+            store.write_piece(i, data).await.unwrap();
             assert_eq!(store.read_piece(i).await.unwrap(), want);
         }
         drop(store);
