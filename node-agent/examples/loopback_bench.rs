@@ -10,6 +10,12 @@
 //! two of them origin readers. For each it prints the wall time, MiB/s per
 //! agent, CPU seconds per GiB moved (received + sent, from /proc/<pid>/stat)
 //! and peak RSS (VmHWM from /proc/<pid>/status). Figures, not assertions.
+//!
+//! `BENCH_PERF=1`: in scenario 1, `perf stat` is attached to the downloader
+//! (from its start) and to the seeder (once it has hashed its file), and
+//! instructions, cycles, context switches and page faults per GiB are
+//! printed for both: counts are stable on a shared machine, wall time is
+//! not. `BENCH_SWARM_MIB=0` skips scenario 2.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -236,10 +242,17 @@ async fn single(bin: &Path, root: &Path, size: u64) -> BenchResult<()> {
     )?;
     wait_complete(&[&seeder], Duration::from_secs(300)).await?;
     let (seed_cpu0, _) = seeder.usage();
+    let perf = std::env::var_os("BENCH_PERF").is_some();
+    let seed_perf = perf
+        .then(|| PerfStat::attach(seeder.child.id(), &root.join("perf-seed.csv")))
+        .transpose()?;
     let leech = spawn(
         bin,
         &config(&names[1], peers[1].1, root, size, source, &peers),
     )?;
+    let leech_perf = perf
+        .then(|| PerfStat::attach(leech.child.id(), &root.join("perf-leech.csv")))
+        .transpose()?;
     let t = wait_complete(&[&leech], Duration::from_secs(600)).await?[0];
     let (leech_cpu, leech_rss) = leech.usage();
     let (seed_cpu, seed_rss) = seeder.usage();
@@ -260,7 +273,64 @@ async fn single(bin: &Path, root: &Path, size: u64) -> BenchResult<()> {
         (seed_cpu - seed_cpu0) / gib,
         seed_rss
     );
+    for (who, p) in [("downloader", leech_perf), ("seeder", seed_perf)] {
+        if let Some(p) = p {
+            let counts = p.finish()?;
+            let per_gib: Vec<String> = counts
+                .iter()
+                .map(|(event, v)| format!("{event} {:.3e}", v / gib))
+                .collect();
+            println!("  perf {who} per GiB: {}", per_gib.join(", "));
+        }
+    }
     Ok(())
+}
+
+/// `perf stat` attached to a running process until [`PerfStat::finish`].
+struct PerfStat {
+    child: Child,
+    out: PathBuf,
+}
+
+const PERF_EVENTS: &str = "instructions,cycles,context-switches,page-faults";
+
+impl PerfStat {
+    fn attach(pid: u32, out: &Path) -> BenchResult<PerfStat> {
+        let mut cmd = Command::new("perf");
+        cmd.args(["stat", "-x", ",", "-e", PERF_EVENTS, "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        kill_with_parent(&mut cmd);
+        let child = cmd.spawn()?;
+        // perf needs a moment to attach before the transfer starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(PerfStat {
+            child,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Stops counting (SIGINT, as perf expects) and returns (event, count).
+    fn finish(mut self) -> BenchResult<Vec<(String, f64)>> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
+        }
+        self.child.wait()?;
+        let text = std::fs::read_to_string(&self.out)?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                Some((f.get(2)?.to_string(), f.first()?.parse::<f64>().ok()?))
+            })
+            .collect())
+    }
 }
 
 async fn swarm(bin: &Path, root: &Path, size: u64, agents: usize) -> BenchResult<()> {
@@ -387,7 +457,9 @@ async fn main() -> BenchResult<()> {
     let swarm_size = env_mib("BENCH_SWARM_MIB", 512) * MIB;
     let tmp = tempfile::tempdir()?;
     single(&bin, &tmp.path().join("single"), single_size).await?;
-    swarm(&bin, &tmp.path().join("swarm"), swarm_size, 8).await?;
+    if swarm_size > 0 {
+        swarm(&bin, &tmp.path().join("swarm"), swarm_size, 8).await?;
+    }
     if std::env::var_os("BENCH_KEEP").is_some() {
         println!("kept {}", tmp.keep().display());
     }

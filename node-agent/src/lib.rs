@@ -6,6 +6,7 @@
 //! `wire` + `tls` (QUIC frames between mutually authenticated agents) →
 //! `swarm` (who fetches which piece from whom) → `agent` (one process).
 
+pub mod bufpool;
 pub mod content;
 pub mod fsroot;
 pub mod metrics;

@@ -138,9 +138,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Blocking threads: piece hashing, writes, reads and flushes run there.
+/// Few are ever busy at once (bounded by the download permits and upload
+/// slots); a small cap bounds thread stacks and context switches.
+const MAX_BLOCKING_THREADS: usize = 16;
+
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {
         Ok(r) => Some(r),

@@ -412,16 +412,60 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max_len.min(MAX_FRAME_LEN) {
         return Err(WireError::FrameTooLarge(u64::from(len)));
     }
-    // Read straight into uninitialised capacity (no zeroing of up to a
-    // whole piece), never past this frame.
+    // A piece: its data goes to an aligned buffer of the pool (reused, and
+    // the store can write it with O_DIRECT); it returns to the pool when
+    // the piece is dropped. Decoding the 6-byte prefix alone applies the
+    // same checks as a whole frame.
+    const PIECE_PREFIX: usize = 6;
+    let pool = crate::bufpool::global();
+    if len as usize > PIECE_PREFIX {
+        let mut prefix = [0u8; PIECE_PREFIX];
+        r.read_exact(&mut prefix).await.map_err(eof)?;
+        if prefix[1] == tag::PIECE {
+            let Message::Piece { piece, .. } =
+                Message::decode_body(Bytes::copy_from_slice(&prefix))?
+            else {
+                return Err(WireError::BadField("piece frame", u64::from(len)));
+            };
+            let mut data = pool.take(len as usize - PIECE_PREFIX);
+            r.read_exact(data.as_mut_slice()).await.map_err(eof)?;
+            return Ok(Some(Message::Piece {
+                piece,
+                data: pool.freeze(data),
+            }));
+        }
+        let mut body = BytesMut::with_capacity(len as usize);
+        body.extend_from_slice(&prefix);
+        read_rest(r, &mut body, len).await?;
+        return Message::decode_body(body.freeze()).map(Some);
+    }
     let mut body = BytesMut::with_capacity(len as usize);
-    let mut limited = r.take(u64::from(len));
+    read_rest(r, &mut body, len).await?;
+    Message::decode_body(body.freeze()).map(Some)
+}
+
+/// Reads the frame body into `body` up to `len` bytes, into uninitialised
+/// capacity (no zeroing), never past the frame.
+async fn read_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut BytesMut,
+    len: u32,
+) -> Result<(), WireError> {
+    let mut limited = r.take(u64::from(len) - body.len() as u64);
     while body.len() < len as usize {
-        if limited.read_buf(&mut body).await? == 0 {
+        if limited.read_buf(body).await? == 0 {
             return Err(WireError::UnexpectedEof);
         }
     }
-    Message::decode_body(body.freeze()).map(Some)
+    Ok(())
+}
+
+fn eof(e: std::io::Error) -> WireError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        WireError::UnexpectedEof
+    } else {
+        WireError::Io(e)
+    }
 }
 
 /// A `tokio_util` codec for the same frames, for buffered streams and tests.

@@ -22,9 +22,9 @@
 //! published once every authority reported the same one. The full hash list
 //! must merge to it before the content completes; without a pin yet a fill
 //! that requires one ([`FillSpec::require_pin`]) waits. With a `sha256:`
-//! digest the finished file is hashed and compared; with no pin at all (a
-//! standalone agent) the finished file is re-hashed and compared to the root
-//! of the hash list, which catches a corrupted disk.
+//! digest the finished file is hashed and compared. The file is not
+//! re-hashed with BLAKE3: every piece was verified against its trusted hash
+//! on its way in, and the root is the hash of that list.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -107,8 +107,6 @@ pub enum FillError {
     ManifestMismatch(Digest),
     #[error("the finished file has digest {got}, expected {want}")]
     DigestMismatch { got: Digest, want: Digest },
-    #[error("the finished file does not match the piece hashes (BLAKE3 {got}, expected {want})")]
-    RootMismatch { got: String, want: String },
     #[error("piece hashes merge to {got}, not to the pinned root {want}")]
     IdentityMismatch { got: String, want: String },
     #[error("no pinned root yet")]
@@ -126,7 +124,6 @@ impl FillError {
     pub fn reason(&self) -> &'static str {
         match self {
             FillError::ManifestMismatch(_) | FillError::DigestMismatch { .. } => "DigestMismatch",
-            FillError::RootMismatch { .. } => "VerificationFailed",
             FillError::IdentityMismatch { .. } => "IdentityMismatch",
             FillError::NotPinned => "WaitingForIdentity",
             FillError::HashesMissing(_) => "HashesMissing",
@@ -826,44 +823,25 @@ impl Fill {
             None if self.spec.require_pin => return Err(FillError::NotPinned),
             _ => {}
         }
-        // Every piece was verified against a list that merges to the pinned
-        // root: the file is that content. Without a pin, re-hash the file
-        // against its own list; a sha256 digest needs the bytes anyway.
-        let need_rehash = pinned.is_none() || matches!(self.spec.digest, Some(Digest::Sha256(_)));
-        if need_rehash {
-            let mut b3 = blake3::Hasher::new();
-            let mut sha = match &self.spec.digest {
-                Some(Digest::Sha256(_)) => {
-                    Some(content::StreamingDigest::new(content::DigestAlgo::Sha256))
-                }
-                _ => None,
-            };
+        // Every piece was verified against its trusted hash when it was
+        // stored (or read by us from the origin or the seeded file), and the
+        // root is the hash of exactly that hash list: the file is that
+        // content, so re-hashing it would only repeat the work. Only a
+        // sha256 digest needs the bytes again.
+        if let Some(want @ Digest::Sha256(_)) = self.spec.digest {
+            let mut sha = content::StreamingDigest::new(content::DigestAlgo::Sha256);
             for i in 0..layout.piece_count() {
                 let data = self.store.read_piece(i).await?;
-                let (b3_next, sha_next) = tokio::task::spawn_blocking(move || {
-                    b3.update(&data);
-                    if let Some(s) = sha.as_mut() {
-                        s.update(&data);
-                    }
-                    (b3, sha)
+                sha = tokio::task::spawn_blocking(move || {
+                    sha.update(&data);
+                    sha
                 })
                 .await
                 .map_err(|e| FillError::Store(crate::store::StoreError::Join(e)))?;
-                b3 = b3_next;
-                sha = sha_next;
             }
-            let got = b3.finalize();
-            if got != root {
-                return Err(FillError::RootMismatch {
-                    got: got.to_hex().to_string(),
-                    want: root.to_hex().to_string(),
-                });
-            }
-            if let (Some(s), Some(want)) = (sha, self.spec.digest) {
-                let got = s.finalize();
-                if got != want {
-                    return Err(FillError::DigestMismatch { got, want });
-                }
+            let got = sha.finalize();
+            if got != want {
+                return Err(FillError::DigestMismatch { got, want });
             }
         }
         self.store.clone().finalize(dest).await?;

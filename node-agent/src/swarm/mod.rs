@@ -196,6 +196,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Kernel socket buffer the QUIC endpoint asks for, each way. The default
+/// (~208 KiB) overflows under a burst of GSO batches at loopback or LAN
+/// speed; every drop is a loss to congestion control. The kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`. Kernel memory, not the agent's RSS.
+const UDP_SOCKET_BUFFER: libc::c_int = 8 << 20;
+
+/// Binds the endpoint's UDP socket with [`UDP_SOCKET_BUFFER`] each way.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        let size = UDP_SOCKET_BUFFER;
+        // SAFETY: setsockopt on a socket we own, with a c_int option value
+        // of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            // Not fatal: the default buffer works, only slower.
+            warn!(error = %std::io::Error::last_os_error(), "cannot enlarge the UDP socket buffer");
+        }
+    }
+    Ok(socket)
+}
+
 /// The running engine of one agent. Cheap to clone.
 #[derive(Clone)]
 pub struct Swarm {
@@ -217,17 +248,27 @@ impl Swarm {
         identity: &NodeIdentity,
         metrics: Metrics,
     ) -> Result<Swarm, SwarmError> {
-        // Transport settings (windows, keep-alive, idle timeout) come with
-        // the TLS configs. Quinn's default 1480-byte datagrams measured
-        // better than jumbo datagrams on a loaded loopback, where a lost
-        // large datagram costs more.
+        // Transport settings (windows, keep-alive, idle timeout, MTU
+        // discovery) come with the TLS configs.
         let server = tls::server_config(identity)?;
         let client_config = tls::client_config(identity)?;
-        let endpoint =
-            quinn::Endpoint::server(server, opts.listen).map_err(|source| SwarmError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
+        let bind_err = |source| SwarmError::Bind {
+            addr: opts.listen,
+            source,
+        };
+        let socket = bind_udp(opts.listen).map_err(bind_err)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| {
+            bind_err(std::io::Error::other(
+                "no async runtime for the QUIC endpoint",
+            ))
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         let stall_resyncs = prometheus::IntCounter::new(
             "peerfill_agent_stall_resyncs_total",
             "Contents that made no progress while peers could help, and were resynced",
