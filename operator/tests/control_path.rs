@@ -348,7 +348,7 @@ fn distribution(name: &str, readers: u32) -> Distribution {
                 ..Target::default()
             },
             strategy: Strategy {
-                piece_size: MIB,
+                piece_size: Some(MIB),
                 max_origin_connections: readers,
                 ..Strategy::default()
             },
