@@ -303,7 +303,8 @@ fn distribution_bounds() {
         bounds("spec.strategy.priority"),
         (Some(-1000.0), Some(1000.0))
     );
-    assert_eq!(field(root, "spec.strategy.pieceSize")["default"], 4194304);
+    // Unset, the piece size follows the content size: no schema default.
+    assert!(field(root, "spec.strategy.pieceSize")["default"].is_null());
     assert_eq!(
         field(root, "spec.strategy.maxOriginConnections")["default"],
         4

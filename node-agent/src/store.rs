@@ -53,10 +53,10 @@ use crate::content::Layout;
 use crate::fsroot::{DataRoot, FsError, check_user_path};
 
 /// Unflushed bytes that trigger a flush (see the module doc).
-pub const FLUSH_BYTES: u64 = 64 << 20;
+pub const FLUSH_BYTES: u64 = 16 << 20;
 
 /// Age of the oldest unflushed piece that triggers a flush at the next write.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Name of the directory, under the agent's data root, that holds partial
 /// files (same filesystem as the destinations, so the final rename is atomic).
