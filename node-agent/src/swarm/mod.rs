@@ -12,6 +12,13 @@
 //! a connection to replaces that one only if it no longer answers a probe
 //! (the peer restarted); a live connection is never silently replaced.
 //!
+//! Schedule: downloaders ask each peer for the rarest piece it holds
+//! ([`picker`]); uploaders serve the piece they have sent the fewest times
+//! first and refuse, for now, a piece they already sent while others wait
+//! (`uploads`), so every fresh piece is handed to one node which forwards it
+//! in turn, and every uplink works (the Mutualcast shape the Kumar–Ross
+//! bound needs), instead of the origin readers serving everyone.
+//!
 //! Liveness: every content runs a stall watchdog ([`Swarm::watch_stalls`]):
 //! no piece or hash gained for [`STALL_AFTER`] while a connected peer or
 //! authority could help resets that content's sessions with them and asks
