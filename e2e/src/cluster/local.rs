@@ -907,16 +907,39 @@ fn workspace_crds(work_dir: &Path) -> Result<PathBuf, ClusterError> {
     Ok(out)
 }
 
+/// Ports handed to agents and operators, below Linux's default ephemeral
+/// range (32768-60999). A port the kernel chose for `bind(0)` is free only
+/// until the socket closes: another process's ephemeral socket may take it
+/// before the agent binds it (seen: "Address already in use" at start).
+/// The kernel never hands these out on its own, so only another harness
+/// picking the same port on the same address could collide; each pick
+/// starts at a random place and checks the port is free.
+const HARNESS_PORTS: std::ops::Range<u16> = 20000..32000;
+
+fn pick_port(
+    ip: Ipv4Addr,
+    what: &str,
+    free: impl Fn(SocketAddr) -> bool,
+) -> Result<SocketAddr, ClusterError> {
+    use rand::Rng;
+    let span = HARNESS_PORTS.end - HARNESS_PORTS.start;
+    let start = rand::rng().random_range(0..span);
+    (0..span)
+        .map(|i| SocketAddr::from((ip, HARNESS_PORTS.start + (start + i) % span)))
+        .find(|addr| free(*addr))
+        .ok_or_else(|| {
+            ClusterError::io(format!("finding a free {what} port on {ip}"))(std::io::Error::from(
+                std::io::ErrorKind::AddrInUse,
+            ))
+        })
+}
+
 fn free_udp(ip: Ipv4Addr) -> Result<SocketAddr, ClusterError> {
-    std::net::UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .map_err(ClusterError::io(format!("finding a free UDP port on {ip}")))
+    pick_port(ip, "UDP", |a| std::net::UdpSocket::bind(a).is_ok())
 }
 
 fn free_tcp(ip: Ipv4Addr) -> Result<SocketAddr, ClusterError> {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .map_err(ClusterError::io(format!("finding a free TCP port on {ip}")))
+    pick_port(ip, "TCP", |a| std::net::TcpListener::bind(a).is_ok())
 }
 
 /// Hex digest of a file in the algorithm of `like` (`sha256:`/`blake3:`),
