@@ -368,10 +368,7 @@ pub fn plot(path: &Path, sw: &Sweep) -> Result<()> {
         return Ok(());
     };
     register_font()?;
-    let err = |e: &dyn std::fmt::Display| NetbenchError::Plot {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
+    let err = plot_err(path);
     let caps = format!(
         "{}, links origin {} / nodes {} Mbit/s",
         size_label(size),
@@ -455,16 +452,39 @@ pub fn plot(path: &Path, sw: &Sweep) -> Result<()> {
             }))
             .map_err(|e| err(&e))?;
     }
+    finish_plot(&mut chart, &root, SeriesLabelPosition::UpperLeft, 16, path)
+}
+
+/// The error of drawing the plot at `path`.
+pub(crate) fn plot_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> NetbenchError + '_ {
+    move |e| NetbenchError::Plot {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Draws the legend of a finished chart and writes the PNG.
+pub(crate) fn finish_plot<'a>(
+    chart: &mut ChartContext<
+        'a,
+        BitMapBackend<'a>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    root: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    position: SeriesLabelPosition,
+    font_size: u32,
+    path: &Path,
+) -> Result<()> {
+    let err = plot_err(path);
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 16))
+        .position(position)
+        .label_font(("sans-serif", font_size))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
         .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    root.present().map_err(|e| err(&e))
 }
 
 #[cfg(test)]

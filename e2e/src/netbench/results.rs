@@ -9,10 +9,10 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use super::Result;
 use super::memory::MemoryResult;
-use super::report::{Machine, register_font, size_label};
+use super::report::{Machine, finish_plot, plot_err, register_font, size_label};
 use super::scenario::RunResult;
-use super::{NetbenchError, Result};
 
 /// The results JSON.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -477,13 +477,6 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(60, 60, 60),
 ];
 
-fn plot_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> NetbenchError + '_ {
-    move |e| NetbenchError::Plot {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
-
 /// Last node / T* against N, one series per (label, link rate).
 pub fn plot_ratio(path: &Path, res: &Results) -> Result<()> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
@@ -579,16 +572,7 @@ pub fn plot_ratio(path: &Path, res: &Results) -> Result<()> {
             }))
             .map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    finish_plot(&mut chart, &root, SeriesLabelPosition::UpperLeft, 16, path)
 }
 
 /// Uplink utilization over time of every N = 16 peerfill run (one series
@@ -663,16 +647,7 @@ pub fn plot_utilization(path: &Path, res: &Results, nodes: usize) -> Result<()> 
             ))
             .map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    finish_plot(&mut chart, &root, SeriesLabelPosition::UpperRight, 14, path)
 }
 
 #[cfg(test)]
