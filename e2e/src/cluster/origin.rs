@@ -582,7 +582,11 @@ fn spawn_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, stop: Ca
         });
         let conn =
             hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+        // Biased: a cut or stop wins over a body that became sendable in
+        // the same wake-up (otherwise a loaded runtime could finish the
+        // response the test meant to cut).
         tokio::select! {
+            biased;
             _ = stop.cancelled() => {}
             _ = cut.cancelled() => {}
             r = conn => if let Err(e) = r {
@@ -1128,8 +1132,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         origin.cut_connections();
-        origin.set_rate_limit(None);
         let short = cut.join().expect("thread");
+        origin.set_rate_limit(None);
         assert!(
             short.as_ref().is_err() || short.as_ref().is_ok_and(|r| (r.2.len() as u64) < 4 * BLOCK),
             "the response was cut short"
