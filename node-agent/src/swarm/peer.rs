@@ -12,12 +12,14 @@
 //!
 //! A malformed frame closes the connection with the decoding error as reason.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -287,7 +289,45 @@ pub(crate) async fn probe(conn: &quinn::Connection, wait: Duration) -> bool {
     matches!(tokio::time::timeout(wait, attempt).await, Ok(Some(_)))
 }
 
+/// How often a session whose peer holds pieces we want, none of which we may
+/// ask for right now (refused for now, or in flight elsewhere), looks again.
+const REFUSAL_RECHECK: Duration = Duration::from_millis(50);
+
+/// The two download permits a request holds until its piece is written:
+/// one of `max_inflight` and its piece's share of the byte budget.
+type DownloadPermit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Takes both permits now, or `None` if either budget is used up.
+fn try_permit(shared: &Shared, units: u32) -> Option<DownloadPermit> {
+    let count = shared.inflight.clone().try_acquire_owned().ok()?;
+    let bytes = shared
+        .inflight_bytes
+        .clone()
+        .try_acquire_many_owned(units)
+        .ok()?;
+    Some((count, bytes))
+}
+
+/// Waits in line for both permits (always in the same order, so sessions
+/// cannot hold one each and wait for the other forever).
+async fn queue_for_permit(shared: Arc<Shared>, units: u32) -> Option<DownloadPermit> {
+    let count = shared.inflight.clone().acquire_owned().await.ok()?;
+    let bytes = shared
+        .inflight_bytes
+        .clone()
+        .acquire_many_owned(units)
+        .await
+        .ok()?;
+    Some((count, bytes))
+}
+
 /// Keeps up to `pipeline` requests outstanding to one peer for one content.
+///
+/// The download budgets are shared by every session, so most sessions wait
+/// for a permit most of the time. A session that has something to ask for
+/// waits in the semaphores' queue (first come, first served): a permit
+/// another session frees is handed on at once rather than found by a poll,
+/// and a session whose peer has nothing we need never takes one.
 async fn download(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -297,24 +337,26 @@ async fn download(
     cancel: CancellationToken,
 ) {
     let mut outstanding = JoinSet::new();
+    // Our place in the permit queue, kept across wake-ups for other reasons.
+    let mut queued: Option<Pin<Box<dyn Future<Output = Option<DownloadPermit>> + Send>>> = None;
+    let mut granted: Option<DownloadPermit> = None;
+    // Every piece of a content but the last has the full piece size.
+    let units = buffer_units(u64::from(fill.layout().piece_size), DOWNLOAD_BUFFER_BYTES);
     loop {
         // Register for wake-ups before looking at the state.
         let changed = fill.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        // Every piece of a content but the last has the full piece size.
-        let units = buffer_units(u64::from(fill.layout().piece_size), DOWNLOAD_BUFFER_BYTES);
+        let mut starved = false;
         while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
-            let Ok(count) = shared.inflight.clone().try_acquire_owned() else {
+            let Some(permit) = granted.take().or_else(|| try_permit(&shared, units)) else {
+                starved = true;
                 break;
             };
-            let Ok(bytes) = shared.inflight_bytes.clone().try_acquire_many_owned(units) else {
-                break;
-            };
+            // Nothing to ask for: the permit goes back to whoever waits.
             let Some((piece, hash, token)) = fill.pick(sid) else {
                 break;
             };
-            let permit = (count, bytes);
             outstanding.spawn(fetch(
                 shared.clone(),
                 conn.clone(),
@@ -327,11 +369,27 @@ async fn download(
                 permit,
             ));
         }
+        // Only sessions with something to ask for stand in line.
+        let wants = starved && fill.interesting(sid);
+        if !wants {
+            queued = None;
+        } else if queued.is_none() {
+            queued = Some(Box::pin(queue_for_permit(shared.clone(), units)));
+        }
         tokio::select! {
             Some(_) = outstanding.join_next(), if !outstanding.is_empty() => {}
+            permit = async {
+                match queued.as_mut() {
+                    Some(q) => q.await,
+                    None => std::future::pending().await,
+                }
+            }, if queued.is_some() => {
+                queued = None;
+                granted = permit;
+            }
             _ = &mut changed => {}
-            // Permits freed by other sessions do not notify; poll a little.
-            _ = tokio::time::sleep(Duration::from_millis(50)), if fill.interesting(sid) => {}
+            // A piece refused for now becomes askable again after a while.
+            _ = tokio::time::sleep(REFUSAL_RECHECK), if !wants && fill.interesting(sid) => {}
             _ = cancel.cancelled() => break,
         }
     }
@@ -355,10 +413,7 @@ async fn fetch(
     piece: u32,
     hash: PieceHash,
     token: CancellationToken,
-    permit: (
-        tokio::sync::OwnedSemaphorePermit,
-        tokio::sync::OwnedSemaphorePermit,
-    ),
+    permit: DownloadPermit,
 ) {
     let layout = fill.layout();
     let len = layout.piece_len(piece);
