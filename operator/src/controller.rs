@@ -293,13 +293,24 @@ pub async fn run(
 }
 
 /// `base` in clusters up to 500 nodes, then growing with the node count
-/// (1 s at 5,000 for a 100 ms base): work per re-plan grows with the
-/// cluster, so re-plans get rarer.
+/// (5 s at 5,000 for the 500 ms reconcile-all period): the work of a
+/// reconcile grows with the cluster, so they get rarer.
 fn scaled(base: Duration, nodes: usize) -> Duration {
     base.max(base.mul_f64(nodes as f64 / 500.0))
 }
 
-/// One watch event of the node side.
+/// The shortest time between two re-plans of the NodeFills: [`DEBOUNCE`]
+/// up to 100 nodes, then 1 ms per node (1 s at 1,000, 5 s at 5,000 — the
+/// [`RESYNC`] period). A re-plan costs in proportion to the cluster, and
+/// what it reacts to (a node joining, an agent coming up, pins) can wait a
+/// few seconds in a cluster that size.
+fn replan_every(nodes: usize) -> Duration {
+    DEBOUNCE.max(Duration::from_millis(nodes as u64))
+}
+
+/// One watch event of the node side (short-lived: the size difference of
+/// the variants does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Watched {
     Node(watcher::Event<Node>),
     Fill(watcher::Event<NodeFill>),
@@ -630,7 +641,10 @@ async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
                     deferred,
                     "NodeFill spec writes deferred by the write budget"
                 );
-                tokio::time::sleep(budget.wait().max(DEBOUNCE)).await;
+                // Not sooner than a re-plan may run: a pass per token
+                // would re-plan the whole cluster for each write.
+                let nodes = shared.nodes.state().len();
+                tokio::time::sleep(budget.wait().max(replan_every(nodes))).await;
                 continue;
             }
             Err(e) => {
@@ -646,7 +660,7 @@ async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
             () = shared.node_sync.notified() => {
                 // Re-plan at most every `scaled(DEBOUNCE)`: planning costs
                 // in proportion to the cluster.
-                let min = scaled(DEBOUNCE, shared.nodes.state().len());
+                let min = replan_every(shared.nodes.state().len());
                 tokio::time::sleep(DEBOUNCE.max(min.saturating_sub(started.elapsed()))).await;
             }
             () = tokio::time::sleep(RESYNC) => {}
@@ -734,18 +748,25 @@ async fn sync_nodes(
         }
         writes.push((triggers::spec_change(&fill.spec, &spec), name, spec));
     }
-    let writes = triggers::order_writes(writes);
+    let authorities: std::collections::BTreeSet<&str> = planned
+        .distributions
+        .values()
+        .flat_map(|d| d.authorities())
+        .collect();
+    let writes = triggers::order_writes(writes, &authorities);
     let mut first_error = None;
     let mut deferred = 0;
     for (_, name, spec) in writes {
         let Some(fill) = world.fills.get(&name) else {
             continue;
         };
-        if !budget.take(std::time::Instant::now()) {
+        // An answer to a certificate request is never deferred: the agent
+        // can do nothing without it, and asks once per start or renewal.
+        let issued = spec.identity != fill.spec.identity;
+        if !issued && !budget.take(std::time::Instant::now()) {
             deferred += 1;
             continue;
         }
-        let issued = spec.identity != fill.spec.identity;
         let patch = json!({ "spec": replace_patch(&to_value("spec", &fill.spec)?, &to_value("spec", &spec)?) });
         match fills_api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))

@@ -20,6 +20,7 @@
 //! short, changes of state (a new or dropped assignment, an issued
 //! certificate, new pins) go before peer-list updates ([`spec_change`]).
 
+use std::collections::BTreeSet;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
@@ -149,11 +150,20 @@ pub fn spec_change(old: &NodeFillSpec, new: &NodeFillSpec) -> SpecChange {
     }
 }
 
-/// The write order: changes of state first, then peer updates, by name
-/// within each (stable, so a node deferred now is near the front later).
-pub fn order_writes<T>(mut writes: Vec<(SpecChange, String, T)>) -> Vec<(SpecChange, String, T)> {
+/// The write order: changes of state first — the hash authorities'
+/// (origin readers, seeder) before everyone else, since no other node can
+/// start before they report the size and root — then peer updates, by
+/// name within each (stable, so a node deferred now is near the front
+/// later).
+pub fn order_writes<T>(
+    mut writes: Vec<(SpecChange, String, T)>,
+    authorities: &BTreeSet<&str>,
+) -> Vec<(SpecChange, String, T)> {
     writes.retain(|w| w.0 != SpecChange::None);
-    writes.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    writes.sort_by(|a, b| {
+        let key = |w: &(SpecChange, String, T)| (w.0, !authorities.contains(w.1.as_str()));
+        (key(a), &a.1).cmp(&(key(b), &b.1))
+    });
     writes
 }
 
@@ -319,14 +329,19 @@ mod tests {
         assert_eq!(spec_change(&old, &peers_only), SpecChange::Peers);
         assert_eq!(spec_change(&old, &state), SpecChange::State);
         assert_eq!(spec_change(&old, &dropped), SpecChange::State);
-        let order = order_writes(vec![
-            (SpecChange::Peers, "a".to_string(), ()),
-            (SpecChange::None, "b".to_string(), ()),
-            (SpecChange::State, "c".to_string(), ()),
-            (SpecChange::State, "b".to_string(), ()),
-        ]);
+        let order = order_writes(
+            vec![
+                (SpecChange::Peers, "a".to_string(), ()),
+                (SpecChange::None, "b".to_string(), ()),
+                (SpecChange::State, "c".to_string(), ()),
+                (SpecChange::State, "b".to_string(), ()),
+                (SpecChange::State, "reader".to_string(), ()),
+                (SpecChange::Peers, "seeder".to_string(), ()),
+            ],
+            &BTreeSet::from(["reader", "seeder"]),
+        );
         let names: Vec<&str> = order.iter().map(|w| w.1.as_str()).collect();
-        assert_eq!(names, ["b", "c", "a"]);
+        assert_eq!(names, ["reader", "b", "c", "seeder", "a"]);
     }
 
     #[test]

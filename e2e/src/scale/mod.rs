@@ -109,8 +109,9 @@ pub async fn run(opts: &Options) -> Result<Report, ScaleError> {
     let api = ApiServer::start(ApiServerOptions {
         crd_dir: Some(crds),
         bookmark_interval: Duration::from_secs(60),
-        // Room for a burst of bring-up writes before a watch falls behind.
-        history: 200_000,
+        // Each entry holds an object and its previous state (tens of KiB
+        // for a NodeFill): a long history costs gigabytes at 5,000 nodes.
+        history: 5_000,
         ..ApiServerOptions::default()
     })
     .await?;
