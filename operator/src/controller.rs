@@ -187,9 +187,16 @@ pub async fn run(
 ) -> Result<(), Error> {
     let (nodes, node_writer) = reflector::store::<Node>();
     let (fills, fill_writer) = reflector::store::<NodeFill>();
+    // The stores hold every Node and NodeFill: keep only what the
+    // decisions read (memory grows with the cluster). managedFields are
+    // never read; a Node's status (images, conditions: kilobytes per node
+    // on a real cluster) neither.
     let node_events = reflector::reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n| {
+            n.managed_fields_mut().clear();
+            n.status = None;
+        }),
     )
     .default_backoff();
     let fill_events = reflector::reflector(
@@ -197,7 +204,8 @@ pub async fn run(
         watcher(
             Api::<NodeFill>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(|f| f.managed_fields_mut().clear()),
     )
     .default_backoff();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::channel::<()>(1);

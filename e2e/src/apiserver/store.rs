@@ -1286,6 +1286,12 @@ impl State {
                 {
                     continue;
                 }
+                // A list pinned to one name (every per-node agent's watch
+                // relists so, all at once when their watches time out)
+                // skips the others before converting or matching them.
+                if q.fields.pinned_name().is_some_and(|n| n != oname) {
+                    continue;
+                }
                 let view;
                 let seen = if def.converts() {
                     view = def.to_served(o.clone());
