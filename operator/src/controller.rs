@@ -32,6 +32,7 @@ use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::plan::{self, World};
 use crate::status;
+use crate::triggers::{self, FillKey, Trigger, WriteBudget};
 
 /// The controller's name in Events and field managers.
 pub const CONTROLLER_NAME: &str = "peerfill-operator";
@@ -39,8 +40,15 @@ pub const CONTROLLER_NAME: &str = "peerfill-operator";
 const RESYNC: Duration = Duration::from_secs(5);
 /// Changes arriving together are planned together.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-/// Node/NodeFill changes reconcile every Distribution at most this often.
+/// Node/NodeFill changes of state reconcile every Distribution at most this
+/// often (small clusters; see [`scaled`]).
 const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
+/// NodeFill spec writes per second on average once the burst is spent, and
+/// the burst: a small cluster gets all its writes at once, a large one
+/// stays under the cluster's ~50 writes/s with the agents' 40 periodic
+/// status writes (crds `budget`).
+const SPEC_WRITES_PER_SECOND: f64 = 20.0;
+const SPEC_WRITE_BURST: f64 = 100.0;
 /// Progress-only status changes of a Distribution are written at most this
 /// often (changes of state at once), so status writes do not follow every
 /// agent heartbeat.
@@ -179,9 +187,16 @@ pub async fn run(
 ) -> Result<(), Error> {
     let (nodes, node_writer) = reflector::store::<Node>();
     let (fills, fill_writer) = reflector::store::<NodeFill>();
+    // The stores hold every Node and NodeFill: keep only what the
+    // decisions read (memory grows with the cluster). managedFields are
+    // never read; a Node's status (images, conditions: kilobytes per node
+    // on a real cluster) neither.
     let node_events = reflector::reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n| {
+            n.managed_fields_mut().clear();
+            n.status = None;
+        }),
     )
     .default_backoff();
     let fill_events = reflector::reflector(
@@ -189,7 +204,8 @@ pub async fn run(
         watcher(
             Api::<NodeFill>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(|f| f.managed_fields_mut().clear()),
     )
     .default_backoff();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::channel::<()>(1);
@@ -223,23 +239,30 @@ pub async fn run(
         dirty: dirty.clone(),
     });
 
-    // Any Node or NodeFill change may move targets, readers or statuses of
-    // every Distribution, and the per-node work. Heartbeats arrive all the
-    // time, so the reconcile-all trigger is throttled (not debounced: a
-    // debounce would starve while agents keep reporting).
+    // Node/NodeFill events are reduced to what they change (triggers.rs):
+    // heartbeats nothing, progress nothing at once (active Distributions
+    // requeue at their progress cadence), a change of state a re-plan and a
+    // reconcile of every Distribution. Both are throttled (not debounced: a
+    // debounce would starve while agents keep reporting), more in larger
+    // clusters.
     let pump = {
         let shared = shared.clone();
         let dirty = dirty.clone();
         async move {
             let mut events = std::pin::pin!(stream::select(
-                node_events.map(|e| e.map(|_| ())),
-                fill_events.map(|e| e.map(|_| ())),
+                node_events.map(|e| e.map(Watched::Node)),
+                fill_events.map(|e| e.map(Watched::Fill)),
             ));
+            let mut seen = Seen::default();
             while let Some(event) = events.next().await {
                 match event {
-                    Ok(()) => {
-                        dirty.notify_one();
-                        shared.node_sync.notify_one();
+                    Ok(event) => {
+                        let trigger = seen.trigger(event, Timestamp::now());
+                        shared.metrics.observe_trigger(trigger);
+                        if trigger == Trigger::State {
+                            dirty.notify_one();
+                            shared.node_sync.notify_one();
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "watching Nodes/NodeFills"),
                 }
@@ -249,13 +272,16 @@ pub async fn run(
             })
         }
     };
-    let throttle = async move {
-        let mut trigger_tx = trigger_tx;
-        loop {
-            dirty.notified().await;
-            // Full: a reconcile-all is already pending.
-            let _ = trigger_tx.try_send(());
-            tokio::time::sleep(RECONCILE_ALL_EVERY).await;
+    let throttle = {
+        let shared = shared.clone();
+        async move {
+            let mut trigger_tx = trigger_tx;
+            loop {
+                dirty.notified().await;
+                // Full: a reconcile-all is already pending.
+                let _ = trigger_tx.try_send(());
+                tokio::time::sleep(scaled(RECONCILE_ALL_EVERY, shared.nodes.state().len())).await;
+            }
         }
     };
     let reconciler = controller
@@ -271,6 +297,65 @@ pub async fn run(
         r = node_loop(shared.clone(), ca) => r,
         () = reconciler => Err(Error::WatchEnded { what: "Distribution" }),
         () = throttle => Ok(()),
+    }
+}
+
+/// `base` in clusters up to 500 nodes, then growing with the node count
+/// (5 s at 5,000 for the 500 ms reconcile-all period): the work of a
+/// reconcile grows with the cluster, so they get rarer.
+fn scaled(base: Duration, nodes: usize) -> Duration {
+    base.max(base.mul_f64(nodes as f64 / 500.0))
+}
+
+/// The shortest time between two re-plans of the NodeFills: [`DEBOUNCE`]
+/// up to 100 nodes, then 1 ms per node (1 s at 1,000, 5 s at 5,000 — the
+/// [`RESYNC`] period). A re-plan costs in proportion to the cluster, and
+/// what it reacts to (a node joining, an agent coming up, pins) can wait a
+/// few seconds in a cluster that size.
+fn replan_every(nodes: usize) -> Duration {
+    DEBOUNCE.max(Duration::from_millis(nodes as u64))
+}
+
+/// One watch event of the node side (short-lived: the size difference of
+/// the variants does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Watched {
+    Node(watcher::Event<Node>),
+    Fill(watcher::Event<NodeFill>),
+}
+
+/// The last projection seen of every Node and NodeFill (a few words each).
+#[derive(Default)]
+struct Seen {
+    nodes: HashMap<String, u64>,
+    fills: HashMap<String, FillKey>,
+}
+
+impl Seen {
+    fn trigger(&mut self, event: Watched, now: Timestamp) -> Trigger {
+        use watcher::Event as E;
+        match event {
+            Watched::Node(E::Apply(n) | E::InitApply(n)) => {
+                let key = triggers::node_key(&n);
+                triggers::node_trigger(self.nodes.insert(n.name_any(), key), key)
+            }
+            Watched::Fill(E::Apply(f) | E::InitApply(f)) => {
+                let key = triggers::fill_key(&f, now);
+                triggers::fill_trigger(self.fills.insert(f.name_any(), key), key)
+            }
+            Watched::Node(E::Delete(n)) => {
+                self.nodes.remove(&n.name_any());
+                Trigger::State
+            }
+            Watched::Fill(E::Delete(f)) => {
+                self.fills.remove(&f.name_any());
+                Trigger::State
+            }
+            // A relist: what it brings is judged item by item; its end
+            // may have dropped objects, so look again.
+            Watched::Node(E::Init) | Watched::Fill(E::Init) => Trigger::Nothing,
+            Watched::Node(E::InitDone) | Watched::Fill(E::InitDone) => Trigger::State,
+        }
     }
 }
 
@@ -471,7 +556,11 @@ async fn apply(
         ?written,
         "reconciled"
     );
-    if written == StatusWrite::Deferred {
+    // Progress alone triggers nothing (see `Seen`): an active
+    // Distribution looks at it at the progress cadence.
+    if written == StatusWrite::Deferred
+        || matches!(phase, Some(Phase::Pending | Phase::Progressing))
+    {
         return Ok(Action::requeue(PROGRESS_WRITE_INTERVAL));
     }
     // Agents go stale without any event: look again now and then.
@@ -544,9 +633,28 @@ async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
     shared.ready().await?;
     let mut refused: HashSet<(String, String)> = HashSet::new();
     let mut failures = 0u32;
+    let mut budget = WriteBudget::new(
+        SPEC_WRITES_PER_SECOND,
+        SPEC_WRITE_BURST,
+        std::time::Instant::now(),
+    );
     loop {
-        match sync_nodes(&shared, &ca, &mut refused).await {
-            Ok(()) => failures = 0,
+        let started = std::time::Instant::now();
+        match sync_nodes(&shared, &ca, &mut refused, &mut budget).await {
+            Ok(0) => failures = 0,
+            Ok(deferred) => {
+                failures = 0;
+                // The rest goes out as the budget refills.
+                tracing::debug!(
+                    deferred,
+                    "NodeFill spec writes deferred by the write budget"
+                );
+                // Not sooner than a re-plan may run: a pass per token
+                // would re-plan the whole cluster for each write.
+                let nodes = shared.nodes.state().len();
+                tokio::time::sleep(budget.wait().max(replan_every(nodes))).await;
+                continue;
+            }
             Err(e) => {
                 failures = failures.saturating_add(1);
                 shared.metrics.reconcile_errors.inc();
@@ -557,17 +665,24 @@ async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
             }
         }
         tokio::select! {
-            () = shared.node_sync.notified() => tokio::time::sleep(DEBOUNCE).await,
+            () = shared.node_sync.notified() => {
+                // Re-plan at most every `scaled(DEBOUNCE)`: planning costs
+                // in proportion to the cluster.
+                let min = replan_every(shared.nodes.state().len());
+                tokio::time::sleep(DEBOUNCE.max(min.saturating_sub(started.elapsed()))).await;
+            }
             () = tokio::time::sleep(RESYNC) => {}
         }
     }
 }
 
+/// Returns how many spec writes the budget deferred.
 async fn sync_nodes(
     shared: &Shared,
     ca: &ClusterCa,
     refused: &mut HashSet<(String, String)>,
-) -> Result<(), Error> {
+    budget: &mut WriteBudget,
+) -> Result<usize, Error> {
     let world = shared.world();
     let fills_api: Api<NodeFill> = Api::all(shared.client.clone());
     let interval = peerfill_crds::budget::report_interval_seconds(world.nodes.len());
@@ -627,20 +742,37 @@ async fn sync_nodes(
         }
     }
 
-    // The planned specs, written where they differ. One node's failure
-    // does not hold up the others; the first error is returned for the
-    // backoff.
+    // The planned specs, written where they differ, changes of state first
+    // and within the write budget. One node's failure does not hold up the
+    // others; the first error is returned for the backoff.
     let planned = plan::plan(&world);
-    let mut first_error = None;
+    let mut writes = Vec::new();
     for (name, mut spec) in planned.specs {
-        let issued = identities.remove(&name);
-        if let Some(identity) = &issued {
-            spec.identity = Some(identity.clone());
-        }
         let Some(fill) = world.fills.get(&name) else {
             continue;
         };
-        if fill.spec == spec {
+        if let Some(identity) = identities.remove(&name) {
+            spec.identity = Some(identity);
+        }
+        writes.push((triggers::spec_change(&fill.spec, &spec), name, spec));
+    }
+    let authorities: std::collections::BTreeSet<&str> = planned
+        .distributions
+        .values()
+        .flat_map(|d| d.authorities())
+        .collect();
+    let writes = triggers::order_writes(writes, &authorities);
+    let mut first_error = None;
+    let mut deferred = 0;
+    for (_, name, spec) in writes {
+        let Some(fill) = world.fills.get(&name) else {
+            continue;
+        };
+        // An answer to a certificate request is never deferred: the agent
+        // can do nothing without it, and asks once per start or renewal.
+        let issued = spec.identity != fill.spec.identity;
+        if !issued && !budget.take(std::time::Instant::now()) {
+            deferred += 1;
             continue;
         }
         let patch = json!({ "spec": replace_patch(&to_value("spec", &fill.spec)?, &to_value("spec", &spec)?) });
@@ -649,7 +781,8 @@ async fn sync_nodes(
             .await
         {
             Ok(_) => {
-                if issued.is_some() {
+                shared.metrics.spec_writes.inc();
+                if issued {
                     shared.metrics.certificates_issued.inc();
                     tracing::info!(node = %name, "issued the node certificate");
                 }
@@ -687,7 +820,7 @@ async fn sync_nodes(
             .with_label_values(&[phase])
             .set(by_phase.get(phase).copied().unwrap_or(0));
     }
-    first_error.map_or(Ok(()), Err)
+    first_error.map_or(Ok(deferred), Err)
 }
 
 async fn refuse(

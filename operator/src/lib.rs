@@ -16,10 +16,12 @@ pub mod events;
 pub mod leader;
 pub mod memory;
 pub mod metrics;
+pub mod peers;
 pub mod plan;
 pub mod policy;
 pub mod select;
 pub mod status;
+pub mod triggers;
 
 use std::sync::Arc;
 

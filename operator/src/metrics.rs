@@ -11,8 +11,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use peerfill_agent::metrics::{ConnStats, ServerLimits, serve_http};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -23,6 +23,8 @@ pub const RECONCILE_ERRORS: &str = "peerfill_operator_reconcile_errors_total";
 pub const RECONCILE_DURATION: &str = "peerfill_operator_reconcile_duration_seconds";
 pub const LEADER: &str = "peerfill_operator_leader";
 pub const CERTIFICATES_ISSUED: &str = "peerfill_operator_node_certificates_issued_total";
+pub const SPEC_WRITES: &str = "peerfill_operator_nodefill_spec_writes_total";
+pub const NODE_EVENTS: &str = "peerfill_operator_node_events_total";
 
 /// Every metric name the operator exports (histograms as their base name).
 pub fn metric_names() -> Vec<&'static str> {
@@ -32,6 +34,8 @@ pub fn metric_names() -> Vec<&'static str> {
         RECONCILE_DURATION,
         LEADER,
         CERTIFICATES_ISSUED,
+        SPEC_WRITES,
+        NODE_EVENTS,
     ]
 }
 
@@ -44,6 +48,11 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub leader: IntGauge,
     pub certificates_issued: IntCounter,
+    /// NodeFill spec writes (after the write budget).
+    pub spec_writes: IntCounter,
+    /// Node/NodeFill watch events by what they triggered (`trigger`:
+    /// nothing, progress, state).
+    pub node_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -66,7 +75,17 @@ impl Metrics {
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        let spec_writes = IntCounter::new(SPEC_WRITES, "NodeFill spec writes")?;
+        let node_events = IntCounterVec::new(
+            Opts::new(
+                NODE_EVENTS,
+                "Node/NodeFill watch events by what they triggered",
+            ),
+            &["trigger"],
+        )?;
         registry.register(Box::new(certificates_issued.clone()))?;
+        registry.register(Box::new(spec_writes.clone()))?;
+        registry.register(Box::new(node_events.clone()))?;
         Ok(Metrics {
             registry,
             distributions,
@@ -74,7 +93,20 @@ impl Metrics {
             reconcile_duration,
             leader,
             certificates_issued,
+            spec_writes,
+            node_events,
         })
+    }
+
+    /// Counts one Node/NodeFill event by what it triggered.
+    pub fn observe_trigger(&self, trigger: crate::triggers::Trigger) {
+        use crate::triggers::Trigger;
+        let label = match trigger {
+            Trigger::Nothing => "nothing",
+            Trigger::Progress => "progress",
+            Trigger::State => "state",
+        };
+        self.node_events.with_label_values(&[label]).inc();
     }
 
     /// The Prometheus text exposition.

@@ -19,11 +19,7 @@ use crate::memory::Memory;
 use crate::policy::{self, PathConflict, ReasonKind};
 use crate::select::{self, NodeMatch};
 
-/// Nodes a node exchanges a content with before the swarm switches from a
-/// full mesh to a bounded ring (control-path.md "Peers").
-pub const FULL_MESH_MAX_PEERS: usize = 64;
-/// Ring neighbours on each side in a large swarm (64 peers per node).
-pub const RING_NEIGHBOURS_PER_SIDE: usize = 32;
+pub use crate::peers::{CHORD_RINGS, FULL_MESH_MAX_PEERS, RING_NEIGHBOURS_PER_SIDE, choose_peers};
 /// Node label of the zone, for topology-aware peers.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// An origin reader `Downloading` without any new verified byte for this
@@ -84,7 +80,8 @@ impl World {
             .is_some_and(|f| select::agent_up(f, self.now))
     }
 
-    fn zone(&self, node: &str) -> Option<String> {
+    /// The node's zone: its agent's report, else the Node label.
+    pub fn zone(&self, node: &str) -> Option<String> {
         self.fills
             .get(node)
             .and_then(|f| f.status.as_ref())
@@ -564,48 +561,6 @@ pub fn reader_ranges(names: Vec<String>, size: Option<u64>, piece_size: u64) -> 
                 .collect()
         }
     }
-}
-
-/// Peers of every assigned node: a full mesh up to
-/// [`FULL_MESH_MAX_PEERS`] others; beyond, a ring ordered by (zone, name),
-/// each node with its [`RING_NEIGHBOURS_PER_SIDE`] neighbours on each side
-/// (symmetric, mostly the same zone), plus the authorities (readers,
-/// seeder), whose own lists name every assigned node.
-pub fn choose_peers(plan: &DistPlan, world: &World) -> BTreeMap<String, Vec<String>> {
-    let assigned: BTreeSet<&String> = plan.assigned().collect();
-    let mut peers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    if assigned.len() <= FULL_MESH_MAX_PEERS + 1 {
-        for node in &assigned {
-            let others = assigned.iter().filter(|o| *o != node).map(|o| (*o).clone());
-            peers.insert((*node).clone(), others.collect());
-        }
-        return peers;
-    }
-    let authorities = plan.authorities();
-    let mut ring: Vec<(Option<String>, &String)> = assigned
-        .iter()
-        .filter(|n| !authorities.contains(n.as_str()))
-        .map(|n| (world.zone(n), *n))
-        .collect();
-    ring.sort();
-    let len = ring.len();
-    for (i, (_, node)) in ring.iter().enumerate() {
-        let mut set: BTreeSet<String> = authorities.iter().map(|a| a.to_string()).collect();
-        for d in 1..=RING_NEIGHBOURS_PER_SIDE.min(len.saturating_sub(1) / 2) {
-            set.insert(ring[(i + d) % len].1.clone());
-            set.insert(ring[(i + len - d) % len].1.clone());
-        }
-        set.remove(*node);
-        peers.insert((*node).clone(), set.into_iter().collect());
-    }
-    for authority in authorities {
-        let everyone = assigned.iter().filter(|n| n.as_str() != authority);
-        peers.insert(
-            authority.to_string(),
-            everyone.map(|n| (*n).clone()).collect(),
-        );
-    }
-    peers
 }
 
 fn resolved_source(dist: &Distribution, plan: &DistPlan) -> ResolvedSource {
@@ -1106,44 +1061,6 @@ pub(crate) mod tests {
         let a = &p.specs["a"].distributions[0];
         assert!(!a.role.seed);
         assert_eq!(a.peers, ["b", "build"]);
-    }
-
-    #[test]
-    fn large_swarms_get_bounded_symmetric_peers() {
-        let names: Vec<String> = (0..300).map(|i| format!("n{i:03}")).collect();
-        let nodes: Vec<_> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| node(n, &[(ZONE_LABEL, if i % 2 == 0 { "z1" } else { "z2" })]))
-            .collect();
-        let up: Vec<&str> = names.iter().map(String::as_str).collect();
-        let w = world(vec![http_dist("d", "u", 4)], nodes, &up);
-        let dp = &plan(&w).distributions["u"];
-        let authorities: BTreeSet<String> = dp.readers.iter().map(|r| r.node.clone()).collect();
-        assert_eq!(authorities.len(), 4);
-        for (node, peers) in &dp.peers {
-            assert!(!peers.contains(node), "{node} lists itself");
-            if authorities.contains(node) {
-                assert_eq!(peers.len(), 299, "an authority names every node");
-            } else {
-                assert!(
-                    peers.len() <= 2 * RING_NEIGHBOURS_PER_SIDE + 4,
-                    "{node}: {}",
-                    peers.len()
-                );
-                assert!(authorities.iter().all(|a| peers.contains(a)));
-            }
-            for p in peers {
-                assert!(dp.peers[p].contains(node), "{node} -> {p} is not symmetric");
-            }
-        }
-        // Same zone first: most ring neighbours of an even node are in z1.
-        let p0 = &dp.peers["n000"];
-        let same_zone = p0
-            .iter()
-            .filter(|p| !authorities.contains(*p))
-            .filter(|p| p[1..].parse::<usize>().unwrap() % 2 == 0);
-        assert!(same_zone.count() >= RING_NEIGHBOURS_PER_SIDE);
     }
 
     #[test]

@@ -926,7 +926,10 @@ fn watch(
             }
             *last = e.rv;
             match translate(&def, e, ns.as_deref(), &lq) {
-                Some((t, o)) => tx.send(event_line(t.as_str(), &render(o))).await.is_ok(),
+                Some((t, o)) => {
+                    inner.watch_events_sent.fetch_add(1, Ordering::Relaxed);
+                    tx.send(event_line(t.as_str(), &render(o))).await.is_ok()
+                }
                 None => true,
             }
         };

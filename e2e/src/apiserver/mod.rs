@@ -48,7 +48,7 @@ mod table;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -128,6 +128,8 @@ pub(crate) struct Inner {
     bookmark_interval: Duration,
     port: u16,
     active_watches: AtomicUsize,
+    /// Live watch events sent (initial lists and backlogs not counted).
+    watch_events_sent: AtomicU64,
 }
 
 impl Inner {
@@ -194,6 +196,7 @@ impl ApiServer {
             bookmark_interval: opts.bookmark_interval,
             port: addr.port(),
             active_watches: AtomicUsize::new(0),
+            watch_events_sent: AtomicU64::new(0),
         });
         // The server runs on its own thread and runtime, so it keeps serving
         // while the caller blocks (e.g. a current-thread test running a
@@ -372,6 +375,12 @@ impl ApiServerHandle {
     /// Watch streams currently open.
     pub fn active_watches(&self) -> usize {
         self.inner.active_watches.load(Ordering::Relaxed)
+    }
+
+    /// Live watch events sent so far, over all watches (a change seen by
+    /// ten watchers counts ten).
+    pub fn watch_events_sent(&self) -> u64 {
+        self.inner.watch_events_sent.load(Ordering::Relaxed)
     }
 
     /// Current global resourceVersion.

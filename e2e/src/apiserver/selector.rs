@@ -204,6 +204,15 @@ impl FieldSelector {
         })
     }
 
+    /// The name an equality requirement on `metadata.name` pins, if any:
+    /// such a watch sees one object's events only.
+    pub fn pinned_name(&self) -> Option<&str> {
+        self.reqs
+            .iter()
+            .find(|(k, eq, _)| k == "metadata.name" && *eq)
+            .map(|(_, _, v)| v.as_str())
+    }
+
     pub fn push_name(&mut self, name: &str) {
         self.reqs
             .push(("metadata.name".into(), true, name.to_string()));

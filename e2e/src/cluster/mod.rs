@@ -64,7 +64,7 @@
 mod dist;
 mod local;
 mod origin;
-mod process;
+pub mod process;
 mod remote;
 
 use std::collections::BTreeMap;

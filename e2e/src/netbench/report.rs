@@ -332,7 +332,7 @@ fn targets(s: &mut String, runs: &[RunResult], size: u64, cores: usize) {
 
 /// Registers DejaVu Sans (Debian's fonts-dejavu-core) as plotters'
 /// "sans-serif": the ab_glyph backend draws text only with registered fonts.
-pub(crate) fn register_font() -> Result<()> {
+pub fn register_font() -> Result<()> {
     const CANDIDATES: &[&str] = &[
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "/usr/share/fonts/TTF/DejaVuSans.ttf",
