@@ -16,12 +16,17 @@
 //!   nodes in a handful of hops (the plain ring alone needs
 //!   zone size / 48 hops).
 //!
-//! Why the authorities are not special: lists naming every assigned node
-//! made their NodeFill grow with the cluster (5,000 endpoints are far more
-//! than the 64 KiB an object may take here, and close to etcd's limit) and
-//! made every node depend on reaching them. Agents relay the piece hash list
-//! (any peer may serve it; it is verified against the pinned root), so no
-//! node needs a connection to one particular node.
+//! The hash authorities (origin readers, seeder) are the exception: beyond
+//! the full mesh they additionally peer with every assigned node, so their
+//! own lists — and NodeFills — grow with the cluster (about 150 bytes per
+//! node: 5,000 nodes are ~750 KiB, under etcd's 1.5 MiB but over the 64 KiB
+//! the other NodeFills stay under). A node verifies a piece against the hash
+//! its range's authority announced, and the agents do not relay hash lists
+//! yet; with bounded authority lists a node outside every authority's
+//! neighbourhood — or an authority outside the others' — would never learn
+//! the hashes of the other ranges and never complete. Relaying (hashes
+//! signed by their authority, or verified against the pinned root) is what
+//! lets the authorities become ordinary nodes.
 //!
 //! The links depend on the node names and zones only, not on the
 //! Distribution: distributions over the same nodes choose the same peers,
@@ -49,7 +54,24 @@ pub fn choose_peers(plan: &DistPlan, world: &World) -> BTreeMap<String, Vec<Stri
         .assigned()
         .map(|n| (world.zone(n), n.clone()))
         .collect();
-    peer_graph(&nodes)
+    let mut graph = peer_graph(&nodes);
+    // Every node needs a session with the authority of each range (see the
+    // module docs); in a full mesh it has one already.
+    for authority in plan.authorities() {
+        if !graph.contains_key(authority) {
+            continue;
+        }
+        let others: Vec<String> = graph.keys().filter(|n| *n != authority).cloned().collect();
+        for other in &others {
+            if let Some(list) = graph.get_mut(other)
+                && let Err(at) = list.binary_search_by(|p| p.as_str().cmp(authority))
+            {
+                list.insert(at, authority.to_string());
+            }
+        }
+        graph.insert(authority.to_string(), others);
+    }
+    graph
 }
 
 /// The peer lists of `nodes` (zone, name): see the module docs. Every list
@@ -194,7 +216,7 @@ mod tests {
     }
 
     #[test]
-    fn nodefills_stay_under_64_kib_at_5000_nodes_with_3_distributions() {
+    fn only_authorities_nodefills_grow_at_5000_nodes_with_3_distributions() {
         use crate::plan::tests::{http_dist, node, world};
         use crate::plan::{ZONE_LABEL, plan};
         use peerfill_crds::NodeFill;
@@ -217,12 +239,30 @@ mod tests {
             status.certificate_fingerprint = Some(format!("sha256:{}", "ab".repeat(32)));
         }
         let planned = plan(&w);
+        let mut authorities = BTreeSet::new();
         for dp in planned.distributions.values() {
-            assert!(dp.peers.values().all(|p| p.len() <= FULL_MESH_MAX_PEERS));
+            for a in dp.authorities() {
+                // Every other assigned node peers with each authority.
+                assert_eq!(dp.peers[a].len(), dp.peers.len() - 1, "{a}");
+                assert!(
+                    dp.peers
+                        .iter()
+                        .all(|(n, p)| n == a || p.binary_search(&a.to_string()).is_ok())
+                );
+                authorities.insert(a.to_string());
+            }
+            // Everyone else: the ring and chords plus the authorities.
+            let bound = FULL_MESH_MAX_PEERS + dp.authorities().len();
+            assert!(
+                dp.peers
+                    .iter()
+                    .all(|(n, p)| authorities.contains(n) || p.len() <= bound)
+            );
         }
         let (largest, name) = planned
             .specs
             .iter()
+            .filter(|(name, _)| !authorities.contains(*name))
             .map(|(name, spec)| {
                 let mut fill = NodeFill::new(name, spec.clone());
                 fill.status = w.fills[name].status.clone();
