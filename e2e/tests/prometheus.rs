@@ -327,6 +327,26 @@ async fn healthy_run(cluster: &Cluster, p: &Prometheus) -> Result<(f64, f64)> {
     Ok((t0, t1))
 }
 
+/// Waits until the instant query `expr` returns something.
+async fn wait_query(p: &Prometheus, expr: &str, bound: Duration) -> Result<()> {
+    let start = Instant::now();
+    while p.query(expr, prom::now()).await?.is_empty() {
+        ensure!(start.elapsed() < bound, "{expr}: nothing after {bound:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+/// Labels of the firing alerts named `name`.
+async fn firing(p: &Prometheus, name: &str) -> Result<Vec<BTreeMap<String, String>>> {
+    Ok(p.alerts()
+        .await?
+        .into_iter()
+        .filter(|a| a.state == "firing" && a.name() == name)
+        .map(|a| a.labels)
+        .collect())
+}
+
 /// What the faults phase keeps alive until the end of the test.
 struct Faults {
     _stuck_origin: Origin,
@@ -342,6 +362,11 @@ async fn faults(cluster: &mut Cluster, p: &Prometheus) -> Result<Faults> {
         .apply_distribution(&http_distribution("stuck", &blob.url, "stuck.bin"))
         .await?;
     common::cluster::wait_moving(cluster, &stuck, 1, 1).await?;
+    // Moving as the operator sees it, and so not stuck, before the pause.
+    let moving = r#"peerfill_operator_distribution_bytes_per_second{distribution="stuck"} > 0"#;
+    wait_query(p, moving, Duration::from_secs(60)).await?;
+    let early = firing(p, "PeerfillDistributionStuck").await?;
+    ensure!(early.is_empty(), "stuck fired while bytes moved: {early:?}");
     stuck_origin.pause();
 
     // Corrupt origin bytes: the digest pins other content than served.
@@ -366,9 +391,20 @@ async fn faults(cluster: &mut Cluster, p: &Prometheus) -> Result<Faults> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
     loop {
         let alerts = p.alerts().await?;
+        // Each alert must name the fault's object where it has one.
         let firing: BTreeMap<String, String> = alerts
             .iter()
             .filter(|a| a.state == "firing")
+            .filter(|a| match a.name() {
+                "PeerfillDistributionStuck" => {
+                    a.labels.get("distribution").is_some_and(|d| d == "stuck")
+                }
+                "PeerfillAgentNotReady" => a.labels.get("node") == Some(&victim),
+                "PeerfillVerificationFailures" => {
+                    a.labels.get("distribution").is_some_and(|d| d == "corrupt")
+                }
+                _ => true,
+            })
             .map(|a| (a.name().to_string(), format!("{:?}", a.labels)))
             .collect();
         for (name, labels) in &firing {
