@@ -326,6 +326,18 @@ pub async fn run(opts: &DemoOptions, work: &WorkDir) -> Result<RunFigures, DemoE
 
     // 5. Check every node's file ourselves.
     println!("\n[5/5] Hashing every node's file (BLAKE3) against the origin's digest");
+    let swarm_end = crate::prom::now();
+    if let (Some(p), Some(png)) = (&prometheus, &opts.dashboard_png) {
+        // The window: from just before the apply to a few scrapes after
+        // Complete (the rate window must cover the end).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let start = swarm_end - watched.wall.as_secs_f64() - 3.0;
+        crate::prom::plot::dashboard_png(p, start, swarm_end + 5.0, png).await?;
+        println!(
+            "\n[dashboard] drew the main panels from Prometheus into {}",
+            png.display()
+        );
+    }
     let mut figures = verify(local, &applied, &blob, &watched).await?;
     figures.origin_cap = opts.origin_rate;
     if opts.measure_baseline {
@@ -340,17 +352,6 @@ pub async fn run(opts: &DemoOptions, work: &WorkDir) -> Result<RunFigures, DemoE
             b.wall.as_secs_f64()
         );
         figures.baseline = Some(b);
-    }
-    if let (Some(p), Some(png)) = (&prometheus, &opts.dashboard_png) {
-        // The last scrapes and the rate window must cover the end.
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        let end = crate::prom::now();
-        let start = end - watched.wall.as_secs_f64() - 10.0;
-        crate::prom::plot::dashboard_png(p, start, end, png).await?;
-        println!(
-            "\n[dashboard] drew the main panels from Prometheus into {}",
-            png.display()
-        );
     }
     for line in figures.render() {
         println!("{line}");
