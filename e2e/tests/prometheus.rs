@@ -365,8 +365,20 @@ async fn faults(cluster: &mut Cluster, p: &Prometheus) -> Result<Faults> {
     // Moving as the operator sees it, and so not stuck, before the pause.
     let moving = r#"peerfill_operator_distribution_bytes_per_second{distribution="stuck"} > 0"#;
     wait_query(p, moving, Duration::from_secs(60)).await?;
-    let early = firing(p, "PeerfillDistributionStuck").await?;
-    ensure!(early.is_empty(), "stuck fired while bytes moved: {early:?}");
+    // A slow start (0 B/s for longer than the test's 5 s `for:`) may have
+    // fired it already; while bytes move it must resolve.
+    let start = Instant::now();
+    loop {
+        let early = firing(p, "PeerfillDistributionStuck").await?;
+        if early.is_empty() {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "stuck still firing 30 s after bytes moved: {early:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     stuck_origin.pause();
 
     // Corrupt origin bytes: the digest pins other content than served.
