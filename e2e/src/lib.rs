@@ -3,4 +3,5 @@ pub mod apiserver;
 pub mod cluster;
 pub mod demo;
 pub mod netbench;
+pub mod prom;
 pub mod scale;

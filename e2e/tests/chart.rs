@@ -405,6 +405,46 @@ mod monitoring {
     }
 
     #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct PrometheusRule {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: PrometheusRuleSpec,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct PrometheusRuleSpec {
+        pub groups: Vec<RuleGroup>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct RuleGroup {
+        pub name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub interval: Option<String>,
+        pub rules: Vec<Rule>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct Rule {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub alert: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub record: Option<String>,
+        pub expr: String,
+        #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
+        pub for_: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub labels: Option<BTreeMap<String, String>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub annotations: Option<BTreeMap<String, String>>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
     #[serde(rename_all = "lowercase")]
     pub enum RelabelAction {
         Replace,
@@ -439,6 +479,7 @@ struct Rendered {
     crds: Vec<CustomResourceDefinition>,
     pod_monitors: Vec<monitoring::PodMonitor>,
     service_monitors: Vec<monitoring::ServiceMonitor>,
+    prometheus_rules: Vec<monitoring::PrometheusRule>,
 }
 
 fn is<T: Resource>(doc: &Doc) -> bool {
@@ -489,6 +530,10 @@ fn type_all(docs: &[Doc]) -> Result<Rendered> {
                 && doc.kind() == "ServiceMonitor"
             {
                 r.service_monitors.push(strict(doc)?);
+            } else if doc.api_version() == "monitoring.coreos.com/v1"
+                && doc.kind() == "PrometheusRule"
+            {
+                r.prometheus_rules.push(strict(doc)?);
             } else {
                 bail!(
                     "{}: kind not covered by e2e/tests/chart.rs; add its type there",
@@ -1345,6 +1390,74 @@ fn promql_strings(v: &Value, out: &mut Vec<String>) {
         Value::Array(items) => items.iter().for_each(|i| promql_strings(i, out)),
         _ => {}
     }
+}
+
+/// The opt-in PrometheusRule: off by default; when on, the five alerts of
+/// issue 14, each with a `for`, a severity and a summary, querying only
+/// metrics the binaries export (plus Prometheus's own `up`), and `for:`
+/// set from values (the e2e test shortens them). Firing each one on the
+/// local cluster is e2e/tests/prometheus.rs.
+#[test]
+fn prometheus_rule_is_opt_in_and_uses_exported_metrics() -> Result<()> {
+    let off = type_all(&template(None, &[])?)?;
+    ensure!(
+        off.prometheus_rules.is_empty(),
+        "PrometheusRule rendered by default"
+    );
+    let on = type_all(&template(
+        None,
+        &[
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "prometheusRule.stuck.for=7m",
+        ],
+    )?)?;
+    ensure!(
+        on.prometheus_rules.len() == 1,
+        "{} PrometheusRules",
+        on.prometheus_rules.len()
+    );
+    let known = known_metric_names();
+    let rules: Vec<&monitoring::Rule> = on.prometheus_rules[0]
+        .spec
+        .groups
+        .iter()
+        .flat_map(|g| &g.rules)
+        .collect();
+    let names: BTreeSet<&str> = rules.iter().filter_map(|r| r.alert.as_deref()).collect();
+    ensure!(
+        names
+            == BTreeSet::from([
+                "PeerfillAgentNotReady",
+                "PeerfillDistributionStuck",
+                "PeerfillNodesFailing",
+                "PeerfillOriginErrors",
+                "PeerfillVerificationFailures",
+            ]),
+        "alerts: {names:?}"
+    );
+    for r in &rules {
+        let name = r.alert.as_deref().unwrap_or("?");
+        ensure!(r.for_.is_some(), "{name}: no for");
+        let labels = r.labels.clone().unwrap_or_default();
+        ensure!(labels.contains_key("severity"), "{name}: no severity");
+        let ann = r.annotations.clone().unwrap_or_default();
+        ensure!(ann.contains_key("summary"), "{name}: no summary");
+        for m in peerfill_metric_names(&r.expr) {
+            ensure!(known.contains(&m), "{name}: {m} is not exported");
+        }
+    }
+    let stuck = rules
+        .iter()
+        .find(|r| r.alert.as_deref() == Some("PeerfillDistributionStuck"))
+        .context("no stuck alert")?;
+    ensure!(
+        stuck.for_.as_deref() == Some("7m"),
+        "for not from values: {:?}",
+        stuck.for_
+    );
+    Ok(())
 }
 
 #[test]

@@ -143,7 +143,7 @@ fn work_dir(base: &tempfile::TempDir) -> PathBuf {
 fn demo_runs_to_a_summary_and_leaves_nothing_behind() {
     let base = tempfile::tempdir().expect("tempdir");
     let work = work_dir(&base);
-    let mut demo = start(&work, "32MiB", &[]);
+    let mut demo = start(&work, "32MiB", &["--measure-baseline"]);
     let (lines, err) = stream_output(&mut demo);
     let status = wait_exit(&mut demo, RUN_LIMIT);
     // The reader ends at EOF, once the demo and everything it started
@@ -165,6 +165,10 @@ fn demo_runs_to_a_summary_and_leaves_nothing_behind() {
         "nodes received from peers:",
         "origin server sent:",
         "one server at this run's origin rate ",
+        "capped at 100.0 MiB/s in total",
+        "one server capped at 100.0 MiB/s needs at least 3 x 32.0 MiB / 100.0 MiB/s = 1.0 s; the swarm took ",
+        "[baseline] 3 plain HTTP clients download the artifact from the same origin at once",
+        "measured: 3 plain HTTP clients at once from the same origin took ",
         "files: 3/3 verified against blake3:",
         "Stopped every process and removed ",
     ] {

@@ -63,6 +63,7 @@ struct Inner {
     content_progress: GaugeVec,
     content_rate: GaugeVec,
     origin_requests: IntCounterVec,
+    ready: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,8 +146,22 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        // /readyz as a metric: alerts see an agent that runs but is not
+        // ready (no API watch, endpoint down, a content stuck).
+        let ready = IntGauge::new(
+            "peerfill_agent_ready",
+            "1 while the agent's readiness checks (/readyz) pass.",
+        )
+        .expect("valid metric");
+        // The known reason exists from the start at 0, so "Rejected pieces"
+        // shows 0 (not "No data") on a healthy swarm and increase() sees
+        // the first rejection.
+        pieces_rejected.with_label_values(&["hash_mismatch"]);
+        for source in [Source::Peer, Source::Origin] {
+            received_bytes.with_label_values(&[source.as_str()]);
+        }
 
-        let collectors: [Box<dyn Collector>; 9] = [
+        let collectors: [Box<dyn Collector>; 10] = [
             Box::new(received_bytes.clone()),
             Box::new(sent_bytes.clone()),
             Box::new(pieces_verified.clone()),
@@ -156,6 +171,7 @@ impl Metrics {
             Box::new(content_progress.clone()),
             Box::new(content_rate.clone()),
             Box::new(origin_requests.clone()),
+            Box::new(ready.clone()),
         ];
         for c in collectors {
             registry.register(c).expect("metric names are unique");
@@ -172,6 +188,7 @@ impl Metrics {
                 content_progress,
                 content_rate,
                 origin_requests,
+                ready,
             }),
         }
     }
@@ -255,6 +272,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets the readiness gauge (from the health checks, at scrape time).
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.set(i64::from(ready));
+    }
+
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         match TextEncoder::new().encode_to_string(&self.inner.registry.gather()) {
@@ -267,7 +289,7 @@ impl Metrics {
     }
 
     fn names(&self) -> Vec<String> {
-        let collectors: [&dyn Collector; 9] = [
+        let collectors: [&dyn Collector; 10] = [
             &self.inner.received_bytes,
             &self.inner.sent_bytes,
             &self.inner.pieces_verified,
@@ -277,6 +299,7 @@ impl Metrics {
             &self.inner.content_progress,
             &self.inner.content_rate,
             &self.inner.origin_requests,
+            &self.inner.ready,
         ];
         let mut names: Vec<String> = collectors
             .iter()
@@ -480,11 +503,14 @@ pub fn health_response(failing: &[String]) -> (StatusCode, Bytes) {
 fn handle(metrics: &Metrics, health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let now = Instant::now();
     let (status, ctype, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(metrics.render()),
-        ),
+        (&Method::GET, "/metrics") => {
+            metrics.set_ready(health.readiness(now).is_empty());
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(metrics.render()),
+            )
+        }
         (&Method::GET, "/healthz") => {
             let (status, body) = health_response(&health.liveness(now));
             (status, "text/plain", body)
@@ -714,6 +740,7 @@ mod tests {
                 "peerfill_agent_peers_connected",
                 "peerfill_agent_pieces_rejected_total",
                 "peerfill_agent_pieces_verified_total",
+                "peerfill_agent_ready",
                 "peerfill_agent_received_bytes_total",
                 "peerfill_agent_sent_bytes_total",
             ]
@@ -841,12 +868,20 @@ mod tests {
             .unwrap();
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         assert!(r.contains("- quic endpoint: down"), "{r}");
+        let m = tokio::time::timeout(bound, get(addr, "/metrics"))
+            .await
+            .unwrap();
+        assert!(m.contains("\npeerfill_agent_ready 0\n"), "{m}");
         h.set_watch_alive(Instant::now());
         h.set_endpoint_up(true);
         let r = tokio::time::timeout(bound, get(addr, "/readyz"))
             .await
             .unwrap();
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let m = tokio::time::timeout(bound, get(addr, "/metrics"))
+            .await
+            .unwrap();
+        assert!(m.contains("\npeerfill_agent_ready 1\n"), "{m}");
         h.set_stuck("ns/x", true);
         let r = tokio::time::timeout(bound, get(addr, "/readyz"))
             .await

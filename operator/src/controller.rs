@@ -796,30 +796,8 @@ async fn sync_nodes(
         }
     }
 
-    // Distributions by phase.
-    let mut by_phase: HashMap<&str, i64> = HashMap::new();
-    for dist in &world.distributions {
-        let phase = dist
-            .status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .map_or("Unknown", Phase::as_str);
-        *by_phase.entry(phase).or_default() += 1;
-    }
-    for phase in [
-        "Pending",
-        "Progressing",
-        "Complete",
-        "Failed",
-        "Deleting",
-        "Unknown",
-    ] {
-        shared
-            .metrics
-            .distributions
-            .with_label_values(&[phase])
-            .set(by_phase.get(phase).copied().unwrap_or(0));
-    }
+    // Distributions by phase, and the per-Distribution gauges.
+    shared.metrics.observe_distributions(&world.distributions);
     first_error.map_or(Ok(deferred), Err)
 }
 

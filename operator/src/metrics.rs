@@ -2,14 +2,25 @@
 //! served by every replica (leader or standby), with the agent's hardened
 //! server (`peerfill_agent::metrics::serve_http`: header-read timeout,
 //! connection deadline and cap, bounded request heads).
+//!
+//! Per-Distribution gauges (phase, node counts, failing nodes by reason,
+//! throughput) mirror the statuses the leader writes, so alerts (the
+//! chart's PrometheusRule) can name the Distribution that is stuck or
+//! failing. Only the leader sets them; a standby exports none, and the
+//! rules join on `peerfill_operator_leader == 1`. Their labels are
+//! `distribution_namespace` and `distribution`: a scrape adds `namespace`
+//! (the operator pod's), which must not collide.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
+use kube::ResourceExt;
 use peerfill_agent::metrics::{ConnStats, ServerLimits, serve_http};
+use peerfill_crds::{Distribution, Phase};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -25,6 +36,20 @@ pub const LEADER: &str = "peerfill_operator_leader";
 pub const CERTIFICATES_ISSUED: &str = "peerfill_operator_node_certificates_issued_total";
 pub const SPEC_WRITES: &str = "peerfill_operator_nodefill_spec_writes_total";
 pub const NODE_EVENTS: &str = "peerfill_operator_node_events_total";
+pub const DISTRIBUTION_PHASE: &str = "peerfill_operator_distribution_phase";
+pub const DISTRIBUTION_NODES: &str = "peerfill_operator_distribution_nodes";
+pub const DISTRIBUTION_FAILING: &str = "peerfill_operator_distribution_failing_nodes";
+pub const DISTRIBUTION_RATE: &str = "peerfill_operator_distribution_bytes_per_second";
+
+/// Phases as exported (a Distribution without a status is `Unknown`).
+const PHASES: [&str; 6] = [
+    "Pending",
+    "Progressing",
+    "Complete",
+    "Failed",
+    "Deleting",
+    "Unknown",
+];
 
 /// Every metric name the operator exports (histograms as their base name).
 pub fn metric_names() -> Vec<&'static str> {
@@ -36,6 +61,10 @@ pub fn metric_names() -> Vec<&'static str> {
         CERTIFICATES_ISSUED,
         SPEC_WRITES,
         NODE_EVENTS,
+        DISTRIBUTION_PHASE,
+        DISTRIBUTION_NODES,
+        DISTRIBUTION_FAILING,
+        DISTRIBUTION_RATE,
     ]
 }
 
@@ -53,6 +82,14 @@ pub struct Metrics {
     /// Node/NodeFill watch events by what they triggered (`trigger`:
     /// nothing, progress, state).
     pub node_events: IntCounterVec,
+    /// 1 for each Distribution's current phase.
+    pub distribution_phase: IntGaugeVec,
+    /// Nodes of a Distribution by `state` (desired, complete, failed).
+    pub distribution_nodes: IntGaugeVec,
+    /// Failing nodes listed in a Distribution's status, by `reason`.
+    pub distribution_failing: IntGaugeVec,
+    /// Aggregate receive rate of a Distribution's nodes.
+    pub distribution_rate: IntGaugeVec,
 }
 
 impl Metrics {
@@ -71,6 +108,31 @@ impl Metrics {
         )?;
         let leader = IntGauge::new(LEADER, "1 while this replica holds the leader lease")?;
         let certificates_issued = IntCounter::new(CERTIFICATES_ISSUED, "Node certificates signed")?;
+        let per_dist = |name: &str, help: &str, extra: Option<&str>| {
+            let mut labels = vec!["distribution_namespace", "distribution"];
+            labels.extend(extra);
+            IntGaugeVec::new(Opts::new(name, help), &labels)
+        };
+        let distribution_phase = per_dist(
+            DISTRIBUTION_PHASE,
+            "1 for the phase a Distribution is in",
+            Some("phase"),
+        )?;
+        let distribution_nodes = per_dist(
+            DISTRIBUTION_NODES,
+            "Nodes of a Distribution by state (desired, complete, failed)",
+            Some("state"),
+        )?;
+        let distribution_failing = per_dist(
+            DISTRIBUTION_FAILING,
+            "Failing nodes listed in a Distribution's status, by reason",
+            Some("reason"),
+        )?;
+        let distribution_rate = per_dist(
+            DISTRIBUTION_RATE,
+            "Aggregate receive rate of a Distribution's nodes, bytes per second",
+            None,
+        )?;
         registry.register(Box::new(distributions.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -86,6 +148,10 @@ impl Metrics {
         registry.register(Box::new(certificates_issued.clone()))?;
         registry.register(Box::new(spec_writes.clone()))?;
         registry.register(Box::new(node_events.clone()))?;
+        registry.register(Box::new(distribution_phase.clone()))?;
+        registry.register(Box::new(distribution_nodes.clone()))?;
+        registry.register(Box::new(distribution_failing.clone()))?;
+        registry.register(Box::new(distribution_rate.clone()))?;
         Ok(Metrics {
             registry,
             distributions,
@@ -95,6 +161,10 @@ impl Metrics {
             certificates_issued,
             spec_writes,
             node_events,
+            distribution_phase,
+            distribution_nodes,
+            distribution_failing,
+            distribution_rate,
         })
     }
 
@@ -107,6 +177,61 @@ impl Metrics {
             Trigger::State => "state",
         };
         self.node_events.with_label_values(&[label]).inc();
+    }
+
+    /// Sets the by-phase counts and the per-Distribution gauges from the
+    /// statuses of every Distribution (the whole set: series of
+    /// Distributions that are gone are dropped).
+    pub fn observe_distributions(&self, dists: &[Arc<Distribution>]) {
+        let mut by_phase: BTreeMap<&str, i64> = BTreeMap::new();
+        self.distribution_phase.reset();
+        self.distribution_nodes.reset();
+        self.distribution_failing.reset();
+        self.distribution_rate.reset();
+        for dist in dists {
+            let status = dist.status.as_ref();
+            let phase = status
+                .and_then(|s| s.phase)
+                .map_or("Unknown", Phase::as_str);
+            *by_phase.entry(phase).or_default() += 1;
+            let ns = dist.namespace().unwrap_or_default();
+            let name = dist.name_any();
+            let id = [ns.as_str(), name.as_str()];
+            let with = |extra: &'static str| [id[0], id[1], extra];
+            for p in PHASES {
+                self.distribution_phase
+                    .with_label_values(&with(p))
+                    .set(i64::from(p == phase));
+            }
+            let Some(s) = status else { continue };
+            for (state, n) in [
+                ("desired", s.desired_nodes),
+                ("complete", s.complete_nodes),
+                ("failed", s.failed_nodes),
+            ] {
+                self.distribution_nodes
+                    .with_label_values(&with(state))
+                    .set(i64::from(n.unwrap_or(0)));
+            }
+            let mut reasons: BTreeMap<&str, i64> = BTreeMap::new();
+            for f in &s.failing_nodes {
+                *reasons.entry(f.reason.as_str()).or_default() += 1;
+            }
+            for (reason, n) in reasons {
+                self.distribution_failing
+                    .with_label_values(&[id[0], id[1], reason])
+                    .set(n);
+            }
+            let rate = s.bytes_per_second.unwrap_or(0);
+            self.distribution_rate
+                .with_label_values(&id)
+                .set(i64::try_from(rate).unwrap_or(i64::MAX));
+        }
+        for p in PHASES {
+            self.distributions
+                .with_label_values(&[p])
+                .set(by_phase.get(p).copied().unwrap_or(0));
+        }
     }
 
     /// The Prometheus text exposition.
@@ -173,14 +298,77 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> 
 mod tests {
     use super::*;
 
+    fn dist(ns: &str, name: &str) -> Arc<Distribution> {
+        let spec: peerfill_crds::DistributionSpec = serde_json::from_value(serde_json::json!({
+            "source": {"http": {"url": "http://origin/x"}},
+            "target": {"path": "x"},
+        }))
+        .expect("a valid spec");
+        let mut d = Distribution::new(name, spec);
+        d.metadata.namespace = Some(ns.into());
+        Arc::new(d)
+    }
+
     #[test]
     fn every_name_is_exported() {
         let m = Metrics::new().unwrap();
         m.distributions.with_label_values(&["Complete"]).set(1);
         m.reconcile_duration.observe(0.01);
+        let mut d = (*dist("ns", "d")).clone();
+        d.status = Some(peerfill_crds::DistributionStatus {
+            failing_nodes: vec![peerfill_crds::FailingNode {
+                node: "n".into(),
+                reason: "DigestMismatch".into(),
+                message: String::new(),
+            }],
+            ..Default::default()
+        });
+        m.observe_distributions(&[Arc::new(d)]);
         let text = m.render();
         for name in metric_names() {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn per_distribution_gauges_follow_the_statuses() {
+        use peerfill_crds::{DistributionStatus, FailingNode};
+        let m = Metrics::new().unwrap();
+        let mut d = (*dist("ml", "model")).clone();
+        let failing = |node: &str, reason: &str| FailingNode {
+            node: node.into(),
+            reason: reason.into(),
+            message: String::new(),
+        };
+        d.status = Some(DistributionStatus {
+            phase: Some(Phase::Progressing),
+            desired_nodes: Some(3),
+            complete_nodes: Some(1),
+            failed_nodes: Some(2),
+            bytes_per_second: Some(1000),
+            failing_nodes: vec![
+                failing("a", "DigestMismatch"),
+                failing("b", "DigestMismatch"),
+            ],
+            ..Default::default()
+        });
+        m.observe_distributions(&[Arc::new(d)]);
+        let g = |v: &IntGaugeVec, extra: &str| v.with_label_values(&["ml", "model", extra]).get();
+        assert_eq!(g(&m.distribution_phase, "Progressing"), 1);
+        assert_eq!(g(&m.distribution_phase, "Complete"), 0);
+        assert_eq!(g(&m.distribution_nodes, "failed"), 2);
+        assert_eq!(g(&m.distribution_failing, "DigestMismatch"), 2);
+        assert_eq!(
+            m.distribution_rate
+                .with_label_values(&["ml", "model"])
+                .get(),
+            1000
+        );
+        assert_eq!(m.distributions.with_label_values(&["Progressing"]).get(), 1);
+
+        // A Distribution that is gone leaves no series behind.
+        m.observe_distributions(&[]);
+        assert!(!m.render().contains("distribution=\"model\""));
+        assert_eq!(m.distributions.with_label_values(&["Progressing"]).get(), 0);
     }
 }

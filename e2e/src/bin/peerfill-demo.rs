@@ -8,12 +8,20 @@
 //! origin serving a random 1 GiB artifact), applies `examples/http.yaml`
 //! pointed at that origin, shows per-node progress and ends with a summary.
 //! Ctrl-C stops everything and removes the work dir (exit 130).
+//!
+//! The origin is capped at 100 MiB/s in total by default (`--origin-rate`;
+//! `0` lifts it): peer to peer pays off when the origin is the narrow part,
+//! and an uncapped loopback origin is not. `--measure-baseline` times N
+//! plain HTTP clients against the same origin afterwards; `--prometheus`
+//! starts Prometheus on the cluster; `--dashboard-png FILE` draws the
+//! dashboard's main panels from it (docs/dashboard.png is made that way).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use peerfill_e2e::demo::units::SizeError;
 use peerfill_e2e::demo::{DemoError, DemoOptions, WorkDir, run, units::parse_size};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -50,6 +58,34 @@ struct Args {
     /// Plain progress lines even on a terminal.
     #[arg(long)]
     plain: bool,
+    /// The origin's total rate cap per second (binary units: 100MiB,
+    /// 1GiB); 0 lifts it.
+    #[arg(long, default_value = "100MiB", value_parser = parse_rate)]
+    origin_rate: Rate,
+    /// After the swarm, download the artifact with N plain HTTP clients at
+    /// once from the same origin and time them.
+    #[arg(long)]
+    measure_baseline: bool,
+    /// Start Prometheus (if installed: $PROMETHEUS, .tools/ or PATH)
+    /// scraping the cluster, and print its URL and queries to try.
+    #[arg(long)]
+    prometheus: bool,
+    /// Draw the dashboard's main panels from Prometheus (query_range) into
+    /// this PNG; needs Prometheus (implies --prometheus).
+    #[arg(long, value_name = "FILE")]
+    dashboard_png: Option<PathBuf>,
+}
+
+/// `--origin-rate`: bytes per second, `None` for no cap.
+#[derive(Debug, Clone, Copy)]
+struct Rate(Option<u64>);
+
+fn parse_rate(s: &str) -> Result<Rate, SizeError> {
+    let s = s.trim().trim_end_matches("/s");
+    match parse_size(s)? {
+        0 => Ok(Rate(None)),
+        n => Ok(Rate(Some(n))),
+    }
 }
 
 /// How the demo ended.
@@ -79,6 +115,12 @@ async fn main() -> ExitCode {
         ready_timeout: Duration::from_secs(90),
         timeout: Duration::from_secs(args.timeout),
         plain: args.plain,
+        origin_rate: args.origin_rate.0,
+        measure_baseline: args.measure_baseline,
+        prometheus: args.prometheus,
+        dashboard_png: args
+            .dashboard_png
+            .map(|p| std::path::absolute(&p).unwrap_or(p)),
     };
     let work = match WorkDir::new(opts.work_dir.clone(), opts.keep) {
         Ok(w) => w,

@@ -938,7 +938,7 @@ fn free_udp(ip: Ipv4Addr) -> Result<SocketAddr, ClusterError> {
     pick_port(ip, "UDP", |a| std::net::UdpSocket::bind(a).is_ok())
 }
 
-fn free_tcp(ip: Ipv4Addr) -> Result<SocketAddr, ClusterError> {
+pub(crate) fn free_tcp(ip: Ipv4Addr) -> Result<SocketAddr, ClusterError> {
     pick_port(ip, "TCP", |a| std::net::TcpListener::bind(a).is_ok())
 }
 

@@ -78,6 +78,7 @@ pub use dist::{
     TestNode, agent_ready, http_distribution, is_complete, is_failed, matching_nodes,
     node_source_distribution, progress_in,
 };
+pub(crate) use local::free_tcp;
 pub use local::{ALLOW_PRIVATE_ORIGINS, AgentSignal, LocalCluster, LocalClusterOptions, LocalNode};
 pub use origin::{Blob, NOT_FOUND_PATH, Origin, Outage, Served, Validators, generate};
 pub use process::{BIN_DIR_ENV, ChildProcess, binary_path, tail};

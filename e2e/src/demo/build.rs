@@ -10,6 +10,14 @@
 //! selected, so the narrower build compiles kube, reqwest and the two
 //! binaries a second time with other features (minutes on a small machine),
 //! while the workspace build is the one `e2e/run-tests` already did.
+//!
+//! It also drops the variables `cargo run` sets for the program it runs
+//! (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...; see [`RUN_ONLY_ENV`]): the
+//! inner cargo would otherwise inherit them, and build scripts that track
+//! one (ring's tracks `CARGO_MANIFEST_DIR`) would look changed, so ring,
+//! rustls, kube, quinn and everything above them were compiled again on
+//! every first demo run (18 crates, minutes on a small machine), and again
+//! by the next plain `cargo build`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,6 +26,32 @@ use std::process::Stdio;
 pub const BINARIES: [&str; 2] = ["peerfill-operator", "peerfill-agent"];
 /// What cargo builds (see the module docs for why not just those two).
 const BUILD_ARGS: [&str; 3] = ["build", "--workspace", "--bins"];
+
+/// Variables `cargo run` sets for the program it starts, not for cargo:
+/// names, and prefixes ending in `_`.
+pub const RUN_ONLY_ENV: [&str; 6] = [
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_PKG_",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+];
+
+/// The names among `vars` that the inner cargo must not inherit.
+pub fn run_only_vars<'a>(vars: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    vars.into_iter()
+        .filter(|v| {
+            RUN_ONLY_ENV.iter().any(|r| {
+                if r.ends_with('_') {
+                    v.starts_with(r)
+                } else {
+                    v == r
+                }
+            })
+        })
+        .collect()
+}
 
 /// Why the binaries could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +160,14 @@ impl BuildPlan {
     /// Runs cargo (its output goes to the terminal) and checks the binaries
     /// are there. Dropping the future kills cargo and its rustc jobs.
     pub async fn run(&self) -> Result<(), BuildError> {
-        let mut child = tokio::process::Command::new(&self.cargo)
+        let mut cmd = tokio::process::Command::new(&self.cargo);
+        let names: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .collect();
+        for name in run_only_vars(names.iter().map(String::as_str)) {
+            cmd.env_remove(name);
+        }
+        let mut child = cmd
             .args(self.args())
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
@@ -188,6 +229,30 @@ pub fn workspace_root() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variables_of_cargo_run_are_not_passed_to_the_inner_cargo() {
+        let vars = [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_BIN_NAME",
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_TERM_COLOR",
+            "PATH",
+        ];
+        assert_eq!(
+            run_only_vars(vars),
+            vec![
+                "CARGO_MANIFEST_DIR",
+                "CARGO_PKG_NAME",
+                "CARGO_PKG_VERSION_MAJOR",
+                "CARGO_BIN_NAME"
+            ]
+        );
+    }
 
     #[test]
     fn profile_and_target_dir_follow_the_demo_binary() {

@@ -5,6 +5,7 @@
 //! progress, and a summary of what came from where.
 
 pub mod artifact;
+pub mod baseline;
 pub mod build;
 pub mod manifest;
 pub mod progress;

@@ -13,11 +13,12 @@ use kube::api::ListParams;
 use peerfill_crds::{Distribution, NodeFill};
 
 use super::artifact::digest_file;
+use super::baseline;
 use super::build::{BuildError, BuildPlan};
 use super::manifest::{ManifestError, demo_distribution};
 use super::progress::{Display, Snapshot};
 use super::summary::{NodeFigures, RunFigures};
-use super::units::bytes;
+use super::units::{bytes, mib_per_s};
 use crate::cluster::{
     Blob, Cluster, ClusterError, LocalCluster, LocalClusterOptions, Origin, is_complete, is_failed,
 };
@@ -53,6 +54,15 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Force plain progress lines even on a terminal.
     pub plain: bool,
+    /// The origin's total rate cap, bytes per second (`None`: as fast as
+    /// the CPU serves loopback).
+    pub origin_rate: Option<u64>,
+    /// After the swarm, time N plain HTTP clients against the same origin.
+    pub measure_baseline: bool,
+    /// Start Prometheus (when installed) scraping the cluster.
+    pub prometheus: bool,
+    /// Draw the dashboard's main panels from Prometheus into this PNG.
+    pub dashboard_png: Option<PathBuf>,
 }
 
 /// Why the demo stopped.
@@ -100,6 +110,15 @@ pub enum DemoError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
+    /// The baseline clients failed.
+    #[error("baseline: {0}")]
+    Baseline(#[from] super::baseline::BaselineError),
+    /// Prometheus failed.
+    #[error("prometheus: {0}")]
+    Prometheus(#[from] crate::prom::PromError),
+    /// The dashboard PNG could not be drawn.
+    #[error("dashboard PNG: {0}")]
+    Plot(#[from] crate::prom::plot::PlotError),
 }
 
 fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> DemoError {
@@ -244,12 +263,23 @@ pub async fn run(opts: &DemoOptions, work: &WorkDir) -> Result<RunFigures, DemoE
             .origin()
             .add_blob("model.safetensors", opts.size, seed)
     });
+    local.origin().set_rate_limit(opts.origin_rate);
     println!(
-        "      HTTP origin {} serves {} of random bytes ({})",
+        "      HTTP origin {} serves {} of random bytes ({}), {}",
         blob.url,
         bytes(blob.size),
-        blob.blake3
+        blob.blake3,
+        opts.origin_rate
+            .map_or("uncapped (--origin-rate 0)".to_owned(), |r| format!(
+                "capped at {} in total, like a WAN link or an object store (--origin-rate)",
+                mib_per_s(r as f64)
+            ))
     );
+    let prometheus = if opts.prometheus || opts.dashboard_png.is_some() {
+        start_prometheus(local, work, opts.dashboard_png.is_some()).await?
+    } else {
+        None
+    };
 
     // 3. Agents up: each got its certificate from the operator's CA.
     println!("\n[3/5] Waiting for the operator and the agents (certificates from the cluster CA)");
@@ -296,7 +326,33 @@ pub async fn run(opts: &DemoOptions, work: &WorkDir) -> Result<RunFigures, DemoE
 
     // 5. Check every node's file ourselves.
     println!("\n[5/5] Hashing every node's file (BLAKE3) against the origin's digest");
-    let figures = verify(local, &applied, &blob, &watched).await?;
+    let swarm_end = crate::prom::now();
+    if let (Some(p), Some(png)) = (&prometheus, &opts.dashboard_png) {
+        // The window: from just before the apply to a few scrapes after
+        // Complete (the rate window must cover the end).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let start = swarm_end - watched.wall.as_secs_f64() - 3.0;
+        crate::prom::plot::dashboard_png(p, start, swarm_end + 5.0, png).await?;
+        println!(
+            "\n[dashboard] drew the main panels from Prometheus into {}",
+            png.display()
+        );
+    }
+    let mut figures = verify(local, &applied, &blob, &watched).await?;
+    figures.origin_cap = opts.origin_rate;
+    if opts.measure_baseline {
+        println!(
+            "\n[baseline] {} plain HTTP clients download the artifact from the same origin at once",
+            nodes.len()
+        );
+        let b = baseline::measure(&blob.url, nodes.len(), blob.size, &blob.blake3).await?;
+        println!(
+            "      all {} bodies verified, {:.1} s from the first request to the last byte",
+            b.clients,
+            b.wall.as_secs_f64()
+        );
+        figures.baseline = Some(b);
+    }
     for line in figures.render() {
         println!("{line}");
     }
@@ -305,7 +361,51 @@ pub async fn run(opts: &DemoOptions, work: &WorkDir) -> Result<RunFigures, DemoE
             "a node's file does not match the origin's digest".into(),
         ));
     }
+    if let Some(p) = &prometheus
+        && std::io::stdout().is_terminal()
+    {
+        println!(
+            "\nPrometheus stays up at {} with the cluster; Ctrl-C stops everything.",
+            p.url()
+        );
+        std::future::pending::<()>().await;
+    }
     Ok(figures)
+}
+
+/// Starts Prometheus on the cluster's endpoints and prints where to look;
+/// `None` (with a note) when it is not installed, unless `required`.
+async fn start_prometheus(
+    local: &LocalCluster,
+    work: &WorkDir,
+    required: bool,
+) -> Result<Option<crate::prom::Prometheus>, DemoError> {
+    let binary = match crate::prom::find_binary() {
+        Ok(b) => b,
+        Err(e) if !required => {
+            println!("      --prometheus: {e}; going on without it");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let targets = crate::prom::cluster_targets(local);
+    let p = crate::prom::Prometheus::start(&binary, &work.path().join("prometheus"), &targets, &[])
+        .await?;
+    println!(
+        "      Prometheus {} scrapes the operator and {} agents every second; try:",
+        p.url(),
+        targets.len().saturating_sub(1)
+    );
+    for q in [
+        "sum(rate(peerfill_agent_received_bytes_total[5s]))",
+        "sum by (source) (rate(peerfill_agent_received_bytes_total[5s]))",
+        "avg by (content) (peerfill_agent_content_progress_ratio)",
+        "peerfill_operator_distribution_nodes",
+    ] {
+        let enc: String = form_urlencoded::byte_serialize(q.as_bytes()).collect();
+        println!("        curl -s '{}/api/v1/query?query={enc}'", p.url());
+    }
+    Ok(Some(p))
 }
 
 /// Node names in numeric order (`node-2` before `node-10`).
@@ -486,6 +586,8 @@ async fn verify(
         origin_busy: watched.origin_busy,
         digest: blob.blake3.clone(),
         nodes: figures,
+        origin_cap: None,
+        baseline: None,
     })
 }
 

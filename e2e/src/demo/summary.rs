@@ -4,11 +4,15 @@
 //! Everything here is computed from figures the run measured; nothing is
 //! assumed. The client-server comparison uses this run's own origin rate
 //! (bytes the origin served over the time it was serving), so it says what
-//! the same origin would have needed to send N copies itself.
+//! the same origin would have needed to send N copies itself. With the
+//! origin capped (the demo's default, like a WAN link or an object store)
+//! the cap gives the one-server lower bound N x size / cap, printed next to
+//! the swarm's time; `--measure-baseline` adds a measured one.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::baseline::Baseline;
 use super::units::{bytes, mib_per_s};
 
 /// What one node reported and what the demo found on its disk.
@@ -41,6 +45,10 @@ pub struct RunFigures {
     pub digest: String,
     /// One entry per target node.
     pub nodes: Vec<NodeFigures>,
+    /// The origin's rate cap, bytes per second (`None`: uncapped).
+    pub origin_cap: Option<u64>,
+    /// N plain HTTP clients against the same origin, if measured.
+    pub baseline: Option<Baseline>,
 }
 
 /// Figures derived from [`RunFigures`].
@@ -164,6 +172,31 @@ impl RunFigures {
                 s.speedup
             ));
         }
+        let swarm = self.wall.as_secs_f64();
+        if let Some(cap) = self.origin_cap.filter(|c| *c > 0) {
+            let one_server = s.delivered as f64 / cap as f64;
+            lines.push(format!(
+                "  one server capped at {} needs at least {} x {} / {} = {:.1} s; the swarm took {:.1} s ({:.1}x)",
+                mib_per_s(cap as f64),
+                s.nodes,
+                bytes(self.size),
+                mib_per_s(cap as f64),
+                one_server,
+                swarm,
+                if swarm > 0.0 { one_server / swarm } else { 0.0 }
+            ));
+        }
+        if let Some(b) = &self.baseline {
+            let t = b.wall.as_secs_f64();
+            lines.push(format!(
+                "  measured: {} plain HTTP clients at once from the same origin took {:.1} s ({} verified); the swarm took {:.1} s ({:.1}x)",
+                b.clients,
+                t,
+                bytes(b.bytes),
+                swarm,
+                if swarm > 0.0 { t / swarm } else { 0.0 }
+            ));
+        }
         lines.push(format!(
             "  files: {}/{} verified against {}",
             s.verified, s.nodes, self.digest
@@ -202,6 +235,8 @@ mod tests {
                     verified: i != 3,
                 })
                 .collect(),
+            origin_cap: None,
+            baseline: None,
         }
     }
 
@@ -255,5 +290,32 @@ mod tests {
         assert_eq!(s.origin_rate, 0.0);
         assert_eq!(s.client_server, Duration::ZERO);
         assert!(!r.render().iter().any(|l| l.contains("one server")));
+    }
+
+    #[test]
+    fn the_cap_and_the_measured_baseline_sit_next_to_the_swarm() {
+        let mut r = run();
+        r.origin_cap = Some(100 << 20);
+        r.baseline = Some(Baseline {
+            clients: 8,
+            wall: Duration::from_secs(90),
+            per_client: vec![Duration::from_secs(90); 8],
+            bytes: 8 * GIB,
+        });
+        let text = r.render().join("\n");
+        // 8 GiB at 100 MiB/s: 81.92 s, against the swarm's 10 s.
+        assert!(
+            text.contains(
+                "one server capped at 100.0 MiB/s needs at least 8 x 1.00 GiB / 100.0 MiB/s = 81.9 s; the swarm took 10.0 s (8.2x)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "measured: 8 plain HTTP clients at once from the same origin took 90.0 s (8.00 GiB verified); the swarm took 10.0 s (9.0x)"
+            ),
+            "{text}"
+        );
+        assert!(!run().render().join("\n").contains("capped at"));
     }
 }
