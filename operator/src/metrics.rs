@@ -178,6 +178,8 @@ mod tests {
         let m = Metrics::new().unwrap();
         m.distributions.with_label_values(&["Complete"]).set(1);
         m.reconcile_duration.observe(0.01);
+        // A labelled family shows once it has a child.
+        m.observe_trigger(crate::triggers::Trigger::State);
         let text = m.render();
         for name in metric_names() {
             assert!(text.contains(name), "{name} missing from\n{text}");
