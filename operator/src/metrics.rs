@@ -324,6 +324,8 @@ mod tests {
             ..Default::default()
         });
         m.observe_distributions(&[Arc::new(d)]);
+        // A labelled family shows once it has a child.
+        m.observe_trigger(crate::triggers::Trigger::State);
         let text = m.render();
         for name in metric_names() {
             assert!(text.contains(name), "{name} missing from\n{text}");

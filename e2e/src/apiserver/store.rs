@@ -1364,10 +1364,19 @@ impl State {
         if n > self.rv {
             return Err(ApiError::too_large_rv(n));
         }
+        // A watch pinned to one name takes only that object's events: the
+        // agents' watches all resume together when they time out, and each
+        // would otherwise translate every other node's events.
+        let pinned = q.fields.pinned_name();
         let backlog = self
             .log
             .iter()
             .filter(|e| e.rv > n && e.store == key)
+            .filter(|e| {
+                pinned.is_none_or(|name| {
+                    e.object.pointer("/metadata/name").and_then(Value::as_str) == Some(name)
+                })
+            })
             .cloned()
             .collect();
         Ok(WatchStart {
