@@ -428,29 +428,23 @@ pub fn plot(path: &Path, sw: &Sweep) -> Result<()> {
     ];
     for (label, color, value, label_dy) in series {
         let line: Vec<(f64, f64)> = pts.iter().map(|r| (r.nodes as f64, value(r))).collect();
-        chart
-            .draw_series(LineSeries::new(line.clone(), color.stroke_width(3)))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
-        chart
-            .draw_series(line.iter().map(|&p| Circle::new(p, 5, color.filled())))
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(line.iter().map(|&(x, y)| {
-                Text::new(
-                    if y < 100.0 {
-                        format!("{y:.1} s")
-                    } else {
-                        format!("{y:.0} s")
-                    },
-                    (x + 0.12, y + y_max * label_dy),
-                    ("sans-serif", 14).into_font().color(&color),
-                )
-            }))
-            .map_err(|e| err(&e))?;
+        let seconds = |y: f64| {
+            if y < 100.0 {
+                format!("{y:.1} s")
+            } else {
+                format!("{y:.0} s")
+            }
+        };
+        marked_series(
+            &mut chart,
+            &line,
+            color,
+            label.to_string(),
+            14,
+            (0.12, y_max * label_dy),
+            seconds,
+        )
+        .map_err(|e| err(&e))?;
     }
     finish_plot(&mut chart, &root, SeriesLabelPosition::UpperLeft, 16, path)
 }
@@ -463,19 +457,45 @@ pub(crate) fn plot_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> Netben
     }
 }
 
+/// A chart with plain numbers on both axes, drawn to a PNG.
+pub(crate) type Chart<'a> = ChartContext<
+    'a,
+    BitMapBackend<'a>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
 /// Draws the legend of a finished chart and writes the PNG.
 pub(crate) fn finish_plot<'a>(
-    chart: &mut ChartContext<
-        'a,
-        BitMapBackend<'a>,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-    >,
+    chart: &mut Chart<'a>,
     root: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
     position: SeriesLabelPosition,
     font_size: u32,
     path: &Path,
 ) -> Result<()> {
-    let err = plot_err(path);
+    finish_chart(chart, root, position, font_size).map_err(|e| plot_err(path)(&e))
+}
+
+/// [`finish_plot`] for callers with their own error type.
+pub(crate) fn finish_chart<'a>(
+    chart: &mut Chart<'a>,
+    root: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    position: SeriesLabelPosition,
+    font_size: u32,
+) -> std::result::Result<(), String> {
+    legend(chart, position, font_size)?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// The legend of every labelled series of `chart`, boxed.
+pub(crate) fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    position: SeriesLabelPosition,
+    font_size: u32,
+) -> std::result::Result<(), String> {
     chart
         .configure_series_labels()
         .position(position)
@@ -483,8 +503,64 @@ pub(crate) fn finish_plot<'a>(
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
+        .map_err(|e| e.to_string())
+}
+
+/// Draws one named series: a line with its legend entry, a dot per point
+/// and each point's `value` written at `offset` (data units) from it.
+pub(crate) fn marked_series(
+    chart: &mut Chart<'_>,
+    pts: &[(f64, f64)],
+    color: RGBColor,
+    name: String,
+    font_size: u32,
+    offset: (f64, f64),
+    value: impl Fn(f64) -> String,
+) -> std::result::Result<(), String> {
+    chart
+        .draw_series(LineSeries::new(pts.to_vec(), color.stroke_width(3)))
+        .map_err(|e| e.to_string())?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(pts.iter().map(|&(x, y)| {
+            Text::new(
+                value(y),
+                (x + offset.0, y + offset.1),
+                ("sans-serif", font_size).into_font().color(&color),
+            )
+        }))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A thin grey horizontal line at `y` across `0..x_max`, with `label` at
+/// `label_at`.
+pub(crate) fn reference_line(
+    chart: &mut Chart<'_>,
+    y: f64,
+    x_max: f64,
+    label: &str,
+    label_at: (f64, f64),
+) -> std::result::Result<(), String> {
+    let c = RGBColor(150, 150, 150);
+    chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, y), (x_max, y)],
+            c.stroke_width(1),
+        ))
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(std::iter::once(Text::new(
+            label.to_string(),
+            label_at,
+            ("sans-serif", 13).into_font().color(&c),
+        )))
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use plotters::prelude::*;
 
 use super::Result;
 use super::memory::MemoryResult;
-use super::report::{Machine, finish_plot, plot_err, register_font, size_label};
+use super::report::{
+    Machine, finish_plot, marked_series, plot_err, reference_line, register_font, size_label,
+};
 use super::scenario::RunResult;
 
 /// The results JSON.
@@ -535,42 +537,21 @@ pub fn plot_ratio(path: &Path, res: &Results) -> Result<()> {
     // The targets: 1.2 T* (20 Mbit/s) and the bound itself.
     // Labels: T* below its line, the target above its own.
     for (y, label, dy) in [(1.0, "T*", -0.035), (1.2, "target 1.2 T*", 0.012)] {
-        let c = RGBColor(150, 150, 150);
-        chart
-            .draw_series(LineSeries::new(
-                vec![(0.0, y), (x_max, y)],
-                c.stroke_width(1),
-            ))
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(std::iter::once(Text::new(
-                label,
-                (x_max * 0.86, y + y_max * dy),
-                ("sans-serif", 13).into_font().color(&c),
-            )))
+        reference_line(&mut chart, y, x_max, label, (x_max * 0.86, y + y_max * dy))
             .map_err(|e| err(&e))?;
     }
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
-            .map_err(|e| err(&e))?
-            .label(name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(pts.iter().map(|&(x, y)| {
-                Text::new(
-                    format!("{y:.2}"),
-                    (x + 0.25, y + y_max * 0.01),
-                    ("sans-serif", 13).into_font().color(&color),
-                )
-            }))
-            .map_err(|e| err(&e))?;
+        marked_series(
+            &mut chart,
+            pts,
+            color,
+            name.clone(),
+            13,
+            (0.25, y_max * 0.01),
+            |y| format!("{y:.2}"),
+        )
+        .map_err(|e| err(&e))?;
     }
     finish_plot(&mut chart, &root, SeriesLabelPosition::UpperLeft, 16, path)
 }

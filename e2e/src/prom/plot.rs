@@ -172,13 +172,7 @@ fn draw(path: &Path, panels: &[(&str, Unit, Vec<Line>)]) -> Result<(), PlotError
                     PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
+        crate::netbench::report::legend(&mut chart, SeriesLabelPosition::UpperRight, 14)
             .map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))

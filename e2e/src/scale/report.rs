@@ -9,6 +9,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::ScaleError;
+use crate::netbench::report::{finish_chart, marked_series, reference_line};
 
 /// One second of the measured phase.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -139,53 +140,29 @@ fn line_plot(
         .draw()
         .map_err(|e| err(&e))?;
     if let Some((y, label)) = target {
-        let c = RGBColor(150, 150, 150);
-        chart
-            .draw_series(LineSeries::new(
-                vec![(0.0, y), (x_max, y)],
-                c.stroke_width(1),
-            ))
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(std::iter::once(Text::new(
-                label.to_string(),
-                (x_max * 0.02, y + y_max * 0.015),
-                ("sans-serif", 13).into_font().color(&c),
-            )))
-            .map_err(|e| err(&e))?;
+        reference_line(
+            &mut chart,
+            y,
+            x_max,
+            label,
+            (x_max * 0.02, y + y_max * 0.015),
+        )
+        .map_err(|e| err(&e))?;
     }
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
-            .map_err(|e| err(&e))?
-            .label(name.to_string())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(pts.iter().map(|&(x, y)| {
-                Text::new(
-                    format!("{y:.1}"),
-                    (x + x_max * 0.01, y + y_max * 0.02),
-                    ("sans-serif", 13).into_font().color(&color),
-                )
-            }))
-            .map_err(|e| err(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()
+        marked_series(
+            &mut chart,
+            pts,
+            color,
+            name.to_string(),
+            13,
+            (x_max * 0.01, y_max * 0.02),
+            |y| format!("{y:.1}"),
+        )
         .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    }
+    finish_chart(&mut chart, &root, SeriesLabelPosition::UpperLeft, 15).map_err(|e| err(&e))
 }
 
 /// `scale-writes.png`, `scale-operator-cpu.png` and
