@@ -622,6 +622,9 @@ fn render(res: &Results, out: &Output) -> Result<()> {
     let ratio_rel = relative_to(&out.ratio_plot, &out.markdown);
     let util_rel = relative_to(&out.util_plot, &out.markdown);
     let mut text = String::from("# Benchmarks\n\n");
+    // Sections other tools keep in the same file stay above this report.
+    let existing = std::fs::read_to_string(&out.markdown).unwrap_or_default();
+    text.push_str(results::sections_above(&existing));
     text.push_str(&results::markdown(
         res,
         &Links {
