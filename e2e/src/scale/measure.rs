@@ -233,38 +233,40 @@ pub async fn measure(
 
 /// The largest stored Node, NodeFill or Distribution, as JSON bytes.
 async fn largest_object(client: &kube::Client) -> Result<(usize, String), ScaleError> {
-    let mut largest = (0, String::new());
-    let mut consider = |kind: &str, name: Option<String>, len: usize| {
-        if len > largest.0 {
-            largest = (len, format!("{kind}/{}", name.unwrap_or_default()));
+    let candidates = [
+        largest_of::<NodeFill>(client, "NodeFill").await?,
+        largest_of::<Node>(client, "Node").await?,
+        largest_of::<Distribution>(client, "Distribution").await?,
+    ];
+    // The first of equals wins, in the order above.
+    Ok(candidates.into_iter().fold(
+        (0, String::new()),
+        |best, c| if c.0 > best.0 { c } else { best },
+    ))
+}
+
+/// The largest object of one kind, as JSON bytes and `Kind/name`.
+async fn largest_of<K>(client: &kube::Client, kind: &str) -> Result<(usize, String), ScaleError>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let objects = Api::<K>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("listing {kind}s")))?;
+    Ok(objects.into_iter().fold((0, String::new()), |best, o| {
+        let len = serde_json::to_vec(&o).map_or(0, |v| v.len());
+        if len > best.0 {
+            let name = o.meta().name.clone().unwrap_or_default();
+            (len, format!("{kind}/{name}"))
+        } else {
+            best
         }
-    };
-    let lp = ListParams::default();
-    let fills = Api::<NodeFill>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(kube_err("listing NodeFills"))?;
-    for f in fills {
-        let len = serde_json::to_vec(&f).map_or(0, |v| v.len());
-        consider("NodeFill", f.metadata.name, len);
-    }
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(kube_err("listing Nodes"))?;
-    for n in nodes {
-        let len = serde_json::to_vec(&n).map_or(0, |v| v.len());
-        consider("Node", n.metadata.name, len);
-    }
-    let dists = Api::<Distribution>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(kube_err("listing Distributions"))?;
-    for d in dists {
-        let len = serde_json::to_vec(&d).map_or(0, |v| v.len());
-        consider("Distribution", d.metadata.name, len);
-    }
-    Ok(largest)
+    }))
 }
 
 #[cfg(test)]

@@ -370,7 +370,8 @@ async fn download(
             ));
         }
         // Only sessions with something to ask for stand in line.
-        let wants = starved && fill.interesting(sid);
+        let interesting = fill.interesting(sid);
+        let wants = starved && interesting;
         if !wants {
             queued = None;
         } else if queued.is_none() {
@@ -389,7 +390,7 @@ async fn download(
             }
             _ = &mut changed => {}
             // A piece refused for now becomes askable again after a while.
-            _ = tokio::time::sleep(REFUSAL_RECHECK), if !wants && fill.interesting(sid) => {}
+            _ = tokio::time::sleep(REFUSAL_RECHECK), if !starved && interesting => {}
             _ = cancel.cancelled() => break,
         }
     }
