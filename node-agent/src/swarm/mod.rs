@@ -752,6 +752,11 @@ async fn run_connection(shared: Arc<Shared>, conn: quinn::Connection, node: Stri
         rtt_us = stats.path.rtt.as_micros() as u64,
         udp_tx_datagrams = stats.udp_tx.datagrams,
         udp_rx_datagrams = stats.udp_rx.datagrams,
+        udp_tx_ios = stats.udp_tx.ios,
+        udp_rx_ios = stats.udp_rx.ios,
+        lost_packets = stats.path.lost_packets,
+        congestion_events = stats.path.congestion_events,
+        cwnd = stats.path.cwnd,
         "peer disconnected"
     );
 }
