@@ -21,6 +21,14 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The example files that hold a Distribution (the others show workloads).
+fn distribution_files() -> Vec<PathBuf> {
+    yaml_files(&examples_dir())
+        .into_iter()
+        .filter(|p| read(p).lines().any(|l| l == "kind: Distribution"))
+        .collect()
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
@@ -47,7 +55,7 @@ fn expected_field(path: &Path) -> String {
 
 #[test]
 fn valid_examples_parse_and_validate() {
-    let files = yaml_files(&examples_dir());
+    let files = distribution_files();
     let names: Vec<_> = files
         .iter()
         .filter_map(|p| p.file_name()?.to_str())
@@ -65,7 +73,7 @@ fn valid_examples_parse_and_validate() {
 
 #[test]
 fn examples_round_trip_through_yaml() {
-    for path in yaml_files(&examples_dir()) {
+    for path in distribution_files() {
         let dist = parse(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let yaml = serde_saphyr::to_string(&dist).expect("serializes");
         let again: Distribution = serde_saphyr::from_str(&yaml)
@@ -91,6 +99,47 @@ fn valid_examples_cover_each_source_and_targeting() {
     assert!(!pool.spec.target.node_selector.is_empty());
     assert_eq!(pool.spec.target.tolerations.len(), 1);
     assert!(pool.spec.target.node_affinity.is_some());
+}
+
+/// `consume.yaml` reads what `http.yaml` distributes: its required node
+/// affinity names the label the agents set for that Distribution, and its
+/// hostPath is the chart's data root joined with the target's directory.
+#[test]
+fn consume_example_selects_the_label_and_mounts_the_target_directory() {
+    let http = parse(&examples_dir().join("http.yaml")).expect("http.yaml parses");
+    let consume: serde_json::Value =
+        serde_saphyr::from_str(&read(&examples_dir().join("consume.yaml"))).expect("parses");
+    assert_eq!(consume["kind"], "Deployment");
+    let ns = consume["metadata"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    let name = http.metadata.name.as_deref().expect("name");
+    let pod = &consume["spec"]["template"]["spec"];
+    let term = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        [0]["matchExpressions"][0];
+    assert_eq!(
+        term["key"],
+        peerfill_crds::node_label_key(ns, name).as_str()
+    );
+    assert_eq!(term["operator"], "In");
+    assert_eq!(term["values"][0], peerfill_crds::NODE_LABEL_VALUE);
+
+    let values: serde_json::Value = serde_saphyr::from_str(&read(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/peerfill/values.yaml"),
+    ))
+    .expect("values.yaml parses");
+    let root = values["agent"]["dataRoot"]
+        .as_str()
+        .expect("agent.dataRoot");
+    let dir = Path::new(&http.spec.target.path)
+        .parent()
+        .expect("the target has a directory");
+    assert_eq!(
+        pod["volumes"][0]["hostPath"]["path"],
+        Path::new(root).join(dir).to_str().expect("utf-8")
+    );
+    let mount = &pod["containers"][0]["volumeMounts"][0];
+    assert_eq!(mount["readOnly"], true);
 }
 
 #[test]

@@ -9,17 +9,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use common::cluster::{
-    MIB, WAIT, check_all, check_gone_everywhere, general_pool, start, targets, wait_complete,
-    wait_moving,
+    MIB, WAIT, check_all, check_gone_everywhere, counts, general_pool, start, targets,
+    wait_complete, wait_moving,
 };
+use common::consumer::{Consumer, Seen};
 use common::kubectl::{Kubectl, check_invalid_examples_refused};
 use k8s_openapi::api::core::v1::{
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    Node, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
 };
 use kube::Api;
 use peerfill_crds::Distribution;
 use peerfill_e2e::cluster::{
-    NodeOptions, POOL_GENERAL, POOL_LABEL, ZONE_LABEL, node_source_distribution, progress_in,
+    NodeOptions, POOL_GENERAL, POOL_LABEL, ZONE_LABEL, is_complete, node_source_distribution,
+    progress_in,
 };
 
 /// 8 nodes, driven with kubectl: apply, get (printer columns), wait for
@@ -360,5 +362,181 @@ async fn deleted_mid_transfer_leaves_no_partial_files() -> anyhow::Result<()> {
     }
     cluster.delete_distribution(&applied).await?;
     check_gone_everywhere(&cluster, &applied).await?;
+    Ok(())
+}
+
+/// Issue #12 item 6: what a workload set up like `examples/consume.yaml`
+/// (required node affinity on the label, the target's directory mounted
+/// read-only) can see, polled every ~20 ms on every target node while a
+/// Distribution fills and while it moves to a new version: the target path
+/// is absent or holds one complete version, never a partial or mixed file,
+/// and the label is set only where a complete version is in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_see_the_label_only_with_complete_content_never_a_partial_file()
+-> anyhow::Result<()> {
+    let cluster = start(6, |_| {}).await?;
+    let Some(local) = cluster.local() else {
+        println!("SKIPPED: needs the local cluster (reads the nodes' disks)");
+        return Ok(());
+    };
+    let size = 24 * MIB;
+    let v1 = cluster.origin().add_blob("consume-v1.bin", size, 81);
+    let v2 = cluster.origin().add_blob("consume-v2.bin", size, 82);
+    cluster.origin().set_rate_limit(Some(6 * MIB));
+    let path = "models/consume/weights.bin";
+    let d = general_pool("consume", &v1.url, path, None);
+    let want = targets(&cluster, &d).await?;
+    let paths = want
+        .iter()
+        .map(|n| Ok((n.clone(), local.node_data_dir(n)?.join(path))))
+        .collect::<anyhow::Result<_>>()?;
+    let label = peerfill_crds::node_label_key("default", "consume");
+    let consumer = Consumer::start(
+        &cluster,
+        &want,
+        paths,
+        label.clone(),
+        vec![v1.clone(), v2.clone()],
+    );
+
+    let applied = cluster.apply_distribution(&d).await?;
+    wait_complete(&cluster, &applied, want.len()).await?;
+    check_all(&cluster, &applied, &want, &v1.blake3).await?;
+    // The agents label right after they report Complete.
+    wait_labelled(&cluster, &want, &label).await?;
+
+    // A new version: the URL moves to v2 while workloads keep reading v1.
+    let api: Api<Distribution> = Api::namespaced(cluster.client(), "default");
+    let patch = serde_json::json!({"spec": {"source": {"http": {"url": v2.url}}}});
+    let edited = api
+        .patch(
+            "consume",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    let generation = edited.metadata.generation;
+    cluster
+        .wait_distribution(&applied, WAIT, "the new version Complete everywhere", |d| {
+            d.status.as_ref().and_then(|s| s.observed_generation) == generation
+                && is_complete(d)
+                && counts(d).1 as usize == want.len()
+        })
+        .await?;
+    check_all(&cluster, &applied, &want, &v2.blake3).await?;
+    wait_labelled(&cluster, &want, &label).await?;
+    cluster.origin().set_rate_limit(None);
+    let seen = consumer.stop().await?;
+
+    println!(
+        "{} rounds; per node: {:?}",
+        seen.rounds,
+        seen.history.values().next()
+    );
+    ensure!(
+        seen.violations.is_empty(),
+        "a workload could have seen:\n{}",
+        seen.violations.join("\n")
+    );
+    for n in &want {
+        let h = seen.history.get(n).map(Vec::as_slice).unwrap_or_default();
+        // The watcher saw the whole life: nothing, v1 whole, then v2 whole
+        // (never back to nothing in between: the swap is one rename).
+        ensure!(
+            h == [Seen::Absent, Seen::Version(0), Seen::Version(1)],
+            "{n}: saw {h:?}, want [Absent, v1, v2]"
+        );
+        ensure!(
+            seen.labelled_rounds.get(n).copied().unwrap_or(0) > 0,
+            "{n}: never saw its label"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until every node of `nodes` carries `label`.
+async fn wait_labelled(
+    cluster: &peerfill_e2e::cluster::Cluster,
+    nodes: &[String],
+    label: &str,
+) -> anyhow::Result<()> {
+    let api: Api<Node> = Api::all(cluster.client());
+    let t = Instant::now();
+    loop {
+        let labelled: Vec<String> = api
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|n| {
+                n.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(label))
+            })
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        if nodes.iter().all(|n| labelled.contains(n)) {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < WAIT,
+            "timed out waiting for {label} on {nodes:?} (labelled: {labelled:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The consumer above is only worth its silence if it does flag what it
+/// looks for: a partial file, mixed versions, a symlink at the path.
+#[tokio::test]
+async fn the_consumer_flags_partial_mixed_and_symlinked_files() -> anyhow::Result<()> {
+    let origin = peerfill_e2e::cluster::Origin::start()?;
+    let (v1, v2) = (
+        origin.add_blob("c1.bin", 2 * MIB, 1),
+        origin.add_blob("c2.bin", 2 * MIB, 2),
+    );
+    let versions = vec![v1.clone(), v2.clone()];
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("weights.bin");
+    let bytes =
+        |b: &peerfill_e2e::cluster::Blob| peerfill_e2e::cluster::generate(b.seed, 0, b.size);
+    ensure!(
+        common::consumer::look(&path, &versions, None)
+            .await
+            .map_err(anyhow::Error::msg)?
+            == (None, Seen::Absent)
+    );
+    std::fs::write(&path, bytes(&v2))?;
+    ensure!(matches!(
+        common::consumer::look(&path, &versions, None)
+            .await
+            .map_err(anyhow::Error::msg)?,
+        (Some(_), Seen::Version(1))
+    ));
+    let partial = &bytes(&v1)[..MIB as usize];
+    std::fs::write(&path, partial)?;
+    ensure!(
+        common::consumer::look(&path, &versions, None)
+            .await
+            .is_err()
+    );
+    let mut mixed = bytes(&v1);
+    mixed[MIB as usize..].copy_from_slice(&bytes(&v2)[MIB as usize..]);
+    std::fs::write(&path, mixed)?;
+    ensure!(
+        common::consumer::look(&path, &versions, None)
+            .await
+            .is_err()
+    );
+    std::fs::remove_file(&path)?;
+    let real = dir.path().join("real.bin");
+    std::fs::write(&real, bytes(&v1))?;
+    std::os::unix::fs::symlink(&real, &path)?;
+    ensure!(
+        common::consumer::look(&path, &versions, None)
+            .await
+            .is_err()
+    );
     Ok(())
 }

@@ -344,6 +344,16 @@ impl Registry {
             builtin(
                 "apps",
                 "v1",
+                "deployments",
+                "Deployment",
+                true,
+                &["deploy"],
+                true,
+                &[],
+            ),
+            builtin(
+                "apps",
+                "v1",
                 "daemonsets",
                 "DaemonSet",
                 true,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod consumer;
 pub mod kubectl;
 
 use std::path::{Path, PathBuf};

@@ -173,7 +173,7 @@ pub enum SourceConfig {
     Http {
         url: String,
         #[serde(default)]
-        headers: BTreeMap<String, String>,
+        headers: Headers,
         readers: Vec<String>,
     },
     /// A file already on node `node`, which seeds it from `path` (an
@@ -183,6 +183,21 @@ pub enum SourceConfig {
         #[serde(default)]
         path: Option<PathBuf>,
     },
+}
+
+/// Extra request headers for an HTTP origin (from `headersFrom`). The
+/// values are credentials: `Debug` shows the names only, so a logged config
+/// never carries them.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Headers(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
 }
 
 /// A peer's node name and QUIC address.

@@ -149,8 +149,8 @@ fn origin_client(run: &ContentRun, engine: &Engine) -> Result<Option<OriginClien
     Ok(Some(o))
 }
 
-fn headers(h: &BTreeMap<String, String>) -> Vec<(String, String)> {
-    h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+fn headers(h: &Headers) -> Vec<(String, String)> {
+    h.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// The content's size: configured, else the origin's length (retried like
