@@ -540,3 +540,104 @@ async fn the_consumer_flags_partial_mixed_and_symlinked_files() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Issue #12 item 3: a private origin (401 without the right header) is
+/// read with the headers of the `headersFrom` Secret. A missing Secret makes
+/// the Distribution Failed with a reason and message naming it; once it is
+/// created the readers pick it up without any edit. The header value shows
+/// up in no status, NodeFill, Event or process log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_origin_with_headers_from_a_secret() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Event, Secret};
+    use peerfill_crds::{CONDITION_FAILED, HeadersFrom, NodeFill};
+
+    const TOKEN: &str = "Bearer pf-e2e-s3cr3t-7d1c";
+    let cluster = start(4, |_| {}).await?;
+    let blob = cluster.origin().add_blob("private.bin", 8 * MIB, 91);
+    cluster
+        .origin()
+        .require_header(Some(("authorization", TOKEN)));
+    let mut d = general_pool("private", &blob.url, "private/weights.bin", None);
+    if let Some(h) = d.spec.source.http.as_mut() {
+        h.headers_from = Some(HeadersFrom {
+            secret_name: "registry-token".into(),
+        });
+    }
+    let want = targets(&cluster, &d).await?;
+    let applied = cluster.apply_distribution(&d).await?;
+
+    // No Secret yet: Failed, naming it.
+    let failed = cluster
+        .wait_distribution(&applied, WAIT, "Failed for the missing Secret", |d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.condition(CONDITION_FAILED).is_some_and(|c| {
+                    c.status == "True" && c.reason == "OriginHeadersSecretNotFound"
+                })
+            })
+        })
+        .await?;
+    let message = failed
+        .status
+        .as_ref()
+        .and_then(|s| s.condition(CONDITION_FAILED))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        message.contains("default/registry-token"),
+        "the Failed message does not name the Secret: {message}"
+    );
+
+    // The Secret appears: the readers re-read it by themselves.
+    let secrets: Api<Secret> = Api::namespaced(cluster.client(), "default");
+    // The stand-in, like the API server, folds stringData into data.
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "registry-token", "namespace": "default"},
+        "stringData": {"Authorization": TOKEN},
+    }))?;
+    secrets.create(&Default::default(), &secret).await?;
+    wait_complete(&cluster, &applied, want.len()).await?;
+    check_all(&cluster, &applied, &want, &blob.blake3).await?;
+
+    // The value went to the origin and nowhere else.
+    let dist = serde_json::to_string(
+        &Api::<Distribution>::namespaced(cluster.client(), "default")
+            .get("private")
+            .await?,
+    )?;
+    let fills = serde_json::to_string(
+        &Api::<NodeFill>::all(cluster.client())
+            .list(&Default::default())
+            .await?
+            .items,
+    )?;
+    let events = serde_json::to_string(
+        &Api::<Event>::all(cluster.client())
+            .list(&Default::default())
+            .await?
+            .items,
+    )?;
+    for (what, text) in [
+        ("the Distribution", &dist),
+        ("NodeFills", &fills),
+        ("Events", &events),
+    ] {
+        ensure!(!text.contains("s3cr3t"), "{what} carry the header value");
+    }
+    ensure!(
+        fills.contains("registry-token"),
+        "the NodeFills do not name the Secret (is headersFrom passed on?)"
+    );
+    if let Some(l) = cluster.local() {
+        for log in l.log_paths() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            ensure!(
+                !text.contains("s3cr3t"),
+                "{} holds the header value",
+                log.display()
+            );
+        }
+    }
+    Ok(())
+}

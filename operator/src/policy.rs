@@ -37,6 +37,10 @@ pub const ORIGIN_PERMANENT_REASONS: &[&str] = &[
     "DigestMismatch",
     "InvalidOriginUrl",
     "InvalidOriginHeaders",
+    // A reader cannot get the headers of `headersFrom`: the Secret is
+    // missing, or outside the namespaces the chart lets agents read.
+    "OriginHeadersSecretNotFound",
+    "OriginHeadersSecretForbidden",
     // The agent's reason for a node source it cannot read (missing, not a
     // regular file, a symlink): the seeder is the only source.
     "SourceUnreadable",

@@ -51,8 +51,8 @@ use tracing::info;
 use crate::tls::NodeIdentity;
 
 pub use config::{
-    ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, IdentityFiles, Limits, PeerConfig,
-    STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,
+    ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, Headers, IdentityFiles, Limits,
+    PeerConfig, STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,
 };
 pub use contents::ContentOpError;
 pub use engine::{Engine, EngineOptions};

@@ -17,7 +17,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use peerfill_crds::nodefill::SecretRef;
+use peerfill_crds::nodefill::{Assignment, SecretRef};
+
+use super::translate::Desired;
+use crate::agent::{Headers, SourceConfig};
+
+/// How often contents held back by their headers Secret are tried again
+/// (the Secret may be created or fixed without any NodeFill change).
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the headers of a content are not available.
 #[derive(Debug, thiserror::Error)]
@@ -73,13 +80,70 @@ impl HeadersError {
     }
 }
 
+/// Adds the headers of `a`'s `headersFrom` Secret to a runnable content when
+/// this node reads the origin. A missing, forbidden or malformed Secret
+/// makes the content Failed (Pending while the API server cannot be asked),
+/// with a reason and a message that name the Secret.
+pub async fn resolve(client: &Client, a: &Assignment, me: &str, desired: Desired) -> Desired {
+    let Desired::Run(mut cfg) = desired else {
+        return desired;
+    };
+    let Some(r) = a
+        .source
+        .http
+        .as_ref()
+        .and_then(|h| h.headers_secret.as_ref())
+    else {
+        return Desired::Run(cfg);
+    };
+    let SourceConfig::Http {
+        headers, readers, ..
+    } = &mut cfg.source
+    else {
+        return Desired::Run(cfg);
+    };
+    if !readers.iter().any(|n| n == me) {
+        return Desired::Run(cfg);
+    }
+    match read(client, r).await {
+        Ok(h) => {
+            *headers = Headers(h);
+            Desired::Run(cfg)
+        }
+        Err(e) if e.is_transient() => Desired::Wait {
+            reason: e.reason(),
+            message: e.to_string(),
+        },
+        Err(e) => Desired::Invalid {
+            reason: e.reason(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Whether `reason` is one [`resolve`] gives (worth a [`RECHECK`]).
+pub fn is_headers_reason(reason: &str) -> bool {
+    matches!(
+        reason,
+        "OriginHeadersSecretNotFound"
+            | "OriginHeadersSecretForbidden"
+            | "OriginHeadersSecretUnreadable"
+            | "InvalidOriginHeaders"
+    )
+}
+
 /// Reads the Secret `r` and turns its data into headers.
-pub async fn read(client: &Client, r: &SecretRef) -> Result<BTreeMap<String, String>, HeadersError> {
+pub async fn read(
+    client: &Client,
+    r: &SecretRef,
+) -> Result<BTreeMap<String, String>, HeadersError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
     let (namespace, name) = (r.namespace.clone(), r.name.clone());
     match api.get(&r.name).await {
         Ok(secret) => headers_of(&secret, r),
-        Err(kube::Error::Api(e)) if e.code == 404 => Err(HeadersError::NotFound { namespace, name }),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            Err(HeadersError::NotFound { namespace, name })
+        }
         Err(kube::Error::Api(e)) if e.code == 403 => {
             Err(HeadersError::Forbidden { namespace, name })
         }
@@ -94,7 +158,10 @@ pub async fn read(client: &Client, r: &SecretRef) -> Result<BTreeMap<String, Str
 /// The headers in `secret`'s data: each key a header name, each value its
 /// value (the bytes as they are; no trailing newline is trimmed, as that
 /// would silently send something else than the Secret holds).
-pub fn headers_of(secret: &Secret, r: &SecretRef) -> Result<BTreeMap<String, String>, HeadersError> {
+pub fn headers_of(
+    secret: &Secret,
+    r: &SecretRef,
+) -> Result<BTreeMap<String, String>, HeadersError> {
     let (namespace, name) = (r.namespace.clone(), r.name.clone());
     let data = secret.data.clone().unwrap_or_default();
     if data.is_empty() {
@@ -154,10 +221,7 @@ mod tests {
     #[test]
     fn every_data_key_is_a_header() {
         let h = headers_of(
-            &secret(&[
-                ("Authorization", b"Bearer s3cr3t"),
-                ("X-Api-Key", b"k"),
-            ]),
+            &secret(&[("Authorization", b"Bearer s3cr3t"), ("X-Api-Key", b"k")]),
             &sref(),
         )
         .unwrap();
@@ -180,6 +244,19 @@ mod tests {
         let shown = format!("{value} {value:?}");
         assert!(shown.contains("Authorization"), "{shown}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+
+    #[test]
+    fn a_logged_config_shows_header_names_only() {
+        let h = Headers(BTreeMap::from([(
+            "Authorization".to_string(),
+            "Bearer s3cr3t".to_string(),
+        )]));
+        let shown = format!("{h:?}");
+        assert!(
+            shown.contains("Authorization") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - `labels`: the Node labels of complete distributions;
 //! - `reporter`: the NodeFill status and Events.
 
+pub mod headers;
 pub mod identity;
 pub mod manifest;
 pub mod report;

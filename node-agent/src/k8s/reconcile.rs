@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
@@ -15,6 +16,7 @@ use peerfill_crds::nodefill::{Assignment, NODE_LABEL_PREFIX, NodeFillSpec};
 use tracing::{debug, error, info, warn};
 
 use super::NodeArgs;
+use super::headers;
 use super::labels::set_label;
 use super::manifest::{Entry, Manifest};
 use super::reporter::Reporter;
@@ -56,6 +58,10 @@ pub(super) struct NodeAgent {
     pub(super) args: NodeArgs,
     pub(super) engine: Engine,
     pub(super) nodes: Api<Node>,
+    /// For reads beyond Nodes (the `headersFrom` Secrets).
+    pub(super) client: kube::Client,
+    /// When to reconcile again for contents waiting on their headers Secret.
+    pub(super) headers_recheck: Option<Instant>,
     pub(super) manifest: Manifest,
     /// By Distribution uid.
     pub(super) tracked: BTreeMap<String, Tracked>,
@@ -105,6 +111,12 @@ impl NodeAgent {
                 },
                 None => translate::translate(a, &me, &self.args.data_root, &peer_addrs),
             };
+            let desired = headers::resolve(&self.client, a, &me, desired).await;
+            if let Desired::Invalid { reason, .. } | Desired::Wait { reason, .. } = &desired
+                && headers::is_headers_reason(reason)
+            {
+                self.headers_recheck = Some(Instant::now() + headers::RECHECK);
+            }
             let t = self
                 .tracked
                 .entry(a.uid.clone())

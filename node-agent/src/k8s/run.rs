@@ -72,7 +72,7 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
 
     let request = Request::load_or_generate(&args.node_name, &args.identity_dir)?;
     info!(node = %args.node_name, digest = %request.digest, "certificate requested");
-    let mut reporter = Reporter::new(fills.clone(), client, &args, request.clone(), zone);
+    let mut reporter = Reporter::new(fills.clone(), client.clone(), &args, request.clone(), zone);
     let Some(mut identity) = wait_for_identity(&mut reporter, &request, &mut fill_rx, &shutdown)
         .instrument(info_span!("enroll", node = %args.node_name))
         .await
@@ -114,6 +114,8 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         manifest: Manifest::load(engine.status_dir()),
         engine: engine.clone(),
         nodes,
+        client: client.clone(),
+        headers_recheck: None,
         args,
         tracked: BTreeMap::new(),
         removing: BTreeMap::new(),
@@ -154,6 +156,17 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
                 }
                 agent.reconcile(&nf.spec).await;
                 agent.last_spec = Some(nf.spec.clone());
+            }
+        }
+        // A headers Secret may be created or fixed without any NodeFill
+        // change: try the contents waiting on it again now and then.
+        if agent
+            .headers_recheck
+            .is_some_and(|t| std::time::Instant::now() >= t)
+        {
+            agent.headers_recheck = None;
+            if let Some(spec) = agent.last_spec.clone() {
+                agent.reconcile(&spec).await;
             }
         }
         agent.retry_removals().await;

@@ -2,13 +2,13 @@
 //! into the [`ContentConfig`] the swarm engine runs, or why it cannot run
 //! yet.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use peerfill_crds::nodefill::Assignment;
 
-use crate::agent::{ContentConfig, PeerConfig, SourceConfig, dest_path};
+use crate::agent::{ContentConfig, Headers, PeerConfig, SourceConfig, dest_path};
 use crate::content::Digest;
 
 /// What to do with one assignment.
@@ -68,7 +68,7 @@ pub fn translate(
             let reader = readers.iter().any(|r| r == me);
             let source = SourceConfig::Http {
                 url: http.url.clone(),
-                headers: BTreeMap::new(),
+                headers: Headers::default(),
                 readers,
             };
             (source, digest, reader)

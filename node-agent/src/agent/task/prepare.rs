@@ -5,7 +5,6 @@
 //! (a seeder's own file, or the partial file resumed) and the pins the
 //! operator published.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 
@@ -17,7 +16,7 @@ use crate::swarm::{Authority, Fault, Fill, FillSpec};
 
 use super::super::engine::Engine;
 use super::super::failure::{Failure, origin_failure, store_reason};
-use super::super::{ContentConfig, Phase, SourceConfig, dest_path};
+use super::super::{ContentConfig, Headers, Phase, SourceConfig, dest_path};
 use super::ContentRun;
 use super::origin::with_origin_retry;
 
