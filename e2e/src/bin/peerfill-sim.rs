@@ -66,6 +66,9 @@ enum Command {
         fairness: FairnessArg,
         #[arg(long, value_enum, default_value_t = PeersArg::Operator)]
         peers: PeersArg,
+        /// Variant (not the agent's behaviour): ask same-zone peers first.
+        #[arg(long)]
+        zone_first: bool,
         /// Payload share of a peer link's cap (e.g. 0.904: QUIC as measured on the netbench).
         #[arg(long, default_value_t = 1.0)]
         peer_efficiency: f64,
@@ -112,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             readers,
             fairness,
             peers,
+            zone_first,
             peer_efficiency,
             origin_efficiency,
             seed,
@@ -139,6 +143,7 @@ fn main() -> anyhow::Result<()> {
                 PeersArg::Operator => PeerChoice::Operator,
                 PeersArg::Bounded => PeerChoice::Bounded,
             };
+            cfg.zone_first = zone_first;
             cfg.peer_efficiency = peer_efficiency;
             cfg.origin_efficiency = origin_efficiency;
             cfg.seed = seed;

@@ -65,6 +65,8 @@ pub struct Report {
     pub cross_zone_per_zone: Vec<f64>,
     /// Bytes each node uploaded / content size.
     pub upload_copies: Spread,
+    /// Σ bytes the nodes uploaded / content size.
+    pub upload_total_copies: f64,
     /// Origin readers' uploads / content size, in reader order.
     pub reader_upload_copies: Vec<f64>,
     /// Bytes sent but not used (endgame duplicates, cancelled) / size.
@@ -104,6 +106,7 @@ impl Report {
             origin_copies: out.origin_bytes / f,
             cross_zone_per_zone: out.cross_zone_in.iter().map(|b| b / f).collect(),
             upload_copies: Spread::of(out.uploaded.iter().map(|b| b / f).collect()),
+            upload_total_copies: out.uploaded.iter().sum::<f64>() / f,
             reader_upload_copies: topo.readers.iter().map(|r| out.uploaded[r.0] / f).collect(),
             wasted_copies: out.wasted_bytes / f,
             refusals: out.refusals,
@@ -163,10 +166,15 @@ impl Report {
     /// The series name of a run in the plots: what distinguishes it.
     pub fn label(&self) -> String {
         format!(
-            "{} peers, {} zone{}",
+            "{} peers{}, {} zone{}",
             match self.config.peers {
                 super::PeerChoice::Operator => "operator",
                 super::PeerChoice::Bounded => "bounded",
+            },
+            if self.config.zone_first {
+                ", zone first"
+            } else {
+                ""
             },
             self.config.zones,
             if self.config.zones == 1 { "" } else { "s" }

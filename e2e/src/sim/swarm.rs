@@ -102,6 +102,13 @@ struct Agent {
     /// For each peer: our index in that peer's list.
     back: Vec<u32>,
     outstanding: Vec<u8>,
+    /// Sessions whose last pick found nothing, skipped until something
+    /// that could change that happens (saves O(pieces) picks that the
+    /// agent would not make: a session that has nothing to ask for does
+    /// not stand in the permit queue).
+    dry: Vec<bool>,
+    /// Sessions with a peer in this node's zone.
+    local: Vec<bool>,
     /// Requests out: (session, piece).
     pending: HashSet<(u32, u32)>,
     inflight: usize,
@@ -198,6 +205,11 @@ impl<'a> Sim<'a> {
                 Agent {
                     picker,
                     outstanding: vec![0; peers.len()],
+                    dry: vec![false; peers.len()],
+                    local: peers
+                        .iter()
+                        .map(|&p| topo.zone[p as usize] == topo.zone[i])
+                        .collect(),
                     peers,
                     back,
                     pending: HashSet::new(),
@@ -421,6 +433,7 @@ impl<'a> Sim<'a> {
             Ev::Recheck { node } => {
                 let a = &mut self.agents[node as usize];
                 a.recheck_at = None;
+                a.dry.iter_mut().for_each(|d| *d = false);
                 if let Some(t) = a.recheck_again.take()
                     && t > self.now
                 {

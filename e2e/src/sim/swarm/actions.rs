@@ -82,6 +82,12 @@ impl Sim<'_> {
         if k == 0 || a.picker.is_complete() {
             return;
         }
+        let zone_first = self.cfg.zone_first;
+        // With `zone_first`, an announcement from another zone is not
+        // acted on alone: same-zone peers are asked first.
+        let only = only.filter(|&s| !zone_first || a.local[s as usize]);
+        // Round 0 asks same-zone peers only (`zone_first`), round 1 all.
+        let mut round = usize::from(!zone_first);
         let mut asked = Vec::new();
         let mut misses = 0;
         loop {
@@ -94,17 +100,24 @@ impl Sim<'_> {
                 Some(s) => s as usize,
                 None => {
                     if misses >= k {
-                        break;
+                        if round == 1 {
+                            break;
+                        }
+                        round = 1;
+                        misses = 0;
                     }
                     let s = a.rr % k;
                     a.rr = (s + 1) % k;
                     s
                 }
             };
-            let picked = if usize::from(a.outstanding[s]) < pipeline {
-                a.picker.pick(s as PeerId, rng, now)
-            } else {
+            let skip = round == 0 && !a.local[s];
+            let picked = if skip || a.dry[s] || usize::from(a.outstanding[s]) >= pipeline {
                 None
+            } else {
+                let p = a.picker.pick(s as PeerId, rng, now);
+                a.dry[s] = p.is_none();
+                p
             };
             match picked {
                 Some(p) => {
@@ -114,6 +127,11 @@ impl Sim<'_> {
                     a.pending.insert((s as u32, p));
                     asked.push((a.peers[s], p));
                     misses = 0;
+                    // The endgame (duplicates) may start once every missing
+                    // piece is asked for: fewer missing than requests out.
+                    if a.picker.missing() <= max_inflight && a.picker.is_endgame() {
+                        a.dry.iter_mut().for_each(|d| *d = false);
+                    }
                 }
                 None if only.is_some() => break,
                 None => misses += 1,
@@ -252,9 +270,11 @@ impl Sim<'_> {
             .picker
             .refused(piece, s as PeerId, until);
         self.release_permit(node, s);
-        // Look again when the backoff ends (the agent polls every 50 ms).
+        // Look again when the backoff ends (the agent polls every 50 ms);
+        // other holders may be asked now.
         let t = self.now + REFUSAL_BACKOFF + 1e-6;
         let a = &mut self.agents[node as usize];
+        a.dry.iter_mut().for_each(|d| *d = false);
         match a.recheck_at {
             None => {
                 a.recheck_at = Some(t);
@@ -333,9 +353,9 @@ impl Sim<'_> {
                 let a = &self.agents[node as usize];
                 (a.peers[j], a.back[j])
             };
-            self.agents[m as usize]
-                .picker
-                .peer_has(PeerId::from(b), piece);
+            let peer = &mut self.agents[m as usize];
+            peer.picker.peer_has(PeerId::from(b), piece);
+            peer.dry[b as usize] = false;
             self.fill(m, Some(b));
         }
     }
