@@ -5,3 +5,4 @@ pub mod demo;
 pub mod netbench;
 pub mod prom;
 pub mod scale;
+pub mod sim;

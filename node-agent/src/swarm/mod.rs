@@ -34,7 +34,7 @@ mod fill;
 mod origin_reader;
 mod peer;
 pub mod picker;
-mod uploads;
+pub mod uploads;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

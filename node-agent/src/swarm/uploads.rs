@@ -57,11 +57,41 @@ struct QueueState {
 
 /// The node's upload slots and the requests waiting for them.
 pub(crate) struct UploadQueue {
-    slots: usize,
-    budget: u64,
-    busy_after: usize,
-    max_waiting: usize,
+    limits: Limits,
     st: Mutex<QueueState>,
+}
+
+/// The numbers the admission rule works with, derived from the slot count
+/// and the byte budget. Pure, so the swarm simulator (`peerfill-sim`) runs
+/// the same rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Pieces being uploaded at once, at most.
+    pub slots: usize,
+    /// Bytes of pieces being uploaded at once, at most (one piece always may).
+    pub budget: u64,
+    /// Waiting requests beyond which a piece already sent is refused.
+    pub busy_after: usize,
+    /// Waiting requests beyond which a fresh one evicts a most-sent one.
+    pub max_waiting: usize,
+}
+
+impl Limits {
+    pub fn new(slots: usize, budget: u64) -> Self {
+        let slots = slots.max(1);
+        Limits {
+            slots,
+            budget,
+            busy_after: slots,
+            max_waiting: 4 * slots,
+        }
+    }
+
+    /// Whether a piece of `len` bytes may start while `busy` uploads of
+    /// `busy_bytes` in all run.
+    pub fn fits(&self, busy: usize, busy_bytes: u64, len: u64) -> bool {
+        busy < self.slots && (busy == 0 || busy_bytes + len <= self.budget)
+    }
 }
 
 /// The request was refused: ask another holder, or later.
@@ -84,19 +114,14 @@ impl Drop for UploadPermit {
 /// wait. Pure: `sent` is how many copies of its piece this node started,
 /// `waiting` how many requests wait now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Arrival {
+pub enum Arrival {
     Queue,
     /// Queue it and refuse the waiting request with the most-sent piece.
     QueueAndEvict,
     Refuse,
 }
 
-pub(crate) fn on_arrival(
-    sent: u32,
-    waiting: usize,
-    busy_after: usize,
-    max_waiting: usize,
-) -> Arrival {
+pub fn on_arrival(sent: u32, waiting: usize, busy_after: usize, max_waiting: usize) -> Arrival {
     if sent == 0 {
         if waiting >= max_waiting {
             Arrival::QueueAndEvict
@@ -112,13 +137,13 @@ pub(crate) fn on_arrival(
 
 /// Index of the request to serve next: fewest copies sent, then oldest.
 /// Pure over `(sent, seq)` pairs.
-pub(crate) fn next_to_serve(waiting: &[(u32, u64)]) -> Option<usize> {
+pub fn next_to_serve(waiting: &[(u32, u64)]) -> Option<usize> {
     (0..waiting.len()).min_by_key(|&i| waiting[i])
 }
 
 /// Index of the request to refuse to make room: most copies sent (only a
 /// piece we already sent may be refused), newest among equals.
-pub(crate) fn to_evict(waiting: &[(u32, u64)]) -> Option<usize> {
+pub fn to_evict(waiting: &[(u32, u64)]) -> Option<usize> {
     (0..waiting.len())
         .filter(|&i| waiting[i].0 > 0)
         .max_by_key(|&i| waiting[i])
@@ -126,12 +151,8 @@ pub(crate) fn to_evict(waiting: &[(u32, u64)]) -> Option<usize> {
 
 impl UploadQueue {
     pub(crate) fn new(slots: usize, budget: u64) -> Arc<Self> {
-        let slots = slots.max(1);
         Arc::new(UploadQueue {
-            slots,
-            budget,
-            busy_after: slots,
-            max_waiting: 4 * slots,
+            limits: Limits::new(slots, budget),
             st: Mutex::new(QueueState {
                 busy: 0,
                 busy_bytes: 0,
@@ -155,7 +176,7 @@ impl UploadQueue {
 
     /// Whether a piece of `len` bytes may start now.
     fn fits(&self, st: &QueueState, len: u64) -> bool {
-        st.busy < self.slots && (st.busy == 0 || st.busy_bytes + len <= self.budget)
+        self.limits.fits(st.busy, st.busy_bytes, len)
     }
 
     /// Waits for a slot to upload `piece` (`len` bytes) of `fill`, or is
@@ -180,7 +201,12 @@ impl UploadQueue {
                 });
             }
             let sent = fill.upload_count(piece);
-            let arrival = on_arrival(sent, st.waiting.len(), self.busy_after, self.max_waiting);
+            let arrival = on_arrival(
+                sent,
+                st.waiting.len(),
+                self.limits.busy_after,
+                self.limits.max_waiting,
+            );
             if arrival == Arrival::Refuse {
                 return Err(Busy);
             }
@@ -220,7 +246,7 @@ impl UploadQueue {
     /// Hands free slots to the best waiting requests still listening.
     fn dispatch(self: &Arc<Self>) {
         let mut st = self.lock();
-        while st.busy < self.slots {
+        while st.busy < self.limits.slots {
             st.waiting.retain(|w| !w.tx.is_closed());
             let Some(i) = next_to_serve(&Self::keys(&st.waiting)) else {
                 return;
@@ -273,6 +299,19 @@ mod tests {
         assert_eq!(next_to_serve(&[]), None);
         assert_eq!(next_to_serve(&[(2, 0), (0, 5), (0, 3), (1, 1)]), Some(2));
         assert_eq!(next_to_serve(&[(1, 4), (1, 2)]), Some(1));
+    }
+
+    #[test]
+    fn limits_follow_the_slots_and_the_byte_budget_lets_one_piece_go() {
+        let l = Limits::new(0, 3 << 20);
+        assert_eq!((l.slots, l.busy_after, l.max_waiting), (1, 1, 4));
+        let l = Limits::new(8, 12 << 20);
+        assert_eq!((l.slots, l.busy_after, l.max_waiting), (8, 8, 32));
+        // A piece larger than the budget goes when nothing else does.
+        assert!(l.fits(0, 0, 64 << 20));
+        assert!(l.fits(2, 8 << 20, 4 << 20));
+        assert!(!l.fits(3, 12 << 20, 4 << 20));
+        assert!(!l.fits(8, 0, 1));
     }
 
     #[test]
