@@ -34,6 +34,7 @@ mod fill;
 mod origin_reader;
 mod peer;
 pub mod picker;
+pub mod relay;
 mod uploads;
 
 use std::collections::{HashMap, HashSet};
@@ -70,6 +71,9 @@ pub(crate) mod close {
 pub enum Fault {
     /// Claim every piece of every content and serve corrupted bytes.
     CorruptUploads,
+    /// Relay signed hash batches with a hash altered (signature kept) and
+    /// complete hash lists with a hash altered.
+    TamperHashes,
 }
 
 /// Piece buffers being downloaded, at most (whatever the piece size: with
@@ -196,6 +200,10 @@ pub(crate) struct Shared {
     /// Second connections refused because the node's live connection
     /// answered (`peerfill_agent_duplicate_connections_refused_total`).
     duplicates_refused: Option<prometheus::IntCounter>,
+    /// Checks signed hash batches (see [`relay`]).
+    pub(crate) batch_verifier: relay::BatchVerifier,
+    /// Signs the hash batches this node is the authority for.
+    live: tls::LiveIdentity,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -259,6 +267,7 @@ impl Swarm {
         // discovery) come with the TLS configs.
         let server = tls::server_config(identity)?;
         let client_config = tls::client_config(identity)?;
+        let batch_verifier = relay::BatchVerifier::new(tls::NodeSignatureVerifier::new(identity)?);
         let bind_err = |source| SwarmError::Bind {
             addr: opts.listen,
             source,
@@ -295,6 +304,8 @@ impl Swarm {
         .ok()
         .filter(|c| metrics.registry().register(Box::new(c.clone())).is_ok());
         let shared = Arc::new(Shared {
+            batch_verifier,
+            live: identity.live.clone(),
             uploads_refused,
             stall_resyncs,
             duplicates_refused,
@@ -342,6 +353,7 @@ impl Swarm {
 
     /// Adds a content and announces it to connected peers allowed to have it.
     pub fn add_content(&self, fill: Arc<Fill>) {
+        fill.set_signer(&self.shared.opts.node, self.shared.live.clone());
         self.shared
             .contents
             .write()
@@ -546,7 +558,9 @@ impl Swarm {
                 .into_iter()
                 .filter(|n| connected.contains(n)),
         );
-        if fill.any_peer_interesting() {
+        // Any peer may hold the missing hashes (relayed batches), and one
+        // holding a piece we could request should be asked again.
+        if fill.any_peer_interesting() || fill.hashes_missing() > 0 {
             out.extend(sessions.into_iter().filter(|n| connected.contains(n)));
         }
         out.remove(&self.shared.opts.node);
@@ -630,9 +644,9 @@ impl Shared {
         lock(&self.banned).contains(node)
     }
 
-    /// A node sent a piece that failed verification; bans it after
-    /// `strikes_to_ban` such pieces.
-    pub(crate) fn strike(&self, node: &str) {
+    /// A node sent something that failed verification (`what`: a piece, a
+    /// hash batch); bans it after `strikes_to_ban` such strikes.
+    pub(crate) fn strike(&self, node: &str, what: &str) {
         let strikes = {
             let mut s = lock(&self.strikes);
             let e = s.entry(node.to_string()).or_default();
@@ -641,7 +655,7 @@ impl Shared {
         };
         warn!(
             peer = node,
-            strikes, "peer sent a piece that failed verification"
+            strikes, "peer sent {what} that failed verification"
         );
         if strikes < self.opts.strikes_to_ban || !lock(&self.banned).insert(node.to_string()) {
             return;
