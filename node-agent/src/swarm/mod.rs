@@ -71,8 +71,8 @@ pub(crate) mod close {
 pub enum Fault {
     /// Claim every piece of every content and serve corrupted bytes.
     CorruptUploads,
-    /// Relay signed hash batches with a hash altered (signature kept) and
-    /// complete hash lists with a hash altered.
+    /// Relay signed hash batches with a hash altered (signature kept),
+    /// except to their signer, and complete hash lists with a hash altered.
     TamperHashes,
 }
 

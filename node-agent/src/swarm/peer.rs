@@ -98,7 +98,11 @@ pub(crate) async fn announce(
                     });
                 }
                 let mut m = b.message();
-                if tamper && let Message::SignedHashes { hashes, .. } = &mut m {
+                // A careful liar never lies to the signer itself.
+                if tamper
+                    && b.signer != node
+                    && let Message::SignedHashes { hashes, .. } = &mut m
+                {
                     hashes[0][0] ^= 0xff;
                 }
                 frames.push(m);
