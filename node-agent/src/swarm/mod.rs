@@ -19,6 +19,11 @@
 //! in turn, and every uplink works (the Mutualcast shape the Kumar–Ross
 //! bound needs), instead of the origin readers serving everyone.
 //!
+//! Hashes: a piece is requested only once its hash is trusted. The hash
+//! authorities sign the hashes they vouch for and every node relays the
+//! signed batches it verified ([`relay`]), so a node needs no connection to
+//! an authority and its peer list stays bounded.
+//!
 //! Liveness: every content runs a stall watchdog ([`Swarm::watch_stalls`]):
 //! no piece or hash gained for [`STALL_AFTER`] while a connected peer or
 //! authority could help resets that content's sessions with them and asks
@@ -489,7 +494,8 @@ impl Swarm {
     /// piece and no hash for [`STALL_AFTER`] (doubling up to a minute while
     /// it stays stalled) and a connected node could help — an allowed peer
     /// with no announce session (a lost announcement), the authority of a
-    /// missing hash, or a peer holding a piece we could request — the
+    /// missing hash, any peer while hashes are missing (it may relay
+    /// them), or a peer holding a piece we could request — the
     /// sessions with those nodes are reset and they are asked to announce
     /// again.
     pub async fn watch_stalls(&self, fill: Arc<Fill>) {
