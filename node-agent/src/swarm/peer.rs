@@ -151,10 +151,11 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connectio
 /// Reads a peer's announcements for one content and downloads from it.
 ///
 /// What the peer said on this stream (its pieces, the hash batches we
-/// accepted from it, its complete hash list) is kept, so that when our run of the content is replaced
-/// while the stream lives (a restart, a retry after a local fault) the
-/// session re-attaches to the new run with that state instead of staying
-/// attached to a dead one: the peer never has to repeat itself.
+/// accepted from it, its complete hash list) is kept, so that when our run
+/// of the content is replaced while the stream lives (a restart, a retry
+/// after a local fault) the session re-attaches to the new run with that
+/// state instead of staying attached to a dead one: the peer never has to
+/// repeat itself.
 async fn inbound_announce(
     shared: Arc<Shared>,
     conn: quinn::Connection,
