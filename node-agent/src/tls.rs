@@ -945,6 +945,8 @@ impl LiveIdentity {
 pub enum SignatureError {
     #[error("certificate does not stand for node {node}: {reason}")]
     Certificate { node: String, reason: String },
+    #[error("certificate of node {node} is not valid now: {reason}")]
+    Validity { node: String, reason: String },
     #[error(transparent)]
     NotPinned(TlsError),
     #[error("signature scheme {0:#06x} is not one nodes sign with")]
@@ -1000,7 +1002,18 @@ impl NodeSignatureVerifier {
         let cert = CertificateDer::from(der.to_vec());
         self.chain
             .verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired
+                    | rustls::CertificateError::ExpiredContext { .. }
+                    | rustls::CertificateError::NotValidYet
+                    | rustls::CertificateError::NotValidYetContext { .. },
+                ) => SignatureError::Validity {
+                    node: node.to_string(),
+                    reason: e.to_string(),
+                },
+                e => bad(e.to_string()),
+            })?;
         self.pins
             .check(node, der)
             .map_err(SignatureError::NotPinned)

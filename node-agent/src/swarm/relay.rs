@@ -212,12 +212,14 @@ impl Rejection {
             | Rejection::NoCertificate(_)
             | Rejection::Signature(_)
             | Rejection::RootMismatch { .. } => true,
-            // A chain that is not the CA's is a lie; an expired one, or a
-            // pin moved by a renewal, is not (see the module docs).
-            Rejection::Certificate(SignatureError::Certificate { reason, .. }) => {
-                !reason.to_ascii_lowercase().contains("expired")
-            }
-            Rejection::Certificate(_) | Rejection::NotAuthority { .. } => false,
+            // A chain that is not the CA's, or names another node, is a
+            // lie; an expired certificate, or a pin moved by a renewal, is
+            // not (see the module docs).
+            Rejection::Certificate(e) => !matches!(
+                e,
+                SignatureError::Validity { .. } | SignatureError::NotPinned(_)
+            ),
+            Rejection::NotAuthority { .. } => false,
         }
     }
 
