@@ -617,6 +617,7 @@ impl Fill {
         if entries.is_empty() {
             return;
         }
+        self.resign_if_renewed();
         self.sign_and_store(&entries);
         let n = self.spec.layout.piece_count();
         let ranges: Vec<Range<u32>> = self
@@ -716,12 +717,22 @@ impl Fill {
         };
         {
             let st = self.lock();
-            if known(&st) && st.batches.superseded_by(&batch) < 2 {
+            if known(&st)
+                && st.batches.superseded_by(&batch) < 2
+                && st
+                    .batches
+                    .stale_overlaps(&batch, verifier.pins())
+                    .is_empty()
+            {
                 return Ok(0);
             }
         }
         verifier.check(&self.spec.id, &layout, &self.spec.authority, &batch)?;
         let mut st = self.lock();
+        // Verified, so its certificate is the published one: it replaces
+        // batches whose certificate no longer is.
+        let stale = st.batches.stale_overlaps(&batch, verifier.pins());
+        st.batches.remove(&stale);
         let conflict = batch
             .hashes
             .iter()

@@ -36,6 +36,12 @@
 //! dropped and counted, the sender not blamed. Either way nothing stalls:
 //! the next batch, from any peer, is judged on its own.
 //!
+//! When an authority renews its certificate mid-transfer, it signs its own
+//! batches again with the new key; a node holding batches whose
+//! certificate is no longer the published one takes a fresh batch over
+//! the same pieces in their place, so the fresh ones spread as the old
+//! ones did.
+//!
 //! Once the root is pinned, a *complete* unsigned hash list (`Hashes`,
 //! one hash per piece) from any peer is also accepted when it merges to
 //! the root (`content::root_from_pieces`): the root is the check. A node
@@ -254,6 +260,11 @@ impl BatchVerifier {
         }
     }
 
+    /// The pins certificates are checked against.
+    pub fn pins(&self) -> &tls::PeerPins {
+        self.certs.pins()
+    }
+
     /// The checks that need no cryptography: the pieces exist and `signer`
     /// is their authority under `authority`.
     pub fn check_claim(
@@ -347,6 +358,28 @@ impl BatchStore {
         self.of_signer(signer)
             .filter(|b| start <= b.first && b.end() <= u64::from(end))
             .count()
+    }
+
+    /// Stored batches of `b`'s signer overlapping it whose certificate is
+    /// no longer the published one (`pins`): an authority renewed its
+    /// certificate, and `b`, signed with the new one, replaces them.
+    pub fn stale_overlaps(&self, b: &SignedBatch, pins: &tls::PeerPins) -> Vec<(String, u32)> {
+        self.of_signer(&b.signer)
+            .filter(|s| {
+                u64::from(s.first) < b.end()
+                    && u64::from(b.first) < s.end()
+                    && s.fingerprint != b.fingerprint
+                    && pins.check(&s.signer, &s.cert).is_err()
+            })
+            .map(|s| (s.signer.clone(), s.first))
+            .collect()
+    }
+
+    /// Drops the batches `keys` (from [`BatchStore::stale_overlaps`]).
+    pub fn remove(&mut self, keys: &[(String, u32)]) {
+        for k in keys {
+            self.by_start.remove(k);
+        }
     }
 
     /// Keeps `b` unless a stored batch of its signer covers it; drops the

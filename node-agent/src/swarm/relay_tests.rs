@@ -333,3 +333,53 @@ async fn a_complete_list_is_used_only_against_the_pinned_root() {
     assert_eq!(later.hash(3), Some(h[3]));
     drop(c);
 }
+
+#[tokio::test]
+async fn after_a_renewal_fresh_batches_replace_the_stale_ones() {
+    let c = cluster();
+    let h = hashes(&data());
+    let d = tempfile::tempdir().expect("tempdir");
+    let a = fill(d.path(), None);
+    let old = Arc::new(sign(&c.r0, "r0", 0, &h[..2]));
+    assert_eq!(
+        a.offer_batch(&c.verifier, "b", old.clone()).expect("valid"),
+        2
+    );
+    // r0 renews; the operator publishes the new fingerprint.
+    let renewed = identity(&c.ca, "r0");
+    c.receiver
+        .pins
+        .set([("r0", renewed.fingerprint().expect("fp"))]);
+    let (_, _, mut rx) = announced(&a);
+    let fresh = Arc::new(sign(&renewed, "r0", 0, &h[..2]));
+    assert_eq!(
+        a.offer_batch(&c.verifier, "b", fresh.clone())
+            .expect("valid"),
+        0
+    );
+    assert!(
+        matches!(rx.try_recv(), Ok(Outgoing::Batch(b)) if b == fresh),
+        "the fresh batch is passed on"
+    );
+    let (batches, _, _) = announced(&a);
+    assert_eq!(
+        batches,
+        std::slice::from_ref(&fresh),
+        "the stale one is gone"
+    );
+    // The stale one does not come back: it adds nothing (dropped without
+    // any cryptography) ...
+    assert_eq!(
+        a.offer_batch(&c.verifier, "b", old.clone()).expect("known"),
+        0
+    );
+    assert_eq!(announced(&a).0, [fresh]);
+    // ... and where its hashes are new it is refused, without blame.
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let fresh_node = fill(d2.path(), None);
+    let err = fresh_node
+        .offer_batch(&c.verifier, "b", old)
+        .expect_err("no longer published");
+    assert!(!err.is_lie());
+    assert_eq!(fresh_node.hashes_missing(), 4);
+}
