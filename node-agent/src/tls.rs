@@ -894,6 +894,162 @@ pub fn peer_node(conn: &quinn::Connection) -> Result<String, TlsError> {
     node_name_of_cert(leaf.as_ref())
 }
 
+/// A signature made with a node's certificate key outside a handshake (a
+/// hash batch, see `swarm::relay`), with the certificate that verifies it.
+#[derive(Debug, Clone)]
+pub struct NodeSignature {
+    pub cert: CertificateDer<'static>,
+    pub scheme: SignatureScheme,
+    pub signature: Vec<u8>,
+}
+
+/// Schemes node signatures use: TLS 1.3 ones (each binds one curve and
+/// hash), so whatever key type a node has, a verifier knows the algorithm.
+const NODE_SIGNATURE_SCHEMES: &[SignatureScheme] = &[
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::ED25519,
+    SignatureScheme::RSA_PSS_SHA256,
+];
+
+impl LiveIdentity {
+    /// Signs `msg` with the key of the certificate presented now, so a
+    /// renewed identity signs with its new key.
+    pub fn sign(&self, msg: &[u8]) -> Result<NodeSignature, TlsError> {
+        let ck = self.get().ok_or_else(|| {
+            TlsError::InvalidCertificate("no live certificate to sign with".into())
+        })?;
+        let cert = ck
+            .cert
+            .first()
+            .cloned()
+            .ok_or_else(|| TlsError::InvalidCertificate("empty certificate chain".into()))?;
+        let signer = ck
+            .key
+            .choose_scheme(NODE_SIGNATURE_SCHEMES)
+            .ok_or_else(|| {
+                TlsError::InvalidCertificate(
+                    "the node key supports no TLS 1.3 signature scheme".into(),
+                )
+            })?;
+        Ok(NodeSignature {
+            cert,
+            scheme: signer.scheme(),
+            signature: signer.sign(msg)?,
+        })
+    }
+}
+
+/// Why a node signature (or its certificate) was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    #[error("certificate does not stand for node {node}: {reason}")]
+    Certificate { node: String, reason: String },
+    #[error("certificate of node {node} is not valid now: {reason}")]
+    Validity { node: String, reason: String },
+    #[error(transparent)]
+    NotPinned(TlsError),
+    #[error("signature scheme {0:#06x} is not one nodes sign with")]
+    Scheme(u16),
+    #[error("signature does not verify: {0}")]
+    Invalid(String),
+}
+
+/// Checks node certificates and node signatures outside a handshake: the
+/// same CA chain, node name and pins as the QUIC verifiers
+/// ([`server_config`], [`client_config`]). Cheap to clone.
+#[derive(Clone)]
+pub struct NodeSignatureVerifier {
+    chain: Arc<WebPkiServerVerifier>,
+    pins: PeerPins,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for NodeSignatureVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSignatureVerifier")
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeSignatureVerifier {
+    /// Verifies against `id`'s CA and follows `id.pins` (shared).
+    pub fn new(id: &NodeIdentity) -> Result<Self, TlsError> {
+        let provider = provider();
+        let chain = WebPkiServerVerifier::builder_with_provider(id.roots()?, provider.clone())
+            .build()
+            .map_err(|e| TlsError::Quic(format!("certificate verifier: {e}")))?;
+        Ok(NodeSignatureVerifier {
+            chain,
+            pins: id.pins.clone(),
+            provider,
+        })
+    }
+
+    /// The pins this verifier follows.
+    pub fn pins(&self) -> &PeerPins {
+        &self.pins
+    }
+
+    /// Whether `der` is a certificate of the cluster CA, valid now, that
+    /// names `node`, and (when `node` has published pins) is pinned.
+    pub fn check_certificate(&self, node: &str, der: &[u8]) -> Result<(), SignatureError> {
+        let bad = |reason: String| SignatureError::Certificate {
+            node: node.to_string(),
+            reason,
+        };
+        let name = ServerName::try_from(node.to_string()).map_err(|e| bad(e.to_string()))?;
+        let cert = CertificateDer::from(der.to_vec());
+        self.chain
+            .verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired
+                    | rustls::CertificateError::ExpiredContext { .. }
+                    | rustls::CertificateError::NotValidYet
+                    | rustls::CertificateError::NotValidYetContext { .. },
+                ) => SignatureError::Validity {
+                    node: node.to_string(),
+                    reason: e.to_string(),
+                },
+                e => bad(e.to_string()),
+            })?;
+        self.pins
+            .check(node, der)
+            .map_err(SignatureError::NotPinned)
+    }
+
+    /// Whether `signature` (TLS `scheme`) over `msg` verifies with the key
+    /// of certificate `der`. The certificate itself is checked by
+    /// [`NodeSignatureVerifier::check_certificate`].
+    pub fn verify(
+        &self,
+        der: &[u8],
+        scheme: u16,
+        msg: &[u8],
+        signature: &[u8],
+    ) -> Result<(), SignatureError> {
+        let scheme_t = SignatureScheme::from(scheme);
+        if !NODE_SIGNATURE_SCHEMES.contains(&scheme_t) {
+            return Err(SignatureError::Scheme(scheme));
+        }
+        // As rustls does for TLS 1.3: the scheme's first algorithm.
+        let alg = self
+            .provider
+            .signature_verification_algorithms
+            .mapping
+            .iter()
+            .find(|(s, _)| *s == scheme_t)
+            .and_then(|(_, algs)| algs.first())
+            .ok_or(SignatureError::Scheme(scheme))?;
+        let cert = CertificateDer::from(der);
+        let ee = webpki::EndEntityCert::try_from(&cert)
+            .map_err(|e| SignatureError::Invalid(format!("certificate: {e}")))?;
+        ee.verify_signature(*alg, msg, signature)
+            .map_err(|e| SignatureError::Invalid(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,8 +15,11 @@
 //! or connection with the error as its logged reason.
 //!
 //! Streams (see `swarm`): each agent opens one unidirectional *announce*
-//! stream per content towards each peer (`Hello`, then `Bitfield`, `Hashes`,
-//! `Have` as pieces arrive), and one bidirectional stream per piece request
+//! stream per content towards each peer (`Hello`, then `Bitfield`, the hash
+//! batches it holds — `AuthorityCert` once per signer and stream, then
+//! `SignedHashes` — and `Have` and new batches as they arrive; a complete
+//! unsigned `Hashes` list when it holds one but not the batches), and one
+//! bidirectional stream per piece request
 //! (`Request` → `Piece` or `Reject`). Cancelling a request is stopping its
 //! stream, so there is no cancel message. A unidirectional stream may also
 //! carry a single `Resync`: the receiver opens a fresh announce stream for
@@ -28,8 +31,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Protocol version carried in every frame. A peer speaking another version
-/// is refused with [`WireError::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u8 = 1;
+/// is refused with [`WireError::UnsupportedVersion`]. Version 2: `Hashes`
+/// is an unsigned complete list and authorities' hashes travel as
+/// `AuthorityCert` + `SignedHashes` (hash relay); a version-1 agent would
+/// take neither, so mixed versions refuse each other at once instead of
+/// never completing.
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Largest piece the protocol carries (64 MiB).
 pub const MAX_PIECE_SIZE: u32 = 64 * 1024 * 1024;
@@ -45,6 +52,13 @@ pub const MAX_HASHES_PER_FRAME: usize = 4096;
 
 /// Most pieces in one content (1 TiB at the smallest sensible piece size).
 pub const MAX_PIECES: u32 = 1 << 22;
+
+/// Largest certificate (DER) an `AuthorityCert` carries; node certificates
+/// are well under 1 KiB.
+pub const MAX_CERT_LEN: usize = 16 * 1024;
+
+/// Largest signature a `SignedHashes` carries (RSA-4096 needs 512 bytes).
+pub const MAX_SIGNATURE_LEN: usize = 1024;
 
 const HEADER_LEN: usize = 4;
 
@@ -89,9 +103,28 @@ pub enum Message {
     Bitfield { bits: Bytes },
     /// The sender now holds (verified) this piece.
     Have { piece: u32 },
-    /// Piece hashes the sender is the authority for (origin reader of that
-    /// range, or the seeder). Receivers accept them only from that authority.
+    /// Unsigned piece hashes. Anyone may send them, so they are used only
+    /// as a *complete* list (one per piece) that merges to the content's
+    /// pinned root (`content::manifest_root_matches`).
     Hashes { entries: Vec<(u32, Hash32)> },
+    /// The certificate (DER) of hash authority `node`, sent on an announce
+    /// stream before the first `SignedHashes` of that signer (and again
+    /// when the signer's certificate changed). Receivers check it against
+    /// the cluster CA, the node name and the fingerprint the operator
+    /// published for `node`.
+    AuthorityCert { node: String, cert: Bytes },
+    /// Hashes of pieces `first..first + hashes.len()`, signed by their
+    /// authority `signer` (origin reader of that range, or the seeder) with
+    /// its node key (TLS `scheme`) over `swarm::relay::batch_message`.
+    /// Relayed unchanged by every node that verified it, so a node learns
+    /// them from any peer.
+    SignedHashes {
+        signer: String,
+        first: u32,
+        hashes: Vec<Hash32>,
+        scheme: u16,
+        signature: Bytes,
+    },
     /// Asks for one piece of one content.
     Request { content: String, piece: u32 },
     /// The data of one piece.
@@ -111,6 +144,8 @@ mod tag {
     pub const PIECE: u8 = 6;
     pub const REJECT: u8 = 7;
     pub const RESYNC: u8 = 8;
+    pub const AUTHORITY_CERT: u8 = 9;
+    pub const SIGNED_HASHES: u8 = 10;
 }
 
 /// Everything that can be wrong with a frame. Each variant is a reason to
@@ -186,6 +221,14 @@ impl Reader {
         }
         let raw = self.bytes(len, "content id")?;
         String::from_utf8(raw.to_vec()).map_err(|_| WireError::BadUtf8)
+    }
+    /// A u16-length-prefixed blob of at most `max` bytes.
+    fn blob(&mut self, max: usize, what: &'static str) -> Result<Bytes, WireError> {
+        let len = usize::from(self.u16(what)?);
+        if len == 0 || len > max {
+            return Err(WireError::BadField(what, len as u64));
+        }
+        self.bytes(len, what)
     }
     fn piece(&mut self) -> Result<u32, WireError> {
         let p = self.u32("piece index")?;
@@ -276,6 +319,36 @@ impl Message {
             tag::RESYNC => Message::Resync {
                 content: r.content_id()?,
             },
+            tag::AUTHORITY_CERT => Message::AuthorityCert {
+                // Node names share the content ids' form and limit.
+                node: r.content_id()?,
+                cert: r.blob(MAX_CERT_LEN, "certificate")?,
+            },
+            tag::SIGNED_HASHES => {
+                let signer = r.content_id()?;
+                let first = r.piece()?;
+                let n = usize::from(r.u16("hash count")?);
+                if n == 0
+                    || n > MAX_HASHES_PER_FRAME
+                    || u64::from(first) + n as u64 > u64::from(MAX_PIECES)
+                {
+                    return Err(WireError::BadField("hash count", n as u64));
+                }
+                r.need(n * 32, "hashes")?;
+                let mut hashes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    hashes.push(r.hash()?);
+                }
+                let scheme = r.u16("signature scheme")?;
+                let signature = r.blob(MAX_SIGNATURE_LEN, "signature")?;
+                Message::SignedHashes {
+                    signer,
+                    first,
+                    hashes,
+                    scheme,
+                    signature,
+                }
+            }
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -338,6 +411,30 @@ impl Message {
                 out.put_u8(tag::RESYNC);
                 put_content_id(out, content);
             }
+            Message::AuthorityCert { node, cert } => {
+                out.put_u8(tag::AUTHORITY_CERT);
+                put_content_id(out, node);
+                put_blob(out, cert, MAX_CERT_LEN);
+            }
+            Message::SignedHashes {
+                signer,
+                first,
+                hashes,
+                scheme,
+                signature,
+            } => {
+                out.put_u8(tag::SIGNED_HASHES);
+                put_content_id(out, signer);
+                out.put_u32(*first);
+                // Batches are built with at most MAX_HASHES_PER_FRAME.
+                let n = hashes.len().min(MAX_HASHES_PER_FRAME);
+                out.put_u16(n as u16);
+                for h in &hashes[..n] {
+                    out.put_slice(h);
+                }
+                out.put_u16(*scheme);
+                put_blob(out, signature, MAX_SIGNATURE_LEN);
+            }
             Message::Reject { piece, reason } => {
                 out.put_u8(tag::REJECT);
                 out.put_u32(*piece);
@@ -353,6 +450,13 @@ fn put_content_id(out: &mut BytesMut, id: &str) {
     // Content ids are validated by the agent config; truncating here only
     // guards against a caller bug producing an undecodable frame.
     let raw = &id.as_bytes()[..id.len().min(MAX_CONTENT_ID_LEN)];
+    out.put_u16(raw.len() as u16);
+    out.put_slice(raw);
+}
+
+fn put_blob(out: &mut BytesMut, blob: &[u8], max: usize) {
+    // Callers respect `max`; clamping only keeps a bug decodable.
+    let raw = &blob[..blob.len().min(max)];
     out.put_u16(raw.len() as u16);
     out.put_slice(raw);
 }
@@ -581,7 +685,33 @@ mod tests {
             Message::Resync {
                 content: "model-a".into(),
             },
+            Message::AuthorityCert {
+                node: "node-1".into(),
+                cert: Bytes::from_static(b"not really DER"),
+            },
+            Message::SignedHashes {
+                signer: "node-1".into(),
+                first: 12,
+                hashes: vec![[1u8; 32], [2u8; 32]],
+                scheme: 0x0403,
+                signature: Bytes::from_static(&[9u8; 72]),
+            },
         ]
+    }
+
+    #[test]
+    fn signed_batches_beyond_the_piece_limit_are_refused() {
+        let m = Message::SignedHashes {
+            signer: "n".into(),
+            first: MAX_PIECES - 1,
+            hashes: vec![[0u8; 32]; 2],
+            scheme: 0x0403,
+            signature: Bytes::from_static(&[1u8; 8]),
+        };
+        let err = FrameCodec::default()
+            .decode(&mut BytesMut::from(&m.encode()[..]))
+            .unwrap_err();
+        assert!(matches!(err, WireError::BadField("hash count", 2)));
     }
 
     #[test]

@@ -28,6 +28,28 @@ fn message() -> impl Strategy<Value = Message> {
         (0..wire::MAX_PIECES).prop_map(|piece| Message::Have { piece }),
         proptest::collection::vec((0..wire::MAX_PIECES, any::<[u8; 32]>()), 0..8)
             .prop_map(|entries| Message::Hashes { entries }),
+        (id, proptest::collection::vec(any::<u8>(), 1..64)).prop_map(|(node, c)| {
+            Message::AuthorityCert {
+                node,
+                cert: Bytes::from(c),
+            }
+        }),
+        (
+            id,
+            0..wire::MAX_PIECES - 8,
+            proptest::collection::vec(any::<[u8; 32]>(), 1..8),
+            any::<u16>(),
+            proptest::collection::vec(any::<u8>(), 1..80)
+        )
+            .prop_map(
+                |(signer, first, hashes, scheme, sig)| Message::SignedHashes {
+                    signer,
+                    first,
+                    hashes,
+                    scheme,
+                    signature: Bytes::from(sig),
+                }
+            ),
         (id, 0..wire::MAX_PIECES).prop_map(|(content, piece)| Message::Request { content, piece }),
         id.prop_map(|content| Message::Resync { content }),
         (

@@ -653,12 +653,16 @@ pub fn plan(world: &World) -> Plan {
             list.sort_by(|a, b| {
                 (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid))
             });
+            // The hash authorities (readers, seeder) are named even when
+            // they are not peers: a node checks the certificate of a hash
+            // batch they signed against the fingerprint published here.
             let named: BTreeSet<&String> = list
                 .iter()
                 .flat_map(|a| {
                     a.peers
                         .iter()
                         .chain(a.origin_readers.iter().map(|r| &r.node))
+                        .chain(a.source.node.iter().map(|s| &s.node_name))
                 })
                 .filter(|n| *n != name)
                 .collect();

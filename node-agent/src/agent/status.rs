@@ -194,15 +194,16 @@ pub(super) fn snapshot(run: &ContentRun, banned: &[String], connected: &[String]
         st.rejected_from = fill.rejected_from();
         if phase == Phase::Fetching && st.message.is_none() {
             // Pieces are only fetched once their hash is known, and hashes
-            // come from their authority only: say whom we are waiting for.
+            // are signed by their authority and relayed by any peer: say
+            // whose we wait for when no peer could relay them.
             let missing: Vec<String> = fill
                 .pending_authorities()
                 .into_iter()
                 .filter(|n| n != &run.node && !connected.contains(n))
                 .collect();
-            if !missing.is_empty() {
+            if !missing.is_empty() && fill.session_nodes().is_empty() {
                 st.message = Some(format!(
-                    "waiting for piece hashes from {} (not connected)",
+                    "waiting for piece hashes signed by {} (no peer to relay them)",
                     missing.join(", ")
                 ));
             }

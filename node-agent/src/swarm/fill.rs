@@ -11,13 +11,16 @@
 //!   or hold as the seeder (we hash the file up front);
 //! - the *authority* of that piece, and nobody else: the seeder for a `node`
 //!   source, or the origin reader assigned the range holding the piece for an
-//!   `http` source. The authority is recognised by the node name in its
-//!   certificate (mutual TLS, cluster CA), so another peer cannot forge
-//!   hashes. Consequently every agent must be connected to the authorities
-//!   (a bounded set: the seeder, or the few origin readers).
+//!   `http` source. The authority signs the hashes it vouches for with its
+//!   node key (cluster CA certificate, pinned by the fingerprint the
+//!   operator published), and every node relays the signed batches it
+//!   verified, so a batch reaches us through any peer and nobody can forge
+//!   one (see `relay`). No node needs a connection to an authority;
+//! - once the root is pinned, a complete hash list from any peer that
+//!   merges to it.
 //!
 //! A hash announced twice with different values is a conflict: the first one
-//! stays and the conflict is logged. The content has a *pinned root* (its
+//! stays and the conflict is logged (a batch carrying one is not relayed). The content has a *pinned root* (its
 //! identity): the user's `blake3:` digest, or the root the operator
 //! published once every authority reported the same one. The full hash list
 //! must merge to it before the content completes; without a pin yet a fill
@@ -29,7 +32,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,8 +41,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::picker::{PeerId, Picker};
+use super::relay::{self, BatchStore, BatchVerifier, Rejection, SignedBatch};
 use crate::content::{self, Digest, Layout, PieceHash};
 use crate::store::PieceStore;
+use crate::tls::LiveIdentity;
 use crate::wire::{self, Message};
 
 /// How long a piece a peer refused for now is asked of other holders only.
@@ -153,6 +158,14 @@ pub struct FillStats {
     pub bytes_reused: AtomicU64,
 }
 
+/// What an announce stream carries: a message, or a signed batch (its
+/// signer's certificate goes first, once per stream; see `peer::announce`).
+#[derive(Debug, Clone)]
+pub(crate) enum Outgoing {
+    Msg(Message),
+    Batch(Arc<SignedBatch>),
+}
+
 struct Session {
     node: String,
     cancel: CancellationToken,
@@ -164,7 +177,7 @@ struct State {
     picker: Picker,
     hashes: Vec<Option<PieceHash>>,
     unknown_hashes: usize,
-    announcers: HashMap<u64, mpsc::UnboundedSender<Message>>,
+    announcers: HashMap<u64, mpsc::UnboundedSender<Outgoing>>,
     next_announcer: u64,
     sessions: HashMap<PeerId, Session>,
     rejected_from: BTreeMap<String, u64>,
@@ -172,6 +185,18 @@ struct State {
     /// from the picker until the reuse task tried them, so they are not
     /// fetched over the network first. Empty without reuse sources.
     reuse_pending: Vec<bool>,
+    /// Signed batches verified (or signed by us), relayed to our peers.
+    batches: BatchStore,
+    /// A complete unsigned hash list received before the root was pinned,
+    /// and who sent it: tried when the pin arrives.
+    unsigned_candidate: Option<(String, Vec<PieceHash>)>,
+}
+
+fn broadcast(st: &mut State, out: &[Outgoing]) {
+    if !out.is_empty() {
+        st.announcers
+            .retain(|_, tx| out.iter().all(|m| tx.send(m.clone()).is_ok()));
+    }
 }
 
 /// One content in the swarm. Shared by the peer sessions, the origin
@@ -197,6 +222,9 @@ pub struct Fill {
     pinned: watch::Sender<Option<blake3::Hash>>,
     /// Copies of each piece this node started uploading (see `uploads`).
     uploads: Box<[AtomicU32]>,
+    /// This node's name and live identity, to sign the hashes it is the
+    /// authority for (set when the fill joins the swarm).
+    signer: OnceLock<(String, LiveIdentity)>,
 }
 
 impl std::fmt::Debug for Fill {
@@ -226,6 +254,7 @@ impl Fill {
         });
         let (pinned, _) = watch::channel(initial_pin);
         Arc::new(Fill {
+            signer: OnceLock::new(),
             uploads: (0..n).map(|_| AtomicU32::new(0)).collect(),
             pinned,
             allowed,
@@ -241,6 +270,8 @@ impl Fill {
                 sessions: HashMap::new(),
                 rejected_from: BTreeMap::new(),
                 reuse_pending: Vec::new(),
+                batches: BatchStore::default(),
+                unsigned_candidate: None,
             }),
             changed: Notify::new(),
             stats,
@@ -302,7 +333,7 @@ impl Fill {
     /// Pins the content's root (the operator's agreed identity). A pin is
     /// never replaced: another root means another content id.
     pub fn pin_root(&self, root: blake3::Hash) {
-        self.pinned.send_if_modified(|p| {
+        let pinned = self.pinned.send_if_modified(|p| {
             if p.is_none() {
                 *p = Some(root);
                 true
@@ -310,6 +341,14 @@ impl Fill {
                 false
             }
         });
+        let candidate = pinned
+            .then(|| self.lock().unsigned_candidate.take())
+            .flatten();
+        if let Some((from, hashes)) = candidate
+            && let Err(e) = self.offer_unsigned(&from, hashes)
+        {
+            warn!(content = %self.spec.id, peer = %from, error = %e, "hash list received before the pin does not match it");
+        }
     }
 
     /// The pinned root, if any.
@@ -430,7 +469,8 @@ impl Fill {
         self.store.held_bytes()
     }
 
-    /// Pieces rejected, by the node that sent them.
+    /// Pieces (and hash batches or lists) rejected as lies, by the node
+    /// that sent them.
     pub fn rejected_from(&self) -> BTreeMap<String, u64> {
         self.lock().rejected_from.clone()
     }
@@ -499,9 +539,10 @@ impl Fill {
         }
     }
 
-    /// Hashes announced by `node`: kept only for the pieces it is the
-    /// authority for.
-    pub fn hashes_from(&self, node: &str, entries: &[(u32, PieceHash)]) {
+    /// Hashes `node` vouches for, kept only for the pieces it is the
+    /// authority for (tests; the swarm takes them as signed batches).
+    #[cfg(test)]
+    pub(crate) fn hashes_from(&self, node: &str, entries: &[(u32, PieceHash)]) {
         let mut st = self.lock();
         let mut learned = 0;
         for (piece, hash) in entries {
@@ -532,19 +573,236 @@ impl Fill {
             .filter(|(p, _)| self.spec.authority.of(*p) == Some(node))
             .copied()
             .collect();
-        for m in wire::hash_messages(&mine) {
-            st.announcers.retain(|_, tx| tx.send(m.clone()).is_ok());
-        }
         self.check_complete(&st);
         drop(st);
         self.changed.notify_waiters();
+        self.sign_own(mine);
     }
 
-    /// Registers an announce stream to a peer: queues `Hello`, our bitfield
-    /// and the hashes we are the authority for, then every later `Have`.
-    /// Done under the state lock so no piece falls between snapshot and
-    /// registration.
-    pub(crate) fn register_announcer(&self, me: &str, tx: mpsc::UnboundedSender<Message>) -> u64 {
+    /// Number of piece hashes not known yet.
+    pub fn hashes_missing(&self) -> usize {
+        self.lock().unknown_hashes
+    }
+
+    /// Signs with `live` the hashes `node` (this agent) is the authority
+    /// for, those known now and those learnt later. Set once.
+    pub(crate) fn set_signer(&self, node: &str, live: LiveIdentity) {
+        if self.signer.set((node.to_string(), live)).is_err() {
+            return;
+        }
+        let mine = self.own_known(node);
+        self.sign_own(mine);
+    }
+
+    /// The known hashes `me` is the authority for.
+    fn own_known(&self, me: &str) -> Vec<(u32, PieceHash)> {
+        let st = self.lock();
+        st.hashes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                let i = i as u32;
+                (self.spec.authority.of(i) == Some(me)).then_some((i, (*h)?))
+            })
+            .collect()
+    }
+
+    /// Signs and publishes `entries` (hashes this node is the authority
+    /// for); then, for each of its ranges now wholly known, signs the whole
+    /// range, which supersedes the small batches (see `relay`).
+    fn sign_own(&self, entries: Vec<(u32, PieceHash)>) {
+        let Some((me, _)) = self.signer.get() else {
+            return;
+        };
+        if entries.is_empty() {
+            return;
+        }
+        self.resign_if_renewed();
+        self.sign_and_store(&entries);
+        let n = self.spec.layout.piece_count();
+        let ranges: Vec<Range<u32>> = self
+            .spec
+            .authority
+            .ranges_of(me)
+            .map(|r| r.start.min(n)..r.end.min(n))
+            .filter(|r| entries.iter().any(|(p, _)| r.contains(p)))
+            .collect();
+        for r in ranges {
+            let whole: Option<Vec<(u32, PieceHash)>> = {
+                let st = self.lock();
+                let batches = st.batches.count_within(me, r.start, r.end);
+                let needed = (r.len()).div_ceil(wire::MAX_HASHES_PER_FRAME);
+                if batches <= needed {
+                    None
+                } else {
+                    r.clone()
+                        .map(|p| st.hashes[p as usize].map(|h| (p, h)))
+                        .collect()
+                }
+            };
+            if let Some(whole) = whole {
+                self.sign_and_store(&whole);
+            }
+        }
+    }
+
+    /// Signs `entries` in runs, stores the batches and sends them to our
+    /// peers.
+    fn sign_and_store(&self, entries: &[(u32, PieceHash)]) {
+        let Some((me, live)) = self.signer.get() else {
+            return;
+        };
+        let layout = self.spec.layout;
+        let mut signed = Vec::new();
+        for (first, hashes) in relay::runs(entries) {
+            match relay::sign_batch(live, me, &self.spec.id, &layout, first, hashes) {
+                Ok(b) => signed.push(Arc::new(b)),
+                Err(e) => {
+                    warn!(content = %self.spec.id, error = %e, "cannot sign a hash batch; its hashes are not announced");
+                    return;
+                }
+            }
+        }
+        let mut st = self.lock();
+        let out: Vec<Outgoing> = signed
+            .into_iter()
+            .filter(|b| st.batches.insert(b.clone()))
+            .map(Outgoing::Batch)
+            .collect();
+        broadcast(&mut st, &out);
+    }
+
+    /// After a renewal of our certificate: our own batches carry the old
+    /// one, which peers that see the new pin refuse; sign them again.
+    pub(crate) fn resign_if_renewed(&self) {
+        let Some((me, live)) = self.signer.get() else {
+            return;
+        };
+        let Some(fp) = live.fingerprint() else {
+            return;
+        };
+        let stale = {
+            let mut st = self.lock();
+            let stale = st.batches.has_stale(me, &fp);
+            if stale {
+                st.batches.remove_of(me);
+            }
+            stale
+        };
+        if stale {
+            let mine = self.own_known(me);
+            self.sign_own(mine);
+        }
+    }
+
+    /// A signed batch received from `from`: checked (see `relay`), its new
+    /// hashes trusted, kept and sent on to our peers. Returns the number of
+    /// hashes learnt; a batch that adds nothing is dropped without any
+    /// cryptography unless it supersedes stored ones.
+    pub(crate) fn offer_batch(
+        &self,
+        verifier: &BatchVerifier,
+        from: &str,
+        batch: Arc<SignedBatch>,
+    ) -> Result<usize, Rejection> {
+        let layout = self.spec.layout;
+        BatchVerifier::check_claim(&layout, &self.spec.authority, &batch)?;
+        let first = batch.first as usize;
+        let known = |st: &State| {
+            batch
+                .hashes
+                .iter()
+                .enumerate()
+                .all(|(i, h)| st.hashes[first + i] == Some(*h))
+        };
+        {
+            let st = self.lock();
+            if known(&st)
+                && st.batches.superseded_by(&batch) < 2
+                && st
+                    .batches
+                    .stale_overlaps(&batch, verifier.pins())
+                    .is_empty()
+            {
+                return Ok(0);
+            }
+        }
+        verifier.check(&self.spec.id, &layout, &self.spec.authority, &batch)?;
+        let mut st = self.lock();
+        // Verified, so its certificate is the published one: it replaces
+        // batches whose certificate no longer is.
+        let stale = st.batches.stale_overlaps(&batch, verifier.pins());
+        st.batches.remove(&stale);
+        let conflict = batch
+            .hashes
+            .iter()
+            .enumerate()
+            .any(|(i, h)| st.hashes[first + i].is_some_and(|k| k != *h));
+        if conflict {
+            warn!(content = %self.spec.id, signer = %batch.signer, peer = from, first, "a signed batch conflicts with known hashes; not relayed");
+            return Ok(0);
+        }
+        let mut learned = 0;
+        for (i, h) in batch.hashes.iter().enumerate() {
+            if self.set_hash_locked(&mut st, (first + i) as u32, *h, &batch.signer) {
+                learned += 1;
+            }
+        }
+        if st.batches.insert(batch.clone()) {
+            broadcast(&mut st, &[Outgoing::Batch(batch)]);
+        }
+        if learned > 0 {
+            debug!(content = %self.spec.id, peer = from, learned, "hashes learnt from a signed batch");
+            self.check_complete(&st);
+            drop(st);
+            self.changed.notify_waiters();
+        }
+        Ok(learned)
+    }
+
+    /// A complete unsigned hash list (one per piece) from `from`: trusted
+    /// when it merges to the pinned root; kept for the pin when none yet.
+    /// `Err` when it does not merge to the pin (the sender lied).
+    pub(crate) fn offer_unsigned(
+        &self,
+        from: &str,
+        hashes: Vec<PieceHash>,
+    ) -> Result<usize, Rejection> {
+        let layout = self.spec.layout;
+        if hashes.len() != layout.piece_count() as usize || self.hashes_missing() == 0 {
+            return Ok(0);
+        }
+        let Some(root) = self.pinned_root() else {
+            self.lock().unsigned_candidate = Some((from.to_string(), hashes));
+            return Ok(0);
+        };
+        let got = content::root_from_pieces(&layout, &hashes).ok();
+        if got != Some(root) {
+            return Err(Rejection::RootMismatch {
+                got: got.map(|h| h.to_hex().to_string()).unwrap_or_default(),
+            });
+        }
+        let mut st = self.lock();
+        let mut learned = 0;
+        for (i, h) in hashes.into_iter().enumerate() {
+            if self.set_hash_locked(&mut st, i as u32, h, from) {
+                learned += 1;
+            }
+        }
+        if learned > 0 {
+            debug!(content = %self.spec.id, peer = from, learned, "hashes learnt from a list matching the pinned root");
+            self.check_complete(&st);
+            drop(st);
+            self.changed.notify_waiters();
+        }
+        Ok(learned)
+    }
+
+    /// Registers an announce stream to a peer: queues `Hello`, our
+    /// bitfield, the signed batches we hold (and, once pinned, our complete
+    /// hash list), then every later `Have` and batch. Done under the state
+    /// lock so nothing falls between snapshot and registration.
+    pub(crate) fn register_announcer(&self, tx: mpsc::UnboundedSender<Outgoing>) -> u64 {
         let mut st = self.lock();
         if self.is_closed() {
             // Dropping `tx` ends the announce stream at once.
@@ -554,29 +812,28 @@ impl Fill {
         }
         let layout = self.spec.layout;
         let n = layout.piece_count();
-        let _ = tx.send(Message::Hello {
+        let _ = tx.send(Outgoing::Msg(Message::Hello {
             content: self.spec.id.clone(),
             size: layout.size,
             piece_size: layout.piece_size,
-        });
+        }));
         let bits = if self.liar {
             wire::pack_bits((0..n).map(|_| true))
         } else {
             wire::pack_bits((0..n).map(|i| st.picker.have(i)))
         };
-        let _ = tx.send(Message::Bitfield { bits });
-        let mine: Vec<(u32, PieceHash)> = st
-            .hashes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| {
-                let i = i as u32;
-                let h = (*h)?;
-                (st.picker.have(i) && self.spec.authority.of(i) == Some(me)).then_some((i, h))
-            })
-            .collect();
-        for m in wire::hash_messages(&mine) {
-            let _ = tx.send(m);
+        let _ = tx.send(Outgoing::Msg(Message::Bitfield { bits }));
+        for b in st.batches.all() {
+            let _ = tx.send(Outgoing::Batch(b.clone()));
+        }
+        // The pinned list lets a pinned peer skip every signature (and is
+        // the only way to pass on hashes learnt without batches).
+        if st.unknown_hashes == 0 && self.pinned_root().is_some() {
+            let all: Vec<(u32, PieceHash)> =
+                (0u32..).zip(st.hashes.iter().flatten().copied()).collect();
+            for m in wire::hash_messages(&all) {
+                let _ = tx.send(Outgoing::Msg(m));
+            }
         }
         let id = st.next_announcer;
         st.next_announcer += 1;
@@ -726,6 +983,16 @@ impl Fill {
         self.changed.notify_waiters();
     }
 
+    /// Hashes from `node` were refused as a lie (see `relay`): counted
+    /// with its rejected pieces.
+    pub(crate) fn hashes_refused(&self, node: &str) {
+        *self
+            .lock()
+            .rejected_from
+            .entry(node.to_string())
+            .or_default() += 1;
+    }
+
     /// Stores a verified piece received from session `id` (`None`: read from
     /// the origin by us, with `hash` computed from the data) and announces
     /// it. Returns false when the piece was a duplicate (already held or
@@ -767,22 +1034,14 @@ impl Fill {
                 tok.cancel();
             }
         }
-        let mut msgs = vec![Message::Have { piece }];
-        if let Some(h) = st.hashes[piece as usize]
-            && self.spec.authority.of(piece) == Some(me)
-        {
-            msgs.insert(
-                0,
-                Message::Hashes {
-                    entries: vec![(piece, h)],
-                },
-            );
-        }
-        st.announcers
-            .retain(|_, tx| msgs.iter().all(|m| tx.send(m.clone()).is_ok()));
+        broadcast(&mut st, &[Outgoing::Msg(Message::Have { piece })]);
+        let own = st.hashes[piece as usize]
+            .filter(|_| self.spec.authority.of(piece) == Some(me))
+            .map(|h| (piece, h));
         self.check_complete(&st);
         drop(st);
         self.changed.notify_waiters();
+        self.sign_own(own.into_iter().collect());
         Ok(true)
     }
 

@@ -19,6 +19,11 @@
 //! in turn, and every uplink works (the Mutualcast shape the Kumar–Ross
 //! bound needs), instead of the origin readers serving everyone.
 //!
+//! Hashes: a piece is requested only once its hash is trusted. The hash
+//! authorities sign the hashes they vouch for and every node relays the
+//! signed batches it verified ([`relay`]), so a node needs no connection to
+//! an authority and its peer list stays bounded.
+//!
 //! Liveness: every content runs a stall watchdog ([`Swarm::watch_stalls`]):
 //! no piece or hash gained for [`STALL_AFTER`] while a connected peer or
 //! authority could help resets that content's sessions with them and asks
@@ -34,6 +39,7 @@ mod fill;
 mod origin_reader;
 mod peer;
 pub mod picker;
+pub mod relay;
 pub mod uploads;
 
 use std::collections::{HashMap, HashSet};
@@ -70,6 +76,9 @@ pub(crate) mod close {
 pub enum Fault {
     /// Claim every piece of every content and serve corrupted bytes.
     CorruptUploads,
+    /// Relay signed hash batches with a hash altered (signature kept),
+    /// except to their signer, and complete hash lists with a hash altered.
+    TamperHashes,
 }
 
 /// Piece buffers being downloaded, at most (whatever the piece size: with
@@ -196,6 +205,10 @@ pub(crate) struct Shared {
     /// Second connections refused because the node's live connection
     /// answered (`peerfill_agent_duplicate_connections_refused_total`).
     duplicates_refused: Option<prometheus::IntCounter>,
+    /// Checks signed hash batches (see [`relay`]).
+    pub(crate) batch_verifier: relay::BatchVerifier,
+    /// Signs the hash batches this node is the authority for.
+    live: tls::LiveIdentity,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -259,6 +272,7 @@ impl Swarm {
         // discovery) come with the TLS configs.
         let server = tls::server_config(identity)?;
         let client_config = tls::client_config(identity)?;
+        let batch_verifier = relay::BatchVerifier::new(tls::NodeSignatureVerifier::new(identity)?);
         let bind_err = |source| SwarmError::Bind {
             addr: opts.listen,
             source,
@@ -295,6 +309,8 @@ impl Swarm {
         .ok()
         .filter(|c| metrics.registry().register(Box::new(c.clone())).is_ok());
         let shared = Arc::new(Shared {
+            batch_verifier,
+            live: identity.live.clone(),
             uploads_refused,
             stall_resyncs,
             duplicates_refused,
@@ -342,6 +358,7 @@ impl Swarm {
 
     /// Adds a content and announces it to connected peers allowed to have it.
     pub fn add_content(&self, fill: Arc<Fill>) {
+        fill.set_signer(&self.shared.opts.node, self.shared.live.clone());
         self.shared
             .contents
             .write()
@@ -477,7 +494,8 @@ impl Swarm {
     /// piece and no hash for [`STALL_AFTER`] (doubling up to a minute while
     /// it stays stalled) and a connected node could help — an allowed peer
     /// with no announce session (a lost announcement), the authority of a
-    /// missing hash, or a peer holding a piece we could request — the
+    /// missing hash, any peer while hashes are missing (it may relay
+    /// them), or a peer holding a piece we could request — the
     /// sessions with those nodes are reset and they are asked to announce
     /// again.
     pub async fn watch_stalls(&self, fill: Arc<Fill>) {
@@ -546,7 +564,9 @@ impl Swarm {
                 .into_iter()
                 .filter(|n| connected.contains(n)),
         );
-        if fill.any_peer_interesting() {
+        // Any peer may hold the missing hashes (relayed batches), and one
+        // holding a piece we could request should be asked again.
+        if fill.any_peer_interesting() || fill.hashes_missing() > 0 {
             out.extend(sessions.into_iter().filter(|n| connected.contains(n)));
         }
         out.remove(&self.shared.opts.node);
@@ -630,9 +650,9 @@ impl Shared {
         lock(&self.banned).contains(node)
     }
 
-    /// A node sent a piece that failed verification; bans it after
-    /// `strikes_to_ban` such pieces.
-    pub(crate) fn strike(&self, node: &str) {
+    /// A node sent something that failed verification (`what`: a piece, a
+    /// hash batch); bans it after `strikes_to_ban` such strikes.
+    pub(crate) fn strike(&self, node: &str, what: &str) {
         let strikes = {
             let mut s = lock(&self.strikes);
             let e = s.entry(node.to_string()).or_default();
@@ -641,7 +661,7 @@ impl Shared {
         };
         warn!(
             peer = node,
-            strikes, "peer sent a piece that failed verification"
+            strikes, "peer sent {what} that failed verification"
         );
         if strikes < self.opts.strikes_to_ban || !lock(&self.banned).insert(node.to_string()) {
             return;

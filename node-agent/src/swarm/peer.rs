@@ -1,8 +1,9 @@
 //! What happens on one peer connection.
 //!
 //! - For each content the peer may have, we open a unidirectional *announce*
-//!   stream: `Hello`, our bitfield, the piece hashes we are the authority
-//!   for, then `Have` (and hashes) as pieces arrive.
+//!   stream: `Hello`, our bitfield, the signed hash batches we hold (each
+//!   signer's certificate first, once per stream), then `Have` and new
+//!   batches as they arrive (see `relay`).
 //! - For each announce stream the peer opens to us, a *session*: its
 //!   bitfield and haves feed the picker, and a downloader keeps up to
 //!   `pipeline` requests outstanding to that peer.
@@ -24,9 +25,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::fill::Outgoing;
 use super::picker::PeerId;
+use super::relay::{Rejection, SignedBatch};
 use super::uploads::Busy;
-use super::{DOWNLOAD_BUFFER_BYTES, Fill, Shared, buffer_units, close};
+use super::{DOWNLOAD_BUFFER_BYTES, Fault, Fill, Shared, buffer_units, close};
 use crate::content::{self, PieceHash};
 use crate::metrics::Source;
 use crate::wire::{self, Message, RejectReason, WireError};
@@ -40,6 +43,10 @@ const MAX_REQUEST_FRAME: u32 = 1024;
 /// How long an announcement for a content not (yet) configured here is kept
 /// open: peers may learn of a content before we finish preparing it.
 const CONTENT_WAIT: Duration = Duration::from_secs(120);
+
+/// Signer certificates one announce stream may hold (a content has a few
+/// authorities; more is a peer wasting our memory).
+const MAX_STREAM_CERTS: usize = 64;
 
 fn protocol_error(conn: &quinn::Connection, node: &str, what: &str, err: &dyn std::fmt::Display) {
     warn!(peer = node, error = %err, "closing connection: {what}");
@@ -61,17 +68,52 @@ pub(crate) async fn announce(
             return;
         }
     };
+    fill.resign_if_renewed();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = fill.register_announcer(&shared.opts.node, tx);
+    let id = fill.register_announcer(tx);
+    let tamper = shared.opts.fault == Some(Fault::TamperHashes);
+    // Signer -> fingerprint of the certificate sent on this stream.
+    let mut certs_sent: std::collections::HashMap<String, String> = Default::default();
     loop {
-        let msg = tokio::select! {
+        let out = tokio::select! {
             m = rx.recv() => m,
             _ = conn.closed() => None,
         };
-        let Some(msg) = msg else { break };
-        if let Err(e) = send.write_all(&msg.encode()).await {
-            debug!(peer = %node, error = %e, "announce stream closed");
-            break;
+        let Some(out) = out else { break };
+        let mut frames = Vec::with_capacity(2);
+        match out {
+            Outgoing::Msg(Message::Hashes { mut entries }) if tamper => {
+                if let Some((_, h)) = entries.first_mut() {
+                    h[0] ^= 0xff;
+                }
+                frames.push(Message::Hashes { entries });
+            }
+            Outgoing::Msg(m) => frames.push(m),
+            Outgoing::Batch(b) => {
+                if certs_sent.get(&b.signer) != Some(&b.fingerprint) {
+                    certs_sent.insert(b.signer.clone(), b.fingerprint.clone());
+                    frames.push(Message::AuthorityCert {
+                        node: b.signer.clone(),
+                        cert: b.cert.clone(),
+                    });
+                }
+                let mut m = b.message();
+                // A careful liar never lies to the signer itself.
+                if tamper
+                    && b.signer != node
+                    && let Message::SignedHashes { hashes, .. } = &mut m
+                {
+                    hashes[0][0] ^= 0xff;
+                }
+                frames.push(m);
+            }
+        }
+        for m in frames {
+            if let Err(e) = send.write_all(&m.encode()).await {
+                debug!(peer = %node, error = %e, "announce stream closed");
+                fill.unregister_announcer(id);
+                return;
+            }
         }
     }
     fill.unregister_announcer(id);
@@ -108,11 +150,12 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connectio
 
 /// Reads a peer's announcements for one content and downloads from it.
 ///
-/// What the peer said on this stream (its pieces, the hashes it is the
-/// authority for) is kept, so that when our run of the content is replaced
-/// while the stream lives (a restart, a retry after a local fault) the
-/// session re-attaches to the new run with that state instead of staying
-/// attached to a dead one: the peer never has to repeat itself.
+/// What the peer said on this stream (its pieces, the hash batches we
+/// accepted from it, its complete hash list) is kept, so that when our run
+/// of the content is replaced while the stream lives (a restart, a retry
+/// after a local fault) the session re-attaches to the new run with that
+/// state instead of staying attached to a dead one: the peer never has to
+/// repeat itself.
 async fn inbound_announce(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -157,6 +200,10 @@ async fn inbound_announce(
     // Bounded by the piece count, however often the peer repeats itself.
     let mut peer_hashes: std::collections::BTreeMap<u32, PieceHash> =
         std::collections::BTreeMap::new();
+    // Signer certificates sent on this stream (at most MAX_STREAM_CERTS),
+    // and the batches the fill accepted (bounded by what it keeps).
+    let mut certs: std::collections::HashMap<String, Bytes> = Default::default();
+    let mut accepted: Vec<Arc<SignedBatch>> = Vec::new();
     let mut attached_before = false;
     loop {
         let Some(fill) = shared.wait_content(&content_id, CONTENT_WAIT).await else {
@@ -175,10 +222,11 @@ async fn inbound_announce(
         if attached_before {
             debug!(peer = %node, content = %content_id, "announce session re-attached to the new run");
             fill.session_bitfield(sid, &peer_bits);
-            if !peer_hashes.is_empty() {
-                let replay: Vec<(u32, PieceHash)> =
-                    peer_hashes.iter().map(|(p, h)| (*p, *h)).collect();
-                fill.hashes_from(&node, &replay);
+            for b in &accepted {
+                let _ = fill.offer_batch(&shared.batch_verifier, &node, b.clone());
+            }
+            if peer_hashes.len() == pieces {
+                let _ = fill.offer_unsigned(&node, peer_hashes.values().copied().collect());
             }
         }
         attached_before = true;
@@ -210,16 +258,40 @@ async fn inbound_announce(
                     fill.session_have(sid, piece);
                 }
                 Ok(Some(Message::Hashes { entries })) => {
-                    // Only an authority's hashes are ever used; keep those.
-                    if fill.spec.authority.ranges_of(&node).next().is_some() {
-                        peer_hashes.extend(
-                            entries
-                                .iter()
-                                .copied()
-                                .filter(|(p, _)| (*p as usize) < pieces),
-                        );
+                    // Used only once complete, against the pinned root.
+                    let before = peer_hashes.len();
+                    peer_hashes.extend(entries.into_iter().filter(|(p, _)| (*p as usize) < pieces));
+                    if peer_hashes.len() == pieces && before < pieces {
+                        let list = peer_hashes.values().copied().collect();
+                        if let Err(r) = fill.offer_unsigned(&node, list) {
+                            refuse(&shared, &fill, &node, &r);
+                        }
                     }
-                    fill.hashes_from(&node, &entries);
+                }
+                Ok(Some(Message::AuthorityCert { node: signer, cert })) => {
+                    if certs.len() < MAX_STREAM_CERTS || certs.contains_key(&signer) {
+                        certs.insert(signer, cert);
+                    }
+                }
+                Ok(Some(Message::SignedHashes {
+                    signer,
+                    first,
+                    hashes,
+                    scheme,
+                    signature,
+                })) => {
+                    let Some(cert) = certs.get(&signer).cloned() else {
+                        refuse(&shared, &fill, &node, &Rejection::NoCertificate(signer));
+                        continue;
+                    };
+                    let batch = Arc::new(SignedBatch::received(
+                        signer, first, hashes, scheme, signature, cert,
+                    ));
+                    match fill.offer_batch(&shared.batch_verifier, &node, batch.clone()) {
+                        Ok(n) if n > 0 => accepted.push(batch),
+                        Ok(_) => {}
+                        Err(r) => refuse(&shared, &fill, &node, &r),
+                    }
                 }
                 Ok(Some(other)) => {
                     let what = format!("{other:?}").chars().take(60).collect::<String>();
@@ -250,6 +322,19 @@ async fn inbound_announce(
         if stream_over || !fill.is_closed() || conn.close_reason().is_some() {
             return;
         }
+    }
+}
+
+/// A hash batch or list from `node` was refused: counted, and a strike
+/// when only a liar can have sent it (see `relay`).
+fn refuse(shared: &Shared, fill: &Fill, node: &str, why: &Rejection) {
+    shared.metrics.piece_rejected(why.reason());
+    if why.is_lie() {
+        warn!(peer = node, content = %fill.spec.id, error = %why, "refused hashes from a lying peer");
+        fill.hashes_refused(node);
+        shared.strike(node, "hashes");
+    } else {
+        debug!(peer = node, content = %fill.spec.id, error = %why, "hash batch not usable here");
     }
 }
 
@@ -462,7 +547,7 @@ async fn fetch(
             warn!(peer = %node, piece, error = %e, "piece failed verification");
             shared.metrics.piece_rejected("hash_mismatch");
             fill.rejected(sid, &node, piece, u64::from(len));
-            shared.strike(&node);
+            shared.strike(&node, "a piece");
             return;
         }
         Err(e) => {

@@ -1,0 +1,385 @@
+//! Sign / verify / reject of hash batches, the batch store, and a fill
+//! learning and relaying hashes through them.
+
+use super::*;
+use crate::content::{self, PieceHash, piece_hash};
+use crate::store::PieceStore;
+use crate::swarm::fill::{Fill, FillSpec, Outgoing};
+use crate::tls::{ClusterCa, NodeIdentity};
+
+const PIECE: u32 = 16 << 10;
+const CONTENT: &str = "c";
+
+fn identity(ca: &ClusterCa, node: &str) -> NodeIdentity {
+    let id = ca.issue(node).expect("issue");
+    id.live.set(&id).expect("live");
+    id
+}
+
+fn layout() -> Layout {
+    Layout::new(4 * u64::from(PIECE), PIECE).expect("layout")
+}
+
+fn readers() -> Authority {
+    Authority::Readers(vec![("r0".into(), 0..2), ("r1".into(), 2..4)])
+}
+
+fn data() -> Vec<u8> {
+    (0..4 * PIECE as usize)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect()
+}
+
+fn hashes(bytes: &[u8]) -> Vec<PieceHash> {
+    let l = layout();
+    (0..l.piece_count())
+        .map(|i| {
+            let r = l.piece_range(i);
+            piece_hash(&l, i, &bytes[r.start as usize..r.end as usize])
+        })
+        .collect()
+}
+
+struct Cluster {
+    ca: ClusterCa,
+    r0: NodeIdentity,
+    r1: NodeIdentity,
+    /// The receiver's verifier.
+    verifier: BatchVerifier,
+    receiver: NodeIdentity,
+}
+
+fn cluster() -> Cluster {
+    let ca = ClusterCa::generate("test-ca").expect("ca");
+    let receiver = identity(&ca, "a");
+    Cluster {
+        r0: identity(&ca, "r0"),
+        r1: identity(&ca, "r1"),
+        verifier: BatchVerifier::new(NodeSignatureVerifier::new(&receiver).expect("verifier")),
+        receiver,
+        ca,
+    }
+}
+
+fn sign(id: &NodeIdentity, signer: &str, first: u32, hashes: &[PieceHash]) -> SignedBatch {
+    sign_batch(&id.live, signer, CONTENT, &layout(), first, hashes.to_vec()).expect("sign")
+}
+
+fn check(c: &Cluster, b: &SignedBatch) -> Result<(), Rejection> {
+    c.verifier.check(CONTENT, &layout(), &readers(), b)
+}
+
+#[test]
+fn a_batch_signed_by_its_authority_verifies() {
+    let c = cluster();
+    let h = hashes(&data());
+    check(&c, &sign(&c.r0, "r0", 0, &h[..2])).expect("r0's range");
+    check(&c, &sign(&c.r1, "r1", 3, &h[3..])).expect("part of r1's range");
+}
+
+#[test]
+fn a_wrong_signer_is_refused() {
+    let c = cluster();
+    let h = hashes(&data());
+    // r1 vouching for r0's pieces under its own name: not their authority.
+    let err = check(&c, &sign(&c.r1, "r1", 0, &h[..2])).expect_err("not the authority");
+    assert!(matches!(err, Rejection::NotAuthority { .. }), "{err}");
+    assert!(!err.is_lie());
+    // r1 signing in r0's name: r1's certificate does not name r0.
+    let mut forged = sign(&c.r1, "r0", 0, &h[..2]);
+    let err = check(&c, &forged).expect_err("certificate of another node");
+    assert!(matches!(err, Rejection::Certificate(_)), "{err}");
+    assert!(err.is_lie());
+    // r0's certificate on r1's signature: the signature does not verify.
+    forged.cert = sign(&c.r0, "r0", 0, &h[..2]).cert;
+    forged.fingerprint = tls::cert_fingerprint(&forged.cert);
+    let err = check(&c, &forged).expect_err("signature of another key");
+    assert!(matches!(err, Rejection::Signature(_)), "{err}");
+    assert!(err.is_lie());
+    // A node of another CA named r0.
+    let rogue_ca = ClusterCa::generate("rogue").expect("ca");
+    let rogue = identity(&rogue_ca, "r0");
+    let err = check(&c, &sign(&rogue, "r0", 0, &h[..2])).expect_err("another CA");
+    assert!(matches!(err, Rejection::Certificate(_)), "{err}");
+    assert!(err.is_lie());
+}
+
+#[test]
+fn a_wrong_range_is_refused() {
+    let c = cluster();
+    let h = hashes(&data());
+    // Straddles r0's and r1's ranges.
+    let err = check(&c, &sign(&c.r0, "r0", 1, &h[1..3])).expect_err("straddles");
+    assert!(matches!(err, Rejection::NotAuthority { .. }), "{err}");
+    // Beyond the last piece.
+    let err = check(&c, &sign(&c.r1, "r1", 3, &h[..2])).expect_err("past the end");
+    assert!(matches!(err, Rejection::OutOfRange { .. }), "{err}");
+    assert!(err.is_lie());
+    // Signed for another content or layout: the signature binds both.
+    let other = sign_batch(&c.r0.live, "r0", "other", &layout(), 0, h[..2].to_vec()).expect("sign");
+    let err = check(&c, &other).expect_err("another content");
+    assert!(matches!(err, Rejection::Signature(_)), "{err}");
+}
+
+#[test]
+fn a_tampered_hash_is_refused() {
+    let c = cluster();
+    let h = hashes(&data());
+    let mut b = sign(&c.r0, "r0", 0, &h[..2]);
+    b.hashes[1][7] ^= 1;
+    let err = check(&c, &b).expect_err("tampered");
+    assert!(matches!(err, Rejection::Signature(_)), "{err}");
+    assert!(err.is_lie());
+    let mut b = sign(&c.r0, "r0", 0, &h[..2]);
+    b.first = 1;
+    b.hashes.truncate(1);
+    assert!(check(&c, &b).is_err(), "moved to another piece");
+}
+
+#[test]
+fn a_certificate_not_matching_the_published_fingerprint_is_refused() {
+    let c = cluster();
+    let h = hashes(&data());
+    let b = sign(&c.r0, "r0", 0, &h[..2]);
+    check(&c, &b).expect("no pin published yet: the chain and name suffice");
+    // The operator published another certificate for r0 (e.g. renewed).
+    let renewed = identity(&c.ca, "r0");
+    c.receiver
+        .pins
+        .set([("r0", renewed.fingerprint().expect("fp"))]);
+    let err = check(&c, &b).expect_err("not the published certificate");
+    assert!(matches!(err, Rejection::Certificate(_)), "{err}");
+    assert!(!err.is_lie(), "a renewal is not a lie of the relay");
+    check(&c, &sign(&renewed, "r0", 0, &h[..2])).expect("the published one");
+    c.receiver.pins.set([("r0", b.fingerprint.clone())]);
+    check(&c, &b).expect("pinned again");
+}
+
+#[test]
+fn runs_split_at_gaps_and_frame_limits() {
+    let e: Vec<(u32, Hash32)> = [5u32, 1, 2, 3, 7, 2]
+        .iter()
+        .map(|p| (*p, [*p as u8; 32]))
+        .collect();
+    let r = runs(&e);
+    let firsts: Vec<(u32, usize)> = r.iter().map(|(f, h)| (*f, h.len())).collect();
+    assert_eq!(firsts, [(1, 3), (5, 1), (7, 1)]);
+    let many: Vec<(u32, Hash32)> = (0..5000u32).map(|p| (p, [0; 32])).collect();
+    let r = runs(&many);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[1].0 as usize, wire::MAX_HASHES_PER_FRAME);
+}
+
+#[test]
+fn the_store_keeps_the_widest_batches() {
+    let c = cluster();
+    let h = hashes(&data());
+    let mut s = BatchStore::default();
+    let p0 = Arc::new(sign(&c.r0, "r0", 0, &h[..1]));
+    let p1 = Arc::new(sign(&c.r0, "r0", 1, &h[1..2]));
+    let whole = Arc::new(sign(&c.r0, "r0", 0, &h[..2]));
+    assert!(s.insert(p0.clone()));
+    assert!(s.insert(p1));
+    assert_eq!(s.superseded_by(&whole), 2);
+    assert!(s.insert(whole.clone()));
+    assert_eq!(s.all().count(), 1);
+    assert!(!s.insert(p0), "covered by the whole range");
+    assert!(s.insert(Arc::new(sign(&c.r1, "r1", 2, &h[2..]))));
+    assert_eq!(s.covered(4), 4);
+    assert_eq!(s.count_within("r0", 0, 2), 1);
+}
+
+fn fill(dir: &std::path::Path, root: Option<blake3::Hash>) -> Arc<Fill> {
+    let l = layout();
+    let store = PieceStore::open(dir, CONTENT, l).expect("store");
+    let spec = FillSpec {
+        id: CONTENT.into(),
+        layout: l,
+        digest: None,
+        authority: readers(),
+        allowed: ["r0".to_string(), "r1".into(), "a".into(), "b".into()].into(),
+        root,
+        require_pin: false,
+    };
+    Fill::new(spec, store, false)
+}
+
+/// Batches queued on an announce stream registered now.
+fn announced(
+    f: &Fill,
+) -> (
+    Vec<Arc<SignedBatch>>,
+    usize,
+    tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    f.register_announcer(tx);
+    let mut batches = Vec::new();
+    let mut listed = 0;
+    while let Ok(m) = rx.try_recv() {
+        match m {
+            Outgoing::Batch(b) => batches.push(b),
+            Outgoing::Msg(Message::Hashes { entries }) => listed += entries.len(),
+            Outgoing::Msg(_) => {}
+        }
+    }
+    (batches, listed, rx)
+}
+
+#[tokio::test]
+async fn an_authority_signs_what_it_holds_and_a_relay_passes_it_on() {
+    let c = cluster();
+    let bytes = data();
+    let h = hashes(&bytes);
+    // r0 reads its range from the origin: one batch per piece, then one
+    // batch of the whole range replaces them.
+    let d0 = tempfile::tempdir().expect("tempdir");
+    let r0 = fill(d0.path(), None);
+    r0.set_signer("r0", c.r0.live.clone());
+    let (_, _, mut live_rx) = announced(&r0);
+    let l = layout();
+    for i in 0..2u32 {
+        let r = l.piece_range(i);
+        let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+        r0.store_verified(None, "r0", i, piece, Some(h[i as usize]))
+            .await
+            .expect("store");
+    }
+    let mut sent = Vec::new();
+    while let Ok(m) = live_rx.try_recv() {
+        if let Outgoing::Batch(b) = m {
+            sent.push((b.first, b.hashes.len()));
+        }
+    }
+    assert_eq!(sent, [(0, 1), (1, 1), (0, 2)], "per piece, then the range");
+    let (batches, _, _) = announced(&r0);
+    assert_eq!(batches.len(), 1, "a new stream gets the range batch only");
+
+    // Relay `a` (not connected to r0 in a large swarm) verifies it, learns
+    // the hashes and forwards it to its own peers.
+    let da = tempfile::tempdir().expect("tempdir");
+    let a = fill(da.path(), None);
+    let (_, _, mut a_rx) = announced(&a);
+    let learned = a
+        .offer_batch(&c.verifier, "r0", batches[0].clone())
+        .expect("valid");
+    assert_eq!(learned, 2);
+    assert_eq!(a.hash(1), Some(h[1]));
+    assert!(matches!(a_rx.try_recv(), Ok(Outgoing::Batch(b)) if b == batches[0]));
+    // The same batch again costs nothing and goes nowhere.
+    assert_eq!(
+        a.offer_batch(&c.verifier, "b", batches[0].clone())
+            .expect("known"),
+        0
+    );
+    assert!(a_rx.try_recv().is_err());
+
+    // A lying relay's tampered copy of r1's batch: refused, nothing learnt.
+    let mut bad = sign(&c.r1, "r1", 2, &h[2..]);
+    bad.hashes[0][0] ^= 0xff;
+    let err = a
+        .offer_batch(&c.verifier, "liar", Arc::new(bad))
+        .expect_err("tampered");
+    assert!(err.is_lie());
+    assert_eq!(a.hash(2), None);
+    assert_eq!(a.hashes_missing(), 2);
+    // ... and the honest copy still gets through.
+    let good = Arc::new(sign(&c.r1, "r1", 2, &h[2..]));
+    assert_eq!(a.offer_batch(&c.verifier, "b", good).expect("valid"), 2);
+    assert_eq!(a.hashes_missing(), 0);
+    let (batches, listed, _) = announced(&a);
+    assert_eq!(batches.len(), 2, "a relays both authorities' batches");
+    assert_eq!(listed, 0, "no pinned root: no unsigned list");
+}
+
+#[tokio::test]
+async fn a_complete_list_is_used_only_against_the_pinned_root() {
+    let c = cluster();
+    let bytes = data();
+    let h = hashes(&bytes);
+    let root = content::root_from_pieces(&layout(), &h).expect("root");
+    let mut wrong = h.clone();
+    wrong[3][0] ^= 1;
+
+    let d = tempfile::tempdir().expect("tempdir");
+    let pinned = fill(d.path(), Some(root));
+    let err = pinned
+        .offer_unsigned("liar", wrong.clone())
+        .expect_err("lie");
+    assert!(matches!(err, Rejection::RootMismatch { .. }) && err.is_lie());
+    assert_eq!(pinned.hashes_missing(), 4);
+    assert_eq!(
+        pinned
+            .offer_unsigned("b", h[..3].to_vec())
+            .expect("partial"),
+        0
+    );
+    assert_eq!(pinned.offer_unsigned("b", h.clone()).expect("matches"), 4);
+    // Pinned and complete: it passes the list on.
+    let (_, listed, _) = announced(&pinned);
+    assert_eq!(listed, 4);
+
+    // Before the pin a list waits; the pin decides.
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let later = fill(d2.path(), None);
+    assert_eq!(later.offer_unsigned("liar", wrong).expect("kept"), 0);
+    later.pin_root(root);
+    assert_eq!(later.hashes_missing(), 4, "the lie did not match the pin");
+    let d3 = tempfile::tempdir().expect("tempdir");
+    let later = fill(d3.path(), None);
+    later.offer_unsigned("b", h.clone()).expect("kept");
+    later.pin_root(root);
+    assert_eq!(later.hashes_missing(), 0);
+    assert_eq!(later.hash(3), Some(h[3]));
+    drop(c);
+}
+
+#[tokio::test]
+async fn after_a_renewal_fresh_batches_replace_the_stale_ones() {
+    let c = cluster();
+    let h = hashes(&data());
+    let d = tempfile::tempdir().expect("tempdir");
+    let a = fill(d.path(), None);
+    let old = Arc::new(sign(&c.r0, "r0", 0, &h[..2]));
+    assert_eq!(
+        a.offer_batch(&c.verifier, "b", old.clone()).expect("valid"),
+        2
+    );
+    // r0 renews; the operator publishes the new fingerprint.
+    let renewed = identity(&c.ca, "r0");
+    c.receiver
+        .pins
+        .set([("r0", renewed.fingerprint().expect("fp"))]);
+    let (_, _, mut rx) = announced(&a);
+    let fresh = Arc::new(sign(&renewed, "r0", 0, &h[..2]));
+    assert_eq!(
+        a.offer_batch(&c.verifier, "b", fresh.clone())
+            .expect("valid"),
+        0
+    );
+    assert!(
+        matches!(rx.try_recv(), Ok(Outgoing::Batch(b)) if b == fresh),
+        "the fresh batch is passed on"
+    );
+    let (batches, _, _) = announced(&a);
+    assert_eq!(
+        batches,
+        std::slice::from_ref(&fresh),
+        "the stale one is gone"
+    );
+    // The stale one does not come back: it adds nothing (dropped without
+    // any cryptography) ...
+    assert_eq!(
+        a.offer_batch(&c.verifier, "b", old.clone()).expect("known"),
+        0
+    );
+    assert_eq!(announced(&a).0, [fresh]);
+    // ... and where its hashes are new it is refused, without blame.
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let fresh_node = fill(d2.path(), None);
+    let err = fresh_node
+        .offer_batch(&c.verifier, "b", old)
+        .expect_err("no longer published");
+    assert!(!err.is_lie());
+    assert_eq!(fresh_node.hashes_missing(), 4);
+}
