@@ -333,7 +333,7 @@ impl NodeAgent {
                 name: a.name.clone(),
             },
         );
-        self.retry_removals().await;
+        self.sync_labels().await;
     }
 }
 

@@ -156,8 +156,6 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
                 agent.last_spec = Some(nf.spec.clone());
             }
         }
-        agent.retry_removals().await;
-        agent.label_complete().await;
         agent.finish_swaps();
         // Short-lived certificates: ask for the next one ahead of expiry
         // (published with the next status write).
@@ -172,6 +170,8 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         );
         mark_stuck(&engine, &health, &mut progress_seen);
         let due = agent.report().await;
+        // Labels follow the status write that reported the completion.
+        agent.sync_labels().await;
 
         let wait = due
             .saturating_duration_since(Instant::now())
