@@ -205,7 +205,9 @@ pub async fn run(
             Api::<NodeFill>::all(client.clone()),
             watcher::Config::default(),
         )
-        .modify(|f| f.managed_fields_mut().clear()),
+        // The peer lists are most of a NodeFill's bytes and the plan never
+        // reads them back: the store keeps their hash (triggers::slim).
+        .modify(triggers::slim),
     )
     .default_backoff();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::channel::<()>(1);
@@ -744,38 +746,47 @@ async fn sync_nodes(
 
     // The planned specs, written where they differ, changes of state first
     // and within the write budget. One node's failure does not hold up the
-    // others; the first error is returned for the backoff.
-    let planned = plan::plan(&world);
-    let mut writes = Vec::new();
-    for (name, mut spec) in planned.specs {
-        let Some(fill) = world.fills.get(&name) else {
-            continue;
-        };
-        if let Some(identity) = identities.remove(&name) {
-            spec.identity = Some(identity);
+    // others; the first error is returned for the backoff. Specs are built
+    // one at a time and dropped once compared: at 5,000 nodes all of them
+    // at once would take hundreds of MiB.
+    let planned = plan::plan_nodes(&world);
+    let desired = |name: &str, fill: &NodeFill, identities: &HashMap<String, _>| {
+        let mut spec = planned.spec(&world, name, fill);
+        if let Some(identity) = identities.get(name) {
+            spec.identity = Some(Clone::clone(identity));
         }
-        writes.push((triggers::spec_change(&fill.spec, &spec), name, spec));
+        spec
+    };
+    let mut changes = Vec::new();
+    for (name, fill) in &world.fills {
+        let mut spec = desired(name, fill, &identities);
+        changes.push((
+            triggers::stored_spec_change(fill, &mut spec),
+            name.clone(),
+            (),
+        ));
     }
     let authorities: std::collections::BTreeSet<&str> = planned
         .distributions
         .values()
         .flat_map(|d| d.authorities())
         .collect();
-    let writes = triggers::order_writes(writes, &authorities);
+    let changes = triggers::order_writes(changes, &authorities);
     let mut first_error = None;
     let mut deferred = 0;
-    for (_, name, spec) in writes {
+    for (_, name, ()) in changes {
         let Some(fill) = world.fills.get(&name) else {
             continue;
         };
         // An answer to a certificate request is never deferred: the agent
         // can do nothing without it, and asks once per start or renewal.
-        let issued = spec.identity != fill.spec.identity;
+        let issued = identities.contains_key(&name);
         if !issued && !budget.take(std::time::Instant::now()) {
             deferred += 1;
             continue;
         }
-        let patch = json!({ "spec": replace_patch(&to_value("spec", &fill.spec)?, &to_value("spec", &spec)?) });
+        let spec = desired(&name, fill, &identities);
+        let patch = triggers::spec_patch(&spec);
         match fills_api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
