@@ -45,7 +45,7 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
 /// NodeFill spec writes per second on average once the burst is spent, and
 /// the burst: a small cluster gets all its writes at once, a large one
-/// stays under the cluster's ~50 writes/s with the agents' 40 periodic
+/// stays under the cluster's ~50 writes/s with the agents' 20 periodic
 /// status writes (crds `budget`).
 const SPEC_WRITES_PER_SECOND: f64 = 20.0;
 const SPEC_WRITE_BURST: f64 = 100.0;

@@ -1,7 +1,7 @@
 //! What a watch event asks of the operator, and in which order NodeFill
 //! spec writes go out. Pure: no I/O, the clock is passed in.
 //!
-//! At 5,000 nodes the agents write ~40 statuses a second, nearly all of
+//! At 5,000 nodes the agents write ~20 statuses a second, nearly all of
 //! them heartbeats and progress. Re-planning the cluster on each of them
 //! costs CPU in proportion to the cluster times the write rate, while it
 //! changes nothing. So every Node/NodeFill event is reduced to a small
