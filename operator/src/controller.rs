@@ -49,6 +49,8 @@ const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
 /// status writes (crds `budget`).
 const SPEC_WRITES_PER_SECOND: f64 = 20.0;
 const SPEC_WRITE_BURST: f64 = 100.0;
+/// NodeFill spec writes in flight at once.
+const SPEC_WRITES_IN_FLIGHT: usize = 16;
 /// Progress-only status changes of a Distribution are written at most this
 /// often (changes of state at once), so status writes do not follow every
 /// agent heartbeat.
@@ -654,7 +656,8 @@ async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
                 // Not sooner than a re-plan may run: a pass per token
                 // would re-plan the whole cluster for each write.
                 let nodes = shared.nodes.state().len();
-                tokio::time::sleep(budget.wait().max(replan_every(nodes))).await;
+                let pause = budget.wait().max(replan_every(nodes));
+                tokio::time::sleep(pause.saturating_sub(started.elapsed())).await;
                 continue;
             }
             Err(e) => {
@@ -772,8 +775,8 @@ async fn sync_nodes(
         .flat_map(|d| d.authorities())
         .collect();
     let changes = triggers::order_writes(changes, &authorities);
-    let mut first_error = None;
     let mut deferred = 0;
+    let mut chosen = Vec::new();
     for (_, name, ()) in changes {
         let Some(fill) = world.fills.get(&name) else {
             continue;
@@ -785,26 +788,35 @@ async fn sync_nodes(
             deferred += 1;
             continue;
         }
-        let spec = desired(&name, fill, &identities);
-        let patch = triggers::spec_patch(&spec);
-        match fills_api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
+        chosen.push((name.clone(), desired(&name, fill, &identities), issued));
+    }
+    // Several at once: one at a time, the API's latency (not the budget)
+    // would set the pace of a large cluster's spec writes.
+    let results: Vec<Result<(), Error>> = stream::iter(chosen)
+        .map(|(name, spec, issued)| {
+            let fills_api = fills_api.clone();
+            async move {
+                let patch = triggers::spec_patch(&spec);
+                fills_api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(Error::kube("patch spec of", "NodeFill", &name))?;
                 shared.metrics.spec_writes.inc();
                 if issued {
                     shared.metrics.certificates_issued.inc();
                     tracing::info!(node = %name, "issued the node certificate");
                 }
                 tracing::debug!(node = %name, assignments = spec.distributions.len(), "wrote NodeFill spec");
+                Ok(())
             }
-            Err(e) => {
-                let e = Error::kube("patch spec of", "NodeFill", &name)(e);
-                tracing::warn!(error = %e, "writing a NodeFill spec");
-                first_error.get_or_insert(e);
-            }
-        }
+        })
+        .buffer_unordered(SPEC_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut first_error = None;
+    for e in results.into_iter().filter_map(Result::err) {
+        tracing::warn!(error = %e, "writing a NodeFill spec");
+        first_error.get_or_insert(e);
     }
 
     // Distributions by phase, and the per-Distribution gauges.
