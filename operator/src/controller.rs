@@ -48,7 +48,10 @@ const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
 /// stays under the cluster's ~50 writes/s with the agents' 20 periodic
 /// status writes (crds `budget`).
 const SPEC_WRITES_PER_SECOND: f64 = 20.0;
-const SPEC_WRITE_BURST: f64 = 100.0;
+/// The burst also covers a pass that takes long (10 s of writes at the
+/// rate): a pass over 5,000 nodes on a busy machine takes several seconds,
+/// and a smaller burst would cap the rate at burst / pass time.
+const SPEC_WRITE_BURST: f64 = 200.0;
 /// NodeFill spec writes in flight at once.
 const SPEC_WRITES_IN_FLIGHT: usize = 16;
 /// Progress-only status changes of a Distribution are written at most this
@@ -518,7 +521,8 @@ async fn apply(
 ) -> Result<Action, Error> {
     shared.node_sync.notify_one();
     let world = shared.world();
-    let plan = plan::plan_distribution(dist, &world);
+    // The status needs no peers (plan_decisions leaves them out).
+    let plan = plan::plan_decisions(dist, &world);
     let new = status::aggregate(dist, plan.as_ref(), &world);
     let (phase, ready) = (new.phase, new.ready.clone());
     // Only for the content id the status describes (a restart moved on).

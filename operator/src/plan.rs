@@ -285,6 +285,16 @@ pub fn active(dist: &Distribution) -> bool {
 
 /// The decisions for one Distribution, or why it gets no work.
 pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan, NoWork> {
+    let mut plan = plan_decisions(dist, world)?;
+    plan.peers = choose_peers(&plan, world);
+    Ok(plan)
+}
+
+/// [`plan_distribution`] without the peers (left empty): all a
+/// Distribution's status needs. Choosing peers costs time and memory in
+/// proportion to the cluster (64 names per node), and a reconcile runs
+/// every few seconds per active Distribution.
+pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, NoWork> {
     if let Err(e) = dist.validate() {
         return Err(NoWork::InvalidSpec(e.to_string()));
     }
@@ -421,7 +431,7 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
         })
         .filter(|_| dist.spec.source.http.is_some());
 
-    let mut plan = DistPlan {
+    let plan = DistPlan {
         uid,
         targets,
         agent_down,
@@ -436,7 +446,6 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
         disagreement,
         seeder_up,
     };
-    plan.peers = choose_peers(&plan, world);
     Ok(plan)
 }
 
