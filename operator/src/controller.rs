@@ -45,10 +45,15 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 const RECONCILE_ALL_EVERY: Duration = Duration::from_millis(500);
 /// NodeFill spec writes per second on average once the burst is spent, and
 /// the burst: a small cluster gets all its writes at once, a large one
-/// stays under the cluster's ~50 writes/s with the agents' 40 periodic
+/// stays under the cluster's ~50 writes/s with the agents' 20 periodic
 /// status writes (crds `budget`).
 const SPEC_WRITES_PER_SECOND: f64 = 20.0;
-const SPEC_WRITE_BURST: f64 = 100.0;
+/// The burst also covers a pass that takes long (10 s of writes at the
+/// rate): a pass over 5,000 nodes on a busy machine takes several seconds,
+/// and a smaller burst would cap the rate at burst / pass time.
+const SPEC_WRITE_BURST: f64 = 200.0;
+/// NodeFill spec writes in flight at once.
+const SPEC_WRITES_IN_FLIGHT: usize = 16;
 /// Progress-only status changes of a Distribution are written at most this
 /// often (changes of state at once), so status writes do not follow every
 /// agent heartbeat.
@@ -205,7 +210,9 @@ pub async fn run(
             Api::<NodeFill>::all(client.clone()),
             watcher::Config::default(),
         )
-        .modify(|f| f.managed_fields_mut().clear()),
+        // The peer lists are most of a NodeFill's bytes and the plan never
+        // reads them back: the store keeps their hash (triggers::slim).
+        .modify(triggers::slim),
     )
     .default_backoff();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::channel::<()>(1);
@@ -514,7 +521,8 @@ async fn apply(
 ) -> Result<Action, Error> {
     shared.node_sync.notify_one();
     let world = shared.world();
-    let plan = plan::plan_distribution(dist, &world);
+    // The status needs no peers (plan_decisions leaves them out).
+    let plan = plan::plan_decisions(dist, &world);
     let new = status::aggregate(dist, plan.as_ref(), &world);
     let (phase, ready) = (new.phase, new.ready.clone());
     // Only for the content id the status describes (a restart moved on).
@@ -652,7 +660,8 @@ async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
                 // Not sooner than a re-plan may run: a pass per token
                 // would re-plan the whole cluster for each write.
                 let nodes = shared.nodes.state().len();
-                tokio::time::sleep(budget.wait().max(replan_every(nodes))).await;
+                let pause = budget.wait().max(replan_every(nodes));
+                tokio::time::sleep(pause.saturating_sub(started.elapsed())).await;
                 continue;
             }
             Err(e) => {
@@ -744,56 +753,74 @@ async fn sync_nodes(
 
     // The planned specs, written where they differ, changes of state first
     // and within the write budget. One node's failure does not hold up the
-    // others; the first error is returned for the backoff.
-    let planned = plan::plan(&world);
-    let mut writes = Vec::new();
-    for (name, mut spec) in planned.specs {
-        let Some(fill) = world.fills.get(&name) else {
-            continue;
-        };
-        if let Some(identity) = identities.remove(&name) {
-            spec.identity = Some(identity);
+    // others; the first error is returned for the backoff. Specs are built
+    // one at a time and dropped once compared: at 5,000 nodes all of them
+    // at once would take hundreds of MiB.
+    let planned = plan::plan_nodes(&world);
+    let desired = |name: &str, fill: &NodeFill, identities: &HashMap<String, _>| {
+        let mut spec = planned.spec(&world, name, fill);
+        if let Some(identity) = identities.get(name) {
+            spec.identity = Some(Clone::clone(identity));
         }
-        writes.push((triggers::spec_change(&fill.spec, &spec), name, spec));
+        spec
+    };
+    let mut changes = Vec::new();
+    for (name, fill) in &world.fills {
+        let mut spec = desired(name, fill, &identities);
+        changes.push((
+            triggers::stored_spec_change(fill, &mut spec),
+            name.clone(),
+            (),
+        ));
     }
     let authorities: std::collections::BTreeSet<&str> = planned
         .distributions
         .values()
         .flat_map(|d| d.authorities())
         .collect();
-    let writes = triggers::order_writes(writes, &authorities);
-    let mut first_error = None;
+    let changes = triggers::order_writes(changes, &authorities);
     let mut deferred = 0;
-    for (_, name, spec) in writes {
+    let mut chosen = Vec::new();
+    for (_, name, ()) in changes {
         let Some(fill) = world.fills.get(&name) else {
             continue;
         };
         // An answer to a certificate request is never deferred: the agent
         // can do nothing without it, and asks once per start or renewal.
-        let issued = spec.identity != fill.spec.identity;
+        let issued = identities.contains_key(&name);
         if !issued && !budget.take(std::time::Instant::now()) {
             deferred += 1;
             continue;
         }
-        let patch = json!({ "spec": replace_patch(&to_value("spec", &fill.spec)?, &to_value("spec", &spec)?) });
-        match fills_api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
+        chosen.push((name.clone(), desired(&name, fill, &identities), issued));
+    }
+    // Several at once: one at a time, the API's latency (not the budget)
+    // would set the pace of a large cluster's spec writes.
+    let results: Vec<Result<(), Error>> = stream::iter(chosen)
+        .map(|(name, spec, issued)| {
+            let fills_api = fills_api.clone();
+            async move {
+                let patch = triggers::spec_patch(&spec);
+                fills_api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(Error::kube("patch spec of", "NodeFill", &name))?;
                 shared.metrics.spec_writes.inc();
                 if issued {
                     shared.metrics.certificates_issued.inc();
                     tracing::info!(node = %name, "issued the node certificate");
                 }
                 tracing::debug!(node = %name, assignments = spec.distributions.len(), "wrote NodeFill spec");
+                Ok(())
             }
-            Err(e) => {
-                let e = Error::kube("patch spec of", "NodeFill", &name)(e);
-                tracing::warn!(error = %e, "writing a NodeFill spec");
-                first_error.get_or_insert(e);
-            }
-        }
+        })
+        .buffer_unordered(SPEC_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut first_error = None;
+    for e in results.into_iter().filter_map(Result::err) {
+        tracing::warn!(error = %e, "writing a NodeFill spec");
+        first_error.get_or_insert(e);
     }
 
     // Distributions by phase, and the per-Distribution gauges.

@@ -285,6 +285,16 @@ pub fn active(dist: &Distribution) -> bool {
 
 /// The decisions for one Distribution, or why it gets no work.
 pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan, NoWork> {
+    let mut plan = plan_decisions(dist, world)?;
+    plan.peers = choose_peers(&plan, world);
+    Ok(plan)
+}
+
+/// [`plan_distribution`] without the peers (left empty): all a
+/// Distribution's status needs. Choosing peers costs time and memory in
+/// proportion to the cluster (64 names per node), and a reconcile runs
+/// every few seconds per active Distribution.
+pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, NoWork> {
     if let Err(e) = dist.validate() {
         return Err(NoWork::InvalidSpec(e.to_string()));
     }
@@ -421,7 +431,7 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
         })
         .filter(|_| dist.spec.source.http.is_some());
 
-    let mut plan = DistPlan {
+    let plan = DistPlan {
         uid,
         targets,
         agent_down,
@@ -436,7 +446,6 @@ pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan,
         disagreement,
         seeder_up,
     };
-    plan.peers = choose_peers(&plan, world);
     Ok(plan)
 }
 
@@ -628,59 +637,85 @@ pub struct Plan {
     pub specs: BTreeMap<String, NodeFillSpec>,
 }
 
-/// Plans the whole cluster.
-pub fn plan(world: &World) -> Plan {
-    let interval = budget::report_interval_seconds(world.nodes.len());
-    let mut assignments: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
-    let mut distributions = BTreeMap::new();
+/// Every active Distribution's decisions; each node's spec is built on
+/// demand ([`NodePlan::spec`]), so a pass over 5,000 nodes holds one
+/// desired spec at a time, not all of them (tens of KiB each).
+#[derive(Clone, Debug, Default)]
+pub struct NodePlan {
+    /// By Distribution uid.
+    pub distributions: BTreeMap<String, DistPlan>,
+    /// The planned Distributions in the order of the world.
+    planned: Vec<(Arc<Distribution>, String)>,
+    interval: u32,
+}
+
+impl NodePlan {
+    /// The desired spec of the NodeFill `fill` (named `name`); `identity`
+    /// is copied from its current spec.
+    pub fn spec(&self, world: &World, name: &str, fill: &NodeFill) -> NodeFillSpec {
+        let mut list: Vec<Assignment> = self
+            .planned
+            .iter()
+            .filter_map(|(dist, uid)| {
+                let p = self.distributions.get(uid)?;
+                let assigned = p.targets.binary_search_by(|t| t.as_str().cmp(name)).is_ok()
+                    || p.seeder.as_deref() == Some(name);
+                assigned.then(|| assignment(dist, p, name))
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid)));
+        // The hash authorities (readers, seeder) are named even when they
+        // are not peers: a node checks the certificate of a hash batch they
+        // signed against the fingerprint published here.
+        let named: BTreeSet<&String> = list
+            .iter()
+            .flat_map(|a| {
+                a.peers
+                    .iter()
+                    .chain(a.origin_readers.iter().map(|r| &r.node))
+                    .chain(a.source.node.iter().map(|s| &s.node_name))
+            })
+            .filter(|n| *n != name)
+            .collect();
+        let peers = named
+            .into_iter()
+            .filter_map(|n| peer_endpoint(world, n))
+            .collect();
+        NodeFillSpec {
+            distributions: list,
+            peers,
+            identity: fill.spec.identity.clone(),
+            report_interval_seconds: Some(self.interval),
+        }
+    }
+}
+
+/// Plans every Distribution (the per-node specs on demand).
+pub fn plan_nodes(world: &World) -> NodePlan {
+    let mut out = NodePlan {
+        interval: budget::report_interval_seconds(world.nodes.len()),
+        ..NodePlan::default()
+    };
     for dist in &world.distributions {
         let Ok(p) = plan_distribution(dist, world) else {
             continue;
         };
-        for node in p.assigned() {
-            assignments
-                .entry(node.clone())
-                .or_default()
-                .push(assignment(dist, &p, node));
-        }
-        distributions.insert(p.uid.clone(), p);
+        out.planned.push((dist.clone(), p.uid.clone()));
+        out.distributions.insert(p.uid.clone(), p);
     }
+    out
+}
+
+/// Plans the whole cluster, every spec built.
+pub fn plan(world: &World) -> Plan {
+    let nodes = plan_nodes(world);
     let specs = world
         .fills
         .iter()
-        .map(|(name, fill)| {
-            let mut list = assignments.remove(name).unwrap_or_default();
-            list.sort_by(|a, b| {
-                (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid))
-            });
-            // The hash authorities (readers, seeder) are named even when
-            // they are not peers: a node checks the certificate of a hash
-            // batch they signed against the fingerprint published here.
-            let named: BTreeSet<&String> = list
-                .iter()
-                .flat_map(|a| {
-                    a.peers
-                        .iter()
-                        .chain(a.origin_readers.iter().map(|r| &r.node))
-                        .chain(a.source.node.iter().map(|s| &s.node_name))
-                })
-                .filter(|n| *n != name)
-                .collect();
-            let peers = named
-                .into_iter()
-                .filter_map(|n| peer_endpoint(world, n))
-                .collect();
-            let spec = NodeFillSpec {
-                distributions: list,
-                peers,
-                identity: fill.spec.identity.clone(),
-                report_interval_seconds: Some(interval),
-            };
-            (name.clone(), spec)
-        })
+        .map(|(name, fill)| (name.clone(), nodes.spec(world, name, fill)))
         .collect();
     Plan {
-        distributions,
+        distributions: nodes.distributions,
         specs,
     }
 }
@@ -1466,6 +1501,7 @@ pub(crate) mod tests {
         let w = world(vec![], nodes, &["n1"]);
         let p = plan(&w);
         assert_eq!(p.specs["n1"].identity, w.fills["n1"].spec.identity);
-        assert_eq!(p.specs["n1"].report_interval_seconds, Some(3));
+        // 100 nodes / 20 periodic writes a second (crds `budget`).
+        assert_eq!(p.specs["n1"].report_interval_seconds, Some(5));
     }
 }

@@ -1,7 +1,7 @@
 //! What a watch event asks of the operator, and in which order NodeFill
 //! spec writes go out. Pure: no I/O, the clock is passed in.
 //!
-//! At 5,000 nodes the agents write ~40 statuses a second, nearly all of
+//! At 5,000 nodes the agents write ~20 statuses a second, nearly all of
 //! them heartbeats and progress. Re-planning the cluster on each of them
 //! costs CPU in proportion to the cluster times the write rate, while it
 //! changes nothing. So every Node/NodeFill event is reduced to a small
@@ -148,6 +148,92 @@ pub fn spec_change(old: &NodeFillSpec, new: &NodeFillSpec) -> SpecChange {
     } else {
         SpecChange::State
     }
+}
+
+/// Annotation holding [`peers_hash`] of a watched NodeFill's spec in the
+/// operator's store (set by [`slim`]; never written to the API).
+pub const PEERS_HASH_ANNOTATION: &str = "peerfill.dev/operator-peers-hash";
+
+/// A hash of everything [`slim`] drops from a spec: `spec.peers` and every
+/// assignment's peer names. Hashed field by field (no serialisation): the
+/// operator hashes every planned spec on every pass.
+pub fn peers_hash(spec: &NodeFillSpec) -> u64 {
+    let mut h = DefaultHasher::new();
+    for p in &spec.peers {
+        (&p.node, &p.endpoint, &p.certificate_fingerprint, &p.zone).hash(&mut h);
+    }
+    for a in &spec.distributions {
+        (&a.uid, &a.peers).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Reduces a watched NodeFill to what the operator reads: the peer lists
+/// of its spec (most of its bytes: ~200 endpoints with fingerprints per
+/// node, every assigned node for a hash authority) are replaced by their
+/// [`peers_hash`]; the plan never reads them back and [`stored_spec_change`]
+/// compares with the hash. managedFields are dropped too.
+pub fn slim(fill: &mut NodeFill) {
+    let hash = peers_hash(&fill.spec);
+    fill.metadata.managed_fields = None;
+    fill.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(PEERS_HASH_ANNOTATION.into(), hash.to_string());
+    fill.spec.peers = Vec::new();
+    for a in &mut fill.spec.distributions {
+        a.peers = Vec::new();
+    }
+}
+
+/// How `new` differs from the spec of `stored`, which may be [`slim`]med
+/// (its peers then known by hash only).
+pub fn stored_spec_change(stored: &NodeFill, new: &mut NodeFillSpec) -> SpecChange {
+    let Some(hash) = stored
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PEERS_HASH_ANNOTATION))
+        .and_then(|h| h.parse::<u64>().ok())
+    else {
+        return spec_change(&stored.spec, new);
+    };
+    let peers_equal = peers_hash(new) == hash;
+    // Compare the rest without cloning: lend the peer lists out meanwhile.
+    let peers = std::mem::take(&mut new.peers);
+    let names: Vec<Vec<String>> = new
+        .distributions
+        .iter_mut()
+        .map(|a| std::mem::take(&mut a.peers))
+        .collect();
+    let rest_equal = stored.spec == *new;
+    new.peers = peers;
+    for (a, n) in new.distributions.iter_mut().zip(names) {
+        a.peers = n;
+    }
+    match (rest_equal, peers_equal) {
+        (true, true) => SpecChange::None,
+        (true, false) => SpecChange::Peers,
+        (false, _) => SpecChange::State,
+    }
+}
+
+/// The merge patch making a NodeFill's spec `new`: every top-level field
+/// `new` leaves out is nulled (the stored spec may be slimmed, so its keys
+/// are not a guide).
+pub fn spec_patch(new: &NodeFillSpec) -> Value {
+    let mut spec = serde_json::to_value(new).unwrap_or(Value::Null);
+    if let Some(o) = spec.as_object_mut() {
+        for key in [
+            "distributions",
+            "peers",
+            "identity",
+            "reportIntervalSeconds",
+        ] {
+            o.entry(key).or_insert(Value::Null);
+        }
+    }
+    json!({ "spec": spec })
 }
 
 /// The write order: changes of state first — the hash authorities'
@@ -342,6 +428,50 @@ mod tests {
         );
         let names: Vec<&str> = order.iter().map(|w| w.1.as_str()).collect();
         assert_eq!(names, ["reader", "b", "c", "seeder", "a"]);
+    }
+
+    #[test]
+    fn a_slimmed_store_tells_the_same_changes_apart() {
+        let assignment = |peers: &[&str]| Assignment {
+            uid: "u".into(),
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            ..Assignment::default()
+        };
+        let endpoint = |node: &str| PeerEndpoint {
+            node: node.into(),
+            endpoint: "198.18.0.1:7443".into(),
+            certificate_fingerprint: Some("sha256:ab".into()),
+            zone: Some("a".into()),
+        };
+        let full = NodeFillSpec {
+            distributions: vec![assignment(&["a", "b"])],
+            peers: vec![endpoint("a"), endpoint("b")],
+            report_interval_seconds: Some(2),
+            ..NodeFillSpec::default()
+        };
+        let mut stored = up_fill("n", at(0));
+        stored.spec = full.clone();
+        slim(&mut stored);
+        assert!(stored.spec.peers.is_empty() && stored.spec.distributions[0].peers.is_empty());
+        let mut same = full.clone();
+        assert_eq!(stored_spec_change(&stored, &mut same), SpecChange::None);
+        // The lent peer lists are back.
+        assert_eq!(same, full);
+        let mut moved = full.clone();
+        moved.peers[1].endpoint = "198.18.0.2:7443".into();
+        assert_eq!(stored_spec_change(&stored, &mut moved), SpecChange::Peers);
+        let mut fewer = full.clone();
+        fewer.distributions[0].peers.pop();
+        assert_eq!(stored_spec_change(&stored, &mut fewer), SpecChange::Peers);
+        let mut pinned = full.clone();
+        pinned.distributions[0].size = Some(7);
+        assert_eq!(stored_spec_change(&stored, &mut pinned), SpecChange::State);
+        // The patch nulls what the new spec leaves out.
+        let patch = spec_patch(&NodeFillSpec::default());
+        assert_eq!(
+            patch,
+            json!({"spec": {"distributions": null, "peers": null, "identity": null, "reportIntervalSeconds": null}})
+        );
     }
 
     #[test]

@@ -3,11 +3,16 @@
 //! and heartbeats, node label and Event on completion — with progress from
 //! the shared [`Fluid`] model.
 //!
-//! Writes follow the contract's budget: the NodeFill status at once on a
-//! change of state (never more than once a second), otherwise once per
-//! `spec.reportIntervalSeconds` (progress and heartbeat). Each agent
-//! watches only its own NodeFill (field selector), as the real one does,
-//! so the API stand-in carries one watch per node.
+//! Writes follow the contract's budget through the real agent's own
+//! schedule (`peerfill_agent::k8s::report`: `projection`, `classify`,
+//! `next_write`): urgent changes at once (never more than once a second),
+//! completions held for `state_hold_seconds` and batched, everything else
+//! with the periodic write once per `spec.reportIntervalSeconds`. The node
+//! label patch goes out after the status write that reports a completion,
+//! one patch for all of them, and no per-node completion Event is written
+//! (as the real agent). Each agent watches only its own NodeFill (field
+//! selector), as the real one does, so the API stand-in carries one watch
+//! per node.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,9 +23,8 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
+use peerfill_agent::k8s::report::{self, Change, Projection};
 use peerfill_crds::nodefill::CONDITION_AGENT_READY;
 use peerfill_crds::{
     Assignment, NodeDistributionStatus, NodeFill, NodeFillStatus, NodePhase, node_label_key,
@@ -71,29 +75,6 @@ fn request_digest(csr_pem: &str) -> String {
     )
 }
 
-/// The status without the heartbeat and the progress counters: a change
-/// of this is a change of state.
-fn state_of(status: &NodeFillStatus) -> Value {
-    let mut v = serde_json::to_value(status).unwrap_or(Value::Null);
-    if let Some(o) = v.as_object_mut() {
-        o.remove("lastHeartbeat");
-        if let Some(Value::Array(entries)) = o.get_mut("distributions") {
-            for e in entries.iter_mut().filter_map(Value::as_object_mut) {
-                for f in [
-                    "bytesDone",
-                    "piecesDone",
-                    "bytesFromOrigin",
-                    "bytesFromPeers",
-                    "bytesPerSecond",
-                ] {
-                    e.remove(f);
-                }
-            }
-        }
-    }
-    v
-}
-
 struct Agent {
     node: String,
     zone: String,
@@ -104,8 +85,9 @@ struct Agent {
     /// Phase and its transition time by uid.
     phases: BTreeMap<String, (NodePhase, Timestamp)>,
     labelled: BTreeMap<String, bool>,
-    last_state: Option<Value>,
-    last_write: Option<Instant>,
+    last_state: Option<Projection>,
+    last_write: Option<tokio::time::Instant>,
+    dirty_since: Option<tokio::time::Instant>,
 }
 
 /// Runs the agent of `node` until `stop`.
@@ -129,6 +111,7 @@ pub async fn run(
         labelled: BTreeMap::new(),
         last_state: None,
         last_write: None,
+        dirty_since: None,
     };
     let api: Api<NodeFill> = Api::all(shared.client.clone());
     let config = watcher::Config::default().fields(&format!("metadata.name={}", agent.node));
@@ -136,13 +119,6 @@ pub async fn run(
         watcher(api.clone(), config)
             .default_backoff()
             .applied_objects()
-    );
-    let recorder = Recorder::new(
-        shared.client.clone(),
-        Reporter {
-            controller: "peerfill-agent".into(),
-            instance: Some(agent.node.clone()),
-        },
     );
     let mut fill: Option<NodeFill> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -157,19 +133,13 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         if let Some(f) = &fill {
-            agent.step(f, &api, &shared, &recorder).await;
+            agent.step(f, &api, &shared).await;
         }
     }
 }
 
 impl Agent {
-    async fn step(
-        &mut self,
-        fill: &NodeFill,
-        api: &Api<NodeFill>,
-        shared: &Shared,
-        recorder: &Recorder,
-    ) {
+    async fn step(&mut self, fill: &NodeFill, api: &Api<NodeFill>, shared: &Shared) {
         let now = Timestamp::now();
         let answered = fill
             .spec
@@ -214,6 +184,7 @@ impl Agent {
             last_transition_time: Time(now),
         }];
         let mut completed = Vec::new();
+        let mut authority = Vec::new();
         if ready {
             status.endpoint = Some(self.endpoint.clone());
             status.certificate_fingerprint = self.fingerprint.clone();
@@ -225,6 +196,7 @@ impl Agent {
                     .entry(self.node.clone())
                     .or_insert_with(Instant::now);
                 let entry = self.entry(a, shared, now);
+                authority.push(a.role.seed || a.origin_readers.iter().any(|r| r.node == self.node));
                 if entry.phase == NodePhase::Complete {
                     completed.push(a.clone());
                 }
@@ -244,18 +216,29 @@ impl Agent {
         {
             status.conditions[0].last_transition_time = old.last_transition_time.clone();
         }
-        let interval = Duration::from_secs(fill.spec.report_interval_seconds.unwrap_or(2).into());
-        let state = state_of(&status);
-        let since = self.last_write.map(|t| t.elapsed());
-        let changed = self.last_state.as_ref() != Some(&state);
-        let due = match since {
-            None => true,
-            Some(s) if changed => s >= Duration::from_secs(1),
-            Some(s) => s >= interval,
-        };
-        if !due {
+        let interval = report::report_interval(fill.spec.report_interval_seconds);
+        let with: Vec<report::Entry<'_>> = status
+            .distributions
+            .iter()
+            .zip(authority.iter().copied())
+            .collect();
+        let state = report::projection(
+            status.endpoint.as_deref(),
+            status.certificate_fingerprint.as_deref(),
+            &self.digest,
+            &with,
+        );
+        let change = report::classify(self.last_state.as_ref(), &state);
+        let tnow = tokio::time::Instant::now();
+        if change == Change::Progress {
+            self.dirty_since = None;
+        } else {
+            self.dirty_since.get_or_insert(tnow);
+        }
+        if report::next_write(tnow, self.last_write, interval, change, self.dirty_since) > tnow {
             return;
         }
+        let changed = change != Change::Progress;
         status.last_heartbeat = Some(Time(now));
         let patch = json!({ "status": status });
         match api
@@ -264,7 +247,8 @@ impl Agent {
         {
             Ok(_) => {
                 self.last_state = Some(state);
-                self.last_write = Some(Instant::now());
+                self.last_write = Some(tokio::time::Instant::now());
+                self.dirty_since = None;
                 let mut record = lock(&shared.record);
                 if changed {
                     record.state_writes += 1;
@@ -281,15 +265,20 @@ impl Agent {
                 }
             }
             Err(e) => {
+                // Retried after the spacing, as an urgent change.
+                self.last_state = None;
+                self.last_write = Some(tokio::time::Instant::now());
                 lock(&shared.record).failed_writes += 1;
                 tracing::debug!(node = %self.node, error = %e, "status write");
                 return;
             }
         }
-        for a in completed {
-            if self.labelled.insert(a.uid.clone(), true).is_none() {
-                self.label_and_tell(&a, fill, shared, recorder).await;
-            }
+        let fresh: Vec<&Assignment> = completed
+            .iter()
+            .filter(|a| !self.labelled.contains_key(&a.uid))
+            .collect();
+        if !fresh.is_empty() {
+            self.label(&fresh, shared).await;
         }
     }
 
@@ -376,34 +365,33 @@ impl Agent {
         entry
     }
 
-    /// The node label and the `DistributionComplete` Event.
-    async fn label_and_tell(
-        &self,
-        a: &Assignment,
-        fill: &NodeFill,
-        shared: &Shared,
-        recorder: &Recorder,
-    ) {
+    /// The node labels of the completions a status write just reported,
+    /// in one patch.
+    async fn label(&mut self, complete: &[&Assignment], shared: &Shared) {
         let nodes: Api<Node> = Api::all(shared.client.clone());
-        let label = node_label_key(&a.namespace, &a.name);
-        let patch = json!({ "metadata": { "labels": { label: peerfill_crds::NODE_LABEL_VALUE } } });
-        if let Err(e) = nodes
+        let labels: serde_json::Map<String, Value> = complete
+            .iter()
+            .map(|a| {
+                (
+                    node_label_key(&a.namespace, &a.name),
+                    json!(peerfill_crds::NODE_LABEL_VALUE),
+                )
+            })
+            .collect();
+        let patch = json!({ "metadata": { "labels": labels } });
+        match nodes
             .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            lock(&shared.record).failed_writes += 1;
-            tracing::debug!(node = %self.node, error = %e, "label");
+            Ok(_) => {
+                for a in complete {
+                    self.labelled.insert(a.uid.clone(), true);
+                }
+            }
+            Err(e) => {
+                lock(&shared.record).failed_writes += 1;
+                tracing::debug!(node = %self.node, error = %e, "label");
+            }
         }
-        let ev = Event {
-            type_: EventType::Normal,
-            reason: "DistributionComplete".into(),
-            note: Some(format!("{}/{} is complete", a.namespace, a.name)),
-            action: "Distribute".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&ev, &fill.object_ref(&())).await {
-            tracing::debug!(node = %self.node, error = %e, "event");
-        }
-        let _ = fill.name_any();
     }
 }

@@ -14,7 +14,8 @@
 //! - `reconcile`: the NodeFill spec → engine contents (new versions,
 //!   restarts, peers, pins, unassignment and cleanup after a restart);
 //! - `labels`: the Node labels of complete distributions;
-//! - `reporter`: the NodeFill status and Events.
+//! - `reporter`: the NodeFill status (schedule in [`report`]);
+//! - `events`: Warning Event series on the NodeFill.
 
 pub mod headers;
 pub mod identity;
@@ -23,6 +24,7 @@ pub mod report;
 pub mod translate;
 
 mod enroll;
+mod events;
 mod labels;
 mod reconcile;
 mod reporter;

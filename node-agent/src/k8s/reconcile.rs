@@ -345,7 +345,7 @@ impl NodeAgent {
                 name: a.name.clone(),
             },
         );
-        self.retry_removals().await;
+        self.sync_labels().await;
     }
 }
 

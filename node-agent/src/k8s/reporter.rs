@@ -1,8 +1,9 @@
 //! The NodeFill status: the entry of every assignment, written as a merge
-//! patch on the status subresource within the write budget, and an Event
-//! when a distribution completes or fails here.
+//! patch on the status subresource on the schedule of [`report`], and a
+//! Warning Event series when a distribution fails here ([`events`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -10,12 +11,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter as EventReporter};
 use peerfill_crds::nodefill::{CONDITION_AGENT_READY, NodeDistributionStatus, NodeFill, NodePhase};
 use serde_json::json;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::events::{self, Aggregator};
 use super::identity::Request;
 use super::reconcile::{NodeAgent, Removal, Tracked};
 use super::report;
@@ -43,7 +44,12 @@ impl NodeAgent {
     pub(super) async fn report(&mut self) -> Instant {
         let mut entries = Vec::new();
         for t in self.tracked.values() {
-            entries.push(self.entry(t));
+            let a = &t.assignment;
+            let authority = a.role.seed
+                || a.origin_readers
+                    .iter()
+                    .any(|r| r.node == self.args.node_name);
+            entries.push((self.entry(t), authority));
         }
         self.reporter.publish(entries, &self.removing).await
     }
@@ -135,14 +141,19 @@ pub(super) struct Reporter {
     pub(super) waiting_since: Time,
     pub(super) interval: Duration,
     pub(super) last_write: Option<Instant>,
-    /// The state part of the last status written (phases, sizes, ...).
-    pub(super) last_state: Option<serde_json::Value>,
+    /// The projection of the last status written.
+    pub(super) last_state: Option<report::Projection>,
+    /// Since when a routine change waits (see [`report::next_write`]).
+    pub(super) dirty_since: Option<Instant>,
     /// Last phase and transition time per uid.
     pub(super) transitions: HashMap<String, (NodePhase, Time)>,
     /// Last entry written per uid (kept while a removal is pending).
     pub(super) last_entries: BTreeMap<String, NodeDistributionStatus>,
-    /// Events on the NodeFill (Warning when a distribution fails here).
-    pub(super) recorder: Recorder,
+    /// Warning Event series on the NodeFill, by reason.
+    pub(super) events: Aggregator,
+    /// `(reason, name)` of Events the background writes created.
+    pub(super) created_events: Arc<Mutex<Vec<(String, String)>>>,
+    pub(super) client: Client,
     /// The NodeFill, as events reference it.
     pub(super) object_ref: Option<ObjectReference>,
 }
@@ -155,15 +166,11 @@ impl Reporter {
         request: Request,
         zone: Option<String>,
     ) -> Self {
-        let recorder = Recorder::new(
-            client,
-            EventReporter {
-                controller: "peerfill-agent".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
         Reporter {
-            recorder,
+            events: Aggregator::default(),
+            created_events: Arc::default(),
+            client,
+            dirty_since: None,
             object_ref: None,
             api,
             node: args.node_name.clone(),
@@ -181,39 +188,71 @@ impl Reporter {
         }
     }
 
-    /// Records an Event for a distribution that just completed or failed
-    /// here (in the background: events are best effort).
-    pub(super) fn event(&self, e: &NodeDistributionStatus) {
+    /// Records a failure here in its reason's Event series (a new Event
+    /// only the first time; the count later, see [`events`]).
+    fn event(&mut self, e: &NodeDistributionStatus) {
+        if e.phase != NodePhase::Failed {
+            return;
+        }
+        let reason = e.reason.clone().unwrap_or_else(|| "Failed".into());
+        let note = format!(
+            "{}/{} failed on this node: {}",
+            e.namespace,
+            e.name,
+            e.message.as_deref().unwrap_or("no detail")
+        );
+        let first = self.events.record(&reason, note, Instant::now());
+        self.send_events(first.into_iter().collect());
+    }
+
+    /// Writes series updates in the background (events are best effort).
+    fn send_events(&mut self, writes: Vec<events::EventWrite>) {
         let Some(reference) = self.object_ref.clone() else {
             return;
         };
-        let dist = format!("{}/{}", e.namespace, e.name);
-        let ev = match e.phase {
-            NodePhase::Failed => KubeEvent {
-                type_: EventType::Warning,
-                reason: e.reason.clone().unwrap_or_else(|| "Failed".into()),
-                note: Some(format!(
-                    "{dist} failed on this node: {}",
-                    e.message.as_deref().unwrap_or("no detail")
-                )),
-                action: "Fill".into(),
-                secondary: None,
-            },
-            NodePhase::Complete => KubeEvent {
-                type_: EventType::Normal,
-                reason: "DistributionComplete".into(),
-                note: Some(format!("{dist} is complete on this node")),
-                action: "Fill".into(),
-                secondary: None,
-            },
-            _ => return,
-        };
-        let recorder = self.recorder.clone();
-        tokio::spawn(async move {
-            if let Err(err) = recorder.publish(&ev, &reference).await {
-                debug!(error = %err, "cannot record an event");
-            }
-        });
+        let instance = std::env::var("POD_NAME").unwrap_or_else(|_| self.node.clone());
+        for w in writes {
+            let (client, reference, instance) =
+                (self.client.clone(), reference.clone(), instance.clone());
+            let created = self.created_events.clone();
+            tokio::spawn(async move {
+                let reason = match &w {
+                    events::EventWrite::Create { reason, .. } => Some(reason.clone()),
+                    events::EventWrite::Count { .. } => None,
+                };
+                let name = events::write(&client, &reference, &instance, w).await;
+                if let (Some(reason), Some(name)) = (reason, name) {
+                    created
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((reason, name));
+                }
+            });
+        }
+    }
+
+    /// Takes in the names of Events created since the last call and
+    /// writes the counts that are due.
+    fn flush_events(&mut self) {
+        let created: Vec<(String, String)> = std::mem::take(
+            &mut *self
+                .created_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (reason, name) in created {
+            self.events.created(&reason, name);
+        }
+        let due = self.events.due(Instant::now());
+        self.send_events(due);
+    }
+
+    /// True when the last status written shows `uid` complete (its node
+    /// label goes out with or after that write).
+    pub(super) fn reported_complete(&self, uid: &str) -> bool {
+        self.last_entries
+            .get(uid)
+            .is_some_and(|e| e.phase == NodePhase::Complete)
     }
 
     pub(super) fn forget(&mut self, uid: &str) {
@@ -262,10 +301,13 @@ impl Reporter {
     /// Writes the full status if due; returns when the next write is due.
     pub(super) async fn publish(
         &mut self,
-        mut entries: Vec<NodeDistributionStatus>,
+        entries: Vec<(NodeDistributionStatus, bool)>,
         removing: &BTreeMap<String, Removal>,
     ) -> Instant {
         let now = Instant::now();
+        self.flush_events();
+        let (mut entries, authority): (Vec<NodeDistributionStatus>, Vec<bool>) =
+            entries.into_iter().unzip();
         for e in &mut entries {
             let changed = self
                 .transitions
@@ -285,18 +327,33 @@ impl Reporter {
             .count();
         // Entries of distributions being removed stay until their label is
         // gone (the operator releases its finalizer once they are).
+        let mut flags = authority;
         for uid in removing.keys() {
             if let Some(e) = self.last_entries.get(uid) {
                 entries.push(e.clone());
+                flags.push(false);
             }
         }
-        let state = json!({
-            "endpoint": self.endpoint,
-            "fingerprint": self.fingerprint,
-            "distributions": entries.iter().map(|e| json!([e.uid, e.content_id, e.phase, e.size, e.reason, e.digest, e.root, e.origin_version])).collect::<Vec<_>>(),
-        });
-        let dirty = self.last_state.as_ref() != Some(&state);
-        let due = report::next_write(now, self.last_write, self.interval, dirty);
+        let with: Vec<report::Entry<'_>> = entries.iter().zip(flags.iter().copied()).collect();
+        let state = report::projection(
+            self.endpoint.as_deref(),
+            self.fingerprint.as_deref(),
+            &self.request.digest,
+            &with,
+        );
+        let change = report::classify(self.last_state.as_ref(), &state);
+        if change == report::Change::Progress {
+            self.dirty_since = None;
+        } else {
+            self.dirty_since.get_or_insert(now);
+        }
+        let due = report::next_write(
+            now,
+            self.last_write,
+            self.interval,
+            change,
+            self.dirty_since,
+        );
         if due > now {
             return due;
         }
@@ -323,16 +380,28 @@ impl Reporter {
         match self.patch(status).await {
             Ok(()) => {
                 self.last_state = Some(state);
+                self.dirty_since = None;
                 for e in entries {
                     self.last_entries.insert(e.uid.clone(), e);
                 }
             }
             Err(e) => {
-                // Retried after the spacing, as a state change.
+                // Retried after the spacing, as an urgent change.
                 warn!(error = %e, "writing the NodeFill status failed");
                 self.last_state = None;
             }
         }
-        report::next_write(Instant::now(), self.last_write, self.interval, false)
+        let next = report::next_write(
+            Instant::now(),
+            self.last_write,
+            self.interval,
+            report::Change::Progress,
+            None,
+        );
+        // A failed write is retried after the spacing.
+        if self.last_state.is_none() {
+            return Instant::now() + report::MIN_WRITE_SPACING;
+        }
+        next
     }
 }

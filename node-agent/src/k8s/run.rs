@@ -169,8 +169,6 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
                 agent.reconcile(&spec).await;
             }
         }
-        agent.retry_removals().await;
-        agent.label_complete().await;
         agent.finish_swaps();
         // Short-lived certificates: ask for the next one ahead of expiry
         // (published with the next status write).
@@ -185,6 +183,8 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         );
         mark_stuck(&engine, &health, &mut progress_seen);
         let due = agent.report().await;
+        // Labels follow the status write that reported the completion.
+        agent.sync_labels().await;
 
         let wait = due
             .saturating_duration_since(Instant::now())
