@@ -46,6 +46,10 @@ async fn ask_piece(addr: SocketAddr, client: quinn::ClientConfig) -> Result<Mess
         .await
         .unwrap_or_else(|_| Err("timed out".into()));
     endpoint.close(0u32.into(), b"");
+    // Let the close reach the agent: otherwise the next connection with the
+    // same certificate can arrive while this one still looks alive there,
+    // and is refused as a duplicate (the agent's rule, not what is tested).
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     out
 }
 
@@ -68,6 +72,10 @@ async fn send_raw(addr: SocketAddr, client: quinn::ClientConfig, raw: &[u8]) -> 
         .await
         .unwrap_or_else(|_| "not closed".into());
     endpoint.close(0u32.into(), b"");
+    // Let the close reach the agent: otherwise the next connection with the
+    // same certificate can arrive while this one still looks alive there,
+    // and is refused as a duplicate (the agent's rule, not what is tested).
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     out
 }
 
@@ -278,6 +286,10 @@ async fn handshake(cfg: quinn::ClientConfig, addr: SocketAddr, name: &str) -> Re
         .await
         .unwrap_or_else(|_| Err("timed out".into()));
     endpoint.close(0u32.into(), b"");
+    // Let the close reach the agent: otherwise the next connection with the
+    // same certificate can arrive while this one still looks alive there,
+    // and is refused as a duplicate (the agent's rule, not what is tested).
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     out
 }
 
