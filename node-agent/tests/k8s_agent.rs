@@ -293,6 +293,14 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
         (n.labels().get(&key).map(String::as_str) == Some(NODE_LABEL_VALUE)).then_some(())
     })
     .await;
+    // Its annotation names the version held.
+    let n = nodes.get(NODE).await.expect("node");
+    assert_eq!(
+        n.annotations().get(&key).map(String::as_str),
+        entry.content_id.as_deref(),
+        "{:?}",
+        n.annotations()
+    );
     let st = fills
         .get(NODE)
         .await
@@ -319,8 +327,17 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
-    let labels = nodes.get(NODE).await.expect("node").labels().clone();
-    assert!(!labels.contains_key(&key), "label left: {labels:?}");
+    let n = nodes.get(NODE).await.expect("node");
+    assert!(
+        !n.labels().contains_key(&key),
+        "label left: {:?}",
+        n.labels()
+    );
+    assert!(
+        !n.annotations().contains_key(&key),
+        "annotation left: {:?}",
+        n.annotations()
+    );
     let st = fills
         .get(NODE)
         .await
@@ -344,6 +361,7 @@ async fn node_agent_gets_its_identity_fills_labels_and_cleans_up() {
 struct Cluster {
     root: tempfile::TempDir,
     server: ApiServerHandle,
+    nodes: Api<Node>,
     fills: Api<NodeFill>,
     agent: AgentProc,
 }
@@ -375,6 +393,7 @@ async fn cluster() -> Cluster {
     Cluster {
         root,
         server,
+        nodes,
         fills,
         agent,
     }
@@ -427,6 +446,15 @@ impl Cluster {
     fn data(&self, path: &str) -> PathBuf {
         self.root.path().join("data").join(path)
     }
+
+    /// The version the Node's label annotation says this node holds of
+    /// `default/model` (`None`: not labelled).
+    async fn labelled_version(&self) -> Option<String> {
+        let n = self.nodes.get(NODE).await.ok()?;
+        let key = node_label_key("default", "model");
+        n.labels().get(&key)?;
+        n.annotations().get(&key).cloned()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,6 +472,10 @@ async fn paths_are_owned_and_edits_swap_the_new_version_in() {
     c.pin(&mut a, &[]).await;
     let path_a = c.data("models/model.bin");
     assert_eq!(common::file_blake3(&path_a), Some(hex(&v1)));
+    eventually(30, "labelled with version A", &c.agent, || async {
+        (c.labelled_version().await? == a.content_id).then_some(())
+    })
+    .await;
 
     // Distribution B (another namespace) on the same path, same size, other
     // bytes, no digest: refused, nothing touched.
@@ -496,9 +528,18 @@ async fn paths_are_owned_and_edits_swap_the_new_version_in() {
         Some(hex(&v1)),
         "the previous version stays in place meanwhile"
     );
+    assert_eq!(
+        c.labelled_version().await.as_ref(),
+        Some(&a.content_id),
+        "the label still names the previous version"
+    );
     c.pin(&mut edited, &[]).await;
     let path_v2 = c.data("models/model-v2.bin");
     assert_eq!(common::file_blake3(&path_v2), Some(hex(&v2)));
+    eventually(30, "labelled with the new version", &c.agent, || async {
+        (c.labelled_version().await? == new_id).then_some(())
+    })
+    .await;
     eventually(
         30,
         "the previous version's file removed",

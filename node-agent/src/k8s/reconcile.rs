@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::NodeArgs;
 use super::headers;
-use super::labels::set_label;
+use super::labels::remove_label;
 use super::manifest::{Entry, Manifest};
 use super::reporter::Reporter;
 use super::translate::{self, Desired};
@@ -30,8 +30,9 @@ pub(super) struct Tracked {
     pub(super) desired: Desired,
     /// The config the engine runs, if it runs.
     pub(super) running: Option<ContentConfig>,
-    /// The node label for this distribution is set.
-    pub(super) labeled: bool,
+    /// The version (content id) the node label and its annotation say this
+    /// node holds, once set.
+    pub(super) labeled: Option<String>,
     /// The previous version (content id, path) while a new one fills: its
     /// file stays in place until the new one is complete.
     pub(super) superseded: Option<(String, PathBuf)>,
@@ -124,7 +125,7 @@ impl NodeAgent {
                     assignment: a.clone(),
                     desired: desired.clone(),
                     running: None,
-                    labeled: false,
+                    labeled: None,
                     superseded: None,
                 });
             t.assignment = a.clone();
@@ -282,22 +283,28 @@ impl NodeAgent {
             .collect();
         match self.nodes.get_opt(&self.args.node_name).await {
             Ok(Some(node)) => {
-                let stale: Vec<String> = node
+                let stale: BTreeSet<String> = node
                     .labels()
                     .keys()
+                    .chain(node.annotations().keys())
                     .filter(|k| k.starts_with(NODE_LABEL_PREFIX) && !keep.contains(*k))
                     .cloned()
                     .collect();
                 for key in stale {
                     info!(label = %key, "removing the stale label of an unassigned distribution");
-                    if let Err(e) = set_label(&self.nodes, &self.args.node_name, &key, false).await
-                    {
+                    if let Err(e) = remove_label(&self.nodes, &self.args.node_name, &key).await {
                         warn!(label = %key, error = %e, "removing a stale label failed");
                     }
                 }
                 for t in self.tracked.values_mut() {
                     let key = node_label_key(&t.assignment.namespace, &t.assignment.name);
-                    t.labeled = node.labels().contains_key(&key);
+                    // A label without the annotation (set by an older
+                    // agent) is labelled again, with its version.
+                    t.labeled = node
+                        .labels()
+                        .contains_key(&key)
+                        .then(|| node.annotations().get(&key).cloned())
+                        .flatten();
                 }
             }
             Ok(None) => {}
