@@ -6,3 +6,4 @@ pub mod netbench;
 pub mod prom;
 pub mod scale;
 pub mod sim;
+pub mod versions;

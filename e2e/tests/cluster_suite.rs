@@ -641,3 +641,49 @@ async fn private_origin_with_headers_from_a_secret() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Issue 12 item 2: a new version (the URL, or the node source's path,
+/// edited to content with ~1 % of its bytes changed) is swapped in on every
+/// node with the new bytes and the Node annotation naming it, and a node
+/// that is not an origin reader receives only the pieces the edit touched
+/// (its previous copy supplies the rest). `peerfill-versions` is the same
+/// run at 1 GiB, reported in BENCHMARKS.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_moves_only_the_pieces_it_changed() -> anyhow::Result<()> {
+    use peerfill_e2e::versions::{SourceKind, VersionsOptions, run};
+    let report = run(&VersionsOptions {
+        nodes: 5,
+        size: 32 * MIB,
+        changed: 0.01,
+        regions: 2,
+        piece_size: None,
+        sources: vec![SourceKind::Http, SourceKind::Node],
+        timeout: WAIT,
+    })
+    .await?;
+    for r in &report.runs {
+        let lines = r.render().join("\n");
+        println!("{lines}");
+        // A piece may arrive twice in the endgame: one piece of slack.
+        let allowed = (r.touched_piece_bytes + r.piece_size) as f64 / r.size as f64;
+        ensure!(
+            r.nodes.iter().any(|b| !b.reader),
+            "no node outside the origin readers:\n{lines}"
+        );
+        ensure!(
+            r.max_share_non_reader <= allowed,
+            "a node moved more than the touched pieces ({allowed:.4} of the size):\n{lines}"
+        );
+        ensure!(
+            r.touched_share < 0.1,
+            "the edit touched too much to tell reuse from a refetch:\n{lines}"
+        );
+        if r.source == SourceKind::Http {
+            ensure!(
+                r.origin_served_new_version <= r.size + r.size / 10,
+                "the origin served more than one copy for the new version:\n{lines}"
+            );
+        }
+    }
+    Ok(())
+}

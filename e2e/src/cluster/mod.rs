@@ -80,7 +80,9 @@ pub use dist::{
 };
 pub(crate) use local::free_tcp;
 pub use local::{ALLOW_PRIVATE_ORIGINS, AgentSignal, LocalCluster, LocalClusterOptions, LocalNode};
-pub use origin::{Blob, NOT_FOUND_PATH, Origin, Outage, Served, Validators, generate};
+pub use origin::{
+    Blob, Edits, NOT_FOUND_PATH, Origin, Outage, Served, Validators, generate, generate_edited,
+};
 pub use process::{BIN_DIR_ENV, ChildProcess, binary_path, tail};
 pub use remote::RemoteCluster;
 
