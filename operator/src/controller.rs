@@ -601,7 +601,11 @@ async fn cleanup(
     let nodes_api: Api<Node> = Api::all(shared.client.clone());
     for (name, node) in &world.nodes {
         if node.labels().contains_key(&label) && !world.agent_up(name) {
-            let patch = json!({ "metadata": { "labels": { label.clone(): null } } });
+            // The annotation with the same key names the version held.
+            let patch = json!({ "metadata": {
+                "labels": { label.clone(): null },
+                "annotations": { label.clone(): null },
+            } });
             nodes_api
                 .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await

@@ -429,9 +429,16 @@ pub(crate) async fn leftovers_in_api(
         }
     }
     let key = node_label_key(&namespace_of(d), &d.name_any());
-    for n in list_nodes(client).await? {
-        if n.labels.contains_key(&key) {
-            out.push(format!("Node {} still has label {key}", n.name));
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(ClusterError::kube("listing Nodes"))?;
+    for n in nodes {
+        if n.labels().contains_key(&key) {
+            out.push(format!("Node {} still has label {key}", n.name_any()));
+        }
+        if n.annotations().contains_key(&key) {
+            out.push(format!("Node {} still has annotation {key}", n.name_any()));
         }
     }
     Ok(out)
