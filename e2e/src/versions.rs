@@ -207,7 +207,10 @@ async fn run_one(
         }
         SourceKind::Node => {
             let dir = local.node_data_dir(SEEDER)?.join("versions-seed");
-            let (p1, p2) = (dir.join(format!("{name}-v1.bin")), dir.join(format!("{name}-v2.bin")));
+            let (p1, p2) = (
+                dir.join(format!("{name}-v1.bin")),
+                dir.join(format!("{name}-v2.bin")),
+            );
             let io = |path: &PathBuf| {
                 let path = path.clone();
                 move |source| VersionsError::Io { path, source }
@@ -221,7 +224,8 @@ async fn run_one(
                 Ok(format!("blake3:{}", blake3::hash(&bytes).to_hex()))
             })?;
             let rel = |f: &str| format!("versions-seed/{f}");
-            let d = node_source_distribution(&name, SEEDER, &rel(&format!("{name}-v1.bin")), &target);
+            let d =
+                node_source_distribution(&name, SEEDER, &rel(&format!("{name}-v1.bin")), &target);
             let patch = serde_json::json!({"spec": {"source": {"node": {
                 "path": rel(&format!("{name}-v2.bin")) }}}});
             (d, v2, patch)
@@ -441,6 +445,9 @@ mod tests {
             seed: 1,
             blocks: vec![3..4],
         };
-        assert_eq!(touched_piece_bytes(size, 2 * Edits::BLOCK, &e), Edits::BLOCK + 10);
+        assert_eq!(
+            touched_piece_bytes(size, 2 * Edits::BLOCK, &e),
+            Edits::BLOCK + 10
+        );
     }
 }

@@ -63,29 +63,9 @@ async fn liar_is_banned_and_honest_agents_complete() {
         .collect();
     agents.push(liar_agent);
     let honest = &agents[..4];
-    let done = wait_until(Duration::from_secs(120), || {
-        honest.iter().all(|a| {
-            a.status(ID)
-                .is_some_and(|s| s.phase == Phase::Complete || s.phase == Phase::Failed)
-        })
-    })
-    .await;
-    for a in honest {
-        let st = a.status(ID).expect("status");
-        assert!(done, "{}: {st:?}\n{}", a.node.name, a.log_tail());
-        assert_eq!(
-            st.phase,
-            Phase::Complete,
-            "{}: {st:?}\n{}",
-            a.node.name,
-            a.log_tail()
-        );
-        assert_eq!(
-            file_blake3(&a.dest(ID)).as_deref(),
-            Some(want.as_str()),
-            "{}",
-            a.node.name
-        );
+    let refs: Vec<&Agent> = honest.iter().collect();
+    let statuses = assert_all_complete(&refs, ID, &want, Duration::from_secs(120)).await;
+    for (a, st) in honest.iter().zip(&statuses) {
         // Only the liar's pieces were ever rejected: no honest agent
         // forwarded a corrupted piece.
         for from in st.rejected_from.keys() {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use peerfill_agent::agent::{AgentConfig, PeerConfig, Phase};
+use peerfill_agent::agent::{AgentConfig, PeerConfig};
 use peerfill_agent::swarm::Fault;
 
 const SIZE: usize = 24 << 20;
@@ -132,31 +132,13 @@ async fn hashes_reach_a_node_through_relays_only_and_a_lying_relay_is_refused() 
 
     // The honest relay comes up: the target completes through it.
     let relay = Agent::spawn(&nodes[RELAY], &config(RELAY));
-    let agents = [&reader, &relay, &target];
-    let done = wait_until(Duration::from_secs(120), || {
-        agents.iter().all(|a| {
-            a.status(ID)
-                .is_some_and(|s| matches!(s.phase, Phase::Complete | Phase::Failed))
-        })
-    })
+    assert_all_complete(
+        &[&reader, &relay, &target],
+        ID,
+        &want,
+        Duration::from_secs(120),
+    )
     .await;
-    for a in agents {
-        let st = a.status(ID).expect("status");
-        assert!(done, "{}: {st:?}\n{}", a.node.name, a.log_tail());
-        assert_eq!(
-            st.phase,
-            Phase::Complete,
-            "{}: {st:?}\n{}",
-            a.node.name,
-            a.log_tail()
-        );
-        assert_eq!(
-            file_blake3(&a.dest(ID)).as_deref(),
-            Some(want.as_str()),
-            "{}",
-            a.node.name
-        );
-    }
     let st = target.status(ID).expect("target status");
     // Never connected to the authority, never read the origin.
     assert!(!st.connected_peers.contains(&names[READER]), "{st:?}");

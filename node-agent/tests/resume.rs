@@ -72,29 +72,9 @@ async fn killed_agent_resumes_and_completes() {
     assert!(before.pieces_done < before.piece_count);
 
     agents[3].start();
-    let done = wait_until(Duration::from_secs(120), || {
-        agents[3]
-            .status(ID)
-            .is_some_and(|s| s.phase == Phase::Complete || s.phase == Phase::Failed)
-    })
-    .await;
-    let after = agents[3].status(ID).expect("status after restart");
-    assert!(
-        done,
-        "victim did not finish: {after:?}\n{}",
-        agents[3].log_tail()
-    );
-    assert_eq!(
-        after.phase,
-        Phase::Complete,
-        "{after:?}\n{}",
-        agents[3].log_tail()
-    );
-    assert_eq!(
-        file_blake3(&agents[3].dest(ID)).as_deref(),
-        Some(want.as_str()),
-        "resumed file has wrong bytes"
-    );
+    let after = assert_all_complete(&[&agents[3]], ID, &want, Duration::from_secs(120))
+        .await
+        .remove(0);
     // Of what the agent had reported as held before the kill, at most the
     // unflushed durability batch (`store::FLUSH_BYTES`) plus the pieces in
     // flight was lost (and fetched and verified again).

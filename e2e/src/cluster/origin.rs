@@ -827,7 +827,13 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     let body: Body = if req.method() == Method::HEAD {
         Full::new(Bytes::new()).boxed_unsync()
     } else {
-        body_stream(shared.clone(), counters, (blob.seed, blob.edits.clone()), start, end)
+        body_stream(
+            shared.clone(),
+            counters,
+            (blob.seed, blob.edits.clone()),
+            start,
+            end,
+        )
     };
     let mut resp = with_validators(Response::builder(), &blob)
         .status(status)

@@ -393,6 +393,45 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     cond()
 }
 
+/// Waits up to `timeout` until content `id` is `Complete` or `Failed` on
+/// every agent, then asserts it is `Complete` everywhere with BLAKE3 (hex)
+/// `want` at its destination; returns the final statuses, in order.
+pub async fn assert_all_complete(
+    agents: &[&Agent],
+    id: &str,
+    want: &str,
+    timeout: Duration,
+) -> Vec<ContentStatus> {
+    use peerfill_agent::agent::Phase;
+    let done = wait_until(timeout, || {
+        agents.iter().all(|a| {
+            a.status(id)
+                .is_some_and(|s| matches!(s.phase, Phase::Complete | Phase::Failed))
+        })
+    })
+    .await;
+    let mut out = Vec::new();
+    for a in agents {
+        let st = a.status(id).expect("status");
+        assert!(done, "{}: {st:?}\n{}", a.node.name, a.log_tail());
+        assert_eq!(
+            st.phase,
+            Phase::Complete,
+            "{}: {st:?}\n{}",
+            a.node.name,
+            a.log_tail()
+        );
+        assert_eq!(
+            file_blake3(&a.dest(id)).as_deref(),
+            Some(want),
+            "{}: wrong bytes",
+            a.node.name
+        );
+        out.push(st);
+    }
+    out
+}
+
 /// BLAKE3 of a file (hex), or None if unreadable.
 pub fn file_blake3(path: &Path) -> Option<String> {
     let data = std::fs::read(path).ok()?;
