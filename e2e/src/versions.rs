@@ -443,7 +443,7 @@ mod tests {
         let size = 3 * Edits::BLOCK + 10;
         let e = Edits {
             seed: 1,
-            blocks: vec![3..4],
+            blocks: std::iter::once(3..4).collect(),
         };
         assert_eq!(
             touched_piece_bytes(size, 2 * Edits::BLOCK, &e),

@@ -1030,7 +1030,15 @@ mod tests {
     #[test]
     fn versions_have_distinct_validators() {
         let v2 = blob(Validators::Both);
-        let v3 = make_blob("u".into(), "/blobs/x".into(), 100, 6, 3, Validators::Both);
+        let v3 = make_blob(
+            "u".into(),
+            "/blobs/x".into(),
+            100,
+            6,
+            3,
+            Validators::Both,
+            Edits::default(),
+        );
         assert_ne!(v2.etag, v3.etag);
         assert_ne!(v2.last_modified, v3.last_modified);
         assert_ne!(v2.blake3, v3.blake3);
