@@ -29,9 +29,12 @@ use peerfill_crds::{Distribution, node_label_key};
 use serde::Serialize;
 
 use crate::cluster::{
-    Cluster, ClusterError, Edits, LocalCluster, LocalClusterOptions, generate, generate_edited,
+    Cluster, ClusterError, LocalCluster, LocalClusterOptions, generate, generate_edited,
     http_distribution, is_complete, node_source_distribution,
 };
+
+mod edits;
+mod report;
 
 /// Node holding the node source's files.
 const SEEDER: &str = "node-1";
@@ -62,47 +65,8 @@ pub struct VersionsOptions {
     pub timeout: Duration,
 }
 
-/// Bytes one node received for the new version.
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeBytes {
-    pub node: String,
-    /// Origin reader of the new version (reads its range from the origin).
-    pub reader: bool,
-    pub from_origin: u64,
-    pub from_peers: u64,
-    /// (from_origin + from_peers) / size.
-    pub network_share: f64,
-}
-
-/// One source kind's run.
-#[derive(Clone, Debug, Serialize)]
-pub struct SourceReport {
-    pub source: SourceKind,
-    pub size: u64,
-    pub piece_size: u64,
-    pub changed_bytes: u64,
-    pub changed_share: f64,
-    /// Bytes of the pieces that contain a changed byte: what a node
-    /// without the new hashes' authority role needs at least.
-    pub touched_piece_bytes: u64,
-    pub touched_share: f64,
-    pub first_version_secs: f64,
-    pub new_version_secs: f64,
-    /// Body bytes the origin served for the new version (HTTP only).
-    pub origin_served_new_version: u64,
-    pub nodes: Vec<NodeBytes>,
-    /// Largest network share of a node that is not an origin reader.
-    pub max_share_non_reader: f64,
-    /// Largest network share of any node.
-    pub max_share: f64,
-}
-
-/// The report `peerfill-versions` writes.
-#[derive(Clone, Debug, Serialize)]
-pub struct VersionsReport {
-    pub nodes: usize,
-    pub runs: Vec<SourceReport>,
-}
+pub use edits::{spread_edits, touched_piece_bytes};
+pub use report::{NodeBytes, SourceReport, VersionsReport};
 
 /// Why a run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -118,43 +82,6 @@ pub enum VersionsError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// The edits of a new version: `regions` runs of whole 64 KiB blocks
-/// adding up to at least `changed` of `size`, evenly spread and offset by
-/// three blocks so they straddle piece boundaries.
-pub fn spread_edits(size: u64, changed: f64, regions: u64) -> Edits {
-    let blocks = size.div_ceil(Edits::BLOCK);
-    let regions = regions.clamp(1, blocks.max(1));
-    let want = ((size as f64 * changed) / Edits::BLOCK as f64).ceil() as u64;
-    let per = want.div_ceil(regions).max(1);
-    let ranges = (0..regions)
-        .map(|i| {
-            let start = (blocks * i / regions + 3).min(blocks.saturating_sub(per));
-            start..(start + per).min(blocks)
-        })
-        .collect();
-    Edits {
-        seed: 0xed17,
-        blocks: ranges,
-    }
-}
-
-/// Bytes of the pieces of `piece_size` that hold an edited byte.
-pub fn touched_piece_bytes(size: u64, piece_size: u64, edits: &Edits) -> u64 {
-    let pieces: std::collections::BTreeSet<u64> = edits
-        .blocks
-        .iter()
-        .flat_map(|r| {
-            let first = r.start * Edits::BLOCK / piece_size;
-            let last = ((r.end * Edits::BLOCK).min(size) - 1) / piece_size;
-            first..=last
-        })
-        .collect();
-    pieces
-        .iter()
-        .map(|p| (size - p * piece_size).min(piece_size))
-        .sum()
 }
 
 /// Starts the local cluster and runs each source kind in turn.
@@ -383,71 +310,4 @@ async fn check_nodes(
         }
     }
     Ok(())
-}
-
-impl SourceReport {
-    /// Lines for the terminal.
-    pub fn render(&self) -> Vec<String> {
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let mut out = vec![format!(
-            "{:?} source: {:.0} MiB, {} KiB pieces; {:.2} MiB changed ({:.2} %), pieces touched {:.2} MiB ({:.2} %); first version {:.1} s, new version {:.1} s; origin served {:.1} MiB for it",
-            self.source,
-            mib(self.size),
-            self.piece_size >> 10,
-            mib(self.changed_bytes),
-            self.changed_share * 100.0,
-            mib(self.touched_piece_bytes),
-            self.touched_share * 100.0,
-            self.first_version_secs,
-            self.new_version_secs,
-            mib(self.origin_served_new_version),
-        )];
-        for b in &self.nodes {
-            out.push(format!(
-                "  {:<8} {:<7} origin {:>8.2} MiB  peers {:>8.2} MiB  = {:>6.2} % of the size",
-                b.node,
-                if b.reader { "reader" } else { "" },
-                mib(b.from_origin),
-                mib(b.from_peers),
-                b.network_share * 100.0
-            ));
-        }
-        out.push(format!(
-            "  largest share: {:.2} % (nodes that are not origin readers: {:.2} %)",
-            self.max_share * 100.0,
-            self.max_share_non_reader * 100.0
-        ));
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn edits_add_up_to_the_share_and_straddle_pieces() {
-        let size = 1 << 30;
-        let e = spread_edits(size, 0.01, 8);
-        assert_eq!(e.blocks.len(), 8);
-        let changed = e.bytes(size);
-        assert!(changed as f64 >= 0.01 * size as f64, "{changed}");
-        assert!((changed as f64) < 0.0105 * size as f64, "{changed}");
-        // 1 MiB pieces: each run of 21 blocks (1.31 MiB) starting 3 blocks
-        // into a piece touches 2 pieces.
-        assert_eq!(touched_piece_bytes(size, 1 << 20, &e), 8 * 2 * (1 << 20));
-    }
-
-    #[test]
-    fn touched_pieces_count_a_short_last_piece_as_it_is() {
-        let size = 3 * Edits::BLOCK + 10;
-        let e = Edits {
-            seed: 1,
-            blocks: std::iter::once(3..4).collect(),
-        };
-        assert_eq!(
-            touched_piece_bytes(size, 2 * Edits::BLOCK, &e),
-            Edits::BLOCK + 10
-        );
-    }
 }
