@@ -164,6 +164,10 @@ struct Session {
     cancel: CancellationToken,
     /// Outstanding requests of this session, cancelled when another copy wins.
     requests: HashMap<u32, CancellationToken>,
+    /// Wakes this session's downloader alone: news from its own peer (a
+    /// `Have`) concerns no other session, and waking every downloader of
+    /// the content for every `Have` was most of the agent's wake-ups.
+    wake: Arc<Notify>,
 }
 
 struct State {
@@ -860,12 +864,16 @@ impl Fill {
     }
 
     /// A peer opened an announce stream for this content.
-    pub(crate) fn add_session(&self, id: PeerId, node: &str) -> CancellationToken {
+    /// Returns the token that ends the session and the notification that
+    /// wakes its downloader for news from its peer alone (see `Session`);
+    /// news for every session comes through [`Fill::changed`].
+    pub(crate) fn add_session(&self, id: PeerId, node: &str) -> (CancellationToken, Arc<Notify>) {
         let cancel = CancellationToken::new();
+        let wake = Arc::new(Notify::new());
         let mut st = self.lock();
         if self.is_closed() {
             cancel.cancel();
-            return cancel;
+            return (cancel, wake);
         }
         st.picker.add_peer(id, |_| false);
         st.sessions.insert(
@@ -874,9 +882,10 @@ impl Fill {
                 node: node.to_string(),
                 cancel: cancel.clone(),
                 requests: HashMap::new(),
+                wake: wake.clone(),
             },
         );
-        cancel
+        (cancel, wake)
     }
 
     pub(crate) fn remove_session(&self, id: PeerId) {
@@ -908,16 +917,28 @@ impl Fill {
 
     pub(crate) fn session_bitfield(&self, id: PeerId, bits: &[u8]) {
         let mut st = self.lock();
-        if st.sessions.contains_key(&id) {
-            st.picker.add_peer(id, |i| wire::bit(bits, i));
-        }
+        let Some(wake) = st.sessions.get(&id).map(|s| s.wake.clone()) else {
+            return;
+        };
+        st.picker.add_peer(id, |i| wire::bit(bits, i));
         drop(st);
-        self.changed.notify_waiters();
+        wake.notify_one();
     }
 
+    /// The peer of session `id` got `piece`: its downloader wakes if we
+    /// lack the piece (a permit stored by `notify_one` is never lost).
     pub(crate) fn session_have(&self, id: PeerId, piece: u32) {
-        self.lock().picker.peer_has(id, piece);
-        self.changed.notify_waiters();
+        let mut st = self.lock();
+        st.picker.peer_has(id, piece);
+        let wake = st
+            .sessions
+            .get(&id)
+            .filter(|_| !st.picker.have(piece))
+            .map(|s| s.wake.clone());
+        drop(st);
+        if let Some(w) = wake {
+            w.notify_one();
+        }
     }
 
     /// Copies of `piece` this node started uploading.

@@ -256,7 +256,7 @@ async fn inbound_announce(
             return;
         }
         let sid: PeerId = shared.next_session();
-        let cancel = fill.add_session(sid, &node);
+        let (cancel, wake) = fill.add_session(sid, &node);
         if attached_before {
             debug!(peer = %node, content = %content_id, "announce session re-attached to the new run");
             fill.session_bitfield(sid, &peer_bits);
@@ -275,6 +275,7 @@ async fn inbound_announce(
             fill.clone(),
             sid,
             cancel.clone(),
+            wake,
         ));
         let mut stream_over = false;
         loop {
@@ -451,6 +452,11 @@ async fn queue_for_permit(shared: Arc<Shared>, units: u32) -> Option<DownloadPer
 /// waits in the semaphores' queue (first come, first served): a permit
 /// another session frees is handed on at once rather than found by a poll,
 /// and a session whose peer has nothing we need never takes one.
+///
+/// It wakes for its own peer's news (`wake`), for news concerning every
+/// session (`fill.changed`), when a request ends or a permit comes, and,
+/// only while a piece it could ask for was refused for now, every
+/// [`REFUSAL_RECHECK`]; never on a timer while its pipeline is full.
 async fn download(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -458,6 +464,7 @@ async fn download(
     fill: Arc<Fill>,
     sid: PeerId,
     cancel: CancellationToken,
+    wake: Arc<tokio::sync::Notify>,
 ) {
     let mut outstanding = JoinSet::new();
     // Our place in the permit queue, kept across wake-ups for other reasons.
@@ -471,6 +478,7 @@ async fn download(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let mut starved = false;
+        let mut unpicked = false;
         while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
             let Some(permit) = granted.take().or_else(|| try_permit(&shared, units)) else {
                 starved = true;
@@ -478,6 +486,7 @@ async fn download(
             };
             // Nothing to ask for: the permit goes back to whoever waits.
             let Some((piece, hash, token)) = fill.pick(sid) else {
+                unpicked = true;
                 break;
             };
             outstanding.spawn(fetch(
@@ -512,8 +521,9 @@ async fn download(
                 granted = permit;
             }
             _ = &mut changed => {}
+            _ = wake.notified() => {}
             // A piece refused for now becomes askable again after a while.
-            _ = tokio::time::sleep(REFUSAL_RECHECK), if !starved && interesting => {}
+            _ = tokio::time::sleep(REFUSAL_RECHECK), if unpicked && interesting => {}
             _ = cancel.cancelled() => break,
         }
     }
