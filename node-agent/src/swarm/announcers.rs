@@ -154,7 +154,7 @@ impl Announcers {
 
     /// Sends `b` to every stream (it replaces batches whose certificate
     /// was renewed).
-    pub(crate) fn to_all(&mut self, b: &Arc<SignedBatch>) {
+    pub(crate) fn send_to_all(&mut self, b: &Arc<SignedBatch>) {
         self.streams.retain(|_, s| {
             s.mark(b);
             s.tx.send(Outgoing::Batch(b.clone())).is_ok()
@@ -235,7 +235,7 @@ mod tests {
         a.stored(&batch(4, 2), |p| p == 5);
         assert!(drain(&mut rx).is_empty());
         // A renewal's batch goes everywhere.
-        a.to_all(&batch(4, 2));
+        a.send_to_all(&batch(4, 2));
         assert_eq!(drain(&mut rx), [(None, Some(4))]);
         assert_eq!(drain(&mut rx2), [(None, Some(4))]);
     }

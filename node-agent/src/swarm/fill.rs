@@ -679,7 +679,7 @@ impl Fill {
                 continue;
             }
             if to_all {
-                st.announcers.to_all(&b);
+                st.announcers.send_to_all(&b);
             } else {
                 let (picker, liar) = (&st.picker, self.liar);
                 st.announcers.stored(&b, |p| liar || picker.have(p));
