@@ -364,7 +364,9 @@ impl Message {
         out.freeze()
     }
 
-    fn encode_into(&self, out: &mut BytesMut) {
+    /// Appends the whole frame to `out` (several frames go out as one
+    /// write).
+    pub fn encode_into(&self, out: &mut BytesMut) {
         let start = out.len();
         out.put_u32(0); // patched below
         out.put_u8(PROTOCOL_VERSION);

@@ -40,6 +40,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::announcers::{Announcers, Outgoing};
 use super::picker::{PeerId, Picker};
 use super::relay::{self, BatchStore, BatchVerifier, Rejection, SignedBatch};
 use crate::content::{self, Digest, Layout, PieceHash};
@@ -158,27 +159,22 @@ pub struct FillStats {
     pub bytes_reused: AtomicU64,
 }
 
-/// What an announce stream carries: a message, or a signed batch (its
-/// signer's certificate goes first, once per stream; see `peer::announce`).
-#[derive(Debug, Clone)]
-pub(crate) enum Outgoing {
-    Msg(Message),
-    Batch(Arc<SignedBatch>),
-}
-
 struct Session {
     node: String,
     cancel: CancellationToken,
     /// Outstanding requests of this session, cancelled when another copy wins.
     requests: HashMap<u32, CancellationToken>,
+    /// Wakes this session's downloader alone: news from its own peer (a
+    /// `Have`) concerns no other session, and waking every downloader of
+    /// the content for every `Have` was most of the agent's wake-ups.
+    wake: Arc<Notify>,
 }
 
 struct State {
     picker: Picker,
     hashes: Vec<Option<PieceHash>>,
     unknown_hashes: usize,
-    announcers: HashMap<u64, mpsc::UnboundedSender<Outgoing>>,
-    next_announcer: u64,
+    announcers: Announcers,
     sessions: HashMap<PeerId, Session>,
     rejected_from: BTreeMap<String, u64>,
     /// Pieces a file on disk may provide, not tried yet: their hash is kept
@@ -190,13 +186,6 @@ struct State {
     /// A complete unsigned hash list received before the root was pinned,
     /// and who sent it: tried when the pin arrives.
     unsigned_candidate: Option<(String, Vec<PieceHash>)>,
-}
-
-fn broadcast(st: &mut State, out: &[Outgoing]) {
-    if !out.is_empty() {
-        st.announcers
-            .retain(|_, tx| out.iter().all(|m| tx.send(m.clone()).is_ok()));
-    }
 }
 
 /// One content in the swarm. Shared by the peer sessions, the origin
@@ -265,8 +254,7 @@ impl Fill {
                 picker,
                 hashes: vec![None; n as usize],
                 unknown_hashes: n as usize,
-                announcers: HashMap::new(),
-                next_announcer: 0,
+                announcers: Announcers::default(),
                 sessions: HashMap::new(),
                 rejected_from: BTreeMap::new(),
                 reuse_pending: Vec::new(),
@@ -611,14 +599,29 @@ impl Fill {
     /// for); then, for each of its ranges now wholly known, signs the whole
     /// range, which supersedes the small batches (see `relay`).
     fn sign_own(&self, entries: Vec<(u32, PieceHash)>) {
+        self.sign_own_as(entries, false);
+    }
+
+    /// [`Fill::sign_own`]; `renewed`: the batches replace ones signed with
+    /// our previous certificate and go to every peer.
+    fn sign_own_as(&self, entries: Vec<(u32, PieceHash)>, renewed: bool) {
+        if self.signer.get().is_none() || entries.is_empty() {
+            return;
+        }
+        if !renewed {
+            self.resign_if_renewed();
+        }
+        let signed = self.sign_runs(&entries);
+        self.store_batches(&mut self.lock(), signed, renewed);
+        self.sign_whole_ranges(&entries);
+    }
+
+    /// For each range of ours that `entries` touch and that is now wholly
+    /// known, signs the whole range once (it supersedes the small batches).
+    fn sign_whole_ranges(&self, entries: &[(u32, PieceHash)]) {
         let Some((me, _)) = self.signer.get() else {
             return;
         };
-        if entries.is_empty() {
-            return;
-        }
-        self.resign_if_renewed();
-        self.sign_and_store(&entries);
         let n = self.spec.layout.piece_count();
         let ranges: Vec<Range<u32>> = self
             .spec
@@ -641,16 +644,16 @@ impl Fill {
                 }
             };
             if let Some(whole) = whole {
-                self.sign_and_store(&whole);
+                let signed = self.sign_runs(&whole);
+                self.store_batches(&mut self.lock(), signed, false);
             }
         }
     }
 
-    /// Signs `entries` in runs, stores the batches and sends them to our
-    /// peers.
-    fn sign_and_store(&self, entries: &[(u32, PieceHash)]) {
+    /// Signs `entries` (hashes we are the authority for) in runs.
+    fn sign_runs(&self, entries: &[(u32, PieceHash)]) -> Vec<Arc<SignedBatch>> {
         let Some((me, live)) = self.signer.get() else {
-            return;
+            return Vec::new();
         };
         let layout = self.spec.layout;
         let mut signed = Vec::new();
@@ -659,17 +662,34 @@ impl Fill {
                 Ok(b) => signed.push(Arc::new(b)),
                 Err(e) => {
                     warn!(content = %self.spec.id, error = %e, "cannot sign a hash batch; its hashes are not announced");
-                    return;
+                    return Vec::new();
                 }
             }
         }
-        let mut st = self.lock();
-        let out: Vec<Outgoing> = signed
-            .into_iter()
-            .filter(|b| st.batches.insert(b.clone()))
-            .map(Outgoing::Batch)
-            .collect();
-        broadcast(&mut st, &out);
+        signed
+    }
+
+    /// Keeps `batches` and sends each where it is needed now (see
+    /// `announcers`): to every stream when it replaces batches of a renewed
+    /// certificate (`to_all`), else to the streams told about one of its
+    /// pieces without its hash. The rest ride with later `Have`s.
+    fn store_batches(&self, st: &mut State, batches: Vec<Arc<SignedBatch>>, to_all: bool) {
+        for b in batches {
+            if !st.batches.insert(b.clone()) {
+                continue;
+            }
+            if to_all {
+                st.announcers.send_to_all(&b);
+            } else {
+                let (picker, liar) = (&st.picker, self.liar);
+                st.announcers.stored(&b, |p| liar || picker.have(p));
+            }
+        }
+    }
+
+    /// The stored batch holding the hash of `piece`, signed by its authority.
+    fn batch_for<'a>(&self, st: &'a State, piece: u32) -> Option<&'a Arc<SignedBatch>> {
+        st.batches.covering(self.spec.authority.of(piece)?, piece)
     }
 
     /// After a renewal of our certificate: our own batches carry the old
@@ -691,12 +711,12 @@ impl Fill {
         };
         if stale {
             let mine = self.own_known(me);
-            self.sign_own(mine);
+            self.sign_own_as(mine, true);
         }
     }
 
     /// A signed batch received from `from`: checked (see `relay`), its new
-    /// hashes trusted, kept and sent on to our peers. Returns the number of
+    /// hashes trusted and kept for our peers (see `announcers`). Returns the number of
     /// hashes learnt; a batch that adds nothing is dropped without any
     /// cryptography unless it supersedes stored ones.
     pub(crate) fn offer_batch(
@@ -748,9 +768,7 @@ impl Fill {
                 learned += 1;
             }
         }
-        if st.batches.insert(batch.clone()) {
-            broadcast(&mut st, &[Outgoing::Batch(batch)]);
-        }
+        self.store_batches(&mut st, vec![batch], !stale.is_empty());
         if learned > 0 {
             debug!(content = %self.spec.id, peer = from, learned, "hashes learnt from a signed batch");
             self.check_complete(&st);
@@ -799,16 +817,15 @@ impl Fill {
     }
 
     /// Registers an announce stream to a peer: queues `Hello`, our
-    /// bitfield, the signed batches we hold (and, once pinned, our complete
-    /// hash list), then every later `Have` and batch. Done under the state
+    /// bitfield, the signed batches covering pieces we hold (and, once
+    /// pinned, our complete hash list), then every later `Have`, with the
+    /// batches it needs (see `announcers`). Done under the state
     /// lock so nothing falls between snapshot and registration.
     pub(crate) fn register_announcer(&self, tx: mpsc::UnboundedSender<Outgoing>) -> u64 {
         let mut st = self.lock();
         if self.is_closed() {
             // Dropping `tx` ends the announce stream at once.
-            let id = st.next_announcer;
-            st.next_announcer += 1;
-            return id;
+            return st.announcers.skip();
         }
         let layout = self.spec.layout;
         let n = layout.piece_count();
@@ -817,13 +834,17 @@ impl Fill {
             size: layout.size,
             piece_size: layout.piece_size,
         }));
-        let bits = if self.liar {
-            wire::pack_bits((0..n).map(|_| true))
-        } else {
-            wire::pack_bits((0..n).map(|i| st.picker.have(i)))
-        };
+        let told = |i: u32| self.liar || st.picker.have(i);
+        let bits = wire::pack_bits((0..n).map(told));
         let _ = tx.send(Outgoing::Msg(Message::Bitfield { bits }));
-        for b in st.batches.all() {
+        // The hashes of the pieces it is told about (see `announcers`).
+        let sent: Vec<Arc<SignedBatch>> = st
+            .batches
+            .all()
+            .filter(|b| (b.first..b.end().min(u64::from(n)) as u32).any(told))
+            .cloned()
+            .collect();
+        for b in &sent {
             let _ = tx.send(Outgoing::Batch(b.clone()));
         }
         // The pinned list lets a pinned peer skip every signature (and is
@@ -835,23 +856,24 @@ impl Fill {
                 let _ = tx.send(Outgoing::Msg(m));
             }
         }
-        let id = st.next_announcer;
-        st.next_announcer += 1;
-        st.announcers.insert(id, tx);
-        id
+        st.announcers.insert(tx, n, &sent)
     }
 
     pub(crate) fn unregister_announcer(&self, id: u64) {
-        self.lock().announcers.remove(&id);
+        self.lock().announcers.remove(id);
     }
 
     /// A peer opened an announce stream for this content.
-    pub(crate) fn add_session(&self, id: PeerId, node: &str) -> CancellationToken {
+    /// Returns the token that ends the session and the notification that
+    /// wakes its downloader for news from its peer alone (see `Session`);
+    /// news for every session comes through [`Fill::changed`].
+    pub(crate) fn add_session(&self, id: PeerId, node: &str) -> (CancellationToken, Arc<Notify>) {
         let cancel = CancellationToken::new();
+        let wake = Arc::new(Notify::new());
         let mut st = self.lock();
         if self.is_closed() {
             cancel.cancel();
-            return cancel;
+            return (cancel, wake);
         }
         st.picker.add_peer(id, |_| false);
         st.sessions.insert(
@@ -860,9 +882,10 @@ impl Fill {
                 node: node.to_string(),
                 cancel: cancel.clone(),
                 requests: HashMap::new(),
+                wake: wake.clone(),
             },
         );
-        cancel
+        (cancel, wake)
     }
 
     pub(crate) fn remove_session(&self, id: PeerId) {
@@ -894,16 +917,28 @@ impl Fill {
 
     pub(crate) fn session_bitfield(&self, id: PeerId, bits: &[u8]) {
         let mut st = self.lock();
-        if st.sessions.contains_key(&id) {
-            st.picker.add_peer(id, |i| wire::bit(bits, i));
-        }
+        let Some(wake) = st.sessions.get(&id).map(|s| s.wake.clone()) else {
+            return;
+        };
+        st.picker.add_peer(id, |i| wire::bit(bits, i));
         drop(st);
-        self.changed.notify_waiters();
+        wake.notify_one();
     }
 
+    /// The peer of session `id` got `piece`: its downloader wakes if we
+    /// lack the piece (a permit stored by `notify_one` is never lost).
     pub(crate) fn session_have(&self, id: PeerId, piece: u32) {
-        self.lock().picker.peer_has(id, piece);
-        self.changed.notify_waiters();
+        let mut st = self.lock();
+        st.picker.peer_has(id, piece);
+        let wake = st
+            .sessions
+            .get(&id)
+            .filter(|_| !st.picker.have(piece))
+            .map(|s| s.wake.clone());
+        drop(st);
+        if let Some(w) = wake {
+            w.notify_one();
+        }
     }
 
     /// Copies of `piece` this node started uploading.
@@ -1022,10 +1057,21 @@ impl Fill {
             self.changed.notify_waiters();
             return Err(e);
         }
+        // A piece we are the authority for is signed before it is
+        // announced, so its batch goes out with its `Have`.
+        let signed = match own_hash.filter(|_| self.spec.authority.of(piece) == Some(me)) {
+            Some(h) => {
+                self.resign_if_renewed();
+                self.sign_runs(&[(piece, h)])
+            }
+            None => Vec::new(),
+        };
         let mut st = self.lock();
         if let Some(h) = own_hash {
             self.set_hash_locked(&mut st, piece, h, me);
         }
+        let own_signed = !signed.is_empty();
+        self.store_batches(&mut st, signed, false);
         let losers = st.picker.finish_write(piece);
         for loser in losers {
             if let Some(s) = st.sessions.get_mut(&loser)
@@ -1034,14 +1080,20 @@ impl Fill {
                 tok.cancel();
             }
         }
-        broadcast(&mut st, &[Outgoing::Msg(Message::Have { piece })]);
+        let covering = self.batch_for(&st, piece).cloned();
+        st.announcers.have(piece, covering.as_ref());
         let own = st.hashes[piece as usize]
             .filter(|_| self.spec.authority.of(piece) == Some(me))
             .map(|h| (piece, h));
         self.check_complete(&st);
         drop(st);
         self.changed.notify_waiters();
-        self.sign_own(own.into_iter().collect());
+        match own {
+            Some(own) if own_signed => self.sign_whole_ranges(&[own]),
+            // Our hash, learnt some other way (a resumed piece).
+            Some(own) => self.sign_own(vec![own]),
+            None => {}
+        }
         Ok(true)
     }
 

@@ -35,6 +35,7 @@
 //! one piece, so memory does not grow with the content size, the piece size
 //! or the peer count.
 
+mod announcers;
 mod fill;
 mod origin_reader;
 mod peer;

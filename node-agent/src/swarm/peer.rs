@@ -1,9 +1,10 @@
 //! What happens on one peer connection.
 //!
 //! - For each content the peer may have, we open a unidirectional *announce*
-//!   stream: `Hello`, our bitfield, the signed hash batches we hold (each
-//!   signer's certificate first, once per stream), then `Have` and new
-//!   batches as they arrive (see `relay`).
+//!   stream: `Hello`, our bitfield, the signed hash batches covering the
+//!   pieces we hold (each signer's certificate first, once per stream), then
+//!   a `Have` per piece we get, after the batch with its hash when the peer
+//!   was not sent that batch yet (see `announcers`, `relay`).
 //! - For each announce stream the peer opens to us, a *session*: its
 //!   bitfield and haves feed the picker, and a downloader keeps up to
 //!   `pipeline` requests outstanding to that peer.
@@ -19,13 +20,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::fill::Outgoing;
+use super::announcers::Outgoing;
 use super::picker::PeerId;
 use super::relay::{Rejection, SignedBatch};
 use super::uploads::Busy;
@@ -54,7 +55,14 @@ fn protocol_error(conn: &quinn::Connection, node: &str, what: &str, err: &dyn st
     conn.close(close::PROTOCOL, &reason.as_bytes()[..reason.len().min(200)]);
 }
 
+/// Most bytes of queued announcements written at once.
+const MAX_ANNOUNCE_WRITE: usize = 64 << 10;
+
 /// Sends our announcements for `fill` to `node` until either side goes away.
+///
+/// Everything queued when the task wakes goes out in one write (a `Have`
+/// and the batch riding with it, a burst of `Have`s): one wake-up and as
+/// few packets as the bytes need, instead of one write per message.
 pub(crate) async fn announce(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -71,52 +79,82 @@ pub(crate) async fn announce(
     fill.resign_if_renewed();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = fill.register_announcer(tx);
-    let tamper = shared.opts.fault == Some(Fault::TamperHashes);
-    // Signer -> fingerprint of the certificate sent on this stream.
-    let mut certs_sent: std::collections::HashMap<String, String> = Default::default();
+    let mut enc = AnnounceEncoder {
+        tamper: shared.opts.fault == Some(Fault::TamperHashes),
+        peer: node.clone(),
+        certs_sent: Default::default(),
+    };
     loop {
         let out = tokio::select! {
             m = rx.recv() => m,
             _ = conn.closed() => None,
         };
         let Some(out) = out else { break };
-        let mut frames = Vec::with_capacity(2);
-        match out {
-            Outgoing::Msg(Message::Hashes { mut entries }) if tamper => {
-                if let Some((_, h)) = entries.first_mut() {
-                    h[0] ^= 0xff;
-                }
-                frames.push(Message::Hashes { entries });
-            }
-            Outgoing::Msg(m) => frames.push(m),
-            Outgoing::Batch(b) => {
-                if certs_sent.get(&b.signer) != Some(&b.fingerprint) {
-                    certs_sent.insert(b.signer.clone(), b.fingerprint.clone());
-                    frames.push(Message::AuthorityCert {
-                        node: b.signer.clone(),
-                        cert: b.cert.clone(),
-                    });
-                }
-                let mut m = b.message();
-                // A careful liar never lies to the signer itself.
-                if tamper
-                    && b.signer != node
-                    && let Message::SignedHashes { hashes, .. } = &mut m
-                {
-                    hashes[0][0] ^= 0xff;
-                }
-                frames.push(m);
-            }
+        let mut buf = BytesMut::new();
+        enc.encode(out, &mut buf);
+        while buf.len() < MAX_ANNOUNCE_WRITE
+            && let Ok(out) = rx.try_recv()
+        {
+            enc.encode(out, &mut buf);
         }
-        for m in frames {
-            if let Err(e) = send.write_all(&m.encode()).await {
-                debug!(peer = %node, error = %e, "announce stream closed");
-                fill.unregister_announcer(id);
-                return;
-            }
+        if let Err(e) = send.write_chunk(buf.freeze()).await {
+            debug!(peer = %node, error = %e, "announce stream closed");
+            break;
         }
     }
     fill.unregister_announcer(id);
+}
+
+/// Turns what one announce stream carries into frames.
+struct AnnounceEncoder {
+    /// Fault injection: alter relayed hashes (never to their signer).
+    tamper: bool,
+    peer: String,
+    /// Signer -> fingerprint of the certificate sent on this stream.
+    certs_sent: std::collections::HashMap<String, String>,
+}
+
+impl AnnounceEncoder {
+    fn encode(&mut self, out: Outgoing, buf: &mut BytesMut) {
+        match out {
+            Outgoing::Msg(Message::Hashes { mut entries }) if self.tamper => {
+                if let Some((_, h)) = entries.first_mut() {
+                    h[0] ^= 0xff;
+                }
+                Message::Hashes { entries }.encode_into(buf);
+            }
+            Outgoing::Msg(m) => m.encode_into(buf),
+            Outgoing::Batch(b) => self.batch(&b, buf),
+            Outgoing::Have { piece, batch } => {
+                if let Some(b) = batch {
+                    self.batch(&b, buf);
+                }
+                Message::Have { piece }.encode_into(buf);
+            }
+        }
+    }
+
+    /// The batch, after its signer's certificate if not sent yet.
+    fn batch(&mut self, b: &SignedBatch, buf: &mut BytesMut) {
+        if self.certs_sent.get(&b.signer) != Some(&b.fingerprint) {
+            self.certs_sent
+                .insert(b.signer.clone(), b.fingerprint.clone());
+            Message::AuthorityCert {
+                node: b.signer.clone(),
+                cert: b.cert.clone(),
+            }
+            .encode_into(buf);
+        }
+        let mut m = b.message();
+        // A careful liar never lies to the signer itself.
+        if self.tamper
+            && b.signer != self.peer
+            && let Message::SignedHashes { hashes, .. } = &mut m
+        {
+            hashes[0][0] ^= 0xff;
+        }
+        m.encode_into(buf);
+    }
 }
 
 /// Accepts the streams the peer opens until the connection closes.
@@ -218,7 +256,7 @@ async fn inbound_announce(
             return;
         }
         let sid: PeerId = shared.next_session();
-        let cancel = fill.add_session(sid, &node);
+        let (cancel, wake) = fill.add_session(sid, &node);
         if attached_before {
             debug!(peer = %node, content = %content_id, "announce session re-attached to the new run");
             fill.session_bitfield(sid, &peer_bits);
@@ -237,6 +275,7 @@ async fn inbound_announce(
             fill.clone(),
             sid,
             cancel.clone(),
+            wake,
         ));
         let mut stream_over = false;
         loop {
@@ -413,6 +452,11 @@ async fn queue_for_permit(shared: Arc<Shared>, units: u32) -> Option<DownloadPer
 /// waits in the semaphores' queue (first come, first served): a permit
 /// another session frees is handed on at once rather than found by a poll,
 /// and a session whose peer has nothing we need never takes one.
+///
+/// It wakes for its own peer's news (`wake`), for news concerning every
+/// session (`fill.changed`), when a request ends or a permit comes, and,
+/// only while a piece it could ask for was refused for now, every
+/// [`REFUSAL_RECHECK`]; never on a timer while its pipeline is full.
 async fn download(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -420,6 +464,7 @@ async fn download(
     fill: Arc<Fill>,
     sid: PeerId,
     cancel: CancellationToken,
+    wake: Arc<tokio::sync::Notify>,
 ) {
     let mut outstanding = JoinSet::new();
     // Our place in the permit queue, kept across wake-ups for other reasons.
@@ -433,6 +478,7 @@ async fn download(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let mut starved = false;
+        let mut unpicked = false;
         while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
             let Some(permit) = granted.take().or_else(|| try_permit(&shared, units)) else {
                 starved = true;
@@ -440,6 +486,7 @@ async fn download(
             };
             // Nothing to ask for: the permit goes back to whoever waits.
             let Some((piece, hash, token)) = fill.pick(sid) else {
+                unpicked = true;
                 break;
             };
             outstanding.spawn(fetch(
@@ -474,8 +521,9 @@ async fn download(
                 granted = permit;
             }
             _ = &mut changed => {}
+            _ = wake.notified() => {}
             // A piece refused for now becomes askable again after a while.
-            _ = tokio::time::sleep(REFUSAL_RECHECK), if !starved && interesting => {}
+            _ = tokio::time::sleep(REFUSAL_RECHECK), if unpicked && interesting => {}
             _ = cancel.cancelled() => break,
         }
     }

@@ -15,10 +15,11 @@
 //!   [`wire::MAX_HASHES_PER_FRAME`] per batch), which supersedes the small
 //!   batches, so a session start carries a few batches, not one per piece.
 //! - Every node keeps the batches it verified ([`BatchStore`]) and sends
-//!   them on every announce stream (the signer's certificate once per
-//!   stream, `AuthorityCert`, then `SignedHashes`), and forwards each new
-//!   one to the peers it announces to. No node needs a connection to an
-//!   authority: hashes spread hop by hop like pieces do.
+//!   each to each peer once, with the first announcement of a piece it
+//!   covers (the signer's certificate once per stream, `AuthorityCert`,
+//!   then `SignedHashes`, then the `Have`; see `announcers`). No node needs
+//!   a connection to an authority: hashes spread hop by hop with the
+//!   pieces they check.
 //! - A receiver accepts a batch ([`BatchVerifier::check`]) only if the
 //!   signer is, in its own assignment, the authority of exactly those
 //!   pieces, the certificate chains to the cluster CA, is valid now, names
@@ -401,6 +402,18 @@ impl BatchStore {
         }
         self.by_start.insert((b.signer.clone(), b.first), b);
         true
+    }
+
+    /// The stored batch of `signer` holding the hash of `piece`, if any.
+    /// No stored batch of a signer covers another (see `insert`), so
+    /// ordered by first piece their ends grow too: the last one starting
+    /// at or before `piece` is the only candidate.
+    pub fn covering(&self, signer: &str, piece: u32) -> Option<&Arc<SignedBatch>> {
+        self.by_start
+            .range((signer.to_string(), 0)..=(signer.to_string(), piece))
+            .next_back()
+            .map(|(_, b)| b)
+            .filter(|b| b.end() > u64::from(piece))
     }
 
     /// Every stored batch, by signer and first piece.

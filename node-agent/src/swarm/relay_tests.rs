@@ -4,7 +4,8 @@
 use super::*;
 use crate::content::{self, PieceHash, piece_hash};
 use crate::store::PieceStore;
-use crate::swarm::fill::{Fill, FillSpec, Outgoing};
+use crate::swarm::announcers::Outgoing;
+use crate::swarm::fill::{Fill, FillSpec};
 use crate::tls::{ClusterCa, NodeIdentity};
 
 const PIECE: u32 = 16 << 10;
@@ -204,6 +205,34 @@ fn fill(dir: &std::path::Path, root: Option<blake3::Hash>) -> Arc<Fill> {
     Fill::new(spec, store, false)
 }
 
+/// Stores piece `i` of `data()` in `f`, received from a peer.
+async fn store(f: &Fill, i: u32) {
+    let l = layout();
+    let r = l.piece_range(i);
+    let piece = Bytes::copy_from_slice(&data()[r.start as usize..r.end as usize]);
+    assert!(
+        f.store_verified(None, "a", i, piece, None)
+            .await
+            .expect("store")
+    );
+}
+
+/// What an announce stream got since: `(Have, first piece of the batch
+/// sent with it or alone)`.
+fn sent_on(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+) -> Vec<(Option<u32>, Option<u32>)> {
+    let mut out = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        match m {
+            Outgoing::Have { piece, batch } => out.push((Some(piece), batch.map(|b| b.first))),
+            Outgoing::Batch(b) => out.push((None, Some(b.first))),
+            Outgoing::Msg(_) => {}
+        }
+    }
+    out
+}
+
 /// Batches queued on an announce stream registered now.
 fn announced(
     f: &Fill,
@@ -220,7 +249,7 @@ fn announced(
         match m {
             Outgoing::Batch(b) => batches.push(b),
             Outgoing::Msg(Message::Hashes { entries }) => listed += entries.len(),
-            Outgoing::Msg(_) => {}
+            Outgoing::Msg(_) | Outgoing::Have { .. } => {}
         }
     }
     (batches, listed, rx)
@@ -231,8 +260,9 @@ async fn an_authority_signs_what_it_holds_and_a_relay_passes_it_on() {
     let c = cluster();
     let bytes = data();
     let h = hashes(&bytes);
-    // r0 reads its range from the origin: one batch per piece, then one
-    // batch of the whole range replaces them.
+    // r0 reads its range from the origin: one batch per piece, each sent
+    // with the piece's `Have`, then one batch of the whole range replaces
+    // them (for streams opened later: this one has every hash).
     let d0 = tempfile::tempdir().expect("tempdir");
     let r0 = fill(d0.path(), None);
     r0.set_signer("r0", c.r0.live.clone());
@@ -245,18 +275,19 @@ async fn an_authority_signs_what_it_holds_and_a_relay_passes_it_on() {
             .await
             .expect("store");
     }
-    let mut sent = Vec::new();
-    while let Ok(m) = live_rx.try_recv() {
-        if let Outgoing::Batch(b) = m {
-            sent.push((b.first, b.hashes.len()));
-        }
-    }
-    assert_eq!(sent, [(0, 1), (1, 1), (0, 2)], "per piece, then the range");
+    assert_eq!(
+        sent_on(&mut live_rx),
+        [(Some(0), Some(0)), (Some(1), Some(1))],
+        "each piece's batch with its Have"
+    );
     let (batches, _, _) = announced(&r0);
     assert_eq!(batches.len(), 1, "a new stream gets the range batch only");
+    assert_eq!(batches[0].hashes.len(), 2);
+    let range0 = batches[0].clone();
 
-    // Relay `a` (not connected to r0 in a large swarm) verifies it, learns
-    // the hashes and forwards it to its own peers.
+    // Relay `a` (not connected to r0 in a large swarm) verifies it and
+    // learns the hashes; it sends the batch on only with the first piece
+    // it covers that `a` announces, once per stream.
     let da = tempfile::tempdir().expect("tempdir");
     let a = fill(da.path(), None);
     let (_, _, mut a_rx) = announced(&a);
@@ -265,7 +296,14 @@ async fn an_authority_signs_what_it_holds_and_a_relay_passes_it_on() {
         .expect("valid");
     assert_eq!(learned, 2);
     assert_eq!(a.hash(1), Some(h[1]));
-    assert!(matches!(a_rx.try_recv(), Ok(Outgoing::Batch(b)) if b == batches[0]));
+    assert!(sent_on(&mut a_rx).is_empty(), "not broadcast on receipt");
+    store(&a, 1).await;
+    store(&a, 0).await;
+    assert_eq!(
+        sent_on(&mut a_rx),
+        [(Some(1), Some(0)), (Some(0), None)],
+        "the batch rides with the first Have it covers, and only then"
+    );
     // The same batch again costs nothing and goes nowhere.
     assert_eq!(
         a.offer_batch(&c.verifier, "b", batches[0].clone())
@@ -287,9 +325,19 @@ async fn an_authority_signs_what_it_holds_and_a_relay_passes_it_on() {
     let good = Arc::new(sign(&c.r1, "r1", 2, &h[2..]));
     assert_eq!(a.offer_batch(&c.verifier, "b", good).expect("valid"), 2);
     assert_eq!(a.hashes_missing(), 0);
-    let (batches, listed, _) = announced(&a);
-    assert_eq!(batches.len(), 2, "a relays both authorities' batches");
+    let (batches, listed, mut new_rx) = announced(&a);
+    assert_eq!(
+        batches,
+        [range0],
+        "a new stream gets the batches of the pieces in its bitfield"
+    );
     assert_eq!(listed, 0, "no pinned root: no unsigned list");
+    store(&a, 3).await;
+    assert_eq!(
+        sent_on(&mut new_rx),
+        [(Some(3), Some(2))],
+        "r1's batch comes with its first piece"
+    );
 }
 
 #[tokio::test]
@@ -345,6 +393,8 @@ async fn after_a_renewal_fresh_batches_replace_the_stale_ones() {
         a.offer_batch(&c.verifier, "b", old.clone()).expect("valid"),
         2
     );
+    store(&a, 0).await;
+    store(&a, 1).await;
     // r0 renews; the operator publishes the new fingerprint.
     let renewed = identity(&c.ca, "r0");
     c.receiver
