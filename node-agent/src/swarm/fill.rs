@@ -190,6 +190,9 @@ struct State {
     /// A complete unsigned hash list received before the root was pinned,
     /// and who sent it: tried when the pin arrives.
     unsigned_candidate: Option<(String, Vec<PieceHash>)>,
+    /// Nodes known to be in another zone (their sessions are remote peers
+    /// for the picker).
+    remote_nodes: HashSet<String>,
 }
 
 fn broadcast(st: &mut State, out: &[Outgoing]) {
@@ -272,6 +275,7 @@ impl Fill {
                 reuse_pending: Vec::new(),
                 batches: BatchStore::default(),
                 unsigned_candidate: None,
+                remote_nodes: HashSet::new(),
             }),
             changed: Notify::new(),
             stats,
@@ -854,6 +858,8 @@ impl Fill {
             return cancel;
         }
         st.picker.add_peer(id, |_| false);
+        let remote = st.remote_nodes.contains(node);
+        st.picker.set_remote(id, remote);
         st.sessions.insert(
             id,
             Session {
@@ -863,6 +869,20 @@ impl Fill {
             },
         );
         cancel
+    }
+
+    /// Sets the nodes known to be in another zone than this one: the picker
+    /// asks them only when no same-zone peer offers anything.
+    pub(crate) fn set_remote_nodes(&self, nodes: &HashSet<String>) {
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            for (id, s) in &st.sessions {
+                st.picker.set_remote(*id, nodes.contains(&s.node));
+            }
+            st.remote_nodes.clone_from(nodes);
+        }
+        self.changed.notify_waiters();
     }
 
     pub(crate) fn remove_session(&self, id: PeerId) {
