@@ -66,9 +66,16 @@ enum Command {
         fairness: FairnessArg,
         #[arg(long, value_enum, default_value_t = PeersArg::Operator)]
         peers: PeersArg,
-        /// Variant (not the agent's behaviour): ask same-zone peers first.
+        /// A/B: do not tell the agents their peers' zones (the picker is then
+        /// zone-blind, as in a cluster without zone labels).
         #[arg(long)]
-        zone_first: bool,
+        zone_blind: bool,
+        /// A/B of the agent's download byte budget, MiB (default: `DOWNLOAD_BUFFER_BYTES`).
+        #[arg(long)]
+        download_budget_mib: Option<u64>,
+        /// A/B of the agent's upload byte budget, MiB (default: `UPLOAD_BUFFER_BYTES`).
+        #[arg(long)]
+        upload_budget_mib: Option<u64>,
         /// Payload share of a peer link's cap (e.g. 0.904: QUIC as measured on the netbench).
         #[arg(long, default_value_t = 1.0)]
         peer_efficiency: f64,
@@ -115,7 +122,9 @@ fn main() -> anyhow::Result<()> {
             readers,
             fairness,
             peers,
-            zone_first,
+            zone_blind,
+            download_budget_mib,
+            upload_budget_mib,
             peer_efficiency,
             origin_efficiency,
             seed,
@@ -143,7 +152,13 @@ fn main() -> anyhow::Result<()> {
                 PeersArg::Operator => PeerChoice::Operator,
                 PeersArg::Bounded => PeerChoice::Bounded,
             };
-            cfg.zone_first = zone_first;
+            cfg.zone_blind = zone_blind;
+            if let Some(b) = download_budget_mib {
+                cfg.download_budget = b << 20;
+            }
+            if let Some(b) = upload_budget_mib {
+                cfg.upload_budget = b << 20;
+            }
             cfg.peer_efficiency = peer_efficiency;
             cfg.origin_efficiency = origin_efficiency;
             cfg.seed = seed;

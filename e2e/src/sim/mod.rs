@@ -98,11 +98,10 @@ pub struct Config {
     pub upload_budget: u64,
     pub fairness: Fairness,
     pub peers: PeerChoice,
-    /// Variant, not the agent's behaviour: a node asks peers in its own
-    /// zone first and a peer in another zone only when no same-zone peer
-    /// has anything it may ask for.
+    /// A/B switch of the agent's zone rule: the agents are not told their
+    /// peers' zones (as without zone labels), so the picker is zone-blind.
     #[serde(default)]
-    pub zone_first: bool,
+    pub zone_blind: bool,
     /// Payload share of a peer link's cap (QUIC headers, acks).
     pub peer_efficiency: f64,
     /// Payload share of the origin link's cap (HTTP over TCP).
@@ -136,7 +135,7 @@ impl Config {
             upload_budget: peerfill_agent::swarm::UPLOAD_BUFFER_BYTES,
             fairness: Fairness::Local,
             peers: PeerChoice::Operator,
-            zone_first: false,
+            zone_blind: false,
             peer_efficiency: 1.0,
             origin_efficiency: 1.0,
             seed: 1,

@@ -171,8 +171,8 @@ impl Report {
                 super::PeerChoice::Operator => "operator",
                 super::PeerChoice::Bounded => "bounded",
             },
-            if self.config.zone_first {
-                ", zone first"
+            if self.config.zone_blind {
+                ", zone-blind"
             } else {
                 ""
             },

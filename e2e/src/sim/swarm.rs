@@ -16,6 +16,11 @@
 //! starts its flow one RTT after it is sent (the HTTP request and the
 //! first byte).
 //!
+//! Zones: every agent is told its peers' zones (as the operator's
+//! `spec.peers[].zone` tells the real one), so its picker asks another
+//! zone's peers only when its own zone's offer nothing (`zone_blind`: the
+//! A/B run without zones).
+//!
 //! Simplifications: CPU, disk and verification take no time; every node
 //! starts at 0 with the size known and its sessions open; a hash becomes
 //! known everywhere when its reader's announcement arrives (the authority
@@ -107,8 +112,6 @@ struct Agent {
     /// agent would not make: a session that has nothing to ask for does
     /// not stand in the permit queue).
     dry: Vec<bool>,
-    /// Sessions with a peer in this node's zone.
-    local: Vec<bool>,
     /// Requests out: (session, piece).
     pending: HashSet<(u32, u32)>,
     inflight: usize,
@@ -199,17 +202,16 @@ impl<'a> Sim<'a> {
                     })
                     .collect();
                 let mut picker = Picker::new(pieces);
-                for s in 0..peers.len() {
+                for (s, &p) in peers.iter().enumerate() {
                     picker.add_peer(s as PeerId, |_| false);
+                    // The agent learns its peers' zones from its NodeFill.
+                    let remote = topo.zone[p as usize] != topo.zone[i];
+                    picker.set_remote(s as PeerId, remote && !cfg.zone_blind);
                 }
                 Agent {
                     picker,
                     outstanding: vec![0; peers.len()],
                     dry: vec![false; peers.len()],
-                    local: peers
-                        .iter()
-                        .map(|&p| topo.zone[p as usize] == topo.zone[i])
-                        .collect(),
                     peers,
                     back,
                     pending: HashSet::new(),

@@ -30,6 +30,7 @@ mod reconcile;
 mod reporter;
 mod run;
 mod watch;
+mod zones;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -21,6 +21,7 @@ use super::labels::remove_label;
 use super::manifest::{Entry, Manifest};
 use super::reporter::Reporter;
 use super::translate::{self, Desired};
+use super::zones;
 use crate::agent::{ContentConfig, Engine, Phase, SourceConfig, dest_path};
 
 /// One assignment this agent took on.
@@ -78,6 +79,9 @@ impl NodeAgent {
     pub(super) async fn reconcile(&mut self, spec: &NodeFillSpec) {
         let peer_addrs = resolve_peers(spec).await;
         let me = self.args.node_name.clone();
+        self.engine
+            .swarm()
+            .set_remote_nodes(zones::remote_nodes(spec, self.reporter.zone.as_deref()));
         if !self.cleaned_up {
             self.startup_cleanup(spec).await;
             self.cleaned_up = true;

@@ -186,6 +186,9 @@ struct State {
     /// A complete unsigned hash list received before the root was pinned,
     /// and who sent it: tried when the pin arrives.
     unsigned_candidate: Option<(String, Vec<PieceHash>)>,
+    /// Nodes known to be in another zone (their sessions are remote peers
+    /// for the picker).
+    remote_nodes: HashSet<String>,
 }
 
 /// One content in the swarm. Shared by the peer sessions, the origin
@@ -260,6 +263,7 @@ impl Fill {
                 reuse_pending: Vec::new(),
                 batches: BatchStore::default(),
                 unsigned_candidate: None,
+                remote_nodes: HashSet::new(),
             }),
             changed: Notify::new(),
             stats,
@@ -876,6 +880,8 @@ impl Fill {
             return (cancel, wake);
         }
         st.picker.add_peer(id, |_| false);
+        let remote = st.remote_nodes.contains(node);
+        st.picker.set_remote(id, remote);
         st.sessions.insert(
             id,
             Session {
@@ -886,6 +892,20 @@ impl Fill {
             },
         );
         (cancel, wake)
+    }
+
+    /// Sets the nodes known to be in another zone than this one: the picker
+    /// asks them only when no same-zone peer offers anything.
+    pub(crate) fn set_remote_nodes(&self, nodes: &HashSet<String>) {
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            for (id, s) in &st.sessions {
+                st.picker.set_remote(*id, nodes.contains(&s.node));
+            }
+            st.remote_nodes.clone_from(nodes);
+        }
+        self.changed.notify_waiters();
     }
 
     pub(crate) fn remove_session(&self, id: PeerId) {

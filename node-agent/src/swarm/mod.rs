@@ -210,6 +210,8 @@ pub(crate) struct Shared {
     pub(crate) batch_verifier: relay::BatchVerifier,
     /// Signs the hash batches this node is the authority for.
     live: tls::LiveIdentity,
+    /// Peers known to be in another zone than this node (see `picker`).
+    remote_nodes: RwLock<HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -312,6 +314,7 @@ impl Swarm {
         let shared = Arc::new(Shared {
             batch_verifier,
             live: identity.live.clone(),
+            remote_nodes: RwLock::new(HashSet::new()),
             uploads_refused,
             stall_resyncs,
             duplicates_refused,
@@ -360,11 +363,21 @@ impl Swarm {
     /// Adds a content and announces it to connected peers allowed to have it.
     pub fn add_content(&self, fill: Arc<Fill>) {
         fill.set_signer(&self.shared.opts.node, self.shared.live.clone());
-        self.shared
-            .contents
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(fill.spec.id.clone(), fill.clone());
+        {
+            // Held while the fill is published, so a concurrent
+            // `set_remote_nodes` (same lock order) reaches it too.
+            let remote = self
+                .shared
+                .remote_nodes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            fill.set_remote_nodes(&remote);
+            self.shared
+                .contents
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(fill.spec.id.clone(), fill.clone());
+        }
         self.shared.contents_added.notify_waiters();
         let conns: Vec<(String, quinn::Connection)> = lock(&self.shared.conns)
             .iter()
@@ -379,6 +392,32 @@ impl Swarm {
                     fill.clone(),
                 ));
             }
+        }
+    }
+
+    /// Sets the peers known to be in another zone than this node, for every
+    /// content (the picker asks them only when same-zone peers offer
+    /// nothing). Empty (the default): zones are unknown and play no part.
+    pub fn set_remote_nodes(&self, nodes: HashSet<String>) {
+        let mut cur = self
+            .shared
+            .remote_nodes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *cur == nodes {
+            return;
+        }
+        *cur = nodes;
+        let fills: Vec<Arc<Fill>> = self
+            .shared
+            .contents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for f in fills {
+            f.set_remote_nodes(&cur);
         }
     }
 

@@ -7,8 +7,18 @@
 //! [`ENDGAME_DUPLICATES`] requests per piece on distinct peers so a slow peer
 //! does not hold up the last pieces; the first verified copy wins and the
 //! others are cancelled.
+//!
+//! Zones: a peer known to sit in another zone ([`Picker::set_remote`]) is
+//! asked only when no peer of our own zone offers anything we could ask
+//! for now (a requestable piece nobody is fetching yet), so a piece
+//! crosses into a zone about once and then spreads inside it; in the
+//! endgame a remote peer duplicates only pieces no same-zone peer holds.
+//! Cross-zone links are the scarce, metered ones, and inside a zone of
+//! thousands of nodes there is almost always a near holder. Peers of
+//! unknown zone count as near: without zone labels (one-zone clusters)
+//! the picker behaves as if zones did not exist.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use rand::Rng;
@@ -37,6 +47,10 @@ pub struct Picker {
     /// Peers with an outstanding request for each piece.
     inflight: Vec<Vec<PeerId>>,
     peers: HashMap<PeerId, Vec<bool>>,
+    /// Peers known to be in another zone.
+    remote: HashSet<PeerId>,
+    /// Connected near (not remote) peers holding each piece.
+    near_availability: Vec<u32>,
     /// Pieces a peer refused for now, not to be asked of it again before
     /// the instant (other holders first).
     refused: HashMap<PeerId, HashMap<u32, Instant>>,
@@ -53,6 +67,8 @@ impl Picker {
             availability: vec![0; n],
             inflight: vec![Vec::new(); n],
             peers: HashMap::new(),
+            remote: HashSet::new(),
+            near_availability: vec![0; n],
             refused: HashMap::new(),
             missing: n,
         }
@@ -121,28 +137,67 @@ impl Picker {
     }
 
     /// Adds a peer with its bitfield (one bool per piece; shorter is padded).
+    /// A bitfield sent again replaces the first; the peer's zone is kept.
     pub fn add_peer(&mut self, peer: PeerId, has: impl Fn(usize) -> bool) {
-        self.remove_peer(peer);
+        self.forget_bits(peer);
+        let near = !self.remote.contains(&peer);
         let bits: Vec<bool> = (0..self.state.len()).map(has).collect();
         for (i, b) in bits.iter().enumerate() {
             if *b {
                 self.availability[i] += 1;
+                self.near_availability[i] += u32::from(near);
             }
         }
         self.peers.insert(peer, bits);
     }
 
-    /// Forgets a peer: its availability and its outstanding requests (the
-    /// caller drops those requests; the pieces go back to the pool).
-    pub fn remove_peer(&mut self, peer: PeerId) {
-        self.refused.remove(&peer);
+    /// Marks a peer as being in another zone (`true`) or not. Either may be
+    /// set before or after the peer's bitfield arrives.
+    pub fn set_remote(&mut self, peer: PeerId, remote: bool) {
+        let changed = if remote {
+            self.remote.insert(peer)
+        } else {
+            self.remote.remove(&peer)
+        };
+        if !changed {
+            return;
+        }
+        if let Some(bits) = self.peers.get(&peer) {
+            for (i, b) in bits.iter().enumerate() {
+                if *b {
+                    if remote {
+                        self.near_availability[i] -= 1;
+                    } else {
+                        self.near_availability[i] += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn is_remote(&self, peer: PeerId) -> bool {
+        self.remote.contains(&peer)
+    }
+
+    fn forget_bits(&mut self, peer: PeerId) {
+        let near = !self.remote.contains(&peer);
         if let Some(bits) = self.peers.remove(&peer) {
             for (i, b) in bits.iter().enumerate() {
                 if *b {
                     self.availability[i] -= 1;
+                    self.near_availability[i] -= u32::from(near);
                 }
             }
         }
+    }
+
+    /// Forgets a peer: its availability, its zone and its outstanding
+    /// requests (the caller drops those requests; the pieces go back to
+    /// the pool).
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        self.refused.remove(&peer);
+        self.forget_bits(peer);
+        self.remote.remove(&peer);
         for i in 0..self.state.len() {
             if self.inflight[i].contains(&peer) {
                 self.release_index(i, peer);
@@ -160,7 +215,16 @@ impl Picker {
         {
             bits[piece as usize] = true;
             self.availability[piece as usize] += 1;
+            self.near_availability[piece as usize] += u32::from(!self.remote.contains(&peer));
         }
+    }
+
+    /// Whether a near peer holds a requestable piece nobody is fetching:
+    /// while one does, remote peers are not asked.
+    fn near_offers(&self) -> bool {
+        (0..self.state.len()).any(|i| {
+            self.near_availability[i] > 0 && self.requestable(i) && self.inflight[i].is_empty()
+        })
     }
 
     /// Whether the peer holds a piece we could request now.
@@ -168,6 +232,9 @@ impl Picker {
         let Some(bits) = self.peers.get(&peer) else {
             return false;
         };
+        if self.remote.contains(&peer) && self.near_offers() {
+            return false;
+        }
         (0..self.state.len()).any(|i| bits[i] && self.requestable(i))
     }
 
@@ -189,6 +256,10 @@ impl Picker {
         let refused = self.refused.get(&peer);
         let is_refused = |i: usize| refused.is_some_and(|r| r.contains_key(&(i as u32)));
         let bits = self.peers.get(&peer)?;
+        let remote = self.remote.contains(&peer);
+        if remote && self.near_offers() {
+            return None;
+        }
         let mut best: Option<(u32, usize)> = None; // (availability, index)
         let mut ties = 0u32;
         for (i, &has) in bits.iter().enumerate() {
@@ -221,6 +292,7 @@ impl Picker {
                     || out.len() >= ENDGAME_DUPLICATES
                     || out.contains(&peer)
                     || is_refused(i)
+                    || (remote && self.near_availability[i] > 0)
                 {
                     continue;
                 }
@@ -426,5 +498,77 @@ mod tests {
             p.pick(1, &mut rng(), now + std::time::Duration::from_secs(2)),
             Some(0)
         );
+    }
+
+    #[test]
+    fn a_remote_peer_is_asked_only_when_no_near_peer_offers_anything() {
+        let mut p = Picker::new(3);
+        known(&mut p);
+        let now = Instant::now();
+        p.set_remote(9, true); // before its bitfield
+        p.add_peer(1, |i| i == 0);
+        p.add_peer(9, |_| true);
+        // Piece 0 is rarer at the near peer... and also at the remote one:
+        // while the near peer offers it, the remote peer is not asked,
+        // not even for pieces only it holds.
+        assert!(!p.interesting(9));
+        assert_eq!(p.pick(9, &mut rng(), now), None);
+        assert_eq!(p.pick(1, &mut rng(), now), Some(0));
+        // Nothing left to ask of the near peer: the remote one may help
+        // with what no near peer holds.
+        assert!(p.interesting(9));
+        let a = p.pick(9, &mut rng(), now).unwrap();
+        let b = p.pick(9, &mut rng(), now).unwrap();
+        assert_eq!([a.min(b), a.max(b)], [1, 2]);
+        // A new piece at the near peer blocks the remote one again.
+        p.release(a, 9);
+        p.peer_has(1, a);
+        assert_eq!(p.pick(9, &mut rng(), now), None);
+        assert_eq!(p.pick(1, &mut rng(), now), Some(a));
+    }
+
+    #[test]
+    fn peers_of_unknown_zone_are_near_and_the_zone_survives_a_new_bitfield() {
+        let mut p = Picker::new(2);
+        known(&mut p);
+        let now = Instant::now();
+        p.add_peer(1, |_| true);
+        p.add_peer(2, |_| true);
+        // No zone known: both are asked, as in a one-zone cluster.
+        assert!(p.pick(1, &mut rng(), now).is_some());
+        assert!(p.pick(2, &mut rng(), now).is_some());
+        let mut p = Picker::new(2);
+        known(&mut p);
+        p.add_peer(1, |i| i == 0);
+        p.add_peer(9, |_| false);
+        p.set_remote(9, true); // after its (empty) bitfield
+        p.add_peer(9, |_| true); // a new bitfield keeps the zone
+        assert!(p.is_remote(9));
+        assert_eq!(p.pick(9, &mut rng(), now), None);
+        // Back to near (the peer list changed): asked like any other.
+        p.set_remote(9, false);
+        assert!(p.pick(9, &mut rng(), now).is_some());
+        p.remove_peer(9);
+        assert!(!p.is_remote(9));
+    }
+
+    #[test]
+    fn in_the_endgame_a_remote_peer_duplicates_only_what_no_near_peer_holds() {
+        let mut p = Picker::new(2);
+        known(&mut p);
+        let now = Instant::now();
+        p.add_peer(1, |i| i == 0);
+        p.add_peer(2, |_| true);
+        p.set_remote(2, true);
+        p.add_peer(9, |_| true);
+        p.set_remote(9, true);
+        assert_eq!(p.pick(1, &mut rng(), now), Some(0));
+        assert_eq!(p.pick(2, &mut rng(), now), Some(1));
+        assert!(p.is_endgame());
+        // Piece 1 has no near holder: another remote peer may duplicate
+        // it; piece 0 is fetched from a near peer and is not duplicated
+        // across zones.
+        assert_eq!(p.pick(9, &mut rng(), now), Some(1));
+        assert_eq!(p.pick(9, &mut rng(), now), None);
     }
 }

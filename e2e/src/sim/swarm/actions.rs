@@ -82,12 +82,6 @@ impl Sim<'_> {
         if k == 0 || a.picker.is_complete() {
             return;
         }
-        let zone_first = self.cfg.zone_first;
-        // With `zone_first`, an announcement from another zone is not
-        // acted on alone: same-zone peers are asked first.
-        let only = only.filter(|&s| !zone_first || a.local[s as usize]);
-        // Round 0 asks same-zone peers only (`zone_first`), round 1 all.
-        let mut round = usize::from(!zone_first);
         let mut asked = Vec::new();
         let mut misses = 0;
         loop {
@@ -100,23 +94,22 @@ impl Sim<'_> {
                 Some(s) => s as usize,
                 None => {
                     if misses >= k {
-                        if round == 1 {
-                            break;
-                        }
-                        round = 1;
-                        misses = 0;
+                        break;
                     }
                     let s = a.rr % k;
                     a.rr = (s + 1) % k;
                     s
                 }
             };
-            let skip = round == 0 && !a.local[s];
-            let picked = if skip || a.dry[s] || usize::from(a.outstanding[s]) >= pipeline {
+            let picked = if a.dry[s] || usize::from(a.outstanding[s]) >= pipeline {
                 None
             } else {
                 let p = a.picker.pick(s as PeerId, rng, now);
-                a.dry[s] = p.is_none();
+                // A remote session may be held back only while near peers
+                // offer something, which changes with any request: it is
+                // looked at again each time (the agent wakes every session
+                // on any change).
+                a.dry[s] = p.is_none() && !a.picker.is_remote(s as PeerId);
                 p
             };
             match picked {
