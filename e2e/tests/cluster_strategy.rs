@@ -73,7 +73,10 @@ fn check_rates(what: &str, nodes: &[String], rates: &[f64], cap: u64) -> anyhow:
 async fn applied_content_id(c: &Cluster, d: &Distribution) -> anyhow::Result<String> {
     let d = c
         .wait_distribution(d, WAIT, "a content id in the status", |d| {
-            d.status.as_ref().and_then(|s| s.content_id.as_ref()).is_some()
+            d.status
+                .as_ref()
+                .and_then(|s| s.content_id.as_ref())
+                .is_some()
         })
         .await?;
     d.status
@@ -169,7 +172,10 @@ async fn an_origin_without_ranges_is_read_whole_by_one_node() -> anyhow::Result<
         size / MIB,
         served.requests
     );
-    ensure!(readers.len() == 1, "one node reads the origin: {progress:?}");
+    ensure!(
+        readers.len() == 1,
+        "one node reads the origin: {progress:?}"
+    );
     let from_peers: u64 = progress.values().map(|e| e.bytes_from_peers).sum();
     ensure!(
         from_peers >= (want.len() as u64 - 1) * size,

@@ -1143,7 +1143,14 @@ mod tests {
         // Another size than the content's is refused before the body.
         let err = read_whole(&c, 299_999).await.unwrap_err();
         assert!(
-            matches!(err, OriginError::WrongLength { expected: 299_999, got: 300_000, .. }),
+            matches!(
+                err,
+                OriginError::WrongLength {
+                    expected: 299_999,
+                    got: 300_000,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         // Pinned to another version: the origin changed.

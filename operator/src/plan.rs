@@ -1395,7 +1395,11 @@ pub(crate) mod tests {
         let mut w = abcd_world(3);
         let before = reader_names(&w);
         assert_eq!(before.len(), 3);
-        assert!(!plan_distribution(&w.distributions[0], &w).unwrap().whole_read);
+        assert!(
+            !plan_distribution(&w.distributions[0], &w)
+                .unwrap()
+                .whole_read
+        );
         // The second reader's first range came back whole.
         edit_report(&mut w, &before[1], "u", |e| {
             e.phase = NodePhase::Failed;
@@ -1403,7 +1407,11 @@ pub(crate) mod tests {
         });
         let p = plan_distribution(&w.distributions[0], &w).unwrap();
         assert!(p.whole_read);
-        assert_eq!(reader_names(&w), before[..1], "the first reader keeps its slot");
+        assert_eq!(
+            reader_names(&w),
+            before[..1],
+            "the first reader keeps its slot"
+        );
         // Once the size is known it reads every piece.
         edit_report(&mut w, &before[0], "u", |e| e.size = Some(5 << 20));
         let first = plan(&w);
@@ -1424,7 +1432,14 @@ pub(crate) mod tests {
             fills.insert(n.clone(), Arc::new(f));
         }
         w.fills = fills;
-        assert!(plan(&w).specs[&before[1]].distributions[0].source.http.as_ref().unwrap().whole_read);
+        assert!(
+            plan(&w).specs[&before[1]].distributions[0]
+                .source
+                .http
+                .as_ref()
+                .unwrap()
+                .whole_read
+        );
         edit_report(&mut w, &before[0], "u", |e| {
             e.phase = NodePhase::Failed;
             e.reason = Some("InsufficientSpace".into());

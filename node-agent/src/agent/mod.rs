@@ -50,11 +50,11 @@ use tracing::info;
 
 use crate::tls::NodeIdentity;
 
+pub use crate::swarm::ContentCaps;
 pub use config::{
     ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, Headers, IdentityFiles, Limits,
     PeerConfig, STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,
 };
-pub use crate::swarm::ContentCaps;
 pub use contents::ContentOpError;
 pub use engine::{Engine, EngineOptions};
 pub use failure::is_local_fault;

@@ -187,7 +187,11 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let l2 = low.load(Ordering::SeqCst);
         assert_eq!(high.load(Ordering::SeqCst), 48 * MIB);
-        assert!(l2 - l >= 28 * MIB, "low got {} bytes in the next 5 s", l2 - l);
+        assert!(
+            l2 - l >= 28 * MIB,
+            "low got {} bytes in the next 5 s",
+            l2 - l
+        );
         for t in tasks {
             t.abort();
         }

@@ -101,42 +101,40 @@ pub async fn read_origin_range(
         .collect();
     info!(content = %fill.spec.id, first = range.start, end = range.end, missing = missing.len(), "reading origin range");
     let read = |piece: u32| {
-            let (fill, me, client, limiter, metrics) = (
-                fill.clone(),
-                me.clone(),
-                client.clone(),
-                limiter.clone(),
-                metrics.clone(),
-            );
-            async move {
-                // Taken meanwhile (reused from a verified file on disk).
-                if fill.store.has(piece) {
-                    return Ok(());
-                }
-                let bytes = layout.piece_range(piece);
-                limiter.acquire(bytes.end - bytes.start).await;
-                let data = client.fetch_range(bytes).await?;
-                let len = data.len() as u64;
-                metrics.received(Source::Origin, len);
-                fill.stats
-                    .bytes_from_origin
-                    .fetch_add(len, Ordering::Relaxed);
-                let hash = {
-                    let data = data.clone();
-                    tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data))
-                        .await?
-                };
-                metrics.piece_verified();
-                // Detached: a write must not be interrupted half-way.
-                let f = fill.clone();
-                tokio::spawn(
-                    async move { f.store_verified(None, &me, piece, data, Some(hash)).await },
-                )
+        let (fill, me, client, limiter, metrics) = (
+            fill.clone(),
+            me.clone(),
+            client.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        );
+        async move {
+            // Taken meanwhile (reused from a verified file on disk).
+            if fill.store.has(piece) {
+                return Ok(());
+            }
+            let bytes = layout.piece_range(piece);
+            limiter.acquire(bytes.end - bytes.start).await;
+            let data = client.fetch_range(bytes).await?;
+            let len = data.len() as u64;
+            metrics.received(Source::Origin, len);
+            fill.stats
+                .bytes_from_origin
+                .fetch_add(len, Ordering::Relaxed);
+            let hash = {
+                let data = data.clone();
+                tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data))
+                    .await?
+            };
+            metrics.piece_verified();
+            // Detached: a write must not be interrupted half-way.
+            let f = fill.clone();
+            tokio::spawn(async move { f.store_verified(None, &me, piece, data, Some(hash)).await })
                 .await?
                 .map_err(|source| OriginReadError::Store { piece, source })?;
-                debug!(content = %fill.spec.id, piece, "piece read from origin");
-                Ok::<(), OriginReadError>(())
-            }
+            debug!(content = %fill.spec.id, piece, "piece read from origin");
+            Ok::<(), OriginReadError>(())
+        }
     };
     let Some((&first, rest)) = missing.split_first() else {
         return Ok(());

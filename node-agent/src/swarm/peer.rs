@@ -446,7 +446,9 @@ async fn download(
         // Read each round: a Distribution's priority may change.
         let priority = shared.limits.priority(&fill.spec.id);
         while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
-            let Some(permit) = granted.take().or_else(|| try_permit(&shared, units, priority))
+            let Some(permit) = granted
+                .take()
+                .or_else(|| try_permit(&shared, units, priority))
             else {
                 starved = true;
                 break;

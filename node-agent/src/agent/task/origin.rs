@@ -18,9 +18,9 @@ use crate::swarm::{
     Authority, Fill, OriginReadError, read_origin_range, read_origin_whole, seed_hashes,
 };
 
-use super::super::{Phase, SourceConfig};
 use super::super::engine::Engine;
 use super::super::failure::{Failure, origin_failure, version_conflict};
+use super::super::{Phase, SourceConfig};
 use super::{AbortOnDrop, ContentRun};
 
 /// The background task reading this node's ranges from the origin.
