@@ -99,7 +99,9 @@ pub struct Source {
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
     /// `http://` or `https://` URL of the content. The origin should support
-    /// Range requests; without them a single node downloads it whole.
+    /// Range requests; one that answers a range with the whole body is read
+    /// whole, in one streaming GET, by a single node, and every other node
+    /// takes the content from peers (slower: one node's download speed).
     /// Credentials in the URL are refused: use `headersFrom`.
     #[schemars(length(min = 1, max = URL_MAX_LEN), pattern(URL_PATTERN), transform = url_rules)]
     pub url: String,
@@ -201,16 +203,25 @@ pub struct Strategy {
     #[serde(default = "default_max_origin_connections")]
     #[schemars(range(min = MAX_ORIGIN_CONNECTIONS_MIN, max = MAX_ORIGIN_CONNECTIONS_MAX))]
     pub max_origin_connections: u32,
-    /// Per-node download cap in bytes per second (1 MiB/s to 100 GiB/s).
+    /// Download cap of this distribution on each node, in bytes per second
+    /// (1 MiB/s to 100 GiB/s), from peers and the origin together. The
+    /// agent's own node-wide limits apply on top. A change applies to the
+    /// running distribution within a report interval, without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = BANDWIDTH_MIN, max = BANDWIDTH_MAX))]
     pub max_download_bytes_per_second: Option<u64>,
-    /// Per-node upload cap in bytes per second (1 MiB/s to 100 GiB/s).
+    /// Upload cap of this distribution on each node, in bytes per second
+    /// (1 MiB/s to 100 GiB/s), to all peers together. The agent's own
+    /// node-wide limits apply on top; changes apply without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = BANDWIDTH_MIN, max = BANDWIDTH_MAX))]
     pub max_upload_bytes_per_second: Option<u64>,
     /// Higher goes first when a node has several distributions (-1000 to
-    /// 1000; default 0).
+    /// 1000; default 0): under the agent's node-wide download and upload
+    /// limits, a lower priority gets bandwidth only while no higher one
+    /// waits for it; without node-wide limits, a lower priority takes a
+    /// download slot only while no higher one waits for one. Uploads are
+    /// ordered by priority only under a node-wide upload limit.
     #[serde(default)]
     #[schemars(range(min = PRIORITY_MIN, max = PRIORITY_MAX))]
     pub priority: i32,

@@ -175,13 +175,16 @@ pub struct Assignment {
     /// the distribution, so every agent knows whom to ask first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub origin_readers: Vec<OriginReader>,
-    /// Download cap of this node for this distribution, bytes per second.
+    /// Download cap of this node for this distribution, bytes per second,
+    /// peers and origin together; the agent follows changes live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_download_bytes_per_second: Option<u64>,
-    /// Upload cap of this node for this distribution, bytes per second.
+    /// Upload cap of this node for this distribution, bytes per second, all
+    /// peers together; the agent follows changes live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_upload_bytes_per_second: Option<u64>,
-    /// Higher goes first.
+    /// Higher goes first for the node's bandwidth (see the Distribution's
+    /// `strategy.priority`).
     #[serde(default)]
     pub priority: i32,
     /// Nodes allowed to exchange this content with this node (the agent
@@ -267,6 +270,12 @@ pub struct ResolvedHttpSource {
     /// has changed, and the reader reports `OriginChanged`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_version: Option<String>,
+    /// The origin ignores Range requests (an origin reader of this content
+    /// id reported `OriginNoRangeSupport`): the one origin reader reads the
+    /// whole content in one streaming GET, every other node fetches from
+    /// peers. Kept for the content id once set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole_read: bool,
 }
 
 /// A Secret by namespace and name.

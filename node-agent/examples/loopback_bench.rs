@@ -173,6 +173,7 @@ fn config(
             root: None,
             origin_version: None,
             reuse_from: Vec::new(),
+            caps: Default::default(),
         }],
     );
     // The bench origin listens on loopback.
@@ -376,6 +377,7 @@ async fn swarm(bin: &Path, root: &Path, size: u64, agents: usize) -> BenchResult
         url: format!("http://{origin_addr}/blob"),
         headers: Default::default(),
         readers: names[..2].to_vec(),
+        whole: false,
     };
     let procs: Vec<Proc> = peers
         .iter()

@@ -25,6 +25,13 @@
 //! metadata addresses are refused (`OriginForbidden`): no SSRF from nodes.
 //! Redirects are bounded ([`MAX_REDIRECTS`]), never downgrade https to http
 //! and never carry credentials in the URL.
+//!
+//! An origin that ignores Range requests is read whole, in one streaming
+//! GET, by a single reader ([`whole`]).
+
+mod whole;
+
+pub use whole::WholeBody;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
@@ -1103,6 +1110,58 @@ mod tests {
         assert_eq!(err.reason(), "OriginNoRangeSupport");
         // The whole file as a 200 is fine.
         assert_eq!(c.fetch_range(0..1000).await.unwrap().len(), 1000);
+    }
+
+    /// Reads a whole body chunk by chunk.
+    async fn read_whole(c: &OriginClient, size: u64) -> Result<Vec<u8>, OriginError> {
+        let mut body = c.open_whole(size).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = body.next_chunk().await? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn whole_reads_stream_the_body_and_check_length_and_version() {
+        let data = content(300_000);
+        let d = data.clone();
+        let s = server(
+            Arc::new(move |req, _| {
+                assert!(req.headers().get(header::RANGE).is_none());
+                let mut r = Response::new(Full::new(d.clone()));
+                r.headers_mut()
+                    .insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+                r
+            }),
+            false,
+        )
+        .await;
+        let c = client(&s);
+        assert_eq!(read_whole(&c, 300_000).await.unwrap(), data.to_vec());
+        assert_eq!(c.version().as_deref(), Some("\"v1\""), "pinned by the read");
+        // Another size than the content's is refused before the body.
+        let err = read_whole(&c, 299_999).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OriginError::WrongLength {
+                    expected: 299_999,
+                    got: 300_000,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Pinned to another version: the origin changed.
+        c.pin_version("\"v0\"".into());
+        let err = read_whole(&c, 300_000).await.unwrap_err();
+        assert_eq!(err.reason(), "OriginChanged");
+        // A server error is the caller's to retry.
+        let s = server(Arc::new(|_, _| status(503)), false).await;
+        let err = read_whole(&client(&s), 10).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert_eq!(s.hits.load(Ordering::SeqCst), 1, "one attempt");
     }
 
     #[tokio::test]

@@ -5,6 +5,15 @@
 //! into debt and sleeps until the debt is repaid. Requests larger than the
 //! burst therefore never deadlock, and waiters are served in arrival order
 //! (each one's sleep covers the debt of those before it).
+//!
+//! Two kinds are layered on every byte (a byte passes all of them):
+//! per-content caps ([`RateLimiter::adjustable`], whose rate follows the
+//! Distribution's spec while it runs) and the node-wide limits, which serve
+//! waiters by priority ([`PriorityLimiter`]).
+
+mod priority;
+
+pub use priority::PriorityLimiter;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -23,7 +32,8 @@ pub struct RateLimiter {
 
 #[derive(Debug)]
 struct Bucket {
-    /// Bytes per second.
+    /// Bytes per second; `0` means unlimited (an adjustable limiter without
+    /// a cap for now).
     rate: f64,
     /// Most tokens the bucket holds.
     burst: f64,
@@ -32,7 +42,24 @@ struct Bucket {
     last: Instant,
 }
 
+/// The burst of a limiter of `rate` bytes per second: one default piece or
+/// a quarter second of rate, whichever is larger, so a whole piece can go
+/// at once without stalling.
+fn default_burst(rate: u64) -> u64 {
+    (rate / 4).max(u64::from(DEFAULT_PIECE_SIZE))
+}
+
 impl Bucket {
+    fn new(rate: u64, burst: u64) -> Bucket {
+        let burst = burst.max(1) as f64;
+        Bucket {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
@@ -45,24 +72,54 @@ impl RateLimiter {
     /// burst is one default piece or a quarter second of rate, whichever is
     /// larger, so a whole piece can go at once without stalling.
     pub fn new(bytes_per_sec: Option<u64>) -> RateLimiter {
-        let burst = bytes_per_sec
-            .map(|r| (r / 4).max(u64::from(DEFAULT_PIECE_SIZE)))
-            .unwrap_or(0);
+        let burst = bytes_per_sec.map(default_burst).unwrap_or(0);
         Self::with_burst(bytes_per_sec, burst)
+    }
+
+    /// A limiter whose rate can be changed while it is shared
+    /// ([`RateLimiter::set_rate`]); `None` or `Some(0)`: unlimited for now.
+    pub fn adjustable(bytes_per_sec: Option<u64>) -> RateLimiter {
+        let limiter = RateLimiter {
+            bucket: Some(Arc::new(Mutex::new(Bucket::new(0, 1)))),
+        };
+        limiter.set_rate(bytes_per_sec);
+        limiter
+    }
+
+    /// Changes the rate of every clone of an adjustable limiter, keeping
+    /// the tokens it holds (at most the new burst). Waiters already asleep
+    /// keep their wake-up time; later ones see the new rate. No-op on a
+    /// fixed unlimited limiter.
+    pub fn set_rate(&self, bytes_per_sec: Option<u64>) {
+        let Some(bucket) = &self.bucket else {
+            return;
+        };
+        let rate = bytes_per_sec.unwrap_or(0);
+        let mut b = bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        b.refill(now);
+        if rate == 0 {
+            b.rate = 0.0;
+            return;
+        }
+        let was_unlimited = b.rate == 0.0;
+        b.rate = rate as f64;
+        b.burst = default_burst(rate) as f64;
+        // From unlimited: start full, as a new limiter does.
+        b.tokens = if was_unlimited {
+            b.burst
+        } else {
+            b.tokens.min(b.burst)
+        };
+        b.last = now;
     }
 
     /// Like [`RateLimiter::new`] with an explicit burst (at least 1 byte).
     /// The bucket starts full.
     pub fn with_burst(bytes_per_sec: Option<u64>, burst: u64) -> RateLimiter {
-        let bucket = bytes_per_sec.filter(|&r| r > 0).map(|rate| {
-            let burst = burst.max(1) as f64;
-            Arc::new(Mutex::new(Bucket {
-                rate: rate as f64,
-                burst,
-                tokens: burst,
-                last: Instant::now(),
-            }))
-        });
+        let bucket = bytes_per_sec
+            .filter(|&r| r > 0)
+            .map(|rate| Arc::new(Mutex::new(Bucket::new(rate, burst))));
         RateLimiter { bucket }
     }
 
@@ -73,9 +130,9 @@ impl RateLimiter {
 
     /// The configured rate, `None` when unlimited.
     pub fn rate(&self) -> Option<u64> {
-        self.bucket.as_ref().map(|b| {
+        self.bucket.as_ref().and_then(|b| {
             let b = b.lock().unwrap_or_else(PoisonError::into_inner);
-            b.rate as u64
+            (b.rate > 0.0).then_some(b.rate as u64)
         })
     }
 
@@ -88,6 +145,9 @@ impl RateLimiter {
         };
         let wait = {
             let mut b = bucket.lock().unwrap_or_else(PoisonError::into_inner);
+            if b.rate == 0.0 {
+                return;
+            }
             b.refill(Instant::now());
             b.tokens -= n as f64;
             if b.tokens >= 0.0 {
@@ -166,6 +226,40 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert!(!waiter.is_finished());
         waiter.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adjustable_rates_apply_to_every_clone_from_the_next_request() {
+        let rl = RateLimiter::adjustable(None);
+        let clone = rl.clone();
+        assert_eq!(rl.rate(), None);
+        let start = Instant::now();
+        clone.acquire(100_000_000).await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "no cap yet");
+
+        rl.set_rate(Some(4 << 20));
+        assert_eq!(clone.rate(), Some(4 << 20));
+        // Starts full (one burst), then 4 MiB/s: 5 bursts of 4 MiB in 4 s.
+        let start = Instant::now();
+        for _ in 0..5 {
+            clone.acquire(4 << 20).await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((3.99..=4.01).contains(&took), "took {took}s");
+
+        // Raised to 8 MiB/s: the bucket is empty, 16 MiB take 2 s.
+        rl.set_rate(Some(8 << 20));
+        let start = Instant::now();
+        for _ in 0..4 {
+            clone.acquire(4 << 20).await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((1.99..=2.01).contains(&took), "took {took}s");
+
+        rl.set_rate(None);
+        let start = Instant::now();
+        clone.acquire(u64::MAX).await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "cap removed");
     }
 
     #[tokio::test(start_paused = true)]

@@ -128,6 +128,7 @@ async fn only_valid_allowed_nodes_get_data() {
         root: None,
         origin_version: None,
         reuse_from: Vec::new(),
+        caps: Default::default(),
     }];
     let cfg = AgentConfig {
         metrics_addr: Some(node.metrics),

@@ -107,6 +107,7 @@ fn assignment(url: &str, size: Option<u64>) -> Assignment {
                 digest: None,
                 headers_secret: None,
                 origin_version: None,
+                whole_read: false,
             }),
             node: None,
         },

@@ -123,6 +123,9 @@ pub struct DistPlan {
     pub disagreement: Option<String>,
     /// The seeder's agent is up (always true for an http source).
     pub seeder_up: bool,
+    /// The origin ignores Range requests: one reader reads it whole
+    /// ([`whole_read`]).
+    pub whole_read: bool,
 }
 
 impl DistPlan {
@@ -346,10 +349,16 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
     let report = |n: &str| report_for(world, n, &uid, &content_id);
     let mut disagreement = None;
 
+    let whole_read = dist.spec.source.http.is_some()
+        && whole_read(current, targets.iter().filter_map(|n| report(n)));
     // Origin readers first: the size must come from exactly these.
     let names = if dist.spec.source.http.is_some() {
         let previous = previous_readers(world, &uid, &content_id);
-        let max = usize::try_from(dist.spec.strategy.max_origin_connections).unwrap_or(usize::MAX);
+        let max = if whole_read {
+            1
+        } else {
+            usize::try_from(dist.spec.strategy.max_origin_connections).unwrap_or(usize::MAX)
+        };
         let size_known = current.and_then(|a| a.size);
         let unfit = unfit_readers(world, &uid, &content_id, &targets, &previous, size_known);
         let candidates: Vec<String> = targets
@@ -445,8 +454,28 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
         origin_version,
         disagreement,
         seeder_up,
+        whole_read,
     };
     Ok(plan)
+}
+
+/// Whether the origin of this content id is read whole by one reader: it
+/// was already (the NodeFill specs keep it, so it survives restarts of the
+/// operator and of the reader), or a node reports that the origin answered a
+/// range request with the whole body (`OriginNoRangeSupport`). What the
+/// README promises for such an origin: one node downloads it whole, the
+/// others take it from peers.
+pub fn whole_read<'a>(
+    current: Option<&Assignment>,
+    mut reports: impl Iterator<Item = &'a NodeDistributionStatus>,
+) -> bool {
+    current
+        .and_then(|a| a.source.http.as_ref())
+        .is_some_and(|h| h.whole_read)
+        || reports.any(|r| {
+            r.phase == NodePhase::Failed
+                && r.reason.as_deref() == Some(policy::REASON_ORIGIN_NO_RANGES)
+        })
 }
 
 /// Targets that must not read from the origin now: those whose report on
@@ -583,6 +612,7 @@ fn resolved_source(dist: &Distribution, plan: &DistPlan) -> ResolvedSource {
                 name: f.secret_name.clone(),
             }),
             origin_version: plan.origin_version.clone(),
+            whole_read: plan.whole_read,
         }),
         node: dist.spec.source.node.as_ref().map(|n| SeedNode {
             node_name: n.node_name.clone(),
@@ -1358,6 +1388,73 @@ pub(crate) mod tests {
         d.spec.source.http.as_mut().unwrap().url = "http://o/v2".into();
         w.distributions[0] = Arc::new(d);
         assert_eq!(plan(&w).distributions["u"].size, None, "new version");
+    }
+
+    #[test]
+    fn an_origin_without_ranges_gets_one_whole_reader_for_its_content_id() {
+        let mut w = abcd_world(3);
+        let before = reader_names(&w);
+        assert_eq!(before.len(), 3);
+        assert!(
+            !plan_distribution(&w.distributions[0], &w)
+                .unwrap()
+                .whole_read
+        );
+        // The second reader's first range came back whole.
+        edit_report(&mut w, &before[1], "u", |e| {
+            e.phase = NodePhase::Failed;
+            e.reason = Some("OriginNoRangeSupport".into());
+        });
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert!(p.whole_read);
+        assert_eq!(
+            reader_names(&w),
+            before[..1],
+            "the first reader keeps its slot"
+        );
+        // Once the size is known it reads every piece.
+        edit_report(&mut w, &before[0], "u", |e| e.size = Some(5 << 20));
+        let first = plan(&w);
+        let a = &first.specs[&before[0]].distributions[0];
+        assert!(a.source.http.as_ref().unwrap().whole_read);
+        assert_eq!(
+            (a.origin_readers.len(), a.role.origin_ranges.clone()),
+            (1, vec![PieceRange { start: 0, end: 5 }])
+        );
+        // Sticky: the specs keep it after the failure report is gone (the
+        // reader restarted), and a reader replaced for a local fault reads
+        // whole too.
+        let mut fills = BTreeMap::new();
+        for (n, f) in &w.fills {
+            let mut f = (**f).clone();
+            f.spec = first.specs[n].clone();
+            f.status.as_mut().unwrap().distributions.clear();
+            fills.insert(n.clone(), Arc::new(f));
+        }
+        w.fills = fills;
+        assert!(
+            plan(&w).specs[&before[1]].distributions[0]
+                .source
+                .http
+                .as_ref()
+                .unwrap()
+                .whole_read
+        );
+        edit_report(&mut w, &before[0], "u", |e| {
+            e.phase = NodePhase::Failed;
+            e.reason = Some("InsufficientSpace".into());
+        });
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert!(p.whole_read);
+        assert_eq!(p.readers.len(), 1);
+        assert_ne!(p.readers[0].node, before[0], "replaced");
+        // A new version (new content id) tries ranges again.
+        let mut d = (*w.distributions[0]).clone();
+        d.spec.source.http.as_mut().unwrap().url = "http://o/v2".into();
+        w.distributions[0] = Arc::new(d);
+        let p = plan_distribution(&w.distributions[0], &w).unwrap();
+        assert!(!p.whole_read);
+        assert_eq!(p.readers.len(), 3);
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub const REASON_PATH_CONFLICT: &str = "PathConflict";
 /// Reason an origin reader reports when the origin's version changed under
 /// the pinned one.
 pub const REASON_ORIGIN_CHANGED: &str = "OriginChanged";
+/// Reason an origin reader reports when the origin answered a range request
+/// with the whole body: the content is then read whole by one reader.
+pub const REASON_ORIGIN_NO_RANGES: &str = "OriginNoRangeSupport";
 
 /// Reasons that are the origin's (or the content's) fault, not a node's:
 /// reported by an origin reader (or the seeder) they fail the whole
@@ -28,7 +31,6 @@ pub const ORIGIN_PERMANENT_REASONS: &[&str] = &[
     "OriginNotFound",
     "OriginForbidden",
     "OriginUnauthorized",
-    "OriginNoRangeSupport",
     "OriginWrongLength",
     "OriginAddressForbidden",
     "OriginRedirectForbidden",
@@ -66,6 +68,9 @@ pub enum ReasonKind {
     OriginTransient,
     /// The origin's version changed: restart on a new revision.
     OriginChanged,
+    /// The origin ignores Range requests: read it whole with one reader
+    /// (`plan`); the reader restarts, nothing fails.
+    OriginNoRanges,
     /// The node's own fault: replace it as an authority, others go on.
     Local,
 }
@@ -74,6 +79,8 @@ pub enum ReasonKind {
 pub fn reason_kind(reason: &str) -> ReasonKind {
     if reason == REASON_ORIGIN_CHANGED {
         ReasonKind::OriginChanged
+    } else if reason == REASON_ORIGIN_NO_RANGES {
+        ReasonKind::OriginNoRanges
     } else if ORIGIN_PERMANENT_REASONS.contains(&reason) {
         ReasonKind::OriginPermanent
     } else if ORIGIN_TRANSIENT_REASONS.contains(&reason) {
@@ -289,6 +296,7 @@ mod tests {
             ("OriginUnreachable", ReasonKind::OriginTransient),
             ("OriginHttpError", ReasonKind::OriginTransient),
             ("OriginChanged", ReasonKind::OriginChanged),
+            ("OriginNoRangeSupport", ReasonKind::OriginNoRanges),
             ("InsufficientSpace", ReasonKind::Local),
             ("StorageError", ReasonKind::Local),
             ("VerificationFailed", ReasonKind::Local),

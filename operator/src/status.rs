@@ -237,11 +237,17 @@ pub fn aggregate(
         .iter()
         .filter(|(_, r)| phase_of(*r) == Some(NodePhase::Complete))
         .count();
+    // A reader that found the origin ignores ranges is about to read it
+    // whole (`plan::whole_read`): not a failure.
+    let failed = |r: &NodeDistributionStatus| {
+        r.phase == NodePhase::Failed
+            && reason_kind(r.reason.as_deref().unwrap_or_default()) != ReasonKind::OriginNoRanges
+    };
     let failed_nodes: Vec<FailingNode> = plan
         .assigned()
         .filter_map(|n| {
             let r = report_for(world, n, uid, cid)?;
-            (r.phase == NodePhase::Failed).then(|| FailingNode {
+            failed(r).then(|| FailingNode {
                 node: n.clone(),
                 reason: r.reason.clone().unwrap_or_else(|| "Failed".into()),
                 message: r.message.clone().unwrap_or_default(),
@@ -250,7 +256,7 @@ pub fn aggregate(
         .collect();
     let failed_targets = reports
         .iter()
-        .filter(|(_, r)| phase_of(*r) == Some(NodePhase::Failed))
+        .filter(|(_, r)| r.is_some_and(failed))
         .count();
     // A new version restarts every node: Progressing at once, not Pending.
     let version_changed = old.content_id.as_deref().is_some_and(|c| c != cid);
@@ -357,7 +363,14 @@ pub fn aggregate(
             }
         )
     };
-    let counts = format!("{complete}/{desired} nodes complete, {failed_targets} failed{down_note}");
+    let whole_note = if plan.whole_read {
+        "; the origin ignores Range requests: one node reads it whole, the others take it from peers"
+    } else {
+        ""
+    };
+    let counts = format!(
+        "{complete}/{desired} nodes complete, {failed_targets} failed{down_note}{whole_note}"
+    );
 
     // A changed origin (or authorities that keep disagreeing) restarts the
     // content on a new revision, hence a new content id, unless it changed
@@ -731,6 +744,24 @@ mod tests {
         assert!(failed.message.contains("404"), "{}", failed.message);
         assert_eq!(st.failing_nodes.len(), 1);
         assert_eq!(st.failing_nodes[0].reason, "OriginNotFound");
+    }
+
+    #[test]
+    fn an_origin_without_ranges_is_read_whole_not_failed() {
+        // One target, which is the reader: its report must not fail the
+        // Distribution, it is about to read the origin whole.
+        let w = world(vec![http_dist("d", "u", 2)], vec![node("a", &[])], &["a"]);
+        let mut w = with_reports(w, &[("a", NodePhase::Failed, None, 0)]);
+        let mut f = (*w.fills["a"]).clone();
+        let r = &mut f.status.as_mut().unwrap().distributions[0];
+        r.reason = Some("OriginNoRangeSupport".into());
+        w.fills.insert("a".into(), Arc::new(f));
+        let st = status_of(&w);
+        // Nothing moved yet: Pending, with the reason why in the message.
+        assert_eq!(st.phase, Some(Phase::Pending));
+        assert_eq!((st.failed_nodes, st.failing_nodes.len()), (Some(0), 0));
+        let p = cond(&st, CONDITION_PROGRESSING);
+        assert!(p.message.contains("reads it whole"), "{}", p.message);
     }
 
     #[test]

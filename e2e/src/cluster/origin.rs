@@ -11,7 +11,9 @@
 //! - [`Origin::go_down`] stops answering ([`Outage::Hang`]: connections are
 //!   accepted, nothing is answered until [`Origin::come_up`]) or refuses
 //!   connections ([`Outage::Refuse`]: the listener is closed, connections
-//!   under way are cut) until [`Origin::come_up`].
+//!   under way are cut) until [`Origin::come_up`];
+//! - [`Origin::set_ignore_ranges`] makes it ignore `Range` (every GET gets
+//!   the whole body with `200`, as some object stores and scripts do).
 //!
 //! Conditional requests follow nginx: `If-Match` (strong comparison, `*`),
 //! else `If-Unmodified-Since` (412 when the resource has no `Last-Modified`
@@ -188,6 +190,9 @@ struct Shared {
     connections: Mutex<CancellationToken>,
     /// A header every request must carry (name, value), else 401.
     required_header: Mutex<Option<(String, String)>>,
+    /// Ignore `Range` headers: answer every GET with the whole body and
+    /// `Accept-Ranges: none` (as some object stores and CGI scripts do).
+    ignore_ranges: AtomicBool,
 }
 
 impl Shared {
@@ -251,6 +256,7 @@ impl Origin {
             outage,
             connections: Mutex::new(CancellationToken::new()),
             required_header: Mutex::new(None),
+            ignore_ranges: AtomicBool::new(false),
         });
         let shutdown = CancellationToken::new();
         let (s, stop) = (shared.clone(), shutdown.clone());
@@ -446,6 +452,11 @@ impl Origin {
     /// Ends a [`Origin::pause`].
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Ignores (`true`) or honours `Range` headers from now on.
+    pub fn set_ignore_ranges(&self, ignore: bool) {
+        self.shared.ignore_ranges.store(ignore, Ordering::SeqCst);
     }
 
     /// Takes the origin down until [`Origin::come_up`] (see [`Outage`]).
@@ -808,10 +819,11 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         }
     };
     let size = blob.size;
+    let ignore_ranges = shared.ignore_ranges.load(Ordering::SeqCst);
     let range = req
         .headers()
         .get(header::RANGE)
-        .filter(|_| honour_range)
+        .filter(|_| honour_range && !ignore_ranges)
         .map(|v| parse_range(v.to_str().unwrap_or(""), size));
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, size),
@@ -837,7 +849,10 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     };
     let mut resp = with_validators(Response::builder(), &blob)
         .status(status)
-        .header(header::ACCEPT_RANGES, "bytes")
+        .header(
+            header::ACCEPT_RANGES,
+            if ignore_ranges { "none" } else { "bytes" },
+        )
         .header(header::CONTENT_LENGTH, end - start)
         .header(header::CONTENT_TYPE, "application/octet-stream");
     if status == StatusCode::PARTIAL_CONTENT {

@@ -277,6 +277,7 @@ pub fn run(spec: &MemorySpec, deadline: Deadline) -> Result<MemoryResult> {
                 root: None,
                 origin_version: None,
                 reuse_from: Vec::new(),
+                caps: Default::default(),
             }],
         );
         cfg.stay = true;

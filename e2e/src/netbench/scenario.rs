@@ -519,6 +519,7 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
         url: format!("http://{ORIGIN_IP}/{ARTIFACT}"),
         headers: Default::default(),
         readers,
+        whole: false,
     };
     let mut out = Vec::with_capacity(spec.nodes);
     for (i, name) in names.iter().enumerate() {
@@ -548,6 +549,7 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
                 root: None,
                 origin_version: None,
                 reuse_from: Vec::new(),
+                caps: Default::default(),
             }],
         );
         // Keep serving after completion: a node that is done still uploads

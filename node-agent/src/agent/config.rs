@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::content::{Digest, Layout};
 use crate::store::PARTIAL_DIR;
-use crate::swarm::Fault;
+use crate::swarm::{ContentCaps, Fault};
 use crate::tls;
 
 /// Directory (under the data root) of the status files, by default.
@@ -162,6 +162,10 @@ pub struct ContentConfig {
     /// may be reused once they verify; the destination itself always is.
     #[serde(default)]
     pub reuse_from: Vec<PathBuf>,
+    /// This content's bandwidth caps and priority on this node, on top of
+    /// the node-wide `limits` (see `swarm::limits`).
+    #[serde(default)]
+    pub caps: ContentCaps,
 }
 
 /// Where the bytes come from.
@@ -175,6 +179,10 @@ pub enum SourceConfig {
         #[serde(default)]
         headers: Headers,
         readers: Vec<String>,
+        /// The origin ignores Range requests: the first reader reads the
+        /// whole content in one streaming GET, the others are not used.
+        #[serde(default)]
+        whole: bool,
     },
     /// A file already on node `node`, which seeds it from `path` (an
     /// absolute path on that node; ignored elsewhere).

@@ -16,7 +16,7 @@ use crate::store::{PieceStore, StoreError};
 use super::config::validate_content;
 use super::engine::{Engine, Running};
 use super::task::{ContentRun, content_task};
-use super::{AgentError, ContentConfig, PeerConfig, dest_path, status_path};
+use super::{AgentError, ContentCaps, ContentConfig, PeerConfig, dest_path, status_path};
 
 /// Errors of adding or removing a content.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,8 @@ impl Engine {
         if contents.contains_key(&c.id) {
             return Err(ContentOpError::Duplicate(c.id));
         }
+        // Before the task starts, so its first byte is capped already.
+        self.inner.swarm.set_caps(&c.id, c.caps);
         let run = Arc::new(ContentRun::new(
             c.clone(),
             self.inner.cfg.node.clone(),
@@ -133,6 +135,14 @@ impl Engine {
             .swarm
             .set_allowed(id, allowed.into_iter().collect());
         self.redial();
+    }
+
+    /// Changes the caps and priority of running content `id`; its next
+    /// requests follow them (no restart).
+    pub fn set_caps(&self, id: &str, caps: ContentCaps) {
+        if self.contents().contains_key(id) {
+            self.inner.swarm.set_caps(id, caps);
+        }
     }
 
     /// Points the swarm at the union of the peers of every content.

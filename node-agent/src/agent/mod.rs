@@ -50,6 +50,7 @@ use tracing::info;
 
 use crate::tls::NodeIdentity;
 
+pub use crate::swarm::ContentCaps;
 pub use config::{
     ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, Headers, IdentityFiles, Limits,
     PeerConfig, STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,

@@ -78,6 +78,15 @@ pub struct NodeArgs {
     /// the node's own services or the cloud metadata endpoint.
     #[arg(long)]
     pub allow_private_origins: bool,
+    /// Node-wide download limit in bytes per second, over every
+    /// distribution, peers and origin; served by priority (unset:
+    /// unlimited). Each distribution's own cap applies within it.
+    #[arg(long)]
+    pub max_download_bytes_per_second: Option<u64>,
+    /// Node-wide upload limit in bytes per second, over every distribution;
+    /// served by priority (unset: unlimited).
+    #[arg(long)]
+    pub max_upload_bytes_per_second: Option<u64>,
     /// The pod's IP (from the downward API), advertised when listening on
     /// 0.0.0.0.
     #[arg(long, env = "POD_IP", hide = true)]

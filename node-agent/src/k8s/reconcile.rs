@@ -179,6 +179,10 @@ impl NodeAgent {
                                 );
                             }
                             self.engine.pin(&id, cfg.root, cfg.origin_version.clone());
+                            if old.caps != cfg.caps {
+                                info!(content = %id, caps = ?cfg.caps, "caps or priority changed");
+                                self.engine.set_caps(&id, cfg.caps);
+                            }
                             let mut keep = cfg;
                             keep.size = old.size;
                             keep.reuse_from.clone_from(&old.reuse_from);

@@ -91,6 +91,8 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> Result<(),
         Vec::new(),
     );
     cfg.metrics_addr = None;
+    cfg.limits.download_bytes_per_sec = args.max_download_bytes_per_second;
+    cfg.limits.upload_bytes_per_sec = args.max_upload_bytes_per_second;
     let engine = Engine::start_with_metrics(
         &cfg,
         &identity,

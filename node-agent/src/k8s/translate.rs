@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use peerfill_crds::nodefill::Assignment;
 
-use crate::agent::{ContentConfig, Headers, PeerConfig, SourceConfig, dest_path};
+use crate::agent::{ContentCaps, ContentConfig, Headers, PeerConfig, SourceConfig, dest_path};
 use crate::content::Digest;
 
 /// What to do with one assignment.
@@ -70,6 +70,7 @@ pub fn translate(
                 url: http.url.clone(),
                 headers: Headers::default(),
                 readers,
+                whole: http.whole_read,
             };
             (source, digest, reader)
         }
@@ -152,6 +153,11 @@ pub fn translate(
         root,
         origin_version,
         reuse_from: Vec::new(),
+        caps: ContentCaps {
+            download_bytes_per_sec: a.max_download_bytes_per_second,
+            upload_bytes_per_sec: a.max_upload_bytes_per_second,
+            priority: a.priority,
+        },
     })
 }
 
@@ -253,6 +259,7 @@ mod tests {
                     digest: Some(format!("sha256:{}", "ab".repeat(32))),
                     headers_secret: None,
                     origin_version: None,
+                    whole_read: false,
                 }),
                 node: None,
             },

@@ -37,6 +37,7 @@
 
 mod announcers;
 mod fill;
+mod limits;
 mod origin_reader;
 mod peer;
 pub mod picker;
@@ -55,10 +56,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use fill::{Authority, Fill, FillError, FillSpec, FillStats};
-pub use origin_reader::{OriginReadError, read_origin_range, seed_hashes};
+pub use limits::{ContentCaps, DownloadGate};
+pub use origin_reader::{OriginReadError, read_origin_range, read_origin_whole, seed_hashes};
 
 use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
 use crate::tls::{self, NodeIdentity};
 
 /// Application close codes of a connection.
@@ -196,8 +197,8 @@ pub(crate) struct Shared {
     pub(crate) inflight: Arc<Semaphore>,
     /// [`DOWNLOAD_BUFFER_BYTES`] in [`BUFFER_UNIT`]s.
     pub(crate) inflight_bytes: Arc<Semaphore>,
-    pub(crate) up: RateLimiter,
-    pub(crate) down: RateLimiter,
+    /// Node-wide and per-content byte rates, and priority ([`limits`]).
+    pub(crate) limits: limits::Limits,
     pub(crate) metrics: Metrics,
     next_session: AtomicU64,
     pub(crate) shutdown: CancellationToken,
@@ -323,8 +324,7 @@ impl Swarm {
             inflight_bytes: Arc::new(Semaphore::new(
                 (DOWNLOAD_BUFFER_BYTES / BUFFER_UNIT) as usize,
             )),
-            up: RateLimiter::new(opts.upload_rate),
-            down: RateLimiter::new(opts.download_rate),
+            limits: limits::Limits::new(opts.download_rate, opts.upload_rate),
             opts,
             endpoint,
             client_config,
@@ -356,8 +356,16 @@ impl Swarm {
         &self.shared.metrics
     }
 
-    pub fn download_limiter(&self) -> RateLimiter {
-        self.shared.down.clone()
+    /// The download limiters of content `id` (its cap, then the node-wide
+    /// limit at its priority), for its origin reads.
+    pub fn download_gate(&self, id: &str) -> DownloadGate {
+        self.shared.limits.download_gate(id)
+    }
+
+    /// Sets or changes the caps and priority of content `id`; a running
+    /// content follows from its next request.
+    pub fn set_caps(&self, id: &str, caps: ContentCaps) {
+        self.shared.limits.set(id, caps);
     }
 
     /// Adds a content and announces it to connected peers allowed to have it.
@@ -478,9 +486,11 @@ impl Swarm {
         }
     }
 
-    /// Removes a content: it is no longer served or fetched, and its fill
-    /// is closed (see [`Fill::close`]). Returns the fill, if it was there.
+    /// Removes a content: it is no longer served or fetched, its fill is
+    /// closed (see [`Fill::close`]) and its caps forgotten. Returns the
+    /// fill, if it was there.
     pub fn remove_content(&self, id: &str) -> Option<Arc<Fill>> {
+        self.shared.limits.remove(id);
         let fill = self
             .shared
             .contents

@@ -7,14 +7,14 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::BytesMut;
 use futures::StreamExt;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::Fill;
+use super::{DownloadGate, Fill};
 use crate::content::{self, PieceHash};
 use crate::metrics::{Metrics, Source};
 use crate::origin::{OriginClient, OriginError};
-use crate::ratelimit::RateLimiter;
 use crate::store::StoreError;
 
 /// Why reading the origin failed.
@@ -82,7 +82,9 @@ pub async fn seed_hashes(
 
 /// Reads the missing pieces of `range` from the origin with at most
 /// `concurrency` requests at once, hashing, storing and announcing each as
-/// soon as it arrives. Retries are the origin client's; an error here means
+/// soon as it arrives. The first piece goes alone: an origin that ignores
+/// Range answers it with the whole body, and one such answer is dropped,
+/// not `concurrency`. Retries are the origin client's; an error here means
 /// it gave up.
 pub async fn read_origin_range(
     fill: Arc<Fill>,
@@ -90,7 +92,7 @@ pub async fn read_origin_range(
     client: OriginClient,
     range: Range<u32>,
     concurrency: usize,
-    limiter: RateLimiter,
+    limiter: DownloadGate,
     metrics: Metrics,
 ) -> Result<(), OriginReadError> {
     let layout = fill.layout();
@@ -98,49 +100,137 @@ pub async fn read_origin_range(
         .filter(|p| !fill.store.has(*p))
         .collect();
     info!(content = %fill.spec.id, first = range.start, end = range.end, missing = missing.len(), "reading origin range");
-    let results = futures::stream::iter(missing)
-        .map(|piece| {
-            let (fill, me, client, limiter, metrics) = (
-                fill.clone(),
-                me.clone(),
-                client.clone(),
-                limiter.clone(),
-                metrics.clone(),
-            );
-            async move {
-                // Taken meanwhile (reused from a verified file on disk).
-                if fill.store.has(piece) {
-                    return Ok(());
-                }
-                let bytes = layout.piece_range(piece);
-                limiter.acquire(bytes.end - bytes.start).await;
-                let data = client.fetch_range(bytes).await?;
-                let len = data.len() as u64;
-                metrics.received(Source::Origin, len);
-                fill.stats
-                    .bytes_from_origin
-                    .fetch_add(len, Ordering::Relaxed);
-                let hash = {
-                    let data = data.clone();
-                    tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data))
-                        .await?
-                };
-                metrics.piece_verified();
-                // Detached: a write must not be interrupted half-way.
-                let f = fill.clone();
-                tokio::spawn(
-                    async move { f.store_verified(None, &me, piece, data, Some(hash)).await },
-                )
+    let read = |piece: u32| {
+        let (fill, me, client, limiter, metrics) = (
+            fill.clone(),
+            me.clone(),
+            client.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        );
+        async move {
+            // Taken meanwhile (reused from a verified file on disk).
+            if fill.store.has(piece) {
+                return Ok(());
+            }
+            let bytes = layout.piece_range(piece);
+            limiter.acquire(bytes.end - bytes.start).await;
+            let data = client.fetch_range(bytes).await?;
+            let len = data.len() as u64;
+            metrics.received(Source::Origin, len);
+            fill.stats
+                .bytes_from_origin
+                .fetch_add(len, Ordering::Relaxed);
+            let hash = {
+                let data = data.clone();
+                tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data))
+                    .await?
+            };
+            metrics.piece_verified();
+            // Detached: a write must not be interrupted half-way.
+            let f = fill.clone();
+            tokio::spawn(async move { f.store_verified(None, &me, piece, data, Some(hash)).await })
                 .await?
                 .map_err(|source| OriginReadError::Store { piece, source })?;
-                debug!(content = %fill.spec.id, piece, "piece read from origin");
-                Ok::<(), OriginReadError>(())
-            }
-        })
+            debug!(content = %fill.spec.id, piece, "piece read from origin");
+            Ok::<(), OriginReadError>(())
+        }
+    };
+    let Some((&first, rest)) = missing.split_first() else {
+        return Ok(());
+    };
+    read(first).await?;
+    let results = futures::stream::iter(rest.iter().copied())
+        .map(read)
         .buffer_unordered(concurrency.max(1));
     futures::pin_mut!(results);
     while let Some(r) = results.next().await {
         r?;
     }
+    Ok(())
+}
+
+/// Reads the whole content in one streaming GET from an origin that ignores
+/// Range requests (see `origin::whole`); this reader is then the authority
+/// of every piece. Each piece is hashed and stored as soon as its last byte
+/// arrives; pieces already held are read past. A failure half-way starts
+/// the body over (the origin cannot resume), with the client's retry policy
+/// for transient failures.
+pub async fn read_origin_whole(
+    fill: Arc<Fill>,
+    me: String,
+    client: OriginClient,
+    limiter: DownloadGate,
+    metrics: Metrics,
+) -> Result<(), OriginReadError> {
+    use backon::Retryable;
+    info!(content = %fill.spec.id, size = fill.layout().size, "reading the whole content from an origin without Range support");
+    (|| read_whole_once(&fill, &me, &client, &limiter, &metrics))
+        .retry(client.retry_policy())
+        .sleep(tokio::time::sleep)
+        .when(|e: &OriginReadError| matches!(e, OriginReadError::Origin(e) if e.is_transient()))
+        .notify(|e: &OriginReadError, wait| {
+            warn!(content = %fill.spec.id, error = %e, retry_in = ?wait, "whole-content read failed; reading it again");
+        })
+        .await
+}
+
+async fn read_whole_once(
+    fill: &Arc<Fill>,
+    me: &str,
+    client: &OriginClient,
+    limiter: &DownloadGate,
+    metrics: &Metrics,
+) -> Result<(), OriginReadError> {
+    let layout = fill.layout();
+    let mut body = client.open_whole(layout.size).await?;
+    let mut buf = BytesMut::new();
+    for piece in 0..layout.piece_count() {
+        let len = layout.piece_len(piece) as usize;
+        limiter.acquire(len as u64).await;
+        while buf.len() < len {
+            match body.next_chunk().await? {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                // The body checks its length: it cannot end before `size`.
+                None => break,
+            }
+        }
+        if buf.len() < len {
+            return Err(OriginError::WrongLength {
+                url: client.display_url().to_string(),
+                expected: layout.size,
+                got: layout.piece_range(piece).start + buf.len() as u64,
+            }
+            .into());
+        }
+        let data = buf.split_to(len).freeze();
+        metrics.received(Source::Origin, len as u64);
+        fill.stats
+            .bytes_from_origin
+            .fetch_add(len as u64, Ordering::Relaxed);
+        if fill.store.has(piece) {
+            continue;
+        }
+        let hash = {
+            let data = data.clone();
+            tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data)).await?
+        };
+        metrics.piece_verified();
+        // Detached: a write must not be interrupted half-way.
+        let (f, me) = (fill.clone(), me.to_string());
+        tokio::spawn(async move { f.store_verified(None, &me, piece, data, Some(hash)).await })
+            .await?
+            .map_err(|source| OriginReadError::Store { piece, source })?;
+    }
+    // Nothing may follow the last piece.
+    if body.next_chunk().await?.is_some() || !buf.is_empty() {
+        return Err(OriginError::WrongLength {
+            url: client.display_url().to_string(),
+            expected: layout.size,
+            got: layout.size + buf.len() as u64,
+        }
+        .into());
+    }
+    debug!(content = %fill.spec.id, "whole content read from the origin");
     Ok(())
 }

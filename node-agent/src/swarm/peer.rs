@@ -421,8 +421,12 @@ const REFUSAL_RECHECK: Duration = Duration::from_millis(50);
 /// one of `max_inflight` and its piece's share of the byte budget.
 type DownloadPermit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
-/// Takes both permits now, or `None` if either budget is used up.
-fn try_permit(shared: &Shared, units: u32) -> Option<DownloadPermit> {
+/// Takes both permits now, or `None` if either budget is used up or a
+/// content of higher priority than `priority` waits for one.
+fn try_permit(shared: &Shared, units: u32, priority: i32) -> Option<DownloadPermit> {
+    if shared.limits.outranked(priority) {
+        return None;
+    }
     let count = shared.inflight.clone().try_acquire_owned().ok()?;
     let bytes = shared
         .inflight_bytes
@@ -433,8 +437,14 @@ fn try_permit(shared: &Shared, units: u32) -> Option<DownloadPermit> {
 }
 
 /// Waits in line for both permits (always in the same order, so sessions
-/// cannot hold one each and wait for the other forever).
-async fn queue_for_permit(shared: Arc<Shared>, units: u32) -> Option<DownloadPermit> {
+/// cannot hold one each and wait for the other forever), behind every
+/// content of higher priority (see `limits`).
+async fn queue_for_permit(
+    shared: Arc<Shared>,
+    units: u32,
+    priority: i32,
+) -> Option<DownloadPermit> {
+    let _turn = shared.limits.permit_turn(priority).await;
     let count = shared.inflight.clone().acquire_owned().await.ok()?;
     let bytes = shared
         .inflight_bytes
@@ -479,8 +489,13 @@ async fn download(
         changed.as_mut().enable();
         let mut starved = false;
         let mut unpicked = false;
+        // Read each round: a Distribution's priority may change.
+        let priority = shared.limits.priority(&fill.spec.id);
         while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
-            let Some(permit) = granted.take().or_else(|| try_permit(&shared, units)) else {
+            let Some(permit) = granted
+                .take()
+                .or_else(|| try_permit(&shared, units, priority))
+            else {
                 starved = true;
                 break;
             };
@@ -507,7 +522,7 @@ async fn download(
         if !wants {
             queued = None;
         } else if queued.is_none() {
-            queued = Some(Box::pin(queue_for_permit(shared.clone(), units)));
+            queued = Some(Box::pin(queue_for_permit(shared.clone(), units, priority)));
         }
         tokio::select! {
             Some(_) = outstanding.join_next(), if !outstanding.is_empty() => {}
@@ -638,7 +653,7 @@ async fn request_piece(
     piece: u32,
     len: u32,
 ) -> Result<Bytes, FetchError> {
-    shared.down.acquire(u64::from(len)).await;
+    shared.limits.download(content, u64::from(len)).await;
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -746,7 +761,7 @@ async fn serve_request(
             }
         }
     };
-    shared.up.acquire(u64::from(len)).await;
+    shared.limits.upload(&content_id, u64::from(len)).await;
     let header = wire::piece_header(piece, data.len());
     if send.write_all(&header).await.is_err() || send.write_chunk(data).await.is_err() {
         return;

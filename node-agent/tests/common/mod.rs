@@ -243,6 +243,7 @@ pub fn http_config(
             url: url.to_string(),
             headers: Default::default(),
             readers: readers.to_vec(),
+            whole: false,
         },
         peers: all
             .iter()
@@ -256,6 +257,7 @@ pub fn http_config(
         root: None,
         origin_version: None,
         reuse_from: Vec::new(),
+        caps: Default::default(),
     }];
     AgentConfig {
         metrics_addr: Some(me.metrics),

@@ -1,7 +1,8 @@
 //! Phase 3 of an attempt, for an origin reader: it is the authority of the
 //! piece hashes of its ranges, so it re-hashes what it already holds of them
-//! (resume), then reads the rest from the origin over HTTP, while the swarm
-//! fetches everything else from peers. Transient origin failures are shown
+//! (resume), then reads the rest from the origin over HTTP (in range
+//! requests, or whole in one GET from an origin that ignores ranges), while
+//! the swarm fetches everything else from peers. Transient origin failures are shown
 //! in the status and retried when the engine retries.
 
 use std::sync::Arc;
@@ -13,11 +14,13 @@ use tracing::{Instrument, info, warn};
 
 use crate::origin::{OriginClient, OriginError};
 use crate::retry;
-use crate::swarm::{Authority, Fill, OriginReadError, read_origin_range, seed_hashes};
+use crate::swarm::{
+    Authority, Fill, OriginReadError, read_origin_range, read_origin_whole, seed_hashes,
+};
 
-use super::super::Phase;
 use super::super::engine::Engine;
 use super::super::failure::{Failure, origin_failure, version_conflict};
+use super::super::{Phase, SourceConfig};
 use super::{AbortOnDrop, ContentRun};
 
 /// The background task reading this node's ranges from the origin.
@@ -53,13 +56,30 @@ pub(super) async fn start_reader(
     let (fill, me, limiter, metrics, run) = (
         fill.clone(),
         me.to_string(),
-        inner.origin_limiter.clone(),
+        inner
+            .swarm
+            .download_gate(&run.cfg.id)
+            .with_origin(inner.origin_limiter.clone()),
         inner.metrics.clone(),
         run.clone(),
     );
     let retry = inner.opts.retry_transient_origin;
     let concurrency = inner.cfg.tuning.origin_concurrency;
+    let whole = matches!(run.cfg.source, SourceConfig::Http { whole: true, .. });
     let read = async move {
+        if whole {
+            // One range, every piece: one streaming GET (`origin::whole`).
+            return with_origin_retry(&run, retry, Phase::Fetching, || {
+                read_origin_whole(
+                    fill.clone(),
+                    me.clone(),
+                    client.clone(),
+                    limiter.clone(),
+                    metrics.clone(),
+                )
+            })
+            .await;
+        }
         for range in mine {
             with_origin_retry(&run, retry, Phase::Fetching, || {
                 read_origin_range(

@@ -46,8 +46,10 @@ pub(super) async fn prepare(run: &ContentRun, engine: &Engine) -> Result<Prepare
     let layout = Layout::for_content(size, c.piece_size)
         .map_err(|e| Failure::new("InvalidConfig", e.to_string()))?;
     let authority = match &c.source {
-        SourceConfig::Http { readers, .. } => {
-            let ranges = split_ranges(&layout, readers.len() as u32);
+        // One reader for everything when the origin is read whole.
+        SourceConfig::Http { readers, whole, .. } => {
+            let n = if *whole { 1 } else { readers.len() as u32 };
+            let ranges = split_ranges(&layout, n);
             Authority::Readers(readers.iter().cloned().zip(ranges).collect())
         }
         SourceConfig::Node { node, .. } => Authority::Seeder(node.clone()),
@@ -122,6 +124,7 @@ fn origin_client(run: &ContentRun, engine: &Engine) -> Result<Option<OriginClien
         url,
         headers: h,
         readers,
+        ..
     } = &run.cfg.source
     else {
         return Ok(None);
