@@ -54,9 +54,11 @@ const SPEC_WRITES_PER_SECOND: f64 = 20.0;
 const SPEC_WRITE_BURST: f64 = 200.0;
 /// NodeFill spec writes in flight at once.
 const SPEC_WRITES_IN_FLIGHT: usize = 16;
-/// Progress-only status changes of a Distribution are written at most this
-/// often (changes of state at once), so status writes do not follow every
-/// agent heartbeat.
+/// An active Distribution looks at its nodes' progress this often.
+/// Progress-only status changes are written at most every
+/// `status::progress_write_interval_seconds` (this, or longer in large
+/// clusters; changes of state at once), so status writes do not follow
+/// every agent report.
 const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest a reconcile may take before it is retried.
 const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -469,7 +471,7 @@ async fn add_first_finalizer(
 enum StatusWrite {
     Unchanged,
     Done,
-    /// A progress-only change inside [`PROGRESS_WRITE_INTERVAL`].
+    /// A progress-only change inside the progress write interval.
     Deferred,
 }
 
@@ -492,7 +494,10 @@ async fn write_status(
             .unwrap_or_else(|p| p.into_inner())
             .get(&uid)
             .copied();
-        if last.is_some_and(|t| t.elapsed() < PROGRESS_WRITE_INTERVAL) {
+        let interval = status::progress_write_interval_seconds(
+            peerfill_crds::budget::report_interval_seconds(shared.nodes.state().len()),
+        );
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(u64::from(interval))) {
             return Ok(StatusWrite::Deferred);
         }
     }
@@ -652,7 +657,10 @@ async fn node_loop(shared: Arc<Shared>, ca: ClusterCa) -> Result<(), Error> {
     );
     loop {
         let started = std::time::Instant::now();
-        match sync_nodes(&shared, &ca, &mut refused, &mut budget).await {
+        let synced = sync_nodes(&shared, &ca, &mut refused, &mut budget).await;
+        // The pass's snapshot and specs are gone: give their pages back.
+        crate::heap::release_free_memory();
+        match synced {
             Ok(0) => failures = 0,
             Ok(deferred) => {
                 failures = 0;

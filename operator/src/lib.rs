@@ -6,13 +6,15 @@
 //! deserves an Event, [`leader::decide`] the Lease), then the thin shell
 //! ([`controller`], [`ca`], [`leader`], [`metrics`]) and [`run`]. [`policy`]
 //! holds the admission rules of work (private origins, path ownership,
-//! failure reasons), [`memory`] what is remembered between reconciles.
+//! failure reasons), [`memory`] what is remembered between reconciles,
+//! [`heap`] how freed memory goes back to the system after a pass.
 
 pub mod ca;
 pub mod cli;
 pub mod controller;
 pub mod error;
 pub mod events;
+pub mod heap;
 pub mod leader;
 pub mod memory;
 pub mod metrics;

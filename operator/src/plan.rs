@@ -19,7 +19,9 @@ use crate::memory::Memory;
 use crate::policy::{self, PathConflict, ReasonKind};
 use crate::select::{self, NodeMatch};
 
-pub use crate::peers::{CHORD_RINGS, FULL_MESH_MAX_PEERS, RING_NEIGHBOURS_PER_SIDE, choose_peers};
+pub use crate::peers::{
+    CHORD_RINGS, FULL_MESH_MAX_PEERS, PeerGraph, RING_NEIGHBOURS_PER_SIDE, choose_peers,
+};
 /// Node label of the zone, for topology-aware peers.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// An origin reader `Downloading` without any new verified byte for this
@@ -109,8 +111,9 @@ pub struct DistPlan {
     pub readers: Vec<OriginReader>,
     /// Content size, once the authorities of this content id agree.
     pub size: Option<u64>,
-    /// Peers of every assigned node (targets and seeder).
-    pub peers: BTreeMap<String, Vec<String>>,
+    /// Peers of every assigned node (targets and seeder); shared by the
+    /// Distributions over the same nodes.
+    pub peers: Arc<PeerGraph>,
     /// The content id of the version being distributed.
     pub content_id: String,
     /// How often the origin changed (part of the content id).
@@ -289,7 +292,7 @@ pub fn active(dist: &Distribution) -> bool {
 /// The decisions for one Distribution, or why it gets no work.
 pub fn plan_distribution(dist: &Distribution, world: &World) -> Result<DistPlan, NoWork> {
     let mut plan = plan_decisions(dist, world)?;
-    plan.peers = choose_peers(&plan, world);
+    plan.peers = Arc::new(crate::peers::choose_peer_graph(&plan, world));
     Ok(plan)
 }
 
@@ -447,7 +450,7 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
         seeder,
         readers,
         size,
-        peers: BTreeMap::new(),
+        peers: Arc::default(),
         content_id,
         origin_revision,
         manifest_digest,
@@ -653,7 +656,7 @@ pub fn assignment(dist: &Distribution, plan: &DistPlan, node: &str) -> Assignmen
         max_download_bytes_per_second: s.max_download_bytes_per_second,
         max_upload_bytes_per_second: s.max_upload_bytes_per_second,
         priority: s.priority,
-        peers: plan.peers.get(node).cloned().unwrap_or_default(),
+        peers: plan.peers.peers_of(node),
     }
 }
 
@@ -726,9 +729,20 @@ pub fn plan_nodes(world: &World) -> NodePlan {
         interval: budget::report_interval_seconds(world.nodes.len()),
         ..NodePlan::default()
     };
+    // Distributions over the same nodes get the same peers: one graph.
+    let mut graphs: Vec<(Vec<crate::peers::PeerInput>, Arc<PeerGraph>)> = Vec::new();
     for dist in &world.distributions {
-        let Ok(p) = plan_distribution(dist, world) else {
+        let Ok(mut p) = plan_decisions(dist, world) else {
             continue;
+        };
+        let inputs = crate::peers::peer_inputs(&p, world);
+        p.peers = match graphs.iter().find(|(i, _)| *i == inputs) {
+            Some((_, g)) => g.clone(),
+            None => {
+                let g = Arc::new(PeerGraph::build(&inputs));
+                graphs.push((inputs, g.clone()));
+                g
+            }
         };
         out.planned.push((dist.clone(), p.uid.clone()));
         out.distributions.insert(p.uid.clone(), p);
