@@ -94,17 +94,29 @@ pub struct Source {
     pub node: Option<NodeSource>,
 }
 
-/// An HTTP(S) origin.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// An HTTP(S) origin: one file (`url`), or a directory of files (`files`,
+/// each at `url` + its path unless it names its own URL).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(FILES_NO_WHOLE_DIGEST_RULE).message(FILES_NO_WHOLE_DIGEST_MESSAGE))]
+#[x_kube(validation = Rule::new(FILES_BASE_URL_RULE).message(FILES_BASE_URL_MESSAGE))]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
-    /// `http://` or `https://` URL of the content. The origin should support
-    /// Range requests; one that answers a range with the whole body is read
-    /// whole, in one streaming GET, by a single node, and every other node
-    /// takes the content from peers (slower: one node's download speed).
+    /// `http://` or `https://` URL of the content; with `files`, the base
+    /// URL the files' paths are appended to (ending in `/`). The origin
+    /// should support Range requests; a single file from one that answers a
+    /// range with the whole body is read whole, in one streaming GET, by a
+    /// single node, and every other node takes the content from peers
+    /// (slower: one node's download speed); a directory needs Range support.
     /// Credentials in the URL are refused: use `headersFrom`.
     #[schemars(length(min = 1, max = URL_MAX_LEN), pattern(URL_PATTERN), transform = url_rules)]
     pub url: String,
+    /// The files of a directory (at most 1000): `target.path` becomes a
+    /// directory holding each at its `path`, and appears only once every
+    /// file verified. Unset: `url` is one file and `target.path` that file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_FILES))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["path".into()]))]
+    pub files: Vec<HttpFile>,
     /// Extra request headers (e.g. `Authorization`) taken from a Secret in the
     /// Distribution's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +129,55 @@ pub struct HttpSource {
     pub digest: Option<String>,
 }
 
+/// One file of a directory from an HTTP(S) origin.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpFile {
+    /// Where the file goes beneath the target directory, and (unless `url`
+    /// is set) what is appended to the source's `url`. Same rules as
+    /// `target.path`; no file may sit beneath another file's path.
+    #[schemars(length(min = 1, max = PATH_MAX_LEN), pattern(PATH_PATTERN), transform = relative_path_rules)]
+    pub path: String,
+    /// URL of this file, when it is not the source's `url` + `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = URL_MAX_LEN), pattern(URL_PATTERN), transform = url_rules)]
+    pub url: Option<String>,
+    /// Expected digest of this file, `sha256:<hex>` or `blake3:<hex>`: a
+    /// file that does not match fails the distribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DIGEST_PATTERN))]
+    pub digest: Option<String>,
+}
+
+impl HttpSource {
+    /// The URL of every file of a directory source, in `files` order: its
+    /// own `url`, or the source's `url` with the path appended (each
+    /// segment percent-encoded).
+    pub fn file_urls(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .map(|f| match &f.url {
+                Some(u) => u.clone(),
+                None => format!("{}{}", self.url, encode_path(&f.path)),
+            })
+            .collect()
+    }
+}
+
+/// Percent-encodes every byte of each path segment that is not unreserved
+/// in a URL path (RFC 3986), keeping the `/` between segments.
+fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Request headers from a Secret.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -127,7 +188,9 @@ pub struct HeadersFrom {
     pub secret_name: String,
 }
 
-/// Content that already sits on one node.
+/// Content that already sits on one node. A directory is walked beneath
+/// the data root (symlinks are never followed: one inside it fails the
+/// distribution) and distributed as a directory of its regular files.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSource {
@@ -291,9 +354,14 @@ pub struct DistributionStatus {
     /// `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Content size in bytes, once known.
+    /// Content size in bytes, once known (for a directory, its files plus
+    /// the file table that leads the content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Number of files, when the content is a directory (agreed by the hash
+    /// authorities like the size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
     /// Digest of the whole content (`sha256:…` or `blake3:…`), once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
@@ -398,6 +466,7 @@ impl DistributionSpec {
             if let Some(digest) = &http.digest {
                 c.check("spec.source.http.digest", check_digest(digest));
             }
+            check_http_files(&mut c, http);
             if let Some(h) = &http.headers_from {
                 c.check(
                     "spec.source.http.headersFrom.secretName",
@@ -447,6 +516,43 @@ impl DistributionSpec {
     }
 }
 
+/// The rules of `spec.source.http.files` (see [`HttpSource`]).
+fn check_http_files(c: &mut Collector, http: &HttpSource) {
+    if http.files.is_empty() {
+        return;
+    }
+    if http.files.len() > MAX_FILES {
+        c.push(
+            "spec.source.http.files",
+            Problem::TooMany {
+                max: MAX_FILES,
+                len: http.files.len(),
+            },
+        );
+    }
+    if http.digest.is_some() {
+        c.push("spec.source.http.digest", Problem::WholeDigestWithFiles);
+    }
+    let needs_base = http.files.iter().any(|f| f.url.is_none());
+    if needs_base && !http.url.ends_with('/') {
+        c.push("spec.source.http.url", Problem::BaseUrlWithoutSlash);
+    }
+    for (i, f) in http.files.iter().enumerate() {
+        let field = |name: &str| format!("spec.source.http.files[{i}].{name}");
+        c.check(&field("path"), check_relative_path(&f.path));
+        if let Some(u) = &f.url {
+            c.check(&field("url"), check_url(u));
+        }
+        if let Some(d) = &f.digest {
+            c.check(&field("digest"), check_digest(d));
+        }
+    }
+    let paths: Vec<&str> = http.files.iter().map(|f| f.path.as_str()).collect();
+    if let Some((i, problem)) = check_file_paths(&paths) {
+        c.push(&format!("spec.source.http.files[{i}].path"), problem);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +562,7 @@ mod tests {
             source: Source {
                 http: Some(HttpSource {
                     url: "https://origin.example/model.bin".into(),
+                    files: Vec::new(),
                     headers_from: None,
                     digest: None,
                 }),
@@ -501,6 +608,51 @@ mod tests {
                 "spec.strategy.priority",
             ]
         );
+    }
+
+    #[test]
+    fn directory_files_are_checked_and_named() {
+        let mut s = spec();
+        let file = |path: &str, url: Option<&str>| HttpFile {
+            path: path.into(),
+            url: url.map(Into::into),
+            digest: None,
+        };
+        let http = s.source.http.as_mut().expect("http source");
+        http.url = "https://origin.example/model/".into();
+        http.files = vec![
+            file("config.json", None),
+            file("shards/model 1.safetensors", None),
+            file("tok.json", Some("https://cdn.example/t.json")),
+        ];
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(
+            s.source.http.as_ref().map(HttpSource::file_urls),
+            Some(vec![
+                "https://origin.example/model/config.json".to_owned(),
+                "https://origin.example/model/shards/model%201.safetensors".to_owned(),
+                "https://cdn.example/t.json".to_owned(),
+            ])
+        );
+
+        let http = s.source.http.as_mut().expect("http source");
+        http.url = "https://origin.example/model".into();
+        http.digest = Some(format!("sha256:{}", "0".repeat(64)));
+        http.files.push(file("config.json/x", None));
+        http.files.push(file("../up", None));
+        let errors = s.validate().expect_err("spec is invalid");
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.source.http.digest",
+                "spec.source.http.url",
+                "spec.source.http.files[4].path",
+                "spec.source.http.files[3].path",
+            ],
+            "{errors}"
+        );
+        assert!(errors.to_string().contains("is a file"), "{errors}");
     }
 
     #[test]

@@ -25,14 +25,14 @@ use kube::CustomResourceExt;
 
 pub use distribution::{
     CONDITION_COMPLETE, CONDITION_FAILED, CONDITION_PROGRESSING, Distribution, DistributionSpec,
-    DistributionStatus, FailingNode, HeadersFrom, HttpSource, NodeSource, Phase, Source, Strategy,
+    DistributionStatus, FailingNode, HeadersFrom, HttpFile, HttpSource, NodeSource, Phase, Source, Strategy,
     Target,
 };
 pub use format::{format_bytes, format_bytes_per_second, progress_string, ready_string};
 pub use nodefill::{
     Assignment, FINALIZER, IssuedIdentity, NODE_LABEL_PREFIX, NODE_LABEL_VALUE,
     NodeDistributionStatus, NodeFill, NodeFillSpec, NodeFillStatus, NodePhase, OriginReader,
-    PeerEndpoint, PieceRange, ResolvedHttpSource, ResolvedSource, Role, SecretRef, SeedNode,
+    PeerEndpoint, PieceRange, ResolvedHttpFile, ResolvedHttpSource, ResolvedSource, Role, SecretRef, SeedNode,
     node_label_key,
 };
 pub use validation::{Problem, ValidationError, ValidationErrors};

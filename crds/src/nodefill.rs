@@ -157,6 +157,11 @@ pub struct Assignment {
     /// from any other node. Piece ranges are empty until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Number of files when the content is a directory (its file table
+    /// leads the content, see the agent's `content::tree`); unset: one file.
+    /// Pinned with the size, from the same authorities' reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
     /// Piece size in bytes; `0` when the Distribution left it to the size
     /// (`validation::auto_piece_size`, see [`Assignment::effective_piece_size`]).
     pub piece_size: u64,
@@ -254,8 +259,19 @@ pub struct ResolvedSource {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ResolvedHttpSource {
-    /// URL of the content.
+    /// URL of the content (with `files`, the base URL; readers use the
+    /// files' own URLs).
     pub url: String,
+    /// The files of a directory, each with its resolved URL, in the order
+    /// the Distribution lists them. Only origin readers get the list (it
+    /// can be long); every other node learns the directory's file table
+    /// from the content itself, verified like every byte of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ResolvedHttpFile>,
+    /// The content is a directory (`files` in the Distribution), also on
+    /// nodes that do not get the list.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub directory: bool,
     /// Expected digest of the whole content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
@@ -276,6 +292,19 @@ pub struct ResolvedHttpSource {
     /// peers. Kept for the content id once set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub whole_read: bool,
+}
+
+/// One file of a directory from an HTTP origin, URL resolved.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedHttpFile {
+    /// Path beneath the target directory.
+    pub path: String,
+    /// URL of the file.
+    pub url: String,
+    /// Expected digest of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// A Secret by namespace and name.
@@ -461,6 +490,10 @@ pub struct NodeDistributionStatus {
     /// reader or seeder of this content id) is ever used by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Number of files, when the content is a directory and this node
+    /// knows its file table (only an authority's report is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
     /// BLAKE3 root (`blake3:<hex>`) of the complete piece-hash list this node
     /// holds. Authorities report it; the operator pins it into
     /// `spec.distributions[].manifestDigest` once they all agree.

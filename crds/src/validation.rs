@@ -135,6 +135,24 @@ pub const PRIORITY_MIN: i32 = -1000;
 /// Upper bound of `strategy.priority`.
 pub const PRIORITY_MAX: i32 = 1000;
 
+/// Most files of a directory from an HTTP origin (`spec.source.http.files`).
+/// A node-source directory has no such limit in the schema; its file table
+/// is bounded by the agent instead.
+pub const MAX_FILES: usize = 1000;
+/// CEL rule on `spec.source.http`: a whole-content digest only for one file.
+pub const FILES_NO_WHOLE_DIGEST_RULE: &str =
+    "!has(self.files) || size(self.files) == 0 || !has(self.digest)";
+/// Message of [`FILES_NO_WHOLE_DIGEST_RULE`].
+pub const FILES_NO_WHOLE_DIGEST_MESSAGE: &str =
+    "digest is for a single file: with files, give each file its own digest";
+/// CEL rule on `spec.source.http`: a file without its own URL is at `url` +
+/// its path, so `url` must end with `/`.
+pub const FILES_BASE_URL_RULE: &str =
+    "!has(self.files) || self.url.endsWith('/') || self.files.all(f, has(f.url))";
+/// Message of [`FILES_BASE_URL_RULE`].
+pub const FILES_BASE_URL_MESSAGE: &str =
+    "url must end with '/' when a file takes its URL from url + path";
+
 /// What is wrong with a field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
@@ -195,6 +213,26 @@ pub enum Problem {
     /// The piece size is not a power of two.
     #[error("{PIECE_SIZE_POWER_OF_TWO_MESSAGE}")]
     PieceSizeNotPowerOfTwo,
+    /// A list is longer than allowed.
+    #[error("must have at most {max} items (has {len})")]
+    TooMany {
+        /// Limit.
+        max: usize,
+        /// Actual length.
+        len: usize,
+    },
+    /// A whole-content digest next to a file list.
+    #[error("{FILES_NO_WHOLE_DIGEST_MESSAGE}")]
+    WholeDigestWithFiles,
+    /// A base URL that does not end with `/`.
+    #[error("{FILES_BASE_URL_MESSAGE}")]
+    BaseUrlWithoutSlash,
+    /// Two files of a directory at the same path.
+    #[error("duplicate path {0:?}")]
+    DuplicatePath(String),
+    /// A file path beneath another file's path (`a` and `a/b`).
+    #[error("{0:?} is a file, so nothing can be beneath it")]
+    PathBeneathFile(String),
 }
 
 /// One invalid field of a custom resource.
@@ -363,6 +401,28 @@ pub fn check_dns_subdomain(name: &str) -> Result<(), Problem> {
     }
 }
 
+/// Checks the paths of a directory's files (each already a valid relative
+/// path): no two equal, none beneath another (`a` and `a/b` cannot both be
+/// files). Returns the index of the first offending path and the problem.
+pub fn check_file_paths(paths: &[&str]) -> Option<(usize, Problem)> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, p) in paths.iter().enumerate() {
+        if seen.insert(p, i).is_some() {
+            return Some((i, Problem::DuplicatePath((*p).to_owned())));
+        }
+    }
+    for (i, p) in paths.iter().enumerate() {
+        // Every proper prefix ending at a `/` is a directory of `p`.
+        for (cut, _) in p.match_indices('/') {
+            let dir = &p[..cut];
+            if seen.contains_key(dir) {
+                return Some((i, Problem::PathBeneathFile(dir.to_owned())));
+            }
+        }
+    }
+    None
+}
+
 /// Checks `value` against inclusive bounds.
 pub fn check_range<T: Into<i128> + Copy>(value: T, min: T, max: T) -> Result<(), Problem> {
     let (value, min, max) = (value.into(), min.into(), max.into());
@@ -384,6 +444,19 @@ pub fn check_piece_size(size: u64) -> Result<(), Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_paths_are_unique_and_never_beneath_a_file() {
+        assert_eq!(check_file_paths(&["a", "b/c", "b/d", "bc"]), None);
+        assert_eq!(
+            check_file_paths(&["a", "b", "a"]),
+            Some((2, Problem::DuplicatePath("a".into())))
+        );
+        assert_eq!(
+            check_file_paths(&["x/y/z", "x/y"]),
+            Some((0, Problem::PathBeneathFile("x/y".into())))
+        );
+    }
 
     #[test]
     fn relative_paths() {
