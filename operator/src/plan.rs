@@ -616,6 +616,8 @@ fn resolved_source(dist: &Distribution, plan: &DistPlan) -> ResolvedSource {
             }),
             origin_version: plan.origin_version.clone(),
             whole_read: plan.whole_read,
+            files: Vec::new(),
+            directory: false,
         }),
         node: dist.spec.source.node.as_ref().map(|n| SeedNode {
             node_name: n.node_name.clone(),
@@ -642,6 +644,7 @@ pub fn assignment(dist: &Distribution, plan: &DistPlan, node: &str) -> Assignmen
         uid: plan.uid.clone(),
         generation: dist.metadata.generation.unwrap_or_default(),
         content_id: plan.content_id.clone(),
+        files: None,
         source: resolved_source(dist, plan),
         path: dist.spec.target.path.clone(),
         size: plan.size,

@@ -302,6 +302,7 @@ impl Agent {
             name: a.name.clone(),
             uid: a.uid.clone(),
             phase: NodePhase::Pending,
+            files: None,
             content_id: Some(a.content_id.clone()),
             size,
             root: authority.then(|| shared.root.clone()),

@@ -52,7 +52,7 @@ use crate::tls::NodeIdentity;
 
 pub use crate::swarm::ContentCaps;
 pub use config::{
-    ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, Headers, IdentityFiles, Limits,
+    ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, Headers, HttpFile, IdentityFiles, Limits,
     PeerConfig, STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,
 };
 pub use contents::ContentOpError;
