@@ -861,7 +861,11 @@ impl PieceStore {
         Self::complete_of(ContentFile::Tree(tree), path, layout)
     }
 
-    fn complete_of(data: ContentFile, path: &Path, layout: Layout) -> Result<PieceStore, StoreError> {
+    fn complete_of(
+        data: ContentFile,
+        path: &Path,
+        layout: Layout,
+    ) -> Result<PieceStore, StoreError> {
         Ok(PieceStore {
             inner: Arc::new(Inner {
                 layout,

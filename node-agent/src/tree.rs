@@ -178,7 +178,9 @@ impl FileTable {
     /// The length of the header that starts with `preamble` (at least
     /// [`PREAMBLE_LEN`] bytes of a blob).
     pub fn header_len(preamble: &[u8]) -> Result<u64, TreeError> {
-        let (magic, rest) = preamble.split_at_checked(MAGIC.len()).ok_or(TreeError::NoMagic)?;
+        let (magic, rest) = preamble
+            .split_at_checked(MAGIC.len())
+            .ok_or(TreeError::NoMagic)?;
         if magic != MAGIC {
             return Err(TreeError::NoMagic);
         }

@@ -75,7 +75,8 @@ impl DataRoot {
         self.check(to_rel)?;
         let (from_dir, from_name) = src.parent_dir(from_rel, false)?;
         let (to_dir, to_name) = self.parent_dir(to_rel, true)?;
-        let moved = |flags| rustix::fs::renameat_with(&from_dir, &from_name, &to_dir, &to_name, flags);
+        let moved =
+            |flags| rustix::fs::renameat_with(&from_dir, &from_name, &to_dir, &to_name, flags);
         let exchanged = match moved(RenameFlags::NOREPLACE) {
             Ok(()) => false,
             Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => {
@@ -191,17 +192,27 @@ mod tests {
         let stage = root.subdir(Path::new("stage"), true).unwrap();
         std::fs::create_dir(tmp.path().join("stage/s")).unwrap();
         std::fs::write(tmp.path().join("stage/s/v2"), b"2").unwrap();
-        assert!(!root.swap_in_from(&stage, Path::new("s"), Path::new("dest")).unwrap());
+        assert!(
+            !root
+                .swap_in_from(&stage, Path::new("s"), Path::new("dest"))
+                .unwrap()
+        );
         // Something there: an exchange, the old one left at the stage name.
         std::fs::create_dir(tmp.path().join("stage/s")).unwrap();
         std::fs::write(tmp.path().join("stage/s/v3"), b"3").unwrap();
-        assert!(root.swap_in_from(&stage, Path::new("s"), Path::new("dest")).unwrap());
+        assert!(
+            root.swap_in_from(&stage, Path::new("s"), Path::new("dest"))
+                .unwrap()
+        );
         assert!(tmp.path().join("dest/v3").exists());
         assert!(tmp.path().join("stage/s/v2").exists());
 
         assert!(root.remove_tree(Path::new("new")).unwrap());
         assert!(!tmp.path().join("new").exists());
-        assert!(outside.path().join("keep").exists(), "a symlink is never followed");
+        assert!(
+            outside.path().join("keep").exists(),
+            "a symlink is never followed"
+        );
         assert!(!root.remove_tree(Path::new("new")).unwrap());
     }
 }

@@ -276,6 +276,8 @@ mod tests {
                     headers_secret: None,
                     origin_version: None,
                     whole_read: false,
+                    files: Vec::new(),
+                    directory: false,
                 }),
                 node: None,
             },

@@ -148,9 +148,7 @@ fn walk_into(
                     reason: "not valid UTF-8".into(),
                 })?;
                 let f = root.open_read(&base.join(&rel))?;
-                let meta = f
-                    .metadata()
-                    .map_err(|e| io_error("inspecting", &full, e))?;
+                let meta = f.metadata().map_err(|e| io_error("inspecting", &full, e))?;
                 out.push(FileEntry {
                     path: path.to_owned(),
                     size: meta.len(),

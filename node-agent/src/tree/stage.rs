@@ -70,13 +70,20 @@ pub fn write_tree(
     }
     let table_rel = stage_rel.join(TABLE_FILE);
     let mut t = stage.create_new_file(&table_rel, false)?;
-    std::io::Write::write_all(&mut t, table.header()).map_err(io("writing", &stage.join(&table_rel)))?;
-    t.sync_all().map_err(io("syncing", &stage.join(&table_rel)))?;
+    std::io::Write::write_all(&mut t, table.header())
+        .map_err(io("writing", &stage.join(&table_rel)))?;
+    t.sync_all()
+        .map_err(io("syncing", &stage.join(&table_rel)))?;
     // Deepest first, so each directory's entry in its parent is durable too.
     let mut dirs: Vec<PathBuf> = table
         .entries()
         .iter()
-        .flat_map(|e| Path::new(&e.path).ancestors().skip(1).map(Path::to_path_buf))
+        .flat_map(|e| {
+            Path::new(&e.path)
+                .ancestors()
+                .skip(1)
+                .map(Path::to_path_buf)
+        })
         .collect();
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     dirs.dedup();
@@ -108,7 +115,9 @@ pub fn read_table(blob: &File) -> Result<FileTable, TreeError> {
 fn copy_range(blob: &File, out: &File, from: u64, len: u64, shown: &Path) -> Result<(), TreeError> {
     let (mut off_in, mut off_out) = (from, 0u64);
     while off_out < len {
-        let want = usize::try_from(len - off_out).unwrap_or(usize::MAX).min(1 << 30);
+        let want = usize::try_from(len - off_out)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
         match rustix::fs::copy_file_range(blob, Some(&mut off_in), out, Some(&mut off_out), want) {
             Ok(0) => {
                 return Err(TreeError::Io {
@@ -118,7 +127,10 @@ fn copy_range(blob: &File, out: &File, from: u64, len: u64, shown: &Path) -> Res
                 });
             }
             Ok(_) => {}
-            Err(_) => return copy_by_reads(blob, out, off_in, off_out, len - off_out, None, shown).map(drop),
+            Err(_) => {
+                return copy_by_reads(blob, out, off_in, off_out, len - off_out, None, shown)
+                    .map(drop);
+            }
         }
     }
     Ok(())
@@ -217,14 +229,25 @@ mod tests {
         // A previous version is at the target.
         std::fs::create_dir_all(tmp.path().join("models/m")).unwrap();
         std::fs::write(tmp.path().join("models/m/old"), b"old").unwrap();
-        write_tree(&f, blob.len() as u64, &root, &stage, Path::new("c1.tree"), Path::new("models/m")).unwrap();
+        write_tree(
+            &f,
+            blob.len() as u64,
+            &root,
+            &stage,
+            Path::new("c1.tree"),
+            Path::new("models/m"),
+        )
+        .unwrap();
         let m = tmp.path().join("models/m");
         assert_eq!(std::fs::read(m.join("run.sh")).unwrap(), b"sh\n");
         assert_eq!(std::fs::read(m.join("w/shard-1")).unwrap(), b"12345");
         assert!(!m.join("old").exists());
         assert!(!tmp.path().join(".peerfill-partial/c1.tree").exists());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(m.join("run.sh")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(m.join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o111, 0o111);
         // Served back as the same blob.
         let t = TreeFiles::open(&root, Path::new("models/m")).unwrap();
@@ -239,7 +262,15 @@ mod tests {
         let blob = blob_of(&table, &[b"sh\n", b"12345"]);
         std::fs::write(tmp.path().join("blob2"), &blob).unwrap();
         let f = File::open(tmp.path().join("blob2")).unwrap();
-        let err = write_tree(&f, blob.len() as u64, &root, &stage, Path::new("c2.tree"), Path::new("models/m")).unwrap_err();
+        let err = write_tree(
+            &f,
+            blob.len() as u64,
+            &root,
+            &stage,
+            Path::new("c2.tree"),
+            Path::new("models/m"),
+        )
+        .unwrap_err();
         assert_eq!(err.reason(), "DigestMismatch");
         assert_eq!(std::fs::read(m.join("w/shard-1")).unwrap(), b"12345");
     }

@@ -11,9 +11,9 @@ use std::sync::{Arc, PoisonError};
 use crate::content::{Digest, Layout};
 use crate::fsroot::DataRoot;
 use crate::origin::{Origin, OriginClient, OriginError, OriginOptions, TreeOrigin, split_ranges};
-use crate::tree::disk::TreeFiles;
 use crate::store::{PieceStore, StoreError};
 use crate::swarm::{Authority, Fault, Fill, FillSpec};
+use crate::tree::disk::TreeFiles;
 
 use super::super::engine::Engine;
 use super::super::failure::{Failure, origin_failure, store_reason};

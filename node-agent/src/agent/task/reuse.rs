@@ -13,8 +13,8 @@ use tracing::{Instrument, info, warn};
 
 use crate::content::{self, Layout};
 use crate::fsroot::{DataRoot, EntryKind};
-use crate::tree::disk::{ContentFile, TreeFiles};
 use crate::swarm::Fill;
+use crate::tree::disk::{ContentFile, TreeFiles};
 
 use super::super::{ContentConfig, dest_path};
 use super::AbortOnDrop;
@@ -184,7 +184,10 @@ fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<ContentFile> {
         EntryKind::Dir => TreeFiles::open(root, &rel).ok().map(ContentFile::Tree),
         _ => {
             let file = root.open_read(&rel).ok()?;
-            file.metadata().ok()?.is_file().then_some(ContentFile::File(file))
+            file.metadata()
+                .ok()?
+                .is_file()
+                .then_some(ContentFile::File(file))
         }
     }
 }
