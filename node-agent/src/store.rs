@@ -348,7 +348,7 @@ impl Inner {
     ) -> Result<R, StoreError> {
         match &*self.data() {
             ContentFile::File(file) => f(file),
-            ContentFile::Tree(_) => Err(StoreError::ReadOnly {
+            ContentFile::Tree(_) | ContentFile::Remapped(_) => Err(StoreError::ReadOnly {
                 path: self.data_path.clone(),
             }),
         }

@@ -317,3 +317,102 @@ async fn a_node_source_directory_is_seeded_and_a_symlink_inside_refused() {
     );
     assert!(!seeder.node.data_dir.join("models/bad").exists());
 }
+
+/// A new version of a directory (a file added that sorts first, so every
+/// offset moves; one shard changed): a node that does not read the origin
+/// takes every unchanged file from its previous copy and fetches only the
+/// table, the new file, the changed shard and the pieces they share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_of_a_directory_reuses_unchanged_files_by_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let v1 = model_files();
+    let mut v2 = v1.clone();
+    v2[1].1 = random_bytes(v2[1].1.len(), 999);
+    v2.push(("aaa-added.txt".into(), random_bytes(300 << 10, 998)));
+    let nodes = nodes(tmp.path(), 3);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &names);
+    let readers = vec![names[0].clone(), names[1].clone()];
+
+    let mut changed_bytes = 0u64;
+    for (id, files) in [("v1", &v1), ("v2", &v2)] {
+        let mut origins = Vec::new();
+        let mut http_files = Vec::new();
+        for (p, data) in files {
+            let o = Origin::start(Arc::new(data.clone())).await;
+            http_files.push(HttpFile {
+                path: p.clone(),
+                url: o.url(),
+                digest: None,
+            });
+            origins.push(o);
+        }
+        let table = FileTable::new(
+            files
+                .iter()
+                .map(|(p, d)| FileEntry {
+                    path: p.clone(),
+                    size: d.len() as u64,
+                    executable: false,
+                    digest: None,
+                })
+                .collect(),
+        )
+        .expect("table");
+        let agents: Vec<Agent> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let reader = i < 2;
+                let source = SourceConfig::Http {
+                    url: "http://127.0.0.1:1/unused/".into(),
+                    headers: Default::default(),
+                    readers: readers.clone(),
+                    whole: false,
+                    files: if reader {
+                        http_files.clone()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                let mut c = content(id, (!reader).then_some(table.size()), source);
+                // Both versions go to the same directory.
+                c.path = PathBuf::from("models/m");
+                Agent::spawn(n, &config(n, &nodes, &certs, c))
+            })
+            .collect();
+        let all: Vec<&Agent> = agents.iter().collect();
+        let settled = wait_settled(&all, id).await;
+        for a in &agents {
+            let st = a.status(id).expect("status");
+            assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
+            assert_eq!(
+                st.phase,
+                Phase::Complete,
+                "{}: {st:?}\n{}",
+                a.node.name,
+                a.log_tail()
+            );
+            assert_tree(&a.node.data_dir.join("models/m"), files, &a.node.name);
+            no_stage_left(&a.node.data_dir, &a.node.name);
+        }
+        if id == "v2" {
+            let st = agents[2].status(id).expect("status");
+            let fetched = st.bytes_from_peers + st.bytes_from_origin;
+            println!(
+                "new version of {} bytes: the non-reader fetched {fetched} bytes, reused {} pieces; changed files {changed_bytes} bytes",
+                table.size(),
+                st.reused_pieces
+            );
+            // The changed shard and the new file, plus the table's piece
+            // and at most one piece on each side of every changed file.
+            let bound = changed_bytes + 6 * u64::from(PIECE);
+            assert!(fetched <= bound, "fetched {fetched} > {bound}: {st:?}");
+            assert!(st.reused_pieces > 0, "{st:?}");
+        } else {
+            changed_bytes = v2[1].1.len() as u64 + (300 << 10);
+        }
+        drop(agents);
+    }
+}

@@ -26,6 +26,75 @@ pub struct TreeFiles {
 pub enum ContentFile {
     File(File),
     Tree(TreeFiles),
+    /// A previous version's directory read in a new version's layout.
+    Remapped(Remapped),
+}
+
+/// A previous version's directory read as the blob of a *new* file table:
+/// each file's bytes come from the old file at the same path, wherever the
+/// new table puts it. So a file unchanged between two versions is reused
+/// even when files before it were added, removed or resized (which moves
+/// every later offset); the header and files the old version lacks read as
+/// errors, and those pieces come from the network. Nothing read here is
+/// trusted: each piece is verified against its hash before it is stored.
+#[derive(Debug)]
+pub struct Remapped {
+    table: FileTable,
+    old: TreeFiles,
+    /// New file index → old file index, for paths the old version has.
+    old_index: Vec<Option<usize>>,
+}
+
+impl Remapped {
+    /// `old` read in the layout of `table`.
+    pub fn new(table: FileTable, old: TreeFiles) -> Remapped {
+        let by_path: std::collections::HashMap<&str, usize> = old
+            .table
+            .entries()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.as_str(), i))
+            .collect();
+        let old_index = table
+            .entries()
+            .iter()
+            .map(|e| by_path.get(e.path.as_str()).copied())
+            .collect();
+        Remapped {
+            table,
+            old,
+            old_index,
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let end = offset + buf.len() as u64;
+        if end > self.table.size() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut at = 0usize;
+        for seg in self.table.segments(offset..end) {
+            match seg {
+                Segment::Header(r) => {
+                    let n = (r.end - r.start) as usize;
+                    let header = &self.table.header()[r.start as usize..r.end as usize];
+                    buf[at..at + n].copy_from_slice(header);
+                    at += n;
+                }
+                Segment::File { index, range } => {
+                    let n = (range.end - range.start) as usize;
+                    let old = self.old_index[index].ok_or_else(missing)?;
+                    if self.old.table.entries()[old].size < range.end {
+                        return Err(missing());
+                    }
+                    self.old.files[old].read_exact_at(&mut buf[at..at + n], range.start)?;
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ContentFile {
@@ -34,6 +103,7 @@ impl ContentFile {
         match self {
             ContentFile::File(f) => f.read_exact_at(buf, offset),
             ContentFile::Tree(t) => t.read_exact_at(buf, offset),
+            ContentFile::Remapped(r) => r.read_exact_at(buf, offset),
         }
     }
 
@@ -42,6 +112,7 @@ impl ContentFile {
         match self {
             ContentFile::File(f) => f.metadata().map(|m| m.len()),
             ContentFile::Tree(t) => Ok(t.table.size()),
+            ContentFile::Remapped(r) => Ok(r.table.size()),
         }
     }
 }
@@ -215,6 +286,49 @@ mod tests {
         t.read_exact_at(&mut mid, h as u64 + 2).unwrap();
         assert_eq!(&mid, b"bba");
         assert!(t.read_exact_at(&mut mid, t.table().size() - 1).is_err());
+
+        // Read in the layout of a new version that adds a file before the
+        // others and resizes one: unchanged files are found by path.
+        let new = FileTable::new(vec![
+            FileEntry {
+                path: "a-new".into(),
+                size: 5,
+                executable: false,
+                digest: None,
+            },
+            FileEntry {
+                path: "b.txt".into(),
+                size: 4,
+                executable: false,
+                digest: None,
+            },
+            FileEntry {
+                path: "sub/a.bin".into(),
+                size: 3,
+                executable: false,
+                digest: None,
+            },
+        ])
+        .unwrap();
+        let h2 = new.header().len() as u64;
+        let r = ContentFile::Remapped(Remapped::new(
+            new,
+            TreeFiles::walk(&root, Path::new("src")).unwrap(),
+        ));
+        let mut b = [0u8; 4];
+        r.read_exact_at(&mut b, h2 + 5).unwrap();
+        assert_eq!(&b, b"bbbb");
+        assert!(
+            r.read_exact_at(&mut b, h2).is_err(),
+            "a file the old version lacks"
+        );
+        assert!(
+            r.read_exact_at(&mut [0u8; 3], h2 + 9).is_err(),
+            "a file that grew"
+        );
+        let mut two = [0u8; 2];
+        r.read_exact_at(&mut two, h2 + 9).unwrap();
+        assert_eq!(&two, b"aa");
 
         std::os::unix::fs::symlink("/etc", d.join("sub/link")).unwrap();
         let err = TreeFiles::walk(&root, Path::new("src")).unwrap_err();

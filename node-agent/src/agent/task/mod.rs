@@ -83,7 +83,7 @@ async fn content_attempt(run: &Arc<ContentRun>, engine: &Engine) -> Result<(), F
     // Files already on disk (at the destination, or the previous version's
     // path) are reuse sources, piece by piece, once each piece verifies.
     let reuse_files = if p.seed_path.is_some() {
-        Vec::new()
+        reuse::Sources::none()
     } else {
         reuse::sources(&p.data_root, &engine.inner.cfg.data_dir, &run.cfg, &p.dest)
     };

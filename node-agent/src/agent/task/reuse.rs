@@ -5,7 +5,7 @@
 //! hash is taken from them instead of the network; a whole file that merges
 //! to the pinned root is trusted at once.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -14,27 +14,54 @@ use tracing::{Instrument, info, warn};
 use crate::content::{self, Layout};
 use crate::fsroot::{DataRoot, EntryKind};
 use crate::swarm::Fill;
-use crate::tree::disk::{ContentFile, TreeFiles};
+use crate::tree::disk::{ContentFile, Remapped, TreeFiles};
+use crate::tree::{FileTable, PREAMBLE_LEN};
 
 use super::super::{ContentConfig, dest_path};
 use super::AbortOnDrop;
 
+/// What pieces are reused from: files (and directories read as their blob)
+/// already on disk, and, for a directory content, the directories among
+/// them to read again in the new version's layout once its file table is
+/// known ([`Remapped`]).
+pub(super) struct Sources {
+    pub(super) files: Vec<Arc<ContentFile>>,
+    remap: Option<(DataRoot, Vec<PathBuf>)>,
+}
+
+impl Sources {
+    pub(super) fn none() -> Sources {
+        Sources {
+            files: Vec::new(),
+            remap: None,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
 /// The files to reuse pieces from: the destination, then the `reuseFrom`
-/// paths, each a regular file beneath the data root.
-pub(super) fn sources(
-    root: &DataRoot,
-    data_dir: &Path,
-    c: &ContentConfig,
-    dest: &Path,
-) -> Vec<Arc<ContentFile>> {
-    std::iter::once(dest.to_path_buf())
-        .chain(
-            c.reuse_from
-                .iter()
-                .filter_map(|p| dest_path(data_dir, p).ok()),
-        )
-        .filter_map(|p| open_reuse_source(root, &p).map(Arc::new))
-        .collect()
+/// paths, each a regular file (or a directory content) beneath the data
+/// root.
+pub(super) fn sources(root: &DataRoot, data_dir: &Path, c: &ContentConfig, dest: &Path) -> Sources {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    for p in std::iter::once(dest.to_path_buf()).chain(
+        c.reuse_from
+            .iter()
+            .filter_map(|p| dest_path(data_dir, p).ok()),
+    ) {
+        if let Some(f) = open_reuse_source(root, &p) {
+            if let (ContentFile::Tree(_), Ok(rel)) = (&f, root.user_rel_of(&p)) {
+                dirs.push(rel);
+            }
+            files.push(Arc::new(f));
+        }
+    }
+    let remap = (c.directory && !dirs.is_empty()).then(|| (root.clone(), dirs));
+    Sources { files, remap }
 }
 
 /// Starts reusing `files`: a file that is the pinned content is taken whole
@@ -44,16 +71,17 @@ pub(super) fn sources(
 pub(super) async fn start(
     fill: &Arc<Fill>,
     me: &str,
-    mut files: Vec<Arc<ContentFile>>,
+    mut sources: Sources,
 ) -> Option<AbortOnDrop<()>> {
-    if trust_verified_file(fill, me, &files).await {
+    if trust_verified_file(fill, me, &sources.files).await {
         // Every hash is known: take the whole file before reading anything.
-        reuse_pieces(fill.clone(), me.to_string(), std::mem::take(&mut files)).await;
+        let all = std::mem::replace(&mut sources, Sources::none());
+        reuse_pieces(fill.clone(), me.to_string(), all).await;
     }
-    (!files.is_empty()).then(|| {
+    (!sources.is_empty()).then(|| {
         let (fill, me) = (fill.clone(), me.to_string());
         AbortOnDrop(tokio::spawn(
-            async move { reuse_pieces(fill, me, files).await }.in_current_span(),
+            async move { reuse_pieces(fill, me, sources).await }.in_current_span(),
         ))
     })
 }
@@ -64,7 +92,7 @@ pub(super) async fn start(
 /// hash, and stored (counted as reused, not fetched). A mismatching piece is
 /// simply fetched as usual. Only regular files are read, never through a
 /// symlink.
-async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<ContentFile>>) {
+async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Sources) {
     /// Releases whatever is still held back, however the task ends.
     struct Release(Arc<Fill>);
     impl Drop for Release {
@@ -73,6 +101,10 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<ContentFile>>)
         }
     }
     let _release = Release(fill.clone());
+    let Sources {
+        mut files,
+        mut remap,
+    } = sources;
     let layout = fill.layout();
     let mut untried: Vec<u32> = (0..layout.piece_count())
         .filter(|p| !fill.store.has(*p))
@@ -82,9 +114,33 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<ContentFile>>)
         let changed = fill.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        // A directory's old copies are read in the new layout once the new
+        // file table is held; until then only the pieces of the table are
+        // tried, so no other piece is given up to the network too early.
+        let mut table_pieces = u32::MAX;
+        if let Some((root, dirs)) = &remap {
+            match new_table(&fill).await {
+                Ok(table) => {
+                    let mut remapped: Vec<Arc<ContentFile>> = dirs
+                        .iter()
+                        .filter_map(|d| TreeFiles::open(root, d).ok())
+                        .map(|old| {
+                            Arc::new(ContentFile::Remapped(Remapped::new(table.clone(), old)))
+                        })
+                        .collect();
+                    remapped.append(&mut files);
+                    files = remapped;
+                    remap = None;
+                }
+                // Held but not a table (cannot be, for verified pieces):
+                // no remap, rather than holding every piece back.
+                Err(pieces) if (0..pieces).all(|p| fill.store.has(p)) => remap = None,
+                Err(pieces) => table_pieces = pieces,
+            }
+        }
         let (ready, rest): (Vec<u32>, Vec<u32>) = untried
             .into_iter()
-            .partition(|p| fill.store.has(*p) || fill.hash(*p).is_some());
+            .partition(|p| fill.store.has(*p) || (fill.hash(*p).is_some() && *p < table_pieces));
         untried = rest;
         for piece in ready {
             if fill.is_closed() {
@@ -129,11 +185,35 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<ContentFile>>)
         tokio::select! {
             _ = &mut changed => {}
             _ = fill.closed() => return,
+            // Pieces of the table may arrive from peers meanwhile.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if remap.is_some() => {}
         }
     }
     if reused > 0 {
         info!(content = %fill.spec.id, reused, "pieces reused from files on disk");
     }
+}
+
+/// The new version's file table, once the pieces holding it are held
+/// (verified); otherwise how many leading pieces hold it (1 until the first
+/// piece tells its length).
+async fn new_table(fill: &Fill) -> Result<FileTable, u32> {
+    let layout = fill.layout();
+    let first = fill.store.read_piece(0).await.map_err(|_| 1u32)?;
+    let len = first
+        .get(..PREAMBLE_LEN as usize)
+        .and_then(|pre| FileTable::header_len(pre).ok())
+        .ok_or(1u32)?;
+    let pieces = u32::try_from(len.div_ceil(u64::from(layout.piece_size)))
+        .unwrap_or(u32::MAX)
+        .min(layout.piece_count());
+    let mut header = Vec::with_capacity(len as usize);
+    for i in 0..pieces {
+        let data = fill.store.read_piece(i).await.map_err(|_| pieces)?;
+        header.extend_from_slice(&data);
+    }
+    header.truncate(len as usize);
+    FileTable::decode(&header).map_err(|_| pieces)
 }
 
 /// A whole file that merges to the pinned root is this content: its hashes
