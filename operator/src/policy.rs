@@ -90,6 +90,17 @@ pub fn reason_kind(reason: &str) -> ReasonKind {
     }
 }
 
+/// Classifies a node's failure reason on a content that is a directory
+/// (`directory`) or not: a directory needs Range requests (it is never
+/// read whole), so there `OriginNoRangeSupport` is the origin's permanent
+/// fault.
+pub fn reason_kind_of(reason: &str, directory: bool) -> ReasonKind {
+    match reason_kind(reason) {
+        ReasonKind::OriginNoRanges if directory => ReasonKind::OriginPermanent,
+        kind => kind,
+    }
+}
+
 /// Why an origin URL is refused without `--allow-private-origins`, if it is:
 /// `localhost`, or a literal address that is loopback, link-local,
 /// unspecified, or a cloud metadata endpoint. RFC 1918 / unique-local

@@ -304,6 +304,8 @@ impl Agent {
             phase: NodePhase::Pending,
             content_id: Some(a.content_id.clone()),
             size,
+            // The simulated contents are single files.
+            files: None,
             root: authority.then(|| shared.root.clone()),
             origin_version: None,
             bytes_done: 0,
