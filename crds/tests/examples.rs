@@ -233,3 +233,26 @@ fn each_invalid_example_breaks_exactly_one_field() {
         }
     }
 }
+
+/// The directory example in the top-level README (a `spec` only) is a
+/// valid Distribution spec, and a directory.
+#[test]
+fn readme_directory_example_is_valid() {
+    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"));
+    let block = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml))
+        .find(|yaml| yaml.contains("files:"))
+        .expect("README has a yaml block with files");
+    let manifest = format!(
+        "apiVersion: peerfill.dev/v1alpha1\nkind: Distribution\nmetadata:\n  name: readme\n{block}"
+    );
+    let dist: Distribution = serde_saphyr::from_str(&manifest)
+        .unwrap_or_else(|e| panic!("README directory example: {e}\n{manifest}"));
+    let http = dist.spec.source.http.as_ref().expect("http source");
+    assert!(!http.files.is_empty());
+    if let Err(e) = dist.validate() {
+        panic!("README directory example is refused: {e}");
+    }
+}
