@@ -557,7 +557,9 @@ fn check_http_files(c: &mut Collector, http: &HttpSource) {
     let paths: Vec<&str> = http.files.iter().map(|f| f.path.as_str()).collect();
     match check_file_paths(&paths) {
         // The list is keyed by path: the API server names the item.
-        Some((i, p @ Problem::DuplicatePath(_))) => c.push(&format!("spec.source.http.files[{i}]"), p),
+        Some((i, p @ Problem::DuplicatePath(_))) => {
+            c.push(&format!("spec.source.http.files[{i}]"), p)
+        }
         Some((i, p)) => c.push(&format!("spec.source.http.files[{i}].path"), p),
         None => {}
     }

@@ -25,15 +25,15 @@ use kube::CustomResourceExt;
 
 pub use distribution::{
     CONDITION_COMPLETE, CONDITION_FAILED, CONDITION_PROGRESSING, Distribution, DistributionSpec,
-    DistributionStatus, FailingNode, HeadersFrom, HttpFile, HttpSource, NodeSource, Phase, Source, Strategy,
-    Target,
+    DistributionStatus, FailingNode, HeadersFrom, HttpFile, HttpSource, NodeSource, Phase, Source,
+    Strategy, Target,
 };
 pub use format::{format_bytes, format_bytes_per_second, progress_string, ready_string};
 pub use nodefill::{
     Assignment, FINALIZER, IssuedIdentity, NODE_LABEL_PREFIX, NODE_LABEL_VALUE,
     NodeDistributionStatus, NodeFill, NodeFillSpec, NodeFillStatus, NodePhase, OriginReader,
-    PeerEndpoint, PieceRange, ResolvedHttpFile, ResolvedHttpSource, ResolvedSource, Role, SecretRef, SeedNode,
-    node_label_key,
+    PeerEndpoint, PieceRange, ResolvedHttpFile, ResolvedHttpSource, ResolvedSource, Role,
+    SecretRef, SeedNode, node_label_key,
 };
 pub use validation::{Problem, ValidationError, ValidationErrors};
 

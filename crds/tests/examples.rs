@@ -117,7 +117,10 @@ fn valid_examples_cover_each_source_and_targeting() {
     assert_eq!(shards.len(), 4);
     assert!(shards.iter().all(|f| f.digest.is_some()));
     assert!(dir_source.files.iter().any(|f| f.path == "config.json"));
-    assert_eq!(dir_source.files.iter().filter(|f| f.url.is_some()).count(), 1);
+    assert_eq!(
+        dir_source.files.iter().filter(|f| f.url.is_some()).count(),
+        1
+    );
     let urls = dir_source.file_urls();
     assert_eq!(urls[0], format!("{}config.json", dir_source.url));
 

@@ -198,7 +198,9 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
     patch_status(r#"{"status":{"files":1000}}"#).await?;
     let row = k.ok(&["get", "dist", &name, "-n", &ns]).await?;
     ensure!(!row.contains("FILES"), "Files without -o wide: {row}");
-    let wide = k.ok(&["get", "dist", &name, "-n", &ns, "-o", "wide"]).await?;
+    let wide = k
+        .ok(&["get", "dist", &name, "-n", &ns, "-o", "wide"])
+        .await?;
     // Columns are aligned: the cell starts where its header does.
     let mut wide_lines = wide.lines();
     let header = wide_lines.next().unwrap_or("");

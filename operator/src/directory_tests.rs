@@ -161,7 +161,11 @@ fn version_key_covers_each_file_and_nothing_else() {
     type Edit = Box<dyn Fn(&mut Vec<HttpFile>, &mut String)>;
     let digest = format!("sha256:{}", "0".repeat(64));
     let edits: Vec<(&str, Edit, bool)> = vec![
-        ("path", Box::new(|f, _| f[0].path = "conf.json".into()), true),
+        (
+            "path",
+            Box::new(|f, _| f[0].path = "conf.json".into()),
+            true,
+        ),
         (
             "own url",
             Box::new(|f, _| f[1].url = Some("http://127.0.0.1:9/x".into())),
@@ -172,7 +176,11 @@ fn version_key_covers_each_file_and_nothing_else() {
             Box::new(move |f, _| f[2].digest = Some(digest.clone())),
             true,
         ),
-        ("file added", Box::new(|f, _| f.push(file("vocab.txt"))), true),
+        (
+            "file added",
+            Box::new(|f, _| f.push(file("vocab.txt"))),
+            true,
+        ),
         ("file removed", Box::new(|f, _| drop(f.pop())), true),
         (
             "base url",
@@ -313,7 +321,10 @@ fn a_directory_is_never_read_whole_and_no_ranges_fails_it() {
 
 #[test]
 fn a_file_beneath_another_fails_the_spec_naming_the_file() {
-    let d = Arc::new(dir_dist(1, &["config.json", "tokenizer", "tokenizer/vocab.txt"]));
+    let d = Arc::new(dir_dist(
+        1,
+        &["config.json", "tokenizer", "tokenizer/vocab.txt"],
+    ));
     let w = world(vec![d.clone()], vec![node("a", &[])], &["a"]);
     let why = plan_distribution(&d, &w).expect_err("invalid");
     match &why {
@@ -377,14 +388,14 @@ fn a_reader_nodefill_with_1000_files_stays_small() {
         fill.status = w.fills[name].status.clone();
         serde_json::to_vec(&fill).map_or(usize::MAX, |v| v.len())
     };
-    let sizes: BTreeMap<bool, usize> = names
-        .iter()
-        .map(|n| (readers.contains(n), size(n)))
-        .fold(BTreeMap::new(), |mut m, (reader, s)| {
+    let sizes: BTreeMap<bool, usize> = names.iter().map(|n| (readers.contains(n), size(n))).fold(
+        BTreeMap::new(),
+        |mut m, (reader, s)| {
             let e = m.entry(reader).or_insert(0);
             *e = (*e).max(s);
             m
-        });
+        },
+    );
     println!(
         "largest NodeFill with a 1000-file directory: reader {} bytes, other node {} bytes",
         sizes[&true], sizes[&false]

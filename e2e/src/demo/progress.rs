@@ -370,6 +370,7 @@ mod tests {
             root: None,
             origin_version: None,
             size: Some(1000),
+            files: None,
             pieces_done: 0,
             piece_count: 0,
             bytes_from_origin: 100,
