@@ -174,6 +174,7 @@ fn config(
             origin_version: None,
             reuse_from: Vec::new(),
             caps: Default::default(),
+            directory: false,
         }],
     );
     // The bench origin listens on loopback.
@@ -378,6 +379,7 @@ async fn swarm(bin: &Path, root: &Path, size: u64, agents: usize) -> BenchResult
         headers: Default::default(),
         readers: names[..2].to_vec(),
         whole: false,
+        files: Vec::new(),
     };
     let procs: Vec<Proc> = peers
         .iter()

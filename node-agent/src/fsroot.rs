@@ -19,6 +19,8 @@
 //! Distribution can never target the agent's state. Callers check a
 //! caller-supplied path with it *before* downloading anything.
 
+mod dirs;
+
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};

@@ -2,7 +2,8 @@
 //! an HTTP origin and from other agents over QUIC, verifying every piece.
 //!
 //! Data path, top-down: `origin` (HTTP range reads) → `content` (piece layout
-//! and BLAKE3 verification) → `store` (partial file, bitmap, atomic rename) →
+//! and BLAKE3 verification) → `tree` (a directory as one content: a file
+//! table, then its files) → `store` (partial file, bitmap, atomic rename) →
 //! `wire` + `tls` (QUIC frames between mutually authenticated agents) →
 //! `swarm` (who fetches which piece from whom) → `agent` (one process).
 
@@ -15,6 +16,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod store;
 pub mod tls;
+pub mod tree;
 
 pub mod agent;
 pub mod k8s;

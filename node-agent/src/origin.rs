@@ -29,8 +29,10 @@
 //! An origin that ignores Range requests is read whole, in one streaming
 //! GET, by a single reader ([`whole`]).
 
+mod tree;
 mod whole;
 
+pub use tree::{Origin, TreeOrigin};
 pub use whole::WholeBody;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -43,7 +43,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -51,6 +51,8 @@ use tracing::{debug, info, warn};
 
 use crate::content::Layout;
 use crate::fsroot::{DataRoot, FsError, check_user_path};
+use crate::tree::TreeError;
+use crate::tree::disk::{ContentFile, TreeFiles};
 
 /// Unflushed bytes that trigger a flush (see the module doc).
 pub const FLUSH_BYTES: u64 = 16 << 20;
@@ -261,6 +263,19 @@ pub enum StoreError {
     Fs(#[from] FsError),
     #[error("storage task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("directory content: {0}")]
+    Tree(#[from] TreeError),
+}
+
+impl StoreError {
+    /// CamelCase reason for a status condition.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::InsufficientSpace { .. } => "InsufficientSpace",
+            StoreError::Tree(e) => e.reason(),
+            _ => "StorageError",
+        }
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -281,7 +296,10 @@ pub struct PieceStore {
 
 struct Inner {
     layout: Layout,
-    file: File,
+    /// The partial file while filling; what is served once complete (a
+    /// file, or a directory read as its blob — swapped in when a directory
+    /// content is finalized).
+    data: RwLock<Arc<ContentFile>>,
     /// The partial file again, opened with `O_DIRECT`: whole pieces in
     /// aligned buffers (the pool's) are written through it, skipping the
     /// copy into the page cache, which profiles showed as the largest cost
@@ -311,6 +329,30 @@ struct Dirty {
     bytes: u64,
     /// When the oldest unflushed piece was written.
     since: Option<Instant>,
+}
+
+impl Inner {
+    /// What is read now (see `data`).
+    fn data(&self) -> Arc<ContentFile> {
+        self.data
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs `f` on the partial file (or a complete single file): what
+    /// writes and syncs go to; a directory being served takes none.
+    fn with_file<R>(
+        &self,
+        f: impl FnOnce(&File) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        match &*self.data() {
+            ContentFile::File(file) => f(file),
+            ContentFile::Tree(_) => Err(StoreError::ReadOnly {
+                path: self.data_path.clone(),
+            }),
+        }
+    }
 }
 
 impl Dirty {
@@ -356,9 +398,7 @@ fn flush_inner(inner: &Inner) -> Result<(), StoreError> {
         have.clone()
     };
     let result = inner
-        .file
-        .sync_data()
-        .map_err(io_err("syncing", &inner.data_path))
+        .with_file(|f| f.sync_data().map_err(io_err("syncing", &inner.data_path)))
         .and_then(|()| {
             // `closed` is set before discard takes this lock: a discarded
             // store never gets its bitmap back.
@@ -741,7 +781,7 @@ impl PieceStore {
         Ok(PieceStore {
             inner: Arc::new(Inner {
                 layout,
-                file,
+                data: RwLock::new(Arc::new(ContentFile::File(file))),
                 direct,
                 data_path,
                 partial: Some(p),
@@ -800,10 +840,36 @@ impl PieceStore {
                 actual,
             });
         }
+        Self::complete_of(ContentFile::File(file), path, layout)
+    }
+
+    /// Serves pieces of a complete directory (a node source walked, or a
+    /// directory content finished before a restart): every piece is held.
+    pub fn open_complete_tree(
+        tree: TreeFiles,
+        path: &Path,
+        layout: Layout,
+    ) -> Result<PieceStore, StoreError> {
+        let actual = tree.table().size();
+        if actual != layout.size {
+            return Err(StoreError::SizeMismatch {
+                path: path.to_path_buf(),
+                expected: layout.size,
+                actual,
+            });
+        }
+        Self::complete_of(ContentFile::Tree(tree), path, layout)
+    }
+
+    fn complete_of(
+        data: ContentFile,
+        path: &Path,
+        layout: Layout,
+    ) -> Result<PieceStore, StoreError> {
         Ok(PieceStore {
             inner: Arc::new(Inner {
                 layout,
-                file,
+                data: RwLock::new(Arc::new(data)),
                 direct: None,
                 data_path: path.to_path_buf(),
                 partial: None,
@@ -841,6 +907,8 @@ impl PieceStore {
         for ext in ["partial", "bitmap", "bitmap.tmp"] {
             remove_if_exists(root, &prefix.join(format!("{id}.{ext}")))?;
         }
+        // A directory content's stage (see `finalize_tree`).
+        root.remove_tree(&prefix.join(format!("{id}.tree")))?;
         Ok(())
     }
 
@@ -972,10 +1040,10 @@ impl PieceStore {
                 // E.g. a short direct write; the buffered path always works.
                 debug!(error = %e, piece = index, "direct write failed; writing through the page cache");
             }
-            inner
-                .file
-                .write_all_at(data, offset)
-                .map_err(io_err("writing", &inner.data_path))?;
+            inner.with_file(|file| {
+                file.write_all_at(data, offset)
+                    .map_err(io_err("writing", &inner.data_path))
+            })?;
         }
         let due = {
             let mut have = self.lock_have();
@@ -1019,7 +1087,7 @@ impl PieceStore {
             let pool = crate::bufpool::global();
             let mut buf = pool.take((range.end - range.start) as usize);
             inner
-                .file
+                .data()
                 .read_exact_at(buf.as_mut_slice(), range.start)
                 .map_err(io_err("reading", &inner.data_path))?;
             Ok(pool.freeze(buf))
@@ -1046,27 +1114,7 @@ impl PieceStore {
 
     /// [`PieceStore::finalize`] to `rel`, relative to the data root.
     pub async fn finalize_rel(self, rel: &Path) -> Result<(), StoreError> {
-        if self.inner.partial.is_none() {
-            return Err(StoreError::ReadOnly {
-                path: self.inner.data_path.clone(),
-            });
-        }
-        check_user_path(rel).map_err(|source| FsError::Path {
-            path: rel.to_path_buf(),
-            source,
-        })?;
-        let have = self.have();
-        if !have.is_full() {
-            return Err(StoreError::Incomplete {
-                missing: have.len() - have.count_ones(),
-                count: have.len(),
-            });
-        }
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
-            return Err(StoreError::ReadOnly {
-                path: self.inner.data_path.clone(),
-            });
-        }
+        self.begin_finalize(rel)?;
         let rel = rel.to_path_buf();
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -1075,7 +1123,7 @@ impl PieceStore {
                 return Err(StoreError::ReadOnly { path: from.clone() });
             };
             let dest = p.root.join(&rel);
-            inner.file.sync_all().map_err(io_err("syncing", from))?;
+            inner.with_file(|file| file.sync_all().map_err(io_err("syncing", from)))?;
             if let Err(e) = p.root.rename_from(&p.dir, &p.data_name, &rel) {
                 inner.closed.store(false, Ordering::Release);
                 if let FsError::Io { source, .. } = &e
@@ -1098,6 +1146,84 @@ impl PieceStore {
             Ok(())
         })
         .await?
+    }
+
+    /// Checks that a partial store is complete and may move to `rel`, and
+    /// refuses writes from then on.
+    fn begin_finalize(&self, rel: &Path) -> Result<(), StoreError> {
+        if self.inner.partial.is_none() {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        }
+        check_user_path(rel).map_err(|source| FsError::Path {
+            path: rel.to_path_buf(),
+            source,
+        })?;
+        let have = self.have();
+        if !have.is_full() {
+            return Err(StoreError::Incomplete {
+                missing: have.len() - have.count_ones(),
+                count: have.len(),
+            });
+        }
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`PieceStore::finalize`] for a directory content: the complete blob
+    /// is written out as the directory at `dest` ([`crate::tree::stage`]),
+    /// served from there on, and the partial file and bitmap removed.
+    pub async fn finalize_tree(self, dest: &Path) -> Result<(), StoreError> {
+        let Some(p) = self.inner.partial.as_ref() else {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.data_path.clone(),
+            });
+        };
+        let rel = p.root.rel_of(dest)?;
+        self.begin_finalize(&rel)?;
+        let inner = self.inner.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let Some(p) = inner.partial.as_ref() else {
+                return Err(StoreError::ReadOnly {
+                    path: inner.data_path.clone(),
+                });
+            };
+            let mut stage = p.data_name.clone();
+            stage.set_extension("tree");
+            inner.with_file(|blob| {
+                crate::tree::stage::write_tree(
+                    blob,
+                    inner.layout.size,
+                    &p.root,
+                    &p.dir,
+                    &stage,
+                    &rel,
+                )
+                .map_err(StoreError::from)
+            })?;
+            let tree = TreeFiles::open(&p.root, &rel)?;
+            *inner.data.write().unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(ContentFile::Tree(tree));
+            remove_if_exists(&p.dir, &p.data_name)?;
+            remove_if_exists(&p.dir, &p.bitmap_name)?;
+            rustix::fs::fsync(p.dir.dir_fd()).map_err(|e| StoreError::Io {
+                op: "syncing directory",
+                path: p.dir.path().to_path_buf(),
+                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+            })?;
+            Ok(())
+        })
+        .await?;
+        if result.is_err() {
+            // Nothing moved: the partial file stays for the next attempt.
+            self.inner.closed.store(false, Ordering::Release);
+        }
+        result
     }
 
     /// Stops filling, keeping the partial file and bitmap (a fill that is

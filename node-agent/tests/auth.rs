@@ -129,6 +129,7 @@ async fn only_valid_allowed_nodes_get_data() {
         origin_version: None,
         reuse_from: Vec::new(),
         caps: Default::default(),
+        directory: false,
     }];
     let cfg = AgentConfig {
         metrics_addr: Some(node.metrics),

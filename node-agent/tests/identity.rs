@@ -487,6 +487,7 @@ async fn a_stalled_readers_range_reassigned_completes_the_swarm() {
             headers: Default::default(),
             readers: readers.iter().map(|r| r.to_string()).collect(),
             whole: false,
+            files: Vec::new(),
         };
         c
     };

@@ -108,6 +108,8 @@ fn assignment(url: &str, size: Option<u64>) -> Assignment {
                 headers_secret: None,
                 origin_version: None,
                 whole_read: false,
+                files: Vec::new(),
+                directory: false,
             }),
             node: None,
         },

@@ -278,6 +278,7 @@ pub fn run(spec: &MemorySpec, deadline: Deadline) -> Result<MemoryResult> {
                 origin_version: None,
                 reuse_from: Vec::new(),
                 caps: Default::default(),
+                directory: false,
             }],
         );
         cfg.stay = true;

@@ -520,6 +520,7 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
         headers: Default::default(),
         readers,
         whole: false,
+        files: Vec::new(),
     };
     let mut out = Vec::with_capacity(spec.nodes);
     for (i, name) in names.iter().enumerate() {
@@ -550,6 +551,7 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
                 origin_version: None,
                 reuse_from: Vec::new(),
                 caps: Default::default(),
+                directory: false,
             }],
         );
         // Keep serving after completion: a node that is done still uploads

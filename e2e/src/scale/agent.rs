@@ -302,10 +302,9 @@ impl Agent {
             name: a.name.clone(),
             uid: a.uid.clone(),
             phase: NodePhase::Pending,
+            files: None,
             content_id: Some(a.content_id.clone()),
             size,
-            // The simulated contents are single files.
-            files: None,
             root: authority.then(|| shared.root.clone()),
             origin_version: None,
             bytes_done: 0,

@@ -166,6 +166,11 @@ pub struct ContentConfig {
     /// the node-wide `limits` (see `swarm::limits`).
     #[serde(default)]
     pub caps: ContentCaps,
+    /// The content is a directory (see [`crate::tree`]): its file table
+    /// leads the content, and `path` becomes a directory. A node source's
+    /// seeder finds out by itself (its path is a directory).
+    #[serde(default)]
+    pub directory: bool,
 }
 
 /// Where the bytes come from.
@@ -183,6 +188,10 @@ pub enum SourceConfig {
         /// whole content in one streaming GET, the others are not used.
         #[serde(default)]
         whole: bool,
+        /// The files of a directory (origin readers only): each read from
+        /// its own URL; `url` is then unused.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<HttpFile>,
     },
     /// A file already on node `node`, which seeds it from `path` (an
     /// absolute path on that node; ignored elsewhere).
@@ -191,6 +200,18 @@ pub enum SourceConfig {
         #[serde(default)]
         path: Option<PathBuf>,
     },
+}
+
+/// One file of a directory from an HTTP origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpFile {
+    /// Path beneath the directory.
+    pub path: String,
+    pub url: String,
+    /// The user's digest of the file (`sha256:`/`blake3:`).
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// Extra request headers for an HTTP origin (from `headersFrom`). The

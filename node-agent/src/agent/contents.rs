@@ -114,7 +114,19 @@ impl Engine {
         PieceStore::remove_in(&root, id).map_err(del)?;
         if let Some(dest) = dest {
             let rel = root.user_rel_of(dest).map_err(|e| del(e.into()))?;
-            root.remove_file(&rel).map_err(|e| del(e.into()))?;
+            // A directory goes only if it is a directory content this agent
+            // wrote (it holds the table file); anything else there is not
+            // ours to delete recursively.
+            let ours = root
+                .metadata(&rel.join(crate::tree::TABLE_FILE))
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.is_file());
+            if ours {
+                root.remove_tree(&rel).map_err(|e| del(e.into()))?;
+            } else {
+                root.remove_file(&rel).map_err(|e| del(e.into()))?;
+            }
         }
         let _ = std::fs::remove_file(status_path(&self.inner.status_dir, id));
         Ok(())

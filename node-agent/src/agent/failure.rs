@@ -36,10 +36,7 @@ pub fn is_local_fault(reason: &str) -> bool {
 }
 
 pub(super) fn store_reason(e: &StoreError) -> &'static str {
-    match e {
-        StoreError::InsufficientSpace { .. } => "InsufficientSpace",
-        _ => "StorageError",
-    }
+    e.reason()
 }
 
 /// An origin failure; a change of the origin records the version found.

@@ -52,8 +52,8 @@ use crate::tls::NodeIdentity;
 
 pub use crate::swarm::ContentCaps;
 pub use config::{
-    ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, Headers, IdentityFiles, Limits,
-    PeerConfig, STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,
+    ALLOW_FAULTS_ENV, AgentConfig, AgentError, ContentConfig, Headers, HttpFile, IdentityFiles,
+    Limits, PeerConfig, STATUS_DIR, SourceConfig, Tuning, dest_path, faults_allowed,
 };
 pub use contents::ContentOpError;
 pub use engine::{Engine, EngineOptions};

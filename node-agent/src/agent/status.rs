@@ -40,6 +40,10 @@ pub struct ContentStatus {
     /// placeholder.
     #[serde(default)]
     pub size_known: bool,
+    /// Number of files, when the content is a directory whose file table
+    /// this node knows.
+    #[serde(default)]
+    pub files: Option<u64>,
     pub piece_count: u32,
     pub pieces_done: u32,
     pub bytes_done: u64,
@@ -155,6 +159,7 @@ pub(super) fn snapshot(run: &ContentRun, banned: &[String], connected: &[String]
         message,
         size: run.cfg.size.unwrap_or(0),
         size_known: run.cfg.size.is_some(),
+        files: *run.files.lock().unwrap_or_else(PoisonError::into_inner),
         piece_count: 0,
         pieces_done: 0,
         bytes_done: 0,

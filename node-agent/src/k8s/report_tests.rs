@@ -16,6 +16,7 @@ fn entry(uid: &str, phase: NodePhase) -> NodeDistributionStatus {
         root: None,
         origin_version: None,
         size: None,
+        files: None,
         pieces_done: 0,
         piece_count: 0,
         bytes_from_origin: 0,

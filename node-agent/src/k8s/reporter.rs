@@ -67,6 +67,7 @@ impl NodeAgent {
             root: None,
             origin_version: None,
             size: a.size,
+            files: a.files,
             pieces_done: 0,
             piece_count: a.piece_count().unwrap_or(0),
             bytes_from_origin: 0,
@@ -99,6 +100,7 @@ impl NodeAgent {
                     };
                     if st.size_known {
                         e.size = Some(st.size);
+                        e.files = st.files.or(a.files);
                         e.piece_count = u64::from(st.piece_count);
                     }
                     e.bytes_done = st.bytes_done;

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use peerfill_crds::nodefill::Assignment;
 
-use crate::agent::{ContentCaps, ContentConfig, Headers, PeerConfig, SourceConfig, dest_path};
+use crate::agent::{
+    ContentCaps, ContentConfig, Headers, HttpFile, PeerConfig, SourceConfig, dest_path,
+};
 use crate::content::Digest;
 
 /// What to do with one assignment.
@@ -71,6 +73,15 @@ pub fn translate(
                 headers: Headers::default(),
                 readers,
                 whole: http.whole_read,
+                files: http
+                    .files
+                    .iter()
+                    .map(|f| HttpFile {
+                        path: f.path.clone(),
+                        url: f.url.clone(),
+                        digest: f.digest.clone(),
+                    })
+                    .collect(),
             };
             (source, digest, reader)
         }
@@ -158,6 +169,7 @@ pub fn translate(
             upload_bytes_per_sec: a.max_upload_bytes_per_second,
             priority: a.priority,
         },
+        directory: a.files.is_some() || a.source.http.as_ref().is_some_and(|h| h.directory),
     })
 }
 
@@ -211,7 +223,11 @@ pub fn needs_restart(
     new: &ContentConfig,
 ) -> bool {
     let size_same = running.size == new.size || (running.size.is_none() && new.size == learnt_size);
+    // A seeder learns by itself that its source is a directory; the
+    // operator's pin of the file count then says so too.
+    let kind_same = running.directory == new.directory || running.size.is_none();
     !(size_same
+        && kind_same
         && running.id == new.id
         && running.path == new.path
         && running.piece_size == new.piece_size
@@ -260,6 +276,8 @@ mod tests {
                     headers_secret: None,
                     origin_version: None,
                     whole_read: false,
+                    files: Vec::new(),
+                    directory: false,
                 }),
                 node: None,
             },

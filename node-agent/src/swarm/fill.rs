@@ -134,10 +134,7 @@ impl FillError {
             FillError::NotPinned => "WaitingForIdentity",
             FillError::HashesMissing(_) => "HashesMissing",
             FillError::Content(_) => "VerificationFailed",
-            FillError::Store(crate::store::StoreError::InsufficientSpace { .. }) => {
-                "InsufficientSpace"
-            }
-            FillError::Store(_) => "StorageError",
+            FillError::Store(e) => e.reason(),
         }
     }
 }
@@ -1129,6 +1126,23 @@ impl Fill {
     /// Final checks once every piece is held and every hash known (see the
     /// module comment), then the atomic rename onto `dest`.
     pub async fn finish(&self, dest: &std::path::Path) -> Result<(), FillError> {
+        self.check_identity().await?;
+        self.store.clone().finalize(dest).await?;
+        Ok(())
+    }
+
+    /// [`Fill::finish`] for a directory content: the verified blob becomes
+    /// the directory at `dest` ([`crate::tree::stage`]), each file's own
+    /// digest checked on the way.
+    pub async fn finish_tree(&self, dest: &std::path::Path) -> Result<(), FillError> {
+        self.check_identity().await?;
+        self.store.clone().finalize_tree(dest).await?;
+        Ok(())
+    }
+
+    /// Checks that every piece is held under a hash list that merges to the
+    /// pinned root (and the user's digest), before anything is moved.
+    async fn check_identity(&self) -> Result<(), FillError> {
         let layout = self.spec.layout;
         let hashes: Vec<PieceHash> = {
             let st = self.lock();
@@ -1175,7 +1189,6 @@ impl Fill {
                 return Err(FillError::DigestMismatch { got, want });
             }
         }
-        self.store.clone().finalize(dest).await?;
         Ok(())
     }
 }

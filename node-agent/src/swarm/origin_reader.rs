@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use super::{DownloadGate, Fill};
 use crate::content::{self, PieceHash};
 use crate::metrics::{Metrics, Source};
-use crate::origin::{OriginClient, OriginError};
+use crate::origin::{Origin, OriginClient, OriginError};
 use crate::store::StoreError;
 
 /// Why reading the origin failed.
@@ -89,7 +89,7 @@ pub async fn seed_hashes(
 pub async fn read_origin_range(
     fill: Arc<Fill>,
     me: String,
-    client: OriginClient,
+    client: Origin,
     range: Range<u32>,
     concurrency: usize,
     limiter: DownloadGate,

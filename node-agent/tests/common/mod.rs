@@ -244,6 +244,7 @@ pub fn http_config(
             headers: Default::default(),
             readers: readers.to_vec(),
             whole: false,
+            files: Vec::new(),
         },
         peers: all
             .iter()
@@ -258,6 +259,7 @@ pub fn http_config(
         origin_version: None,
         reuse_from: Vec::new(),
         caps: Default::default(),
+        directory: false,
     }];
     AgentConfig {
         metrics_addr: Some(me.metrics),

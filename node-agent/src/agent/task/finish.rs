@@ -22,7 +22,12 @@ pub(super) async fn finish(run: &ContentRun, fill: &Fill, dest: &Path) -> Result
         } => {}
         _ = run.origin_conflict.cancelled() => return Err(version_conflict(run)),
     }
-    match fill.finish(dest).await {
+    let finished = if c.directory {
+        fill.finish_tree(dest).await
+    } else {
+        fill.finish(dest).await
+    };
+    match finished {
         Ok(()) => {
             info!(content = %c.id, dest = %dest.display(), "content complete and verified");
             run.set(Phase::Complete, None, None);

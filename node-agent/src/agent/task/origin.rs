@@ -12,7 +12,7 @@ use std::time::Duration;
 use backon::Retryable;
 use tracing::{Instrument, info, warn};
 
-use crate::origin::{OriginClient, OriginError};
+use crate::origin::{Origin, OriginError};
 use crate::retry;
 use crate::swarm::{
     Authority, Fill, OriginReadError, read_origin_range, read_origin_whole, seed_hashes,
@@ -32,7 +32,7 @@ pub(super) async fn start_reader(
     run: &Arc<ContentRun>,
     engine: &Engine,
     fill: &Arc<Fill>,
-    origin: Option<OriginClient>,
+    origin: Option<Origin>,
     authority: &Authority,
 ) -> Result<Option<ReaderTask>, Failure> {
     let (Some(client), Authority::Readers(rs)) = (origin, authority) else {
@@ -65,9 +65,18 @@ pub(super) async fn start_reader(
     );
     let retry = inner.opts.retry_transient_origin;
     let concurrency = inner.cfg.tuning.origin_concurrency;
-    let whole = matches!(run.cfg.source, SourceConfig::Http { whole: true, .. });
+    let whole = match (&client, &run.cfg.source) {
+        (Origin::One(c), SourceConfig::Http { whole: true, .. }) => Some(c.clone()),
+        (Origin::Tree(_), SourceConfig::Http { whole: true, .. }) => {
+            return Err(Failure::new(
+                "OriginNoRangeSupport",
+                "a directory needs an origin that supports Range requests".to_string(),
+            ));
+        }
+        _ => None,
+    };
     let read = async move {
-        if whole {
+        if let Some(client) = whole {
             // One range, every piece: one streaming GET (`origin::whole`).
             return with_origin_retry(&run, retry, Phase::Fetching, || {
                 read_origin_whole(

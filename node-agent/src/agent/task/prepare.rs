@@ -10,9 +10,10 @@ use std::sync::{Arc, PoisonError};
 
 use crate::content::{Digest, Layout};
 use crate::fsroot::DataRoot;
-use crate::origin::{OriginClient, OriginOptions, split_ranges};
+use crate::origin::{Origin, OriginClient, OriginError, OriginOptions, TreeOrigin, split_ranges};
 use crate::store::{PieceStore, StoreError};
 use crate::swarm::{Authority, Fault, Fill, FillSpec};
+use crate::tree::disk::TreeFiles;
 
 use super::super::engine::Engine;
 use super::super::failure::{Failure, origin_failure, store_reason};
@@ -26,7 +27,7 @@ pub(super) struct Prepared {
     pub(super) dest: PathBuf,
     pub(super) data_root: DataRoot,
     /// The origin client (HTTP sources).
-    pub(super) origin: Option<OriginClient>,
+    pub(super) origin: Option<Origin>,
     pub(super) authority: Authority,
     /// The file this node seeds from, if it is the seeder.
     pub(super) seed_path: Option<PathBuf>,
@@ -42,7 +43,27 @@ pub(super) async fn prepare(run: &ContentRun, engine: &Engine) -> Result<Prepare
     let me = cfg.node.as_str();
     let (dest, data_root) = destination(&cfg.data_dir, c)?;
     let origin = origin_client(run, engine)?;
-    let size = content_size(run, engine, origin.as_ref(), &data_root).await?;
+    let seed_path = match &c.source {
+        SourceConfig::Node { node, path } if node == me => {
+            Some(path.clone().unwrap_or(dest.clone()))
+        }
+        _ => None,
+    };
+    // A node source's directory is walked once, here: its file table is
+    // the head of the content it seeds.
+    let seed_tree = match &seed_path {
+        Some(p) if !outside_root(&cfg.data_dir, p) => walk_if_directory(&data_root, p)?,
+        _ => None,
+    };
+    let size = match (&seed_tree, c.size) {
+        (Some(t), None) => t.table().size(),
+        _ => content_size(run, engine, origin.as_ref(), &data_root).await?,
+    };
+    let files = match &seed_tree {
+        Some(t) => Some(t.table().entries().len() as u64),
+        None => origin.as_ref().and_then(Origin::file_count),
+    };
+    *run.files.lock().unwrap_or_else(PoisonError::into_inner) = files;
     let layout = Layout::for_content(size, c.piece_size)
         .map_err(|e| Failure::new("InvalidConfig", e.to_string()))?;
     let authority = match &c.source {
@@ -69,15 +90,10 @@ pub(super) async fn prepare(run: &ContentRun, engine: &Engine) -> Result<Prepare
         root,
         require_pin: inner.opts.require_pin,
     };
-    let seed_path = match &c.source {
-        SourceConfig::Node { node, path } if node == me => {
-            Some(path.clone().unwrap_or(dest.clone()))
-        }
-        _ => None,
-    };
     // Nothing at the destination is trusted by its size: only a seeder's
     // source is served as it is (it IS the source, and is hashed later).
     let store = match &seed_path {
+        Some(p) if let Some(tree) = seed_tree => PieceStore::open_complete_tree(tree, p, layout),
         Some(p) if outside_root(&cfg.data_dir, p) => PieceStore::open_complete(p, layout),
         Some(p) => data_root
             .user_rel_of(p)
@@ -118,12 +134,13 @@ fn destination(data_dir: &Path, c: &ContentConfig) -> Result<(PathBuf, DataRoot)
 /// The origin client of an HTTP source, pinned to the published version.
 /// An origin reader also keeps it in the run, to report the version it
 /// reads.
-fn origin_client(run: &ContentRun, engine: &Engine) -> Result<Option<OriginClient>, Failure> {
+fn origin_client(run: &ContentRun, engine: &Engine) -> Result<Option<Origin>, Failure> {
     let inner = &engine.inner;
     let SourceConfig::Http {
         url,
         headers: h,
         readers,
+        files,
         ..
     } = &run.cfg.source
     else {
@@ -139,9 +156,19 @@ fn origin_client(run: &ContentRun, engine: &Engine) -> Result<Option<OriginClien
         OriginOptions::default()
     };
     origin_opts.allow_private = inner.opts.allow_private_origins;
-    let o = OriginClient::new(url, headers(h), origin_opts)
-        .map_err(|e| Failure::new(e.reason(), e.to_string()))?
-        .with_metrics(inner.metrics.clone());
+    let failed = |e: OriginError| Failure::new(e.reason(), e.to_string());
+    let o = if files.is_empty() {
+        Origin::One(
+            OriginClient::new(url, headers(h), origin_opts)
+                .map_err(failed)?
+                .with_metrics(inner.metrics.clone()),
+        )
+    } else {
+        Origin::Tree(Arc::new(
+            TreeOrigin::new(url, files, headers(h), origin_opts, inner.metrics.clone())
+                .map_err(failed)?,
+        ))
+    };
     if let Some(v) = run.origin_pin() {
         o.pin_version(v);
     }
@@ -160,7 +187,7 @@ fn headers(h: &Headers) -> Vec<(String, String)> {
 async fn content_size(
     run: &ContentRun,
     engine: &Engine,
-    origin: Option<&OriginClient>,
+    origin: Option<&Origin>,
     data_root: &DataRoot,
 ) -> Result<u64, Failure> {
     let c = &run.cfg;
@@ -189,6 +216,23 @@ async fn content_size(
 /// without following symlinks.
 fn outside_root(data_dir: &Path, path: &Path) -> bool {
     !path.starts_with(data_dir)
+}
+
+/// A node source that is a directory, walked beneath the data root (see
+/// [`TreeFiles::walk`]); `None` for anything else, which the file path
+/// handles (and refuses if it is not a regular file).
+fn walk_if_directory(root: &DataRoot, path: &Path) -> Result<Option<TreeFiles>, Failure> {
+    let unreadable =
+        |why: String| Failure::new("SourceUnreadable", format!("{}: {why}", path.display()));
+    let rel = root
+        .user_rel_of(path)
+        .map_err(|e| unreadable(e.to_string()))?;
+    match root.metadata(&rel).map_err(|e| unreadable(e.to_string()))? {
+        Some(m) if m.kind == crate::fsroot::EntryKind::Dir => TreeFiles::walk(root, &rel)
+            .map(Some)
+            .map_err(|e| Failure::new(e.reason(), e.to_string())),
+        _ => Ok(None),
+    }
 }
 
 /// Size of a node source's file, resolved beneath the data root: a symlink

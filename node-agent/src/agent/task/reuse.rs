@@ -1,5 +1,7 @@
 //! Phase 2 of an attempt: reuse of files already on disk (the destination,
-//! a previous version's file). Every piece that verifies against a trusted
+//! a previous version's file; a directory content is read as its blob, so a
+//! file unchanged between two versions of a directory is reused as long as
+//! its place in the blob did not move). Every piece that verifies against a trusted
 //! hash is taken from them instead of the network; a whole file that merges
 //! to the pinned root is trusted at once.
 
@@ -10,8 +12,9 @@ use std::sync::atomic::Ordering;
 use tracing::{Instrument, info, warn};
 
 use crate::content::{self, Layout};
-use crate::fsroot::DataRoot;
+use crate::fsroot::{DataRoot, EntryKind};
 use crate::swarm::Fill;
+use crate::tree::disk::{ContentFile, TreeFiles};
 
 use super::super::{ContentConfig, dest_path};
 use super::AbortOnDrop;
@@ -23,7 +26,7 @@ pub(super) fn sources(
     data_dir: &Path,
     c: &ContentConfig,
     dest: &Path,
-) -> Vec<Arc<std::fs::File>> {
+) -> Vec<Arc<ContentFile>> {
     std::iter::once(dest.to_path_buf())
         .chain(
             c.reuse_from
@@ -41,7 +44,7 @@ pub(super) fn sources(
 pub(super) async fn start(
     fill: &Arc<Fill>,
     me: &str,
-    mut files: Vec<Arc<std::fs::File>>,
+    mut files: Vec<Arc<ContentFile>>,
 ) -> Option<AbortOnDrop<()>> {
     if trust_verified_file(fill, me, &files).await {
         // Every hash is known: take the whole file before reading anything.
@@ -61,7 +64,7 @@ pub(super) async fn start(
 /// hash, and stored (counted as reused, not fetched). A mismatching piece is
 /// simply fetched as usual. Only regular files are read, never through a
 /// symlink.
-async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>>) {
+async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<ContentFile>>) {
     /// Releases whatever is still held back, however the task ends.
     struct Release(Arc<Fill>);
     impl Drop for Release {
@@ -95,7 +98,6 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>
             for file in &files {
                 let file = file.clone();
                 let read = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
                     let mut buf = vec![0u8; (range.end - range.start) as usize];
                     file.read_exact_at(&mut buf, range.start).ok()?;
                     let ok = content::verify_piece(&layout, piece, &buf, &hash).is_ok();
@@ -137,13 +139,13 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, files: Vec<Arc<std::fs::File>
 /// A whole file that merges to the pinned root is this content: its hashes
 /// are trusted at once (no authority needed, and an origin reader need not
 /// re-read its range after a restart). Done before any origin read starts.
-async fn trust_verified_file(fill: &Fill, me: &str, files: &[Arc<std::fs::File>]) -> bool {
+async fn trust_verified_file(fill: &Fill, me: &str, files: &[Arc<ContentFile>]) -> bool {
     let Some(root) = fill.pinned_root() else {
         return false;
     };
     let layout = fill.layout();
     for file in files {
-        if file.metadata().map(|m| m.len()).ok() != Some(layout.size) {
+        if file.len().ok() != Some(layout.size) {
             continue;
         }
         let f = file.clone();
@@ -161,8 +163,7 @@ async fn trust_verified_file(fill: &Fill, me: &str, files: &[Arc<std::fs::File>]
 }
 
 /// The piece hashes of a whole file (None if it cannot be read).
-fn hash_file(file: &std::fs::File, layout: &Layout) -> Option<Vec<content::PieceHash>> {
-    use std::os::unix::fs::FileExt;
+fn hash_file(file: &ContentFile, layout: &Layout) -> Option<Vec<content::PieceHash>> {
     let mut buf = vec![0u8; layout.piece_size as usize];
     (0..layout.piece_count())
         .map(|i| {
@@ -175,9 +176,18 @@ fn hash_file(file: &std::fs::File, layout: &Layout) -> Option<Vec<content::Piece
 }
 
 /// Opens `path` (beneath the data root) for reading if it is a regular file
-/// reached without following a symlink in any component.
-fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<std::fs::File> {
+/// reached without following a symlink in any component, or a directory
+/// content this agent wrote (read as its blob, see [`TreeFiles::open`]).
+fn open_reuse_source(root: &DataRoot, path: &Path) -> Option<ContentFile> {
     let rel = root.user_rel_of(path).ok()?;
-    let file = root.open_read(&rel).ok()?;
-    file.metadata().ok()?.is_file().then_some(file)
+    match root.metadata(&rel).ok()??.kind {
+        EntryKind::Dir => TreeFiles::open(root, &rel).ok().map(ContentFile::Tree),
+        _ => {
+            let file = root.open_read(&rel).ok()?;
+            file.metadata()
+                .ok()?
+                .is_file()
+                .then_some(ContentFile::File(file))
+        }
+    }
 }

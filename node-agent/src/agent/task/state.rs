@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use crate::content::Digest;
-use crate::origin::OriginClient;
+use crate::origin::Origin;
 use crate::swarm::Fill;
 
 use super::super::{ContentConfig, Phase, SourceConfig};
@@ -34,7 +34,9 @@ pub(in crate::agent) struct ContentRun {
     /// (the config's at first); applied to every attempt's fill and client.
     pub(in crate::agent) pins: Mutex<(Option<blake3::Hash>, Option<String>)>,
     /// This attempt's origin client (origin readers), for its version.
-    pub(in crate::agent) origin: Mutex<Option<OriginClient>>,
+    pub(in crate::agent) origin: Mutex<Option<Origin>>,
+    /// The file count of a directory content, once its table is known.
+    pub(in crate::agent) files: Mutex<Option<u64>>,
     /// The version found when the origin changed (`OriginChanged`).
     pub(in crate::agent) origin_seen: Mutex<Option<String>>,
     /// Cancelled when the published origin version is not the one this
@@ -57,6 +59,7 @@ impl ContentRun {
             pins: Mutex::new((root, cfg.origin_version.clone())),
             origin: Mutex::new(None),
             origin_seen: Mutex::new(None),
+            files: Mutex::new(None),
             origin_conflict: CancellationToken::new(),
             cfg,
             node,
@@ -118,7 +121,7 @@ impl ContentRun {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-                .and_then(OriginClient::version)
+                .and_then(Origin::version)
         })
     }
     pub(in crate::agent) fn fail(&self, reason: &str, message: String) {

@@ -1,0 +1,224 @@
+//! A directory on disk read as its content's blob: a complete directory
+//! this agent wrote (its table kept in [`TABLE_FILE`]), or a node-source
+//! directory walked beneath the data root. Every file is opened beneath
+//! the root without following a symlink and checked against the size its
+//! table gives; reads past what a file holds (it shrank) are errors, so
+//! only bytes that then verify against their piece hash ever leave.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{FileEntry, FileTable, MAX_FILES, Segment, TABLE_FILE, TreeError};
+use crate::fsroot::{DataRoot, EntryKind, RESERVED_PREFIX};
+
+/// A directory's files, open, with its table.
+#[derive(Debug)]
+pub struct TreeFiles {
+    table: FileTable,
+    files: Vec<File>,
+    /// The directory, for messages.
+    dir: PathBuf,
+}
+
+/// The bytes of a content on disk: one regular file, or a directory.
+#[derive(Debug)]
+pub enum ContentFile {
+    File(File),
+    Tree(TreeFiles),
+}
+
+impl ContentFile {
+    /// Reads exactly `buf.len()` bytes at blob offset `offset`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            ContentFile::File(f) => f.read_exact_at(buf, offset),
+            ContentFile::Tree(t) => t.read_exact_at(buf, offset),
+        }
+    }
+
+    /// Length of the content (a directory's: its blob's).
+    pub fn len(&self) -> std::io::Result<u64> {
+        match self {
+            ContentFile::File(f) => f.metadata().map(|m| m.len()),
+            ContentFile::Tree(t) => Ok(t.table.size()),
+        }
+    }
+}
+
+impl TreeFiles {
+    /// A complete directory content at `rel` (written by
+    /// [`super::stage::write_tree`]): its table from [`TABLE_FILE`].
+    pub fn open(root: &DataRoot, rel: &Path) -> Result<TreeFiles, TreeError> {
+        let header = root.read(&rel.join(TABLE_FILE))?;
+        let table = FileTable::decode(&header)?;
+        Self::open_files(root, rel, table)
+    }
+
+    /// A node-source directory at `rel`, walked: every regular file beneath
+    /// it (the agent's own reserved names skipped); a symlink or a special
+    /// file inside fails, naming it.
+    pub fn walk(root: &DataRoot, rel: &Path) -> Result<TreeFiles, TreeError> {
+        let mut entries = Vec::new();
+        walk_into(root, rel, Path::new(""), &mut entries)?;
+        let table = FileTable::new(entries)?;
+        Self::open_files(root, rel, table)
+    }
+
+    fn open_files(root: &DataRoot, rel: &Path, table: FileTable) -> Result<TreeFiles, TreeError> {
+        let mut files = Vec::with_capacity(table.entries().len());
+        for e in table.entries() {
+            let path = rel.join(&e.path);
+            let f = root.open_read(&path)?;
+            let len = f
+                .metadata()
+                .map_err(|source| io_error("inspecting", &root.join(&path), source))?
+                .len();
+            if len != e.size {
+                return Err(TreeError::SizeMismatch {
+                    expected: e.size,
+                    actual: len,
+                });
+            }
+            files.push(f);
+        }
+        Ok(TreeFiles {
+            table,
+            files,
+            dir: root.join(rel),
+        })
+    }
+
+    pub fn table(&self) -> &FileTable {
+        &self.table
+    }
+
+    /// Reads exactly `buf.len()` bytes of the blob at `offset`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.table.size() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: read past the end of the directory content",
+                    self.dir.display()
+                ),
+            ));
+        }
+        let mut at = 0usize;
+        for seg in self.table.segments(offset..end) {
+            match seg {
+                Segment::Header(r) => {
+                    let n = (r.end - r.start) as usize;
+                    let header = &self.table.header()[r.start as usize..r.end as usize];
+                    buf[at..at + n].copy_from_slice(header);
+                    at += n;
+                }
+                Segment::File { index, range } => {
+                    let n = (range.end - range.start) as usize;
+                    self.files[index].read_exact_at(&mut buf[at..at + n], range.start)?;
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn walk_into(
+    root: &DataRoot,
+    base: &Path,
+    sub: &Path,
+    out: &mut Vec<FileEntry>,
+) -> Result<(), TreeError> {
+    for (name, kind) in root.read_dir(&base.join(sub))? {
+        if name
+            .as_encoded_bytes()
+            .starts_with(RESERVED_PREFIX.as_bytes())
+        {
+            continue;
+        }
+        let rel = sub.join(&name);
+        let full = root.join(&base.join(&rel));
+        match kind {
+            EntryKind::Dir => walk_into(root, base, &rel, out)?,
+            EntryKind::File => {
+                let path = rel.to_str().ok_or_else(|| TreeError::InvalidPath {
+                    path: full.display().to_string(),
+                    reason: "not valid UTF-8".into(),
+                })?;
+                let f = root.open_read(&base.join(&rel))?;
+                let meta = f.metadata().map_err(|e| io_error("inspecting", &full, e))?;
+                out.push(FileEntry {
+                    path: path.to_owned(),
+                    size: meta.len(),
+                    executable: meta.permissions().mode() & 0o111 != 0,
+                    digest: None,
+                });
+                if out.len() > MAX_FILES {
+                    return Err(TreeError::TooManyFiles(out.len()));
+                }
+            }
+            EntryKind::Symlink => {
+                return Err(TreeError::Unsupported {
+                    path: full.display().to_string(),
+                    what: "a symlink",
+                });
+            }
+            EntryKind::Other => {
+                return Err(TreeError::Unsupported {
+                    path: full.display().to_string(),
+                    what: "a special file",
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn io_error(op: &'static str, path: &Path, source: std::io::Error) -> TreeError {
+    TreeError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walked_directory_reads_as_its_blob() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("src");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("b.txt"), b"bbbb").unwrap();
+        std::fs::write(d.join("sub/a.bin"), b"aa").unwrap();
+        std::fs::write(d.join("empty"), b"").unwrap();
+        std::fs::write(d.join(".peerfill-tree"), b"ignored").unwrap();
+        let root = DataRoot::open(tmp.path()).unwrap();
+        let t = TreeFiles::walk(&root, Path::new("src")).unwrap();
+        let paths: Vec<&str> = t
+            .table()
+            .entries()
+            .iter()
+            .map(|e| e.path.as_str())
+            .collect();
+        assert_eq!(paths, ["b.txt", "empty", "sub/a.bin"]);
+        let h = t.table().header().len();
+        let mut all = vec![0u8; t.table().size() as usize];
+        t.read_exact_at(&mut all, 0).unwrap();
+        assert_eq!(&all[..h], t.table().header());
+        assert_eq!(&all[h..], b"bbbbaa");
+        let mut mid = [0u8; 3];
+        t.read_exact_at(&mut mid, h as u64 + 2).unwrap();
+        assert_eq!(&mid, b"bba");
+        assert!(t.read_exact_at(&mut mid, t.table().size() - 1).is_err());
+
+        std::os::unix::fs::symlink("/etc", d.join("sub/link")).unwrap();
+        let err = TreeFiles::walk(&root, Path::new("src")).unwrap_err();
+        assert_eq!(err.reason(), "SourceUnreadable");
+        assert!(err.to_string().contains("sub/link"), "{err}");
+    }
+}

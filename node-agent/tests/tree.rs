@@ -1,0 +1,319 @@
+//! Directory contents between real agents: a model-shaped tree (shards and
+//! small files, nested) read from many origin URLs, and a node-source
+//! directory seeded by one node. Every node must end with every file's
+//! exact bytes at the target directory, nothing staged left behind, the
+//! origin serving one copy; a symlink inside a source directory fails the
+//! seeder with a reason that names it, and nothing appears at the target.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use peerfill_agent::agent::{AgentConfig, ContentConfig, HttpFile, Phase, SourceConfig};
+use peerfill_agent::fsroot::DataRoot;
+use peerfill_agent::tree::disk::TreeFiles;
+use peerfill_agent::tree::{FileEntry, FileTable, TABLE_FILE};
+
+const PIECE: u32 = 1 << 20;
+
+/// Three 3 MiB shards and ten small files, some nested, one empty.
+fn model_files() -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            (
+                format!("model-0000{i}-of-00003.safetensors"),
+                random_bytes(3 << 20, 10 + i),
+            )
+        })
+        .collect();
+    let small = [
+        ("config.json", 612),
+        ("generation_config.json", 0),
+        ("tokenizer.json", 900 << 10),
+        ("tokenizer_config.json", 3_100),
+        ("special_tokens_map.json", 414),
+        ("README.md", 7_000),
+        ("LICENSE", 11_357),
+        ("nested/a/vocab.txt", 231_508),
+        ("nested/a/merges.txt", 456_318),
+        ("nested/b.bin", 1),
+    ];
+    for (i, (p, len)) in small.into_iter().enumerate() {
+        out.push((p.to_string(), random_bytes(len, 100 + i as u64)));
+    }
+    out
+}
+
+fn config(me: &Node, all: &[Node], certs: &Path, c: ContentConfig) -> AgentConfig {
+    let mut c = c;
+    c.peers = all
+        .iter()
+        .filter(|n| n.name != me.name)
+        .map(|n| peerfill_agent::agent::PeerConfig {
+            node: n.name.clone(),
+            addr: n.addr,
+        })
+        .collect();
+    c.allowed_peers = all.iter().map(|n| n.name.clone()).collect();
+    AgentConfig {
+        metrics_addr: Some(me.metrics),
+        allow_private_origins: true,
+        ..AgentConfig::new(
+            me.name.clone(),
+            me.addr,
+            me.data_dir.clone(),
+            peerfill_agent::agent::IdentityFiles::in_dir(&certs.join(&me.name)),
+            vec![c],
+        )
+    }
+}
+
+fn content(id: &str, size: Option<u64>, source: SourceConfig) -> ContentConfig {
+    ContentConfig {
+        id: id.into(),
+        path: PathBuf::from(format!("models/{id}")),
+        size,
+        piece_size: PIECE,
+        digest: None,
+        source,
+        peers: Vec::new(),
+        allowed_peers: Vec::new(),
+        root: None,
+        origin_version: None,
+        reuse_from: Vec::new(),
+        caps: Default::default(),
+        directory: true,
+    }
+}
+
+async fn wait_settled(agents: &[&Agent], id: &str) -> bool {
+    wait_until(Duration::from_secs(120), || {
+        agents.iter().all(|a| {
+            a.status(id)
+                .is_some_and(|s| matches!(s.phase, Phase::Complete | Phase::Failed))
+        })
+    })
+    .await
+}
+
+/// Every file of `files` has its bytes under `dir`, the table file is
+/// there, and nothing else is.
+fn assert_tree(dir: &Path, files: &[(String, Vec<u8>)], who: &str) {
+    for (p, data) in files {
+        let got = std::fs::read(dir.join(p)).unwrap_or_else(|e| panic!("{who}: {p}: {e}"));
+        assert!(got == *data, "{who}: {p} has wrong bytes");
+    }
+    assert!(dir.join(TABLE_FILE).is_file(), "{who}: no table file");
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let e = e.expect("entry");
+            if e.file_type().expect("type").is_dir() {
+                stack.push(e.path());
+            } else if e.file_name() != TABLE_FILE {
+                count += 1;
+            }
+        }
+    }
+    assert_eq!(count, files.len(), "{who}: extra files in the directory");
+}
+
+fn no_stage_left(data_dir: &Path, who: &str) {
+    let partial = data_dir.join(".peerfill-partial");
+    let left: Vec<_> = std::fs::read_dir(&partial)
+        .map(|r| r.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "{who}: left in the partial directory: {left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_from_many_urls_arrives_whole_on_every_node() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let files = model_files();
+    let mut origins = Vec::new();
+    let mut http_files = Vec::new();
+    for (p, data) in &files {
+        let o = Origin::start(Arc::new(data.clone())).await;
+        http_files.push(HttpFile {
+            path: p.clone(),
+            url: o.url(),
+            digest: None,
+        });
+        origins.push(o);
+    }
+    let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    let table = FileTable::new(
+        files
+            .iter()
+            .map(|(p, d)| FileEntry {
+                path: p.clone(),
+                size: d.len() as u64,
+                executable: false,
+                digest: None,
+            })
+            .collect(),
+    )
+    .expect("table");
+
+    let nodes = nodes(tmp.path(), 3);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &names);
+    let readers = vec![names[0].clone(), names[1].clone()];
+    let id = "model";
+    let agents: Vec<Agent> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let reader = i < 2;
+            let source = SourceConfig::Http {
+                url: "http://127.0.0.1:1/unused/".into(),
+                headers: Default::default(),
+                readers: readers.clone(),
+                whole: false,
+                // Only readers get the list; the others learn the table
+                // from the content's first pieces.
+                files: if reader {
+                    http_files.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            let size = (!reader).then_some(table.size());
+            Agent::spawn(n, &config(n, &nodes, &certs, content(id, size, source)))
+        })
+        .collect();
+    let all: Vec<&Agent> = agents.iter().collect();
+    let settled = wait_settled(&all, id).await;
+    for a in &agents {
+        let st = a.status(id).expect("status");
+        assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
+        assert_eq!(
+            st.phase,
+            Phase::Complete,
+            "{}: {st:?}\n{}",
+            a.node.name,
+            a.log_tail()
+        );
+        assert_tree(
+            &a.node.data_dir.join("models").join(id),
+            &files,
+            &a.node.name,
+        );
+        no_stage_left(&a.node.data_dir, &a.node.name);
+    }
+    for a in &agents[..2] {
+        let st = a.status(id).expect("status");
+        assert_eq!(
+            st.files,
+            Some(files.len() as u64),
+            "readers report the file count"
+        );
+    }
+    let served: u64 = origins.iter().map(Origin::served).sum();
+    println!("origin served {served} bytes for {total} bytes of files");
+    // One copy, give or take a retried request.
+    assert!(
+        served >= total && served <= total + total / 20,
+        "served {served} of {total}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_source_directory_is_seeded_and_a_symlink_inside_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let files = model_files();
+    let nodes = nodes(tmp.path(), 3);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &names);
+    let src = nodes[0].data_dir.join("build/model");
+    for (p, data) in &files {
+        let path = src.join(p);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, data).expect("write");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.join("LICENSE"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    // A second source with a symlink inside.
+    let bad = nodes[0].data_dir.join("build/bad");
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    std::fs::write(bad.join("ok.bin"), b"ok").expect("write");
+    std::os::unix::fs::symlink("/etc/hostname", bad.join("escape")).expect("symlink");
+
+    let root = DataRoot::open(&nodes[0].data_dir).expect("root");
+    let size = TreeFiles::walk(&root, Path::new("build/model"))
+        .expect("walk")
+        .table()
+        .size();
+    let seed = |path: &str, i: usize| SourceConfig::Node {
+        node: names[0].clone(),
+        path: (i == 0).then(|| nodes[0].data_dir.join(path)),
+    };
+    let agents: Vec<Agent> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let good = content("seeded", (i > 0).then_some(size), seed("build/model", i));
+            let mut cfg = config(n, &nodes, &certs, good);
+            if i == 0 {
+                // The seeder learns the size (and the file table) itself.
+                let bad = content("bad", None, seed("build/bad", i));
+                cfg.contents.extend(config(n, &nodes, &certs, bad).contents);
+            }
+            Agent::spawn(n, &cfg)
+        })
+        .collect();
+    let all: Vec<&Agent> = agents.iter().collect();
+    let settled = wait_settled(&all, "seeded").await;
+    for a in &agents[1..] {
+        let st = a.status("seeded").expect("status");
+        assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
+        assert_eq!(
+            st.phase,
+            Phase::Complete,
+            "{}: {st:?}\n{}",
+            a.node.name,
+            a.log_tail()
+        );
+        let dir = a.node.data_dir.join("models/seeded");
+        assert_tree(&dir, &files, &a.node.name);
+        let mode = std::fs::metadata(dir.join("LICENSE"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o111, 0o111, "the executable bit travels");
+        no_stage_left(&a.node.data_dir, &a.node.name);
+    }
+    let seeder = &agents[0];
+    assert_eq!(
+        seeder.status("seeded").map(|s| s.files),
+        Some(Some(files.len() as u64))
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seeder
+                .status("bad")
+                .is_some_and(|s| s.phase == Phase::Failed)
+        })
+        .await,
+        "{:?}\n{}",
+        seeder.status("bad"),
+        seeder.log_tail()
+    );
+    let st = seeder.status("bad").expect("status");
+    assert_eq!(st.reason.as_deref(), Some("SourceUnreadable"), "{st:?}");
+    assert!(
+        st.message.as_deref().unwrap_or("").contains("escape"),
+        "{st:?}"
+    );
+    assert!(!seeder.node.data_dir.join("models/bad").exists());
+}
