@@ -9,7 +9,9 @@
 mod common;
 
 use anyhow::{Context, ensure};
-use common::cluster::{MIB, check_gone_everywhere, general_pool, start, targets, wait_complete};
+use common::cluster::{
+    MIB, check_gone_everywhere, general_pool, start, targets, wait_complete, wait_failed,
+};
 use k8s_openapi::api::core::v1::{
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
 };
@@ -201,5 +203,84 @@ async fn a_node_source_directory_is_seeded_whole() -> anyhow::Result<()> {
     check_gone_everywhere(&cluster, &applied).await?;
     // The seeder never deletes its source.
     ensure!(tree(&root)?.len() == 3, "the source directory is intact");
+    Ok(())
+}
+
+/// A directory needs Range requests: from an origin that ignores them the
+/// Distribution fails with `OriginNoRangeSupport` (never read whole by one
+/// node, as a single file would be), and no node holds a directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_from_an_origin_without_ranges_fails_with_the_reason() -> anyhow::Result<()> {
+    let cluster = start(3, |_| {}).await?;
+    if !cluster.is_local() {
+        println!("SKIP (real cluster): needs the test origin's no-Range mode");
+        return Ok(());
+    }
+    let blobs: Vec<_> = [("config.json", 1000), ("weights.bin", 6 * MIB)]
+        .iter()
+        .zip(70..)
+        .map(|((name, size), seed)| {
+            cluster
+                .origin()
+                .add_blob(&format!("nr/{name}"), *size, seed)
+        })
+        .collect();
+    cluster.origin().set_ignore_ranges(true);
+    let base = format!("{}/blobs/nr/", cluster.origin().base_url());
+    let mut d = general_pool("noranges-dir", &base, "models/nr", None);
+    if let Some(http) = d.spec.source.http.as_mut() {
+        http.files = ["config.json", "weights.bin"]
+            .map(|path| HttpFile {
+                path: path.into(),
+                url: None,
+                digest: None,
+            })
+            .to_vec();
+    }
+    let want = targets(&cluster, &d).await?;
+    let applied = cluster.apply_distribution(&d).await?;
+    let failed = wait_failed(&cluster, &applied).await?;
+    let st = failed.status.context("status")?;
+    let reason = st
+        .condition(peerfill_crds::CONDITION_FAILED)
+        .map(|c| c.reason.clone());
+    ensure!(
+        reason.as_deref() == Some("OriginNoRangeSupport"),
+        "Failed reason {reason:?}: {st:?}"
+    );
+    let fills: Vec<peerfill_crds::NodeFill> = kube::Api::all(cluster.client())
+        .list(&Default::default())
+        .await?
+        .items;
+    for f in &fills {
+        for a in f
+            .spec
+            .distributions
+            .iter()
+            .filter(|a| a.name == "noranges-dir")
+        {
+            let http = a.source.http.as_ref().context("http source")?;
+            ensure!(
+                !http.whole_read,
+                "{}: wholeRead set",
+                f.metadata.name.as_deref().unwrap_or("?")
+            );
+        }
+    }
+    if let Some(local) = cluster.local() {
+        for n in &want {
+            let dir = local.node_data_dir(n)?.join("models/nr");
+            ensure!(!dir.exists(), "{n} holds {}", dir.display());
+        }
+    }
+    let served: u64 = blobs
+        .iter()
+        .map(|b| cluster.origin().served_of(b).bytes)
+        .sum();
+    println!(
+        "origin without Range support: {reason:?}; the origin sent {served} bytes before the readers dropped its whole-body answers"
+    );
+    cluster.delete_distribution(&applied).await?;
+    check_gone_everywhere(&cluster, &applied).await?;
     Ok(())
 }
