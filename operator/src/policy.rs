@@ -69,7 +69,8 @@ pub enum ReasonKind {
     /// The origin's version changed: restart on a new revision.
     OriginChanged,
     /// The origin ignores Range requests: read it whole with one reader
-    /// (`plan`); the reader restarts, nothing fails.
+    /// (`plan`); the reader restarts, nothing fails. Never for a directory
+    /// ([`reason_kind_of`]), which needs ranges.
     OriginNoRanges,
     /// The node's own fault: replace it as an authority, others go on.
     Local,
