@@ -64,6 +64,13 @@ pub const MAX_FAILING_NODES: usize = 10;
         description = "Aggregate download rate over all nodes"
     ),
     printcolumn(
+        name = "Files",
+        type_ = "integer",
+        json_path = ".status.files",
+        description = "Number of files, when the content is a directory",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -97,8 +104,8 @@ pub struct Source {
 /// An HTTP(S) origin: one file (`url`), or a directory of files (`files`,
 /// each at `url` + its path unless it names its own URL).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new(FILES_NO_WHOLE_DIGEST_RULE).message(FILES_NO_WHOLE_DIGEST_MESSAGE))]
-#[x_kube(validation = Rule::new(FILES_BASE_URL_RULE).message(FILES_BASE_URL_MESSAGE))]
+#[x_kube(validation = Rule::new(FILES_NO_WHOLE_DIGEST_RULE).message(FILES_NO_WHOLE_DIGEST_MESSAGE).field_path(".digest"))]
+#[x_kube(validation = Rule::new(FILES_BASE_URL_RULE).message(FILES_BASE_URL_MESSAGE).field_path(".url"))]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
     /// `http://` or `https://` URL of the content; with `files`, the base
@@ -548,8 +555,13 @@ fn check_http_files(c: &mut Collector, http: &HttpSource) {
         }
     }
     let paths: Vec<&str> = http.files.iter().map(|f| f.path.as_str()).collect();
-    if let Some((i, problem)) = check_file_paths(&paths) {
-        c.push(&format!("spec.source.http.files[{i}].path"), problem);
+    match check_file_paths(&paths) {
+        // The list is keyed by path: the API server names the item.
+        Some((i, p @ Problem::DuplicatePath(_))) => {
+            c.push(&format!("spec.source.http.files[{i}]"), p)
+        }
+        Some((i, p)) => c.push(&format!("spec.source.http.files[{i}].path"), p),
+        None => {}
     }
 }
 

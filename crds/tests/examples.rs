@@ -60,7 +60,16 @@ fn valid_examples_parse_and_validate() {
         .iter()
         .filter_map(|p| p.file_name()?.to_str())
         .collect();
-    assert_eq!(names, ["http.yaml", "node-pool.yaml", "node-source.yaml"]);
+    assert_eq!(
+        names,
+        [
+            "http.yaml",
+            "model-directory.yaml",
+            "node-directory.yaml",
+            "node-pool.yaml",
+            "node-source.yaml"
+        ]
+    );
     for path in &files {
         let dist = parse(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(dist.metadata.namespace, None, "{}", path.display());
@@ -94,6 +103,29 @@ fn valid_examples_cover_each_source_and_targeting() {
         node.spec.source.node.as_ref().map(|n| n.node_name.as_str()),
         Some("build-01")
     );
+
+    // A model-shaped directory: shards with digests, small files without,
+    // one file from its own URL, the rest from the base URL.
+    let dir = parse(&examples_dir().join("model-directory.yaml")).expect("parses");
+    let dir_source = dir.spec.source.http.as_ref().expect("http source");
+    assert!(dir_source.url.ends_with('/') && dir_source.digest.is_none());
+    let shards: Vec<_> = dir_source
+        .files
+        .iter()
+        .filter(|f| f.path.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(shards.len(), 4);
+    assert!(shards.iter().all(|f| f.digest.is_some()));
+    assert!(dir_source.files.iter().any(|f| f.path == "config.json"));
+    assert_eq!(
+        dir_source.files.iter().filter(|f| f.url.is_some()).count(),
+        1
+    );
+    let urls = dir_source.file_urls();
+    assert_eq!(urls[0], format!("{}config.json", dir_source.url));
+
+    let node_dir = parse(&examples_dir().join("node-directory.yaml")).expect("parses");
+    assert!(node_dir.spec.source.node.is_some());
 
     let pool = parse(&examples_dir().join("node-pool.yaml")).expect("node-pool.yaml parses");
     assert!(!pool.spec.target.node_selector.is_empty());
@@ -154,6 +186,9 @@ fn invalid_examples_are_refused_naming_the_field() {
         "piece-size-huge.yaml",
         "bad-url-scheme.yaml",
         "bad-digest.yaml",
+        "files-with-whole-digest.yaml",
+        "files-base-url-without-slash.yaml",
+        "files-duplicate-path.yaml",
     ];
     for name in required {
         assert!(
@@ -199,5 +234,28 @@ fn each_invalid_example_breaks_exactly_one_field() {
             fields.dedup();
             assert_eq!(fields, [expected_field(&path)], "{}", path.display());
         }
+    }
+}
+
+/// The directory example in the top-level README (a `spec` only) is a
+/// valid Distribution spec, and a directory.
+#[test]
+fn readme_directory_example_is_valid() {
+    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"));
+    let block = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml))
+        .find(|yaml| yaml.contains("files:"))
+        .expect("README has a yaml block with files");
+    let manifest = format!(
+        "apiVersion: peerfill.dev/v1alpha1\nkind: Distribution\nmetadata:\n  name: readme\n{block}"
+    );
+    let dist: Distribution = serde_saphyr::from_str(&manifest)
+        .unwrap_or_else(|e| panic!("README directory example: {e}\n{manifest}"));
+    let http = dist.spec.source.http.as_ref().expect("http source");
+    assert!(!http.files.is_empty());
+    if let Err(e) = dist.validate() {
+        panic!("README directory example is refused: {e}");
     }
 }

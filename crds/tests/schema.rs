@@ -126,7 +126,8 @@ fn distribution_names_columns_and_subresources() {
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["dist"]));
     let v = version(crd);
     assert_eq!(v["subresources"]["status"], json!({}));
-    let columns: Vec<(&str, &str, &str)> = v["additionalPrinterColumns"]
+    // (name, type, jsonPath, priority: 1 shows with `-o wide` only)
+    let columns: Vec<(&str, &str, &str, i64)> = v["additionalPrinterColumns"]
         .as_array()
         .expect("printer columns")
         .iter()
@@ -135,19 +136,34 @@ fn distribution_names_columns_and_subresources() {
                 c["name"].as_str().unwrap_or_default(),
                 c["type"].as_str().unwrap_or_default(),
                 c["jsonPath"].as_str().unwrap_or_default(),
+                c["priority"].as_i64().unwrap_or(0),
             )
         })
         .collect();
     assert_eq!(
         columns,
         [
-            ("Phase", "string", ".status.phase"),
-            ("Ready", "string", ".status.ready"),
-            ("Progress", "string", ".status.progress"),
-            ("Throughput", "string", ".status.throughput"),
-            ("Age", "date", ".metadata.creationTimestamp"),
+            ("Phase", "string", ".status.phase", 0),
+            ("Ready", "string", ".status.ready", 0),
+            ("Progress", "string", ".status.progress", 0),
+            ("Throughput", "string", ".status.throughput", 0),
+            ("Files", "integer", ".status.files", 1),
+            ("Age", "date", ".metadata.creationTimestamp", 0),
         ]
     );
+    // The directory rules name the field they are about, as validate() does.
+    let http = field(root_schema(crd), "spec.source.http");
+    let paths: Vec<&str> = http["x-kubernetes-validations"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["fieldPath"].as_str())
+        .collect();
+    assert_eq!(paths, [".digest", ".url"]);
+    let files = field(root_schema(crd), "spec.source.http.files");
+    assert_eq!(files["x-kubernetes-list-type"], "map");
+    assert_eq!(files["x-kubernetes-list-map-keys"], json!(["path"]));
+    assert_eq!(files["maxItems"], 1000);
     let root = root_schema(crd);
     let phase = field(root, "status.phase");
     assert_eq!(

@@ -194,6 +194,22 @@ async fn examples_apply_get_wait_delete() -> anyhow::Result<()> {
 
     let row = k.ok(&["get", "dist", &name, "-n", &ns]).await?;
     ensure!(row.contains("Complete"), "phase column: {row}");
+    // `Files` has priority 1: shown by `-o wide` only.
+    patch_status(r#"{"status":{"files":1000}}"#).await?;
+    let row = k.ok(&["get", "dist", &name, "-n", &ns]).await?;
+    ensure!(!row.contains("FILES"), "Files without -o wide: {row}");
+    let wide = k
+        .ok(&["get", "dist", &name, "-n", &ns, "-o", "wide"])
+        .await?;
+    // Columns are aligned: the cell starts where its header does.
+    let mut wide_lines = wide.lines();
+    let header = wide_lines.next().unwrap_or("");
+    let cells = wide_lines.next().unwrap_or("");
+    let cell = header
+        .find("FILES")
+        .and_then(|at| cells.get(at..))
+        .and_then(|rest| rest.split_whitespace().next());
+    ensure!(cell == Some("1000"), "-o wide: {wide}");
     let gen_after = k
         .ok(&[
             "get",

@@ -2,8 +2,9 @@
 //! (`NodeFill` specs) and the nodes' reports into Distribution status.
 //!
 //! Read top-down: the pure decisions ([`select`] which nodes, [`plan`] what
-//! each node does, [`status`] how a Distribution is doing, [`events`] what
-//! deserves an Event, [`leader::decide`] the Lease), then the thin shell
+//! each node does, [`directory`] what a directory adds to that, [`status`]
+//! how a Distribution is doing, [`events`] what deserves an Event,
+//! [`leader::decide`] the Lease), then the thin shell
 //! ([`controller`], [`ca`], [`leader`], [`metrics`]) and [`run`]. [`policy`]
 //! holds the admission rules of work (private origins, path ownership,
 //! failure reasons), [`memory`] what is remembered between reconciles,
@@ -12,6 +13,7 @@
 pub mod ca;
 pub mod cli;
 pub mod controller;
+pub mod directory;
 pub mod error;
 pub mod events;
 pub mod heap;

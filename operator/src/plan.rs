@@ -15,6 +15,7 @@ use peerfill_crds::{
     SeedNode, budget,
 };
 
+use crate::directory::{self, Extent};
 use crate::memory::Memory;
 use crate::policy::{self, PathConflict, ReasonKind};
 use crate::select::{self, NodeMatch};
@@ -111,6 +112,11 @@ pub struct DistPlan {
     pub readers: Vec<OriginReader>,
     /// Content size, once the authorities of this content id agree.
     pub size: Option<u64>,
+    /// Number of files of a directory, pinned with the size (`None`: one
+    /// file, or not pinned yet).
+    pub files: Option<u64>,
+    /// An HTTP source with `files`: a directory (never read whole).
+    pub directory: bool,
     /// Peers of every assigned node (targets and seeder); shared by the
     /// Distributions over the same nodes.
     pub peers: Arc<PeerGraph>,
@@ -149,7 +155,7 @@ impl DistPlan {
 
 /// The assignment of content `content_id` currently in the NodeFill specs
 /// (the first one by node name, preferring one that lists readers): where
-/// the sticky pins (size, root, origin version) come from. Assignments of
+/// the sticky pins (size and files, root, origin version) come from. Assignments of
 /// other content ids (older versions) pin nothing.
 fn current_assignment<'a>(world: &'a World, content_id: &str) -> Option<&'a Assignment> {
     let mut all = world
@@ -197,14 +203,19 @@ pub fn report_for<'a>(
 }
 
 /// The canonical text of what a Distribution distributes: source (URL and
-/// digest, or node and path), target path and piece size. Any edit of
-/// these changes the content id.
+/// digest, the files of a directory, or node and path), target path and
+/// piece size. Any edit of these changes the content id.
 pub fn version_key(dist: &Distribution) -> String {
     let spec = &dist.spec;
     let source = match (&spec.source.http, &spec.source.node) {
-        (Some(h), _) => serde_json::json!({
-            "http": { "url": h.url, "digest": h.digest }
-        }),
+        (Some(h), _) => {
+            let mut http = serde_json::json!({ "url": h.url, "digest": h.digest });
+            // Only a directory has the key: a single file's id is unchanged.
+            if let Some(files) = directory::files_key(h) {
+                http["files"] = files;
+            }
+            serde_json::json!({ "http": http })
+        }
         (None, Some(n)) => serde_json::json!({
             "node": { "nodeName": n.node_name, "path": n.path }
         }),
@@ -352,7 +363,15 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
     let report = |n: &str| report_for(world, n, &uid, &content_id);
     let mut disagreement = None;
 
+    let directory = dist
+        .spec
+        .source
+        .http
+        .as_ref()
+        .is_some_and(|h| !h.files.is_empty());
+    // A directory needs ranges: its `OriginNoRangeSupport` stays a failure.
     let whole_read = dist.spec.source.http.is_some()
+        && !directory
         && whole_read(current, targets.iter().filter_map(|n| report(n)));
     // Origin readers first: the size must come from exactly these.
     let names = if dist.spec.source.http.is_some() {
@@ -381,19 +400,20 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
     // A Failed entry (e.g. OriginChanged with the new version) pins nothing.
     let usable = |r: &NodeDistributionStatus| r.phase != NodePhase::Failed;
 
-    let size = match current.and_then(|a| a.size) {
-        Some(size) => Some(size),
-        None => {
-            let values: Vec<(&str, Option<u64>)> = authorities
-                .iter()
-                .map(|n| (*n, report(n).filter(|r| usable(r)).and_then(|r| r.size)))
-                .collect();
-            agreed("size", &values).unwrap_or_else(|e| {
-                disagreement = Some(e);
-                None
+    let extent = directory::pinned_extent(current).or_else(|| {
+        let values: Vec<(&str, Option<Extent>)> = authorities
+            .iter()
+            .map(|n| {
+                let r = report(n).filter(|r| usable(r));
+                (*n, r.and_then(|r| Extent::reported(r, directory)))
             })
-        }
-    };
+            .collect();
+        agreed("size", &values).unwrap_or_else(|e| {
+            disagreement = Some(e);
+            None
+        })
+    });
+    let size = extent.map(|e| e.size);
     let chosen = names.clone();
     let piece_size = dist
         .spec
@@ -450,6 +470,8 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
         seeder,
         readers,
         size,
+        files: extent.and_then(|e| e.files),
+        directory,
         peers: Arc::default(),
         content_id,
         origin_revision,
@@ -604,11 +626,19 @@ pub fn reader_ranges(names: Vec<String>, size: Option<u64>, piece_size: u64) -> 
     }
 }
 
-fn resolved_source(dist: &Distribution, plan: &DistPlan) -> ResolvedSource {
+/// The source as a node gets it: only a node that reads the origin
+/// (`reader`) gets the file list of a directory (it can be long).
+fn resolved_source(dist: &Distribution, plan: &DistPlan, reader: bool) -> ResolvedSource {
     let ns = dist.namespace().unwrap_or_default();
     ResolvedSource {
         http: dist.spec.source.http.as_ref().map(|h| ResolvedHttpSource {
             url: h.url.clone(),
+            files: if reader {
+                directory::resolved_files(h)
+            } else {
+                Vec::new()
+            },
+            directory: plan.directory,
             digest: h.digest.clone(),
             headers_secret: h.headers_from.as_ref().map(|f| SecretRef {
                 namespace: ns.clone(),
@@ -616,8 +646,6 @@ fn resolved_source(dist: &Distribution, plan: &DistPlan) -> ResolvedSource {
             }),
             origin_version: plan.origin_version.clone(),
             whole_read: plan.whole_read,
-            files: Vec::new(),
-            directory: false,
         }),
         node: dist.spec.source.node.as_ref().map(|n| SeedNode {
             node_name: n.node_name.clone(),
@@ -637,17 +665,17 @@ pub fn assignment(dist: &Distribution, plan: &DistPlan, node: &str) -> Assignmen
             start: r.start,
             end: r.end,
         })
-        .collect();
+        .collect::<Vec<_>>();
     Assignment {
         namespace: dist.namespace().unwrap_or_default(),
         name: dist.name_any(),
         uid: plan.uid.clone(),
         generation: dist.metadata.generation.unwrap_or_default(),
         content_id: plan.content_id.clone(),
-        files: None,
-        source: resolved_source(dist, plan),
+        source: resolved_source(dist, plan, !origin_ranges.is_empty()),
         path: dist.spec.target.path.clone(),
         size: plan.size,
+        files: plan.files,
         // 0: left to the size (the agents apply the same rule).
         piece_size: s.piece_size.unwrap_or(0),
         manifest_digest: plan.manifest_digest.clone(),
@@ -827,6 +855,7 @@ pub(crate) mod tests {
                 source: Source {
                     http: Some(HttpSource {
                         url: "http://127.0.0.1:8080/model.bin".into(),
+                        files: Vec::new(),
                         headers_from: None,
                         digest: None,
                     }),
@@ -880,6 +909,7 @@ pub(crate) mod tests {
             root: None,
             origin_version: None,
             size,
+            files: None,
             pieces_done: 0,
             piece_count: 0,
             bytes_from_origin: 0,

@@ -69,7 +69,8 @@ pub enum ReasonKind {
     /// The origin's version changed: restart on a new revision.
     OriginChanged,
     /// The origin ignores Range requests: read it whole with one reader
-    /// (`plan`); the reader restarts, nothing fails.
+    /// (`plan`); the reader restarts, nothing fails. Never for a directory
+    /// ([`reason_kind_of`]), which needs ranges.
     OriginNoRanges,
     /// The node's own fault: replace it as an authority, others go on.
     Local,
@@ -87,6 +88,17 @@ pub fn reason_kind(reason: &str) -> ReasonKind {
         ReasonKind::OriginTransient
     } else {
         ReasonKind::Local
+    }
+}
+
+/// Classifies a node's failure reason on a content that is a directory
+/// (`directory`) or not: a directory needs Range requests (it is never
+/// read whole), so there `OriginNoRangeSupport` is the origin's permanent
+/// fault.
+pub fn reason_kind_of(reason: &str, directory: bool) -> ReasonKind {
+    match reason_kind(reason) {
+        ReasonKind::OriginNoRanges if directory => ReasonKind::OriginPermanent,
+        kind => kind,
     }
 }
 

@@ -13,7 +13,7 @@ use peerfill_crds::{
 pub use crate::memory::ORIGIN_CHANGE_WINDOW_SECONDS;
 use crate::plan::{DistPlan, NoWork, World, report_for, version_key};
 pub use crate::policy::{REASON_ORIGIN_CHANGED, REASON_ORIGIN_FORBIDDEN, REASON_PATH_CONFLICT};
-use crate::policy::{ReasonKind, reason_kind};
+use crate::policy::{ReasonKind, reason_kind_of};
 
 /// Reason of a Distribution whose target selects no node with a ready agent.
 pub const REASON_NO_TARGET_NODES: &str = "NoTargetNodes";
@@ -237,8 +237,9 @@ pub fn aggregate(
         .iter()
         .filter(|(_, r)| phase_of(*r) == Some(NodePhase::Complete))
         .count();
+    let reason_kind = |reason: &str| reason_kind_of(reason, plan.directory);
     // A reader that found the origin ignores ranges is about to read it
-    // whole (`plan::whole_read`): not a failure.
+    // whole (`plan::whole_read`): not a failure (unless a directory).
     let failed = |r: &NodeDistributionStatus| {
         r.phase == NodePhase::Failed
             && reason_kind(r.reason.as_deref().unwrap_or_default()) != ReasonKind::OriginNoRanges
@@ -270,6 +271,7 @@ pub fn aggregate(
 
     // Size, digest, progress, throughput.
     st.size = plan.size;
+    st.files = plan.files;
     let authorities = plan.authorities();
     st.digest = dist
         .spec
@@ -405,6 +407,7 @@ pub fn aggregate(
         st.origin_revision = Some(revision);
         st.content_id = Some(new_id);
         st.size = None;
+        st.files = None;
         st.origin_version = None;
         st.manifest_digest = crate::plan::user_root(dist);
         st.complete_nodes = Some(0);

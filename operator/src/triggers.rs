@@ -313,6 +313,7 @@ mod tests {
             bytes_done: done,
             content_id: Some("c".into()),
             size: Some(100),
+            files: None,
             root: None,
             origin_version: None,
             pieces_done: done / 10,

@@ -337,6 +337,7 @@ fn distribution(name: &str, readers: u32) -> Distribution {
             source: Source {
                 http: Some(HttpSource {
                     url: "http://127.0.0.1:9/model.bin".into(),
+                    files: Vec::new(),
                     headers_from: None,
                     digest: None,
                 }),
@@ -1047,5 +1048,115 @@ async fn failover() -> Result<()> {
     assert_eq!(lease.lease_transitions, Some(2));
     c.stop.take();
     c.task.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_goes_to_its_readers_and_pins_its_file_count() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(90), directory())
+        .await
+        .context("test timed out")?
+}
+
+/// A directory through the API stand-in, which checks every NodeFill
+/// write against the generated schema.
+async fn directory() -> Result<()> {
+    let GpuPair {
+        _api,
+        operator,
+        fills,
+        dists,
+        agents,
+        heartbeats,
+    } = gpu_pair(7301).await?;
+    let mut d = distribution("model", 1);
+    d.spec.target.path = "models/model".into();
+    if let Some(http) = d.spec.source.http.as_mut() {
+        http.url = "http://127.0.0.1:9/model/".into();
+        http.files = [
+            "config.json",
+            "model-00001-of-00001.safetensors",
+            "tokenizer.json",
+        ]
+        .map(|path| peerfill_crds::HttpFile {
+            path: path.into(),
+            url: None,
+            digest: None,
+        })
+        .to_vec();
+    }
+    let d = dists.create(&PostParams::default(), &d).await?;
+    let uid = d.uid().context("uid")?;
+    let first = eventually(15, "assignment", || async {
+        assignments(&fills, "gpu-1", &uid).await
+    })
+    .await?;
+    let reader = agents[&first.origin_readers[0].node].clone();
+    let other = agents
+        .values()
+        .find(|a| a.name != reader.name)
+        .cloned()
+        .context("other agent")?;
+    let of = |a: Option<peerfill_crds::Assignment>| -> Result<peerfill_crds::ResolvedHttpSource> {
+        a.and_then(|a| a.source.http).context("http source")
+    };
+    // The reader gets every file with its URL resolved; the other node
+    // only that it is a directory.
+    let read = of(assignments(&fills, &reader.name, &uid).await?)?;
+    assert!(read.directory);
+    let urls: Vec<&str> = read.files.iter().map(|f| f.url.as_str()).collect();
+    assert_eq!(
+        urls,
+        [
+            "http://127.0.0.1:9/model/config.json",
+            "http://127.0.0.1:9/model/model-00001-of-00001.safetensors",
+            "http://127.0.0.1:9/model/tokenizer.json",
+        ]
+    );
+    let seen = of(assignments(&fills, &other.name, &uid).await?)?;
+    assert!(seen.directory && seen.files.is_empty());
+
+    // The reader (the only authority) reports size and count: both pinned
+    // into every assignment and the status.
+    let size = 3 * MIB + 4096;
+    reader
+        .set_with(
+            &d,
+            "Downloading",
+            Some(size),
+            MIB,
+            None,
+            json!({ "files": 3 }),
+        )
+        .await?;
+    eventually(15, "size and files pinned", || async {
+        Ok(assignments(&fills, &other.name, &uid)
+            .await?
+            .filter(|a| a.size == Some(size) && a.files == Some(3)))
+    })
+    .await?;
+    status_where(&dists, "model", "status.files", |s| {
+        s.files == Some(3) && s.size == Some(size)
+    })
+    .await?;
+
+    // An origin without Range support fails a directory (never read whole).
+    reader
+        .set(&d, "Failed", Some(size), MIB, Some("OriginNoRangeSupport"))
+        .await?;
+    let st = status_where(&dists, "model", "Failed", |s| {
+        s.phase == Some(Phase::Failed)
+    })
+    .await?;
+    assert_eq!(
+        st.condition(CONDITION_FAILED).map(|c| c.reason.as_str()),
+        Some("OriginNoRangeSupport")
+    );
+    let read = of(assignments(&fills, &reader.name, &uid).await?)?;
+    assert!(!read.whole_read && read.files.len() == 3);
+    for h in heartbeats {
+        h.abort();
+    }
+    operator.task.abort();
     Ok(())
 }
