@@ -32,6 +32,8 @@ use crate::tree::{FileEntry, FileTable, Segment};
 const CONCURRENCY: usize = 8;
 
 /// The origin of an HTTP source: one file, or a directory.
+// One per content, so the size of the file variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Origin {
     One(OriginClient),

@@ -107,8 +107,8 @@ impl ContentFile {
         }
     }
 
-    /// Length of the content (a directory's: its blob's).
-    pub fn len(&self) -> std::io::Result<u64> {
+    /// Size of the content (a directory's: its blob's).
+    pub fn size(&self) -> std::io::Result<u64> {
         match self {
             ContentFile::File(f) => f.metadata().map(|m| m.len()),
             ContentFile::Tree(t) => Ok(t.table.size()),

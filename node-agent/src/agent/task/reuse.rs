@@ -225,7 +225,7 @@ async fn trust_verified_file(fill: &Fill, me: &str, files: &[Arc<ContentFile>]) 
     };
     let layout = fill.layout();
     for file in files {
-        if file.len().ok() != Some(layout.size) {
+        if file.size().ok() != Some(layout.size) {
             continue;
         }
         let f = file.clone();
