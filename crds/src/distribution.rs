@@ -106,6 +106,7 @@ pub struct Source {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new(FILES_NO_WHOLE_DIGEST_RULE).message(FILES_NO_WHOLE_DIGEST_MESSAGE).field_path(".digest"))]
 #[x_kube(validation = Rule::new(FILES_BASE_URL_RULE).message(FILES_BASE_URL_MESSAGE).field_path(".url"))]
+#[x_kube(validation = Rule::new(MANIFEST_ONE_FILE_RULE).message(MANIFEST_ONE_FILE_MESSAGE).field_path(".manifestUrl"))]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
     /// `http://` or `https://` URL of the content; with `files`, the base
@@ -124,6 +125,17 @@ pub struct HttpSource {
     #[schemars(length(max = MAX_FILES))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["path".into()]))]
     pub files: Vec<HttpFile>,
+    /// URL of the content's piece manifest (`peerfill-agent manifest FILE
+    /// --piece-size N` writes one; one file only). Origin readers take the
+    /// piece hashes from it instead of reading their whole range, so a new
+    /// version reads only the pieces that changed from the origin (every
+    /// other piece comes from the previous copy on disk). Its piece size
+    /// must be the Distribution's: set `strategy.pieceSize`. A manifest
+    /// that does not describe the origin's bytes fails the readers with
+    /// `OriginManifestMismatch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = URL_MAX_LEN), pattern(URL_PATTERN), transform = url_rules)]
+    pub manifest_url: Option<String>,
     /// Extra request headers (e.g. `Authorization`) taken from a Secret in the
     /// Distribution's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -474,6 +486,12 @@ impl DistributionSpec {
                 c.check("spec.source.http.digest", check_digest(digest));
             }
             check_http_files(&mut c, http);
+            if let Some(m) = &http.manifest_url {
+                c.check("spec.source.http.manifestUrl", check_url(m));
+                if !http.files.is_empty() {
+                    c.push("spec.source.http.manifestUrl", Problem::ManifestWithFiles);
+                }
+            }
             if let Some(h) = &http.headers_from {
                 c.check(
                     "spec.source.http.headersFrom.secretName",
@@ -574,6 +592,7 @@ mod tests {
             source: Source {
                 http: Some(HttpSource {
                     url: "https://origin.example/model.bin".into(),
+                    manifest_url: None,
                     files: Vec::new(),
                     headers_from: None,
                     digest: None,

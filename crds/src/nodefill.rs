@@ -268,6 +268,10 @@ pub struct ResolvedHttpSource {
     /// from the content itself, verified like every byte of it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<ResolvedHttpFile>,
+    /// URL of the content's piece manifest (origin readers take their
+    /// range's hashes from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_url: Option<String>,
     /// The content is a directory (`files` in the Distribution), also on
     /// nodes that do not get the list.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

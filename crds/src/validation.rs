@@ -153,6 +153,12 @@ pub const FILES_BASE_URL_RULE: &str =
 pub const FILES_BASE_URL_MESSAGE: &str =
     "url must end with '/' when a file takes its URL from url + path";
 
+/// CEL rule on `spec.source.http`: a piece manifest describes one file.
+pub const MANIFEST_ONE_FILE_RULE: &str =
+    "!has(self.manifestUrl) || !has(self.files) || size(self.files) == 0";
+/// Message of [`MANIFEST_ONE_FILE_RULE`].
+pub const MANIFEST_ONE_FILE_MESSAGE: &str = "a piece manifest is for a single file, not files";
+
 /// What is wrong with a field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
@@ -221,6 +227,9 @@ pub enum Problem {
         /// Actual length.
         len: usize,
     },
+    /// A piece manifest next to a file list.
+    #[error("{MANIFEST_ONE_FILE_MESSAGE}")]
+    ManifestWithFiles,
     /// A whole-content digest next to a file list.
     #[error("{FILES_NO_WHOLE_DIGEST_MESSAGE}")]
     WholeDigestWithFiles,

@@ -189,6 +189,7 @@ fn invalid_examples_are_refused_naming_the_field() {
         "files-with-whole-digest.yaml",
         "files-base-url-without-slash.yaml",
         "files-duplicate-path.yaml",
+        "manifest-with-files.yaml",
     ];
     for name in required {
         assert!(

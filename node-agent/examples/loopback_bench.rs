@@ -380,6 +380,7 @@ async fn swarm(bin: &Path, root: &Path, size: u64, agents: usize) -> BenchResult
         readers: names[..2].to_vec(),
         whole: false,
         files: Vec::new(),
+        manifest_url: None,
     };
     let procs: Vec<Proc> = peers
         .iter()

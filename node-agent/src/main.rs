@@ -49,6 +49,15 @@ enum Command {
     },
     /// Run as the node agent of a Kubernetes cluster (the DaemonSet).
     Node(NodeCommand),
+    /// Print the piece manifest of a file (JSON) for `source.http.manifestUrl`:
+    /// publish it next to the file on the origin.
+    Manifest {
+        file: PathBuf,
+        /// Piece size in bytes, the Distribution's `strategy.pieceSize` (0:
+        /// the one the size gives, as when `pieceSize` is unset).
+        #[arg(long, default_value_t = 0)]
+        piece_size: u32,
+    },
     /// Generate a cluster CA and node identities (for tests and demos).
     GenCerts {
         #[arg(long)]
@@ -119,6 +128,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Manifest { file, piece_size } => {
+            match peerfill_agent::origin::manifest::PieceManifest::of_file(&file, piece_size) {
+                Ok(m) => match serde_json::to_string(&m) {
+                    Ok(json) => {
+                        println!("{json}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        error!(error = %e, "manifest failed");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    error!(file = %file.display(), error = %e, "manifest failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => match runtime() {
             Some(rt) => rt.block_on(run(config)),
             None => ExitCode::FAILURE,

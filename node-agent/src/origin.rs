@@ -29,6 +29,7 @@
 //! An origin that ignores Range requests is read whole, in one streaming
 //! GET, by a single reader ([`whole`]).
 
+pub mod manifest;
 mod tree;
 mod whole;
 
@@ -274,6 +275,16 @@ pub enum OriginError {
     },
     #[error("origin {url} refused: {reason}")]
     PrivateAddress { url: String, reason: String },
+    #[error(
+        "origin {url} sent piece {piece} with bytes that do not match its hash in the piece manifest"
+    )]
+    ManifestMismatch { url: String, piece: u32 },
+    #[error("piece manifest {url}: {source}")]
+    Manifest {
+        url: String,
+        #[source]
+        source: manifest::ManifestError,
+    },
 }
 
 impl OriginError {
@@ -292,6 +303,9 @@ impl OriginError {
             OriginError::NoRangeSupport { .. } => "OriginNoRangeSupport",
             OriginError::InvalidUrl { .. } => "InvalidOriginUrl",
             OriginError::InvalidHeader { .. } => "InvalidOriginHeaders",
+            OriginError::ManifestMismatch { .. } | OriginError::Manifest { .. } => {
+                "OriginManifestMismatch"
+            }
         }
     }
 

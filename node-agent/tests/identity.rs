@@ -488,6 +488,7 @@ async fn a_stalled_readers_range_reassigned_completes_the_swarm() {
             readers: readers.iter().map(|r| r.to_string()).collect(),
             whole: false,
             files: Vec::new(),
+            manifest_url: None,
         };
         c
     };

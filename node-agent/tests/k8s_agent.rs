@@ -104,6 +104,7 @@ fn assignment(url: &str, size: Option<u64>) -> Assignment {
         source: ResolvedSource {
             http: Some(ResolvedHttpSource {
                 url: url.into(),
+                manifest_url: None,
                 digest: None,
                 headers_secret: None,
                 origin_version: None,

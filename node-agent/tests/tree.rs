@@ -178,6 +178,7 @@ async fn a_directory_from_many_urls_arrives_whole_on_every_node() {
                 headers: Default::default(),
                 readers: readers.clone(),
                 whole: false,
+                manifest_url: None,
                 // Only readers get the list; the others learn the table
                 // from the content's first pieces.
                 files: if reader {
@@ -370,6 +371,7 @@ async fn a_new_version_of_a_directory_reuses_unchanged_files_by_path() {
                     headers: Default::default(),
                     readers: readers.clone(),
                     whole: false,
+                    manifest_url: None,
                     files: if reader {
                         http_files.clone()
                     } else {

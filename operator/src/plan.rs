@@ -639,6 +639,7 @@ fn resolved_source(dist: &Distribution, plan: &DistPlan, reader: bool) -> Resolv
                 Vec::new()
             },
             directory: plan.directory,
+            manifest_url: h.manifest_url.clone(),
             digest: h.digest.clone(),
             headers_secret: h.headers_from.as_ref().map(|f| SecretRef {
                 namespace: ns.clone(),
@@ -855,6 +856,7 @@ pub(crate) mod tests {
                 source: Source {
                     http: Some(HttpSource {
                         url: "http://127.0.0.1:8080/model.bin".into(),
+                        manifest_url: None,
                         files: Vec::new(),
                         headers_from: None,
                         digest: None,

@@ -337,6 +337,7 @@ fn distribution(name: &str, readers: u32) -> Distribution {
             source: Source {
                 http: Some(HttpSource {
                     url: "http://127.0.0.1:9/model.bin".into(),
+                    manifest_url: None,
                     files: Vec::new(),
                     headers_from: None,
                     digest: None,

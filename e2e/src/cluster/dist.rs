@@ -31,6 +31,7 @@ pub fn http_distribution(name: &str, url: &str, path: &str) -> Distribution {
         Source {
             http: Some(HttpSource {
                 url: url.to_string(),
+                manifest_url: None,
                 files: Vec::new(),
                 headers_from: None,
                 digest: None,

@@ -104,6 +104,8 @@ pub struct Blob {
     pub last_modified: Option<String>,
     /// Blocks generated from another seed ([`Origin::add_edited_blob`]).
     pub edits: Edits,
+    /// Fixed bytes instead of generated ones ([`Origin::add_static`]).
+    pub fixed: Option<Arc<Vec<u8>>>,
 }
 
 /// Edits of a generated blob: the 64 KiB blocks in `blocks` (block
@@ -343,6 +345,29 @@ impl Origin {
         self.insert(blob)
     }
 
+    /// Serves `bytes` at `/blobs/<name>` (e.g. a piece manifest), with both
+    /// validators.
+    pub fn add_static(&self, name: &str, bytes: Vec<u8>) -> Blob {
+        let path = format!("/blobs/{name}");
+        let mut blob = make_blob(
+            format!("{}{path}", self.base_url()),
+            path,
+            0,
+            0,
+            1,
+            Validators::Both,
+            Edits::default(),
+        );
+        let mut sha = StreamingDigest::new(DigestAlgo::Sha256);
+        sha.update(&bytes);
+        blob.sha256 = sha.finalize().to_string();
+        blob.blake3 = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+        blob.size = bytes.len() as u64;
+        blob.etag = Some(format!("\"static-{}\"", &blob.blake3[7..23]));
+        blob.fixed = Some(Arc::new(bytes));
+        self.insert(blob)
+    }
+
     fn insert(&self, blob: Blob) -> Blob {
         let path = blob.path.clone();
         if let Ok(mut b) = self.shared.blobs.lock() {
@@ -517,6 +542,7 @@ fn make_blob(
         etag: None,
         last_modified: None,
         edits,
+        fixed: None,
     };
     if matches!(validators, Validators::Both | Validators::ETagOnly) {
         blob.etag = Some(format!("\"v{version}-{seed:x}-{size:x}\""));
@@ -842,7 +868,7 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         body_stream(
             shared.clone(),
             counters,
-            (blob.seed, blob.edits.clone()),
+            (blob.seed, blob.edits.clone(), blob.fixed.clone()),
             start,
             end,
         )
@@ -890,19 +916,27 @@ fn parse_range(v: &str, size: u64) -> Option<(u64, u64)> {
 fn body_stream(
     shared: Arc<Shared>,
     counters: Arc<Counters>,
-    (seed, edits): (u64, Edits),
+    (seed, edits, fixed): (u64, Edits, Option<Arc<Vec<u8>>>),
     start: u64,
     end: u64,
 ) -> Body {
     let edits = Arc::new(edits);
     let stream = futures::stream::unfold(start, move |pos| {
-        let (shared, counters, edits) = (shared.clone(), counters.clone(), edits.clone());
+        let (shared, counters, edits, fixed) = (
+            shared.clone(),
+            counters.clone(),
+            edits.clone(),
+            fixed.clone(),
+        );
         async move {
             if pos >= end {
                 return None;
             }
             let next = ((pos / BLOCK + 1) * BLOCK).min(end);
-            let chunk = generate_edited(seed, &edits, pos, next);
+            let chunk = match &fixed {
+                Some(b) => b[pos as usize..next as usize].to_vec(),
+                None => generate_edited(seed, &edits, pos, next),
+            };
             throttle(&shared, chunk.len() as u64).await;
             counters
                 .bytes

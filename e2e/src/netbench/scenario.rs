@@ -521,6 +521,7 @@ fn agent_configs(spec: &RunSpec, art: &Artifact, certs: &Path) -> Result<Vec<Age
         readers,
         whole: false,
         files: Vec::new(),
+        manifest_url: None,
     };
     let mut out = Vec::with_capacity(spec.nodes);
     for (i, name) in names.iter().enumerate() {

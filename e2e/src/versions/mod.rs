@@ -28,8 +28,11 @@ use kube::api::{Patch, PatchParams};
 use peerfill_crds::{Distribution, node_label_key};
 use serde::Serialize;
 
+use peerfill_agent::content::Layout;
+use peerfill_agent::origin::manifest::PieceManifest;
+
 use crate::cluster::{
-    Cluster, ClusterError, LocalCluster, LocalClusterOptions, generate, generate_edited,
+    Blob, Cluster, ClusterError, LocalCluster, LocalClusterOptions, generate, generate_edited,
     http_distribution, is_complete, node_source_distribution,
 };
 
@@ -45,6 +48,9 @@ const SEEDER: &str = "node-1";
 pub enum SourceKind {
     /// The local HTTP origin (the URL is edited).
     Http,
+    /// The same with a piece manifest published next to each version
+    /// (`source.http.manifestUrl`, edited with the URL).
+    HttpManifest,
     /// A file under the seeder's data root (the path is edited).
     Node,
 }
@@ -117,19 +123,35 @@ async fn run_one(
     let name = format!("versions-{}", n + 1);
     let target = format!("versions/{name}.bin");
     let (mut dist, v2_digest, v2_patch) = match kind {
-        SourceKind::Http => {
+        SourceKind::Http | SourceKind::HttpManifest => {
             let origin = local.origin();
-            let (v1, v2) = tokio::task::block_in_place(|| {
+            let manifests = kind == SourceKind::HttpManifest;
+            let (v1, v2, m1, m2) = tokio::task::block_in_place(|| {
                 let v1 = origin.add_blob(&format!("{name}-v1.bin"), opts.size, 100 + n);
                 let v2 = origin.add_edited_blob(&format!("{name}-v2.bin"), &v1, edits.clone());
-                (v1, v2)
-            });
+                // Each version's manifest, as `peerfill-agent manifest`
+                // would write it for the operator's piece size.
+                let manifest = |b: &Blob| -> Result<Option<String>, VersionsError> {
+                    if !manifests {
+                        return Ok(None);
+                    }
+                    let layout = Layout::for_content(b.size, opts.piece_size.unwrap_or(0) as u32)
+                        .map_err(|e| VersionsError::Check(e.to_string()))?;
+                    let bytes = generate_edited(b.seed, &b.edits, 0, b.size);
+                    let json = serde_json::to_vec(&PieceManifest::of(&layout, &bytes))
+                        .map_err(|e| VersionsError::Check(e.to_string()))?;
+                    let name = format!("{}.manifest", b.path.trim_start_matches("/blobs/"));
+                    Ok(Some(origin.add_static(&name, json).url))
+                };
+                Ok::<_, VersionsError>((v1.clone(), v2.clone(), manifest(&v1)?, manifest(&v2)?))
+            })?;
             let mut d = http_distribution(&name, &v1.url, &target);
             if let Some(h) = d.spec.source.http.as_mut() {
                 h.digest = Some(v1.blake3.clone());
+                h.manifest_url = m1;
             }
             let patch = serde_json::json!({"spec": {"source": {"http": {
-                "url": v2.url, "digest": v2.blake3 }}}});
+                "url": v2.url, "digest": v2.blake3, "manifestUrl": m2 }}}});
             (d, v2.blake3, patch)
         }
         SourceKind::Node => {

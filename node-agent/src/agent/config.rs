@@ -192,6 +192,10 @@ pub enum SourceConfig {
         /// its own URL; `url` is then unused.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         files: Vec<HttpFile>,
+        /// URL of the content's piece manifest: origin readers take their
+        /// ranges' hashes from it (see `origin::manifest`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest_url: Option<String>,
     },
     /// A file already on node `node`, which seeds it from `path` (an
     /// absolute path on that node; ignored elsewhere).

@@ -73,6 +73,7 @@ pub fn translate(
                 headers: Headers::default(),
                 readers,
                 whole: http.whole_read,
+                manifest_url: http.manifest_url.clone(),
                 files: http
                     .files
                     .iter()
@@ -272,6 +273,7 @@ mod tests {
             source: ResolvedSource {
                 http: Some(ResolvedHttpSource {
                     url: "http://127.0.0.1:8080/m.bin".into(),
+                    manifest_url: None,
                     digest: Some(format!("sha256:{}", "ab".repeat(32))),
                     headers_secret: None,
                     origin_version: None,

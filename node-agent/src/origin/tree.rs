@@ -93,6 +93,14 @@ impl Origin {
         }
     }
 
+    /// The URL as shown in messages (a directory's base URL).
+    pub fn display_url(&self) -> String {
+        match self {
+            Origin::One(c) => c.display_url().to_string(),
+            Origin::Tree(t) => t.shown.clone(),
+        }
+    }
+
     /// The file count of a directory, once its table is known.
     pub fn file_count(&self) -> Option<u64> {
         match self {

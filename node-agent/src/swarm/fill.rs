@@ -412,6 +412,27 @@ impl Fill {
         self.changed.notify_waiters();
     }
 
+    /// Waits until the reuse task tried every piece of `range` (at once
+    /// when nothing is held back), so an origin reader reads from the
+    /// origin only what files on disk did not hold.
+    pub async fn reuse_settled(&self, range: std::ops::Range<u32>) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let pending = {
+                let st = self.lock();
+                range
+                    .clone()
+                    .any(|p| st.reuse_pending.get(p as usize).is_some_and(|b| *b))
+            };
+            if !pending || self.is_closed() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// The reuse task is done (or gone): nothing is held back any more.
     pub fn reuse_finished(&self) {
         let mut st = self.lock();

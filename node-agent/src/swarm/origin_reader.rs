@@ -126,6 +126,15 @@ pub async fn read_origin_range(
                 tokio::task::spawn_blocking(move || content::piece_hash(&layout, piece, &data))
                     .await?
             };
+            // A hash already trusted for this piece (a piece manifest, or
+            // our own earlier read) must be what the origin sends now.
+            if fill.hash(piece).is_some_and(|known| known != hash) {
+                return Err(OriginError::ManifestMismatch {
+                    url: client.display_url(),
+                    piece,
+                }
+                .into());
+            }
             metrics.piece_verified();
             // Detached: a write must not be interrupted half-way.
             let f = fill.clone();

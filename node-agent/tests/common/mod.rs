@@ -245,6 +245,7 @@ pub fn http_config(
             readers: readers.to_vec(),
             whole: false,
             files: Vec::new(),
+            manifest_url: None,
         },
         peers: all
             .iter()

@@ -12,7 +12,9 @@ use std::time::Duration;
 use backon::Retryable;
 use tracing::{Instrument, info, warn};
 
-use crate::origin::{Origin, OriginError};
+use crate::content::PieceHash;
+use crate::origin::manifest::{MAX_MANIFEST_BYTES, ManifestError, PieceManifest};
+use crate::origin::{Origin, OriginClient, OriginError};
 use crate::retry;
 use crate::swarm::{
     Authority, Fill, OriginReadError, read_origin_range, read_origin_whole, seed_hashes,
@@ -21,6 +23,7 @@ use crate::swarm::{
 use super::super::engine::Engine;
 use super::super::failure::{Failure, origin_failure, version_conflict};
 use super::super::{Phase, SourceConfig};
+use super::prepare::{headers as prepare_headers, origin_options};
 use super::{AbortOnDrop, ContentRun};
 
 /// The background task reading this node's ranges from the origin.
@@ -40,6 +43,31 @@ pub(super) async fn start_reader(
     };
     let inner = &engine.inner;
     let me = inner.cfg.node.as_str();
+    if let SourceConfig::Http {
+        manifest_url: Some(url),
+        headers,
+        ..
+    } = &run.cfg.source
+    {
+        let retry = inner.opts.retry_transient_origin;
+        let hashes = with_origin_retry(run, retry, Phase::Fetching, || {
+            fetch_manifest(engine, url, headers, fill)
+        })
+        .await
+        .map_err(|e| origin_failure(run, e))?;
+        let mine: Vec<(u32, PieceHash)> = rs
+            .iter()
+            .filter(|(n, _)| n == me)
+            .flat_map(|(_, r)| r.clone())
+            .filter_map(|p| Some((p, *hashes.get(p as usize)?)))
+            .collect();
+        info!(content = %run.cfg.id, pieces = mine.len(), "range hashes from the piece manifest");
+        fill.own_hashes(me, &mine);
+        // Pieces already on disk (the previous version) need no origin read.
+        for (_, range) in rs.iter().filter(|(n, _)| n == me) {
+            fill.reuse_settled(range.clone()).await;
+        }
+    }
     for (_, range) in rs.iter().filter(|(n, _)| n == me) {
         seed_hashes(fill, me, range.clone())
             .await
@@ -106,6 +134,30 @@ pub(super) async fn start_reader(
         Ok::<(), OriginReadError>(())
     };
     Ok(Some(AbortOnDrop(tokio::spawn(read.in_current_span()))))
+}
+
+/// The piece hashes of a content's piece manifest at `url`, read with the
+/// content's headers; it must describe the content's layout exactly.
+async fn fetch_manifest(
+    engine: &Engine,
+    url: &str,
+    headers: &crate::agent::Headers,
+    fill: &Fill,
+) -> Result<Vec<PieceHash>, OriginError> {
+    let client = OriginClient::new(url, prepare_headers(headers), origin_options(engine))?
+        .with_metrics(engine.inner.metrics.clone());
+    let len = client.content_length().await?;
+    if len > MAX_MANIFEST_BYTES {
+        return Err(OriginError::Manifest {
+            url: client.display_url().to_string(),
+            source: ManifestError::TooLarge(len),
+        });
+    }
+    let body = client.fetch_range(0..len).await?;
+    PieceManifest::hashes_for(&body, &fill.layout()).map_err(|source| OriginError::Manifest {
+        url: client.display_url().to_string(),
+        source,
+    })
 }
 
 /// Waits until the reader has read its ranges or the content is complete

@@ -146,16 +146,7 @@ fn origin_client(run: &ContentRun, engine: &Engine) -> Result<Option<Origin>, Fa
     else {
         return Ok(None);
     };
-    let mut origin_opts = if inner.opts.retry_transient_origin {
-        // The engine retries on its own, showing the failure meanwhile.
-        OriginOptions {
-            max_retries: 2,
-            ..OriginOptions::default()
-        }
-    } else {
-        OriginOptions::default()
-    };
-    origin_opts.allow_private = inner.opts.allow_private_origins;
+    let origin_opts = origin_options(engine);
     let failed = |e: OriginError| Failure::new(e.reason(), e.to_string());
     let o = if files.is_empty() {
         Origin::One(
@@ -178,7 +169,23 @@ fn origin_client(run: &ContentRun, engine: &Engine) -> Result<Option<Origin>, Fa
     Ok(Some(o))
 }
 
-fn headers(h: &Headers) -> Vec<(String, String)> {
+/// Options of this engine's origin clients.
+pub(super) fn origin_options(engine: &Engine) -> OriginOptions {
+    let inner = &engine.inner;
+    let mut opts = if inner.opts.retry_transient_origin {
+        // The engine retries on its own, showing the failure meanwhile.
+        OriginOptions {
+            max_retries: 2,
+            ..OriginOptions::default()
+        }
+    } else {
+        OriginOptions::default()
+    };
+    opts.allow_private = inner.opts.allow_private_origins;
+    opts
+}
+
+pub(super) fn headers(h: &Headers) -> Vec<(String, String)> {
     h.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
