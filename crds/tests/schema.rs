@@ -151,7 +151,7 @@ fn distribution_names_columns_and_subresources() {
             ("Age", "date", ".metadata.creationTimestamp", 0),
         ]
     );
-    // The directory rules name the field they are about, as validate() does.
+    // The directory and manifest rules name the field they are about, as validate() does.
     let http = field(root_schema(crd), "spec.source.http");
     let paths: Vec<&str> = http["x-kubernetes-validations"]
         .as_array()
@@ -159,7 +159,7 @@ fn distribution_names_columns_and_subresources() {
         .iter()
         .filter_map(|r| r["fieldPath"].as_str())
         .collect();
-    assert_eq!(paths, [".digest", ".url"]);
+    assert_eq!(paths, [".digest", ".url", ".manifestUrl"]);
     let files = field(root_schema(crd), "spec.source.http.files");
     assert_eq!(files["x-kubernetes-list-type"], "map");
     assert_eq!(files["x-kubernetes-list-map-keys"], json!(["path"]));
