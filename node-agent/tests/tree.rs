@@ -89,6 +89,74 @@ fn content(id: &str, size: Option<u64>, source: SourceConfig) -> ContentConfig {
     }
 }
 
+/// One test origin per file, and the files as an origin reader gets them.
+async fn serve_files(files: &[(String, Vec<u8>)]) -> (Vec<Origin>, Vec<HttpFile>) {
+    let mut origins = Vec::new();
+    let mut http_files = Vec::new();
+    for (p, data) in files {
+        let o = Origin::start(Arc::new(data.clone())).await;
+        http_files.push(HttpFile {
+            path: p.clone(),
+            url: o.url(),
+            digest: None,
+        });
+        origins.push(o);
+    }
+    (origins, http_files)
+}
+
+/// The file table of `files` (what the non-readers are told the size of).
+fn table_of(files: &[(String, Vec<u8>)]) -> FileTable {
+    FileTable::new(
+        files
+            .iter()
+            .map(|(p, d)| FileEntry {
+                path: p.clone(),
+                size: d.len() as u64,
+                executable: false,
+                digest: None,
+            })
+            .collect(),
+    )
+    .expect("table")
+}
+
+/// Content `id` at `path` from `http_files` on `nodes`, the first two
+/// reading the origin: only readers get the list; the others learn the
+/// table from the content's first pieces.
+fn spawn_readers_and_peers(
+    nodes: &[Node],
+    certs: &Path,
+    id: &str,
+    path: &str,
+    http_files: &[HttpFile],
+    table: &FileTable,
+) -> Vec<Agent> {
+    let readers = vec![nodes[0].name.clone(), nodes[1].name.clone()];
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let reader = i < 2;
+            let source = SourceConfig::Http {
+                url: "http://127.0.0.1:1/unused/".into(),
+                headers: Default::default(),
+                readers: readers.clone(),
+                whole: false,
+                manifest_url: None,
+                files: if reader {
+                    http_files.to_vec()
+                } else {
+                    Vec::new()
+                },
+            };
+            let mut c = content(id, (!reader).then_some(table.size()), source);
+            c.path = PathBuf::from(path);
+            Agent::spawn(n, &config(n, nodes, certs, c))
+        })
+        .collect()
+}
+
 async fn wait_settled(agents: &[&Agent], id: &str) -> bool {
     wait_until(Duration::from_secs(120), || {
         agents.iter().all(|a| {
@@ -137,60 +205,15 @@ fn no_stage_left(data_dir: &Path, who: &str) {
 async fn a_directory_from_many_urls_arrives_whole_on_every_node() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let files = model_files();
-    let mut origins = Vec::new();
-    let mut http_files = Vec::new();
-    for (p, data) in &files {
-        let o = Origin::start(Arc::new(data.clone())).await;
-        http_files.push(HttpFile {
-            path: p.clone(),
-            url: o.url(),
-            digest: None,
-        });
-        origins.push(o);
-    }
+    let (origins, http_files) = serve_files(&files).await;
     let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
-    let table = FileTable::new(
-        files
-            .iter()
-            .map(|(p, d)| FileEntry {
-                path: p.clone(),
-                size: d.len() as u64,
-                executable: false,
-                digest: None,
-            })
-            .collect(),
-    )
-    .expect("table");
-
+    let table = table_of(&files);
     let nodes = nodes(tmp.path(), 3);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let certs = tmp.path().join("certs");
     make_identities(&certs, &names);
-    let readers = vec![names[0].clone(), names[1].clone()];
     let id = "model";
-    let agents: Vec<Agent> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let reader = i < 2;
-            let source = SourceConfig::Http {
-                url: "http://127.0.0.1:1/unused/".into(),
-                headers: Default::default(),
-                readers: readers.clone(),
-                whole: false,
-                manifest_url: None,
-                // Only readers get the list; the others learn the table
-                // from the content's first pieces.
-                files: if reader {
-                    http_files.clone()
-                } else {
-                    Vec::new()
-                },
-            };
-            let size = (!reader).then_some(table.size());
-            Agent::spawn(n, &config(n, &nodes, &certs, content(id, size, source)))
-        })
-        .collect();
+    let agents = spawn_readers_and_peers(&nodes, &certs, id, "models/model", &http_files, &table);
     let all: Vec<&Agent> = agents.iter().collect();
     let settled = wait_settled(&all, id).await;
     for a in &agents {
@@ -334,56 +357,13 @@ async fn a_new_version_of_a_directory_reuses_unchanged_files_by_path() {
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let certs = tmp.path().join("certs");
     make_identities(&certs, &names);
-    let readers = vec![names[0].clone(), names[1].clone()];
 
     let mut changed_bytes = 0u64;
     for (id, files) in [("v1", &v1), ("v2", &v2)] {
-        let mut origins = Vec::new();
-        let mut http_files = Vec::new();
-        for (p, data) in files {
-            let o = Origin::start(Arc::new(data.clone())).await;
-            http_files.push(HttpFile {
-                path: p.clone(),
-                url: o.url(),
-                digest: None,
-            });
-            origins.push(o);
-        }
-        let table = FileTable::new(
-            files
-                .iter()
-                .map(|(p, d)| FileEntry {
-                    path: p.clone(),
-                    size: d.len() as u64,
-                    executable: false,
-                    digest: None,
-                })
-                .collect(),
-        )
-        .expect("table");
-        let agents: Vec<Agent> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let reader = i < 2;
-                let source = SourceConfig::Http {
-                    url: "http://127.0.0.1:1/unused/".into(),
-                    headers: Default::default(),
-                    readers: readers.clone(),
-                    whole: false,
-                    manifest_url: None,
-                    files: if reader {
-                        http_files.clone()
-                    } else {
-                        Vec::new()
-                    },
-                };
-                let mut c = content(id, (!reader).then_some(table.size()), source);
-                // Both versions go to the same directory.
-                c.path = PathBuf::from("models/m");
-                Agent::spawn(n, &config(n, &nodes, &certs, c))
-            })
-            .collect();
+        let (_origins, http_files) = serve_files(files).await;
+        let table = table_of(files);
+        // Both versions go to the same directory.
+        let agents = spawn_readers_and_peers(&nodes, &certs, id, "models/m", &http_files, &table);
         let all: Vec<&Agent> = agents.iter().collect();
         let settled = wait_settled(&all, id).await;
         for a in &agents {

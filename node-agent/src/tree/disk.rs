@@ -68,33 +68,48 @@ impl Remapped {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
-        let end = offset + buf.len() as u64;
-        if end > self.table.size() {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut at = 0usize;
-        for seg in self.table.segments(offset..end) {
-            match seg {
-                Segment::Header(r) => {
-                    let n = (r.end - r.start) as usize;
-                    let header = &self.table.header()[r.start as usize..r.end as usize];
-                    buf[at..at + n].copy_from_slice(header);
-                    at += n;
-                }
-                Segment::File { index, range } => {
-                    let n = (range.end - range.start) as usize;
-                    let old = self.old_index[index].ok_or_else(missing)?;
-                    if self.old.table.entries()[old].size < range.end {
-                        return Err(missing());
-                    }
-                    self.old.files[old].read_exact_at(&mut buf[at..at + n], range.start)?;
-                    at += n;
-                }
+        read_segments(&self.table, buf, offset, |index, range, out| {
+            let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+            let old = self.old_index[index].ok_or_else(missing)?;
+            if self.old.table.entries()[old].size < range.end {
+                return Err(missing());
+            }
+            self.old.files[old].read_exact_at(out, range.start)
+        })
+    }
+}
+
+/// Fills `buf` with the blob of `table` at `offset`: header bytes from the
+/// table, file bytes through `file(index, range in the file, out)`.
+fn read_segments(
+    table: &FileTable,
+    buf: &mut [u8],
+    offset: u64,
+    mut file: impl FnMut(usize, std::ops::Range<u64>, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let end = offset + buf.len() as u64;
+    if end > table.size() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "read past the end of the directory content",
+        ));
+    }
+    let mut at = 0usize;
+    for seg in table.segments(offset..end) {
+        match seg {
+            Segment::Header(r) => {
+                let n = (r.end - r.start) as usize;
+                buf[at..at + n].copy_from_slice(&table.header()[r.start as usize..r.end as usize]);
+                at += n;
+            }
+            Segment::File { index, range } => {
+                let n = (range.end - range.start) as usize;
+                file(index, range, &mut buf[at..at + n])?;
+                at += n;
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl ContentFile {
@@ -166,33 +181,10 @@ impl TreeFiles {
 
     /// Reads exactly `buf.len()` bytes of the blob at `offset`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let end = offset + buf.len() as u64;
-        if end > self.table.size() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{}: read past the end of the directory content",
-                    self.dir.display()
-                ),
-            ));
-        }
-        let mut at = 0usize;
-        for seg in self.table.segments(offset..end) {
-            match seg {
-                Segment::Header(r) => {
-                    let n = (r.end - r.start) as usize;
-                    let header = &self.table.header()[r.start as usize..r.end as usize];
-                    buf[at..at + n].copy_from_slice(header);
-                    at += n;
-                }
-                Segment::File { index, range } => {
-                    let n = (range.end - range.start) as usize;
-                    self.files[index].read_exact_at(&mut buf[at..at + n], range.start)?;
-                    at += n;
-                }
-            }
-        }
-        Ok(())
+        read_segments(&self.table, buf, offset, |index, range, out| {
+            self.files[index].read_exact_at(out, range.start)
+        })
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.dir.display())))
     }
 }
 
