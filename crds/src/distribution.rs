@@ -177,10 +177,16 @@ impl HttpSource {
             .iter()
             .map(|f| match &f.url {
                 Some(u) => u.clone(),
-                None => format!("{}{}", self.url, encode_path(&f.path)),
+                None => file_url(&self.url, &f.path),
             })
             .collect()
     }
+}
+
+/// The URL of a directory's file without a URL of its own: the base URL
+/// with the path appended, each segment percent-encoded.
+pub fn file_url(base: &str, path: &str) -> String {
+    format!("{base}{}", encode_path(path))
 }
 
 /// Percent-encodes every byte of each path segment that is not unreserved

@@ -304,8 +304,11 @@ pub struct ResolvedHttpSource {
 pub struct ResolvedHttpFile {
     /// Path beneath the target directory.
     pub path: String,
-    /// URL of the file.
-    pub url: String,
+    /// URL of the file; unset: the source's `url` + `path`
+    /// ([`crate::distribution::file_url`]), which keeps a reader's NodeFill
+    /// small for a long list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Expected digest of the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,

@@ -22,15 +22,15 @@ use std::fmt;
 use peerfill_crds::{Assignment, HttpSource, NodeDistributionStatus, ResolvedHttpFile};
 use serde_json::{Value, json};
 
-/// Every file of an HTTP directory with its URL resolved, in the order the
-/// Distribution lists them.
+/// Every file of an HTTP directory, in the order the Distribution lists
+/// them; a URL only where the file has its own (the others are the base
+/// URL + path, which the agent derives the same way).
 pub fn resolved_files(http: &HttpSource) -> Vec<ResolvedHttpFile> {
     http.files
         .iter()
-        .zip(http.file_urls())
-        .map(|(f, url)| ResolvedHttpFile {
+        .map(|f| ResolvedHttpFile {
             path: f.path.clone(),
-            url,
+            url: f.url.clone(),
             digest: f.digest.clone(),
         })
         .collect()
@@ -44,12 +44,12 @@ pub fn files_key(http: &HttpSource) -> Option<Value> {
     if http.files.is_empty() {
         return None;
     }
-    let mut files = resolved_files(http);
-    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut files: Vec<_> = http.files.iter().zip(http.file_urls()).collect();
+    files.sort_by(|a, b| a.0.path.cmp(&b.0.path));
     Some(Value::Array(
         files
             .into_iter()
-            .map(|f| json!({ "path": f.path, "url": f.url, "digest": f.digest }))
+            .map(|(f, url)| json!({ "path": f.path, "url": url, "digest": f.digest }))
             .collect(),
     ))
 }

@@ -112,10 +112,16 @@ fn readers_alone_get_the_file_list_every_node_the_directory_flag() {
             let http = a.source.http.as_ref().expect("http");
             assert!(http.directory, "{when}: {n}");
             assert!(!http.whole_read, "{when}: {n}");
+            // The URL as the agent resolves it: its own, or base + path.
             let got: Vec<(String, String)> = http
                 .files
                 .iter()
-                .map(|f| (f.path.clone(), f.url.clone()))
+                .map(|f| {
+                    let url = f.url.clone().unwrap_or_else(|| {
+                        peerfill_crds::distribution::file_url(&http.url, &f.path)
+                    });
+                    (f.path.clone(), url)
+                })
                 .collect();
             if readers.iter().any(|r| r == n) {
                 assert!(!a.role.origin_ranges.is_empty(), "{when}: {n}");

@@ -1101,11 +1101,20 @@ async fn directory() -> Result<()> {
     let of = |a: Option<peerfill_crds::Assignment>| -> Result<peerfill_crds::ResolvedHttpSource> {
         a.and_then(|a| a.source.http).context("http source")
     };
-    // The reader gets every file with its URL resolved; the other node
-    // only that it is a directory.
+    // The reader gets every file (a URL only where it is not base + path,
+    // which the agent resolves); the other node only that it is a directory.
     let read = of(assignments(&fills, &reader.name, &uid).await?)?;
     assert!(read.directory);
-    let urls: Vec<&str> = read.files.iter().map(|f| f.url.as_str()).collect();
+    let resolved: Vec<String> = read
+        .files
+        .iter()
+        .map(|f| {
+            f.url
+                .clone()
+                .unwrap_or_else(|| peerfill_crds::distribution::file_url(&read.url, &f.path))
+        })
+        .collect();
+    let urls: Vec<&str> = resolved.iter().map(String::as_str).collect();
     assert_eq!(
         urls,
         [

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use peerfill_crds::distribution::file_url;
 use peerfill_crds::nodefill::Assignment;
 
 use crate::agent::{
@@ -79,7 +80,10 @@ pub fn translate(
                     .iter()
                     .map(|f| HttpFile {
                         path: f.path.clone(),
-                        url: f.url.clone(),
+                        url: f
+                            .url
+                            .clone()
+                            .unwrap_or_else(|| file_url(&http.url, &f.path)),
                         digest: f.digest.clone(),
                     })
                     .collect(),
