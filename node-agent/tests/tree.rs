@@ -398,3 +398,43 @@ async fn a_new_version_of_a_directory_reuses_unchanged_files_by_path() {
         drop(agents);
     }
 }
+
+/// The origin's files no longer add up to the published version of the
+/// directory (one of them changed since): the readers stop with
+/// `OriginChanged` and nothing appears at the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_whose_files_changed_since_the_pin_fails_the_readers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let files: Vec<(String, Vec<u8>)> = model_files().into_iter().skip(3).collect();
+    let (_origins, http_files) = serve_files(&files).await;
+    let nodes = nodes(tmp.path(), 1);
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &[nodes[0].name.clone()]);
+    let source = SourceConfig::Http {
+        url: "http://127.0.0.1:1/unused/".into(),
+        headers: Default::default(),
+        readers: vec![nodes[0].name.clone()],
+        whole: false,
+        manifest_url: None,
+        files: http_files,
+    };
+    let mut c = content("changed", None, source);
+    // What the operator published from an earlier read of the files.
+    c.origin_version = Some("tree:00000000000000000000000000000000".into());
+    let agent = Agent::spawn(&nodes[0], &config(&nodes[0], &nodes, &certs, c));
+    assert!(
+        wait_settled(&[&agent], "changed").await,
+        "{}",
+        agent.log_tail()
+    );
+    let st = agent.status("changed").expect("status");
+    assert_eq!(st.phase, Phase::Failed, "{st:?}");
+    assert_eq!(st.reason.as_deref(), Some("OriginChanged"), "{st:?}");
+    assert!(
+        st.origin_version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("tree:")),
+        "{st:?}"
+    );
+    assert!(!nodes[0].data_dir.join("models/changed").exists());
+}
