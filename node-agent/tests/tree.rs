@@ -438,3 +438,79 @@ async fn a_directory_whose_files_changed_since_the_pin_fails_the_readers() {
     );
     assert!(!nodes[0].data_dir.join("models/changed").exists());
 }
+
+/// A node killed half-way through a directory resumes after a restart:
+/// the pieces it had stay (re-verified), the directory appears whole, and
+/// nothing staged is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_directory_resumes_and_completes_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let files = model_files();
+    let (_origins, http_files) = serve_files(&files).await;
+    let table = table_of(&files);
+    let nodes = nodes(tmp.path(), 3);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let certs = tmp.path().join("certs");
+    make_identities(&certs, &names);
+    let id = "resumed";
+    let mut agents =
+        spawn_readers_and_peers(&nodes, &certs, id, "models/resumed", &http_files, &table);
+    // Slow the third node down so it can be killed half-way: 1 MiB/s.
+    agents[2].kill();
+    let mut cfg: peerfill_agent::agent::AgentConfig =
+        serde_json::from_slice(&std::fs::read(&agents[2].config).expect("config")).expect("json");
+    cfg.contents[0].caps.download_bytes_per_sec = Some(1 << 20);
+    std::fs::write(&agents[2].config, serde_json::to_vec(&cfg).expect("json")).expect("write");
+    agents[2].start();
+    // Half-way, and long enough after its first piece that a durability
+    // batch (1 s, see `store`) was written: a kill loses at most one batch.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            agents[2].status(id).is_some_and(|s| s.pieces_done >= 1)
+        })
+        .await,
+        "{}",
+        agents[2].log_tail()
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = agents[2].status(id).expect("status");
+    assert!(
+        before.pieces_done < before.piece_count,
+        "not half-way any more: {before:?}"
+    );
+    agents[2].kill();
+    assert!(
+        !nodes[2].data_dir.join("models/resumed").exists(),
+        "nothing at the target before it is complete"
+    );
+    agents[2].start();
+    let all: Vec<&Agent> = agents.iter().collect();
+    let settled = wait_settled(&all, id).await;
+    for a in &agents {
+        let st = a.status(id).expect("status");
+        assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
+        assert_eq!(st.phase, Phase::Complete, "{st:?}\n{}", a.log_tail());
+        assert_tree(
+            &a.node.data_dir.join("models/resumed"),
+            &files,
+            &a.node.name,
+        );
+        no_stage_left(&a.node.data_dir, &a.node.name);
+    }
+    let after = agents[2].status(id).expect("status");
+    println!(
+        "killed at {} of {} pieces; after the restart {} resumed from disk",
+        before.pieces_done, before.piece_count, after.resumed_pieces
+    );
+    // (The status file may lag the kill by one write, so the pieces held
+    // then are not an upper bound here.)
+    assert!(
+        after.resumed_pieces > 0,
+        "{after:?}\n{}",
+        agents[2].log_tail()
+    );
+    assert!(
+        after.bytes_from_peers + after.bytes_from_origin < table.size(),
+        "only what was not resumed is fetched again: {after:?}"
+    );
+}
