@@ -201,6 +201,26 @@ fn no_stage_left(data_dir: &Path, who: &str) {
     );
 }
 
+/// Waits until `id` settles on every agent, then checks it is `Complete`
+/// everywhere with exactly `files` at `rel` and nothing staged left.
+async fn assert_all_trees(agents: &[Agent], id: &str, rel: &str, files: &[(String, Vec<u8>)]) {
+    let all: Vec<&Agent> = agents.iter().collect();
+    let settled = wait_settled(&all, id).await;
+    for a in agents {
+        let st = a.status(id).expect("status");
+        assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
+        assert_eq!(
+            st.phase,
+            Phase::Complete,
+            "{}: {st:?}\n{}",
+            a.node.name,
+            a.log_tail()
+        );
+        assert_tree(&a.node.data_dir.join(rel), files, &a.node.name);
+        no_stage_left(&a.node.data_dir, &a.node.name);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_from_many_urls_arrives_whole_on_every_node() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -214,25 +234,7 @@ async fn a_directory_from_many_urls_arrives_whole_on_every_node() {
     make_identities(&certs, &names);
     let id = "model";
     let agents = spawn_readers_and_peers(&nodes, &certs, id, "models/model", &http_files, &table);
-    let all: Vec<&Agent> = agents.iter().collect();
-    let settled = wait_settled(&all, id).await;
-    for a in &agents {
-        let st = a.status(id).expect("status");
-        assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
-        assert_eq!(
-            st.phase,
-            Phase::Complete,
-            "{}: {st:?}\n{}",
-            a.node.name,
-            a.log_tail()
-        );
-        assert_tree(
-            &a.node.data_dir.join("models").join(id),
-            &files,
-            &a.node.name,
-        );
-        no_stage_left(&a.node.data_dir, &a.node.name);
-    }
+    assert_all_trees(&agents, id, "models/model", &files).await;
     for a in &agents[..2] {
         let st = a.status(id).expect("status");
         assert_eq!(
@@ -364,21 +366,7 @@ async fn a_new_version_of_a_directory_reuses_unchanged_files_by_path() {
         let table = table_of(files);
         // Both versions go to the same directory.
         let agents = spawn_readers_and_peers(&nodes, &certs, id, "models/m", &http_files, &table);
-        let all: Vec<&Agent> = agents.iter().collect();
-        let settled = wait_settled(&all, id).await;
-        for a in &agents {
-            let st = a.status(id).expect("status");
-            assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
-            assert_eq!(
-                st.phase,
-                Phase::Complete,
-                "{}: {st:?}\n{}",
-                a.node.name,
-                a.log_tail()
-            );
-            assert_tree(&a.node.data_dir.join("models/m"), files, &a.node.name);
-            no_stage_left(&a.node.data_dir, &a.node.name);
-        }
+        assert_all_trees(&agents, id, "models/m", files).await;
         if id == "v2" {
             let st = agents[2].status(id).expect("status");
             let fetched = st.bytes_from_peers + st.bytes_from_origin;
@@ -484,19 +472,7 @@ async fn a_node_killed_mid_directory_resumes_and_completes_it() {
         "nothing at the target before it is complete"
     );
     agents[2].start();
-    let all: Vec<&Agent> = agents.iter().collect();
-    let settled = wait_settled(&all, id).await;
-    for a in &agents {
-        let st = a.status(id).expect("status");
-        assert!(settled, "{}: {st:?}\n{}", a.node.name, a.log_tail());
-        assert_eq!(st.phase, Phase::Complete, "{st:?}\n{}", a.log_tail());
-        assert_tree(
-            &a.node.data_dir.join("models/resumed"),
-            &files,
-            &a.node.name,
-        );
-        no_stage_left(&a.node.data_dir, &a.node.name);
-    }
+    assert_all_trees(&agents, id, "models/resumed", &files).await;
     let after = agents[2].status(id).expect("status");
     println!(
         "killed at {} of {} pieces; after the restart {} resumed from disk",
