@@ -388,7 +388,7 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
             .filter(|t| !unfit.contains(t.as_str()))
             .cloned()
             .collect();
-        choose_readers(&uid, &candidates, &previous, max)
+        choose_readers(&uid, &candidates, &previous, max, &|n| world.zone(n))
     } else {
         Vec::new()
     };
@@ -560,14 +560,18 @@ pub fn unfit_readers<'a>(
 }
 
 /// Origin readers: the previous ones that are still targets keep their
-/// position (so their ranges hold), holes and new slots are filled by
+/// position (so their ranges hold); holes and new slots are filled by
 /// rendezvous hashing (`blake3(uid/node)`, so different distributions
-/// spread their reads over different nodes), up to `min(max, targets)`.
+/// spread their reads over different nodes), each from the zone (`zone_of`)
+/// with the fewest readers so far, so fresh pieces enter every zone from
+/// the origin rather than all through one; up to `min(max, targets)`.
+/// Nodes without a zone count as one zone.
 pub fn choose_readers(
     uid: &str,
     targets: &[String],
     previous: &[String],
     max: usize,
+    zone_of: &dyn Fn(&str) -> Option<String>,
 ) -> Vec<String> {
     let want = max.min(targets.len());
     let is_target: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
@@ -575,23 +579,42 @@ pub fn choose_readers(
         .iter()
         .map(|p| is_target.contains(p.as_str()).then(|| p.clone()))
         .collect();
+    while slots.len() < want {
+        slots.push(None);
+    }
     let kept: BTreeSet<String> = slots.iter().flatten().cloned().collect();
-    let mut candidates: Vec<&String> = targets.iter().filter(|t| !kept.contains(*t)).collect();
-    candidates.sort_by_key(|t| {
+    let mut per_zone: BTreeMap<Option<String>, usize> =
+        targets.iter().map(|t| (zone_of(t), 0)).collect();
+    for k in &kept {
+        *per_zone.entry(zone_of(k)).or_default() += 1;
+    }
+    let mut candidates: Vec<(Option<String>, &String)> = targets
+        .iter()
+        .filter(|t| !kept.contains(*t))
+        .map(|t| (zone_of(t), t))
+        .collect();
+    candidates.sort_by_key(|(_, t)| {
         (
             blake3::hash(format!("{uid}/{t}").as_bytes()).to_hex(),
             t.as_str(),
         )
     });
-    let mut candidates = candidates.into_iter();
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
-        match candidates.next() {
-            Some(c) => *slot = Some(c.clone()),
-            None => break,
-        }
+        // The first candidate (hash order) of the zone with the fewest
+        // readers among zones that still have one.
+        let Some(i) = candidates
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, (z, _))| (per_zone.get(z).copied().unwrap_or(0), *i))
+            .map(|(i, _)| i)
+        else {
+            break;
+        };
+        let (z, c) = candidates.remove(i);
+        *per_zone.entry(z).or_default() += 1;
+        *slot = Some(c.clone());
     }
     let mut readers: Vec<String> = slots.into_iter().flatten().collect();
-    readers.extend(candidates.cloned());
     readers.truncate(want);
     readers
 }
@@ -1121,7 +1144,7 @@ pub(crate) mod tests {
             ("no targets", t(&[]), t(&["a"]), 2, vec![]),
         ];
         for (what, targets, previous, max, want) in cases {
-            let got = choose_readers("u", &targets, &previous, max);
+            let got = choose_readers("u", &targets, &previous, max, &|_| None);
             assert_eq!(got.len(), want.len(), "{what}: {got:?}");
             for (g, w) in got.iter().zip(&want) {
                 if let Some(w) = w {
@@ -1136,6 +1159,38 @@ pub(crate) mod tests {
             let unique: BTreeSet<_> = got.iter().collect();
             assert_eq!(unique.len(), got.len(), "{what}: duplicates");
         }
+    }
+
+    #[test]
+    fn readers_are_spread_over_zones() {
+        let targets: Vec<String> = (0..30).map(|i| format!("n{i:02}")).collect();
+        let zone = |n: &str| {
+            let i: usize = n[1..].parse().unwrap_or(0);
+            Some(["a", "b", "c"][i % 3].to_string())
+        };
+        let count = |readers: &[String]| {
+            let mut m = BTreeMap::new();
+            for r in readers {
+                *m.entry(zone(r)).or_insert(0) += 1;
+            }
+            let mut v: Vec<usize> = m.into_values().collect();
+            v.sort();
+            v
+        };
+        for uid in ["u1", "u2", "u3", "u4"] {
+            let got = choose_readers(uid, &targets, &[], 4, &zone);
+            assert_eq!(count(&got), [1, 1, 2], "{uid}: {got:?}");
+            // A kept reader keeps its slot and counts for its zone.
+            let previous = vec!["n00".to_string(), "gone".to_string()];
+            let again = choose_readers(uid, &targets, &previous, 3, &zone);
+            assert_eq!(again[0], "n00");
+            assert_eq!(count(&again), [1, 1, 1], "{uid}: {again:?}");
+        }
+        // Without zones: rendezvous order, as before.
+        let plain = choose_readers("u1", &targets, &[], 4, &|_| None);
+        let mut by_hash = targets.clone();
+        by_hash.sort_by_key(|t| blake3::hash(format!("u1/{t}").as_bytes()).to_hex());
+        assert_eq!(plain, by_hash[..4]);
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn build(
     let uid = "sim-uid";
     let size = u64::from(pieces) * piece_size;
     let readers = reader_ranges(
-        choose_readers(uid, &targets, &[], max_readers),
+        choose_readers(uid, &targets, &[], max_readers, &|n| world.zone(n)),
         Some(size),
         piece_size,
     );
