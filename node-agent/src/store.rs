@@ -1124,7 +1124,27 @@ impl PieceStore {
             };
             let dest = p.root.join(&rel);
             inner.with_file(|file| file.sync_all().map_err(io_err("syncing", from)))?;
-            if let Err(e) = p.root.rename_from(&p.dir, &p.data_name, &rel) {
+            // A previous version that was a directory content of ours is
+            // swapped out in one exchange, then removed: a rename cannot
+            // replace a directory with a file.
+            let replaces_tree = p
+                .root
+                .metadata(&rel.join(crate::tree::TABLE_FILE))
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.is_file());
+            let moved = if replaces_tree {
+                p.root.swap_in_from(&p.dir, &p.data_name, &rel).map(|_| {
+                    // The new file is in place; a leftover old tree only
+                    // costs space until the content is removed.
+                    if let Err(e) = p.dir.remove_tree(&p.data_name) {
+                        warn!(error = %e, "cannot remove the previous version's directory");
+                    }
+                })
+            } else {
+                p.root.rename_from(&p.dir, &p.data_name, &rel)
+            };
+            if let Err(e) = moved {
                 inner.closed.store(false, Ordering::Release);
                 if let FsError::Io { source, .. } = &e
                     && source.raw_os_error() == Some(libc::EXDEV)
@@ -1330,6 +1350,29 @@ mod tests {
         });
         // Also the large-length edge.
         assert!(Bitmap::from_bytes(u32::MAX, &[1, 2, 3]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_file_version_replaces_a_directory_version_in_one_swap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = DataRoot::open(tmp.path()).unwrap();
+        let old = tmp.path().join("models/m");
+        std::fs::create_dir_all(old.join("sub")).unwrap();
+        std::fs::write(old.join(crate::tree::TABLE_FILE), b"table").unwrap();
+        std::fs::write(old.join("sub/shard"), b"old").unwrap();
+        let layout = Layout::new(3 * u64::from(MIN_PIECE_SIZE), MIN_PIECE_SIZE).unwrap();
+        let store = PieceStore::open_in(&root, "v2", layout).unwrap();
+        for i in 0..layout.piece_count() {
+            store.write_piece(i, piece(&layout, i)).await.unwrap();
+        }
+        store.clone().finalize(&old).await.unwrap();
+        assert!(old.is_file(), "the directory was replaced by the file");
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), layout.size);
+        let partial = tmp.path().join(PARTIAL_DIR);
+        let left: Vec<_> = std::fs::read_dir(&partial).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        // Served from the new place.
+        assert_eq!(store.read_piece(1).await.unwrap(), piece(&layout, 1));
     }
 
     #[tokio::test]
