@@ -1127,13 +1127,7 @@ impl PieceStore {
             // A previous version that was a directory content of ours is
             // swapped out in one exchange, then removed: a rename cannot
             // replace a directory with a file.
-            let replaces_tree = p
-                .root
-                .metadata(&rel.join(crate::tree::TABLE_FILE))
-                .ok()
-                .flatten()
-                .is_some_and(|m| m.is_file());
-            let moved = if replaces_tree {
+            let moved = if crate::tree::is_ours(&p.root, &rel) {
                 p.root.swap_in_from(&p.dir, &p.data_name, &rel).map(|_| {
                     // The new file is in place; a leftover old tree only
                     // costs space until the content is removed.
@@ -1231,11 +1225,7 @@ impl PieceStore {
                 Arc::new(ContentFile::Tree(tree));
             remove_if_exists(&p.dir, &p.data_name)?;
             remove_if_exists(&p.dir, &p.bitmap_name)?;
-            rustix::fs::fsync(p.dir.dir_fd()).map_err(|e| StoreError::Io {
-                op: "syncing directory",
-                path: p.dir.path().to_path_buf(),
-                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
-            })?;
+            p.dir.sync_dir(Path::new(""))?;
             Ok(())
         })
         .await?;

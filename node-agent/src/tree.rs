@@ -106,6 +106,16 @@ impl TreeError {
     }
 }
 
+/// Whether `rel` beneath `root` is a directory content this agent wrote
+/// (it holds [`TABLE_FILE`]): only such a directory is removed or replaced
+/// as a whole.
+pub fn is_ours(root: &crate::fsroot::DataRoot, rel: &Path) -> bool {
+    root.metadata(&rel.join(TABLE_FILE))
+        .ok()
+        .flatten()
+        .is_some_and(|m| m.is_file())
+}
+
 /// One file of a directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -117,12 +117,7 @@ impl Engine {
             // A directory goes only if it is a directory content this agent
             // wrote (it holds the table file); anything else there is not
             // ours to delete recursively.
-            let ours = root
-                .metadata(&rel.join(crate::tree::TABLE_FILE))
-                .ok()
-                .flatten()
-                .is_some_and(|m| m.is_file());
-            if ours {
+            if crate::tree::is_ours(&root, &rel) {
                 root.remove_tree(&rel).map_err(|e| del(e.into()))?;
             } else {
                 root.remove_file(&rel).map_err(|e| del(e.into()))?;

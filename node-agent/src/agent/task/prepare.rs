@@ -229,13 +229,8 @@ fn outside_root(data_dir: &Path, path: &Path) -> bool {
 /// [`TreeFiles::walk`]); `None` for anything else, which the file path
 /// handles (and refuses if it is not a regular file).
 fn walk_if_directory(root: &DataRoot, path: &Path) -> Result<Option<TreeFiles>, Failure> {
-    let unreadable =
-        |why: String| Failure::new("SourceUnreadable", format!("{}: {why}", path.display()));
-    let rel = root
-        .user_rel_of(path)
-        .map_err(|e| unreadable(e.to_string()))?;
-    match root.metadata(&rel).map_err(|e| unreadable(e.to_string()))? {
-        Some(m) if m.kind == crate::fsroot::EntryKind::Dir => TreeFiles::walk(root, &rel)
+    match source_entry(root, path)? {
+        (rel, Some(m)) if m.kind == crate::fsroot::EntryKind::Dir => TreeFiles::walk(root, &rel)
             .map(Some)
             .map_err(|e| Failure::new(e.reason(), e.to_string())),
         _ => Ok(None),
@@ -245,16 +240,31 @@ fn walk_if_directory(root: &DataRoot, path: &Path) -> Result<Option<TreeFiles>, 
 /// Size of a node source's file, resolved beneath the data root: a symlink
 /// anywhere on the way (which could lead out of the root) is refused.
 fn source_len(root: &DataRoot, path: &Path) -> Result<u64, Failure> {
-    let unreadable =
-        |why: String| Failure::new("SourceUnreadable", format!("{}: {why}", path.display()));
-    let rel = root
-        .user_rel_of(path)
-        .map_err(|e| unreadable(e.to_string()))?;
-    match root.metadata(&rel).map_err(|e| unreadable(e.to_string()))? {
+    match source_entry(root, path)?.1 {
         Some(m) if m.is_file() => Ok(m.len),
         Some(_) => Err(unreadable(
+            path,
             "not a regular file (symlinks are never followed)".into(),
         )),
-        None => Err(unreadable("no such file".into())),
+        None => Err(unreadable(path, "no such file".into())),
     }
+}
+
+/// A node source's path beneath the data root and its lstat (`None`: it
+/// does not exist); a symlink on the way is refused.
+fn source_entry(
+    root: &DataRoot,
+    path: &Path,
+) -> Result<(PathBuf, Option<crate::fsroot::EntryMeta>), Failure> {
+    let rel = root
+        .user_rel_of(path)
+        .map_err(|e| unreadable(path, e.to_string()))?;
+    let meta = root
+        .metadata(&rel)
+        .map_err(|e| unreadable(path, e.to_string()))?;
+    Ok((rel, meta))
+}
+
+fn unreadable(path: &Path, why: String) -> Failure {
+    Failure::new("SourceUnreadable", format!("{}: {why}", path.display()))
 }

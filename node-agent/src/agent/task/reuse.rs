@@ -199,6 +199,9 @@ async fn reuse_pieces(fill: Arc<Fill>, me: String, sources: Sources) {
 /// piece tells its length).
 async fn new_table(fill: &Fill) -> Result<FileTable, u32> {
     let layout = fill.layout();
+    if !fill.store.has(0) {
+        return Err(1);
+    }
     let first = fill.store.read_piece(0).await.map_err(|_| 1u32)?;
     let len = first
         .get(..PREAMBLE_LEN as usize)
@@ -207,8 +210,12 @@ async fn new_table(fill: &Fill) -> Result<FileTable, u32> {
     let pieces = u32::try_from(len.div_ceil(u64::from(layout.piece_size)))
         .unwrap_or(u32::MAX)
         .min(layout.piece_count());
+    if !(1..pieces).all(|i| fill.store.has(i)) {
+        return Err(pieces);
+    }
     let mut header = Vec::with_capacity(len as usize);
-    for i in 0..pieces {
+    header.extend_from_slice(&first);
+    for i in 1..pieces {
         let data = fill.store.read_piece(i).await.map_err(|_| pieces)?;
         header.extend_from_slice(&data);
     }
