@@ -32,65 +32,80 @@ enum PeersArg {
     Bounded,
 }
 
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Nodes are spread evenly over this many zones.
+    #[arg(long, default_value_t = 3)]
+    zones: usize,
+    /// Content size, MiB.
+    #[arg(long, default_value_t = 4096)]
+    size_mib: u64,
+    /// Piece size, KiB (0: auto_piece_size, about 1024 pieces).
+    #[arg(long, default_value_t = 0)]
+    piece_kib: u64,
+    /// Every node's uplink and downlink and the origin's uplink, Mbit/s.
+    #[arg(long, default_value_t = 1000.0)]
+    link_mbit: f64,
+    /// The origin's uplink, Mbit/s (default: --link-mbit).
+    #[arg(long)]
+    origin_mbit: Option<f64>,
+    /// Each directed link between two zones, Mbit/s.
+    #[arg(long, default_value_t = 5000.0)]
+    cross_zone_mbit: f64,
+    /// Round trip between any two hosts, ms.
+    #[arg(long, default_value_t = 1.0)]
+    rtt_ms: f64,
+    /// Origin readers (strategy.maxOriginConnections).
+    #[arg(long)]
+    readers: Option<usize>,
+    #[arg(long, value_enum, default_value_t = FairnessArg::Local)]
+    fairness: FairnessArg,
+    #[arg(long, value_enum, default_value_t = PeersArg::Operator)]
+    peers: PeersArg,
+    /// A/B: do not tell the agents their peers' zones (the picker is then
+    /// zone-blind, as in a cluster without zone labels).
+    #[arg(long)]
+    zone_blind: bool,
+    /// A/B of the agent's download byte budget, MiB (default: `DOWNLOAD_BUFFER_BYTES`).
+    #[arg(long)]
+    download_budget_mib: Option<u64>,
+    /// A/B of the agent's upload byte budget, MiB (default: `UPLOAD_BUFFER_BYTES`).
+    #[arg(long)]
+    upload_budget_mib: Option<u64>,
+    /// A/B of the agent's upload slots (default: `Tuning::upload_slots`).
+    #[arg(long)]
+    upload_slots: Option<usize>,
+    /// A/B of the agent's pieces downloading at once (default: `Tuning::max_inflight`).
+    #[arg(long)]
+    max_inflight: Option<usize>,
+    /// A/B of the agent's requests outstanding per peer (default: `Tuning::pipeline`).
+    #[arg(long)]
+    pipeline: Option<usize>,
+    /// A/B of an origin reader's range requests in flight (default: `Tuning::origin_concurrency`).
+    #[arg(long)]
+    origin_concurrency: Option<usize>,
+    /// Payload share of a peer link's cap (e.g. 0.904: QUIC as measured on the netbench).
+    #[arg(long, default_value_t = 1.0)]
+    peer_efficiency: f64,
+    /// Payload share of the origin link's cap (e.g. 0.956: HTTP over TCP).
+    #[arg(long, default_value_t = 1.0)]
+    origin_efficiency: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Simulated seconds after which the run fails (default: 50 T* + 60 s).
+    #[arg(long)]
+    limit_secs: Option<f64>,
+    /// Report path (default: sim-<nodes>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// One run; prints progress and a summary line, writes the JSON report.
-    Run {
-        #[arg(long, default_value_t = 1000)]
-        nodes: usize,
-        /// Nodes are spread evenly over this many zones.
-        #[arg(long, default_value_t = 3)]
-        zones: usize,
-        /// Content size, MiB.
-        #[arg(long, default_value_t = 4096)]
-        size_mib: u64,
-        /// Piece size, KiB (0: auto_piece_size, about 1024 pieces).
-        #[arg(long, default_value_t = 0)]
-        piece_kib: u64,
-        /// Every node's uplink and downlink and the origin's uplink, Mbit/s.
-        #[arg(long, default_value_t = 1000.0)]
-        link_mbit: f64,
-        /// The origin's uplink, Mbit/s (default: --link-mbit).
-        #[arg(long)]
-        origin_mbit: Option<f64>,
-        /// Each directed link between two zones, Mbit/s.
-        #[arg(long, default_value_t = 5000.0)]
-        cross_zone_mbit: f64,
-        /// Round trip between any two hosts, ms.
-        #[arg(long, default_value_t = 1.0)]
-        rtt_ms: f64,
-        /// Origin readers (strategy.maxOriginConnections).
-        #[arg(long)]
-        readers: Option<usize>,
-        #[arg(long, value_enum, default_value_t = FairnessArg::Local)]
-        fairness: FairnessArg,
-        #[arg(long, value_enum, default_value_t = PeersArg::Operator)]
-        peers: PeersArg,
-        /// A/B: do not tell the agents their peers' zones (the picker is then
-        /// zone-blind, as in a cluster without zone labels).
-        #[arg(long)]
-        zone_blind: bool,
-        /// A/B of the agent's download byte budget, MiB (default: `DOWNLOAD_BUFFER_BYTES`).
-        #[arg(long)]
-        download_budget_mib: Option<u64>,
-        /// A/B of the agent's upload byte budget, MiB (default: `UPLOAD_BUFFER_BYTES`).
-        #[arg(long)]
-        upload_budget_mib: Option<u64>,
-        /// Payload share of a peer link's cap (e.g. 0.904: QUIC as measured on the netbench).
-        #[arg(long, default_value_t = 1.0)]
-        peer_efficiency: f64,
-        /// Payload share of the origin link's cap (e.g. 0.956: HTTP over TCP).
-        #[arg(long, default_value_t = 1.0)]
-        origin_efficiency: f64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Simulated seconds after which the run fails (default: 50 T* + 60 s).
-        #[arg(long)]
-        limit_secs: Option<f64>,
-        /// Report path (default: sim-<nodes>.json).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Run(Box<RunArgs>),
     /// Plots reports: time / T* against N, and uplink utilization.
     Plot {
         /// Directory of the PNGs (sim-ratio.png, sim-utilization.png).
@@ -110,27 +125,32 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
-        Command::Run {
-            nodes,
-            zones,
-            size_mib,
-            piece_kib,
-            link_mbit,
-            origin_mbit,
-            cross_zone_mbit,
-            rtt_ms,
-            readers,
-            fairness,
-            peers,
-            zone_blind,
-            download_budget_mib,
-            upload_budget_mib,
-            peer_efficiency,
-            origin_efficiency,
-            seed,
-            limit_secs,
-            out,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                nodes,
+                zones,
+                size_mib,
+                piece_kib,
+                link_mbit,
+                origin_mbit,
+                cross_zone_mbit,
+                rtt_ms,
+                readers,
+                fairness,
+                peers,
+                zone_blind,
+                download_budget_mib,
+                upload_budget_mib,
+                upload_slots,
+                max_inflight,
+                pipeline,
+                origin_concurrency,
+                peer_efficiency,
+                origin_efficiency,
+                seed,
+                limit_secs,
+                out,
+            } = *args;
             let mut cfg = Config::new(
                 nodes,
                 zones,
@@ -159,6 +179,10 @@ fn main() -> anyhow::Result<()> {
             if let Some(b) = upload_budget_mib {
                 cfg.upload_budget = b << 20;
             }
+            cfg.upload_slots = upload_slots.unwrap_or(cfg.upload_slots);
+            cfg.max_inflight = max_inflight.unwrap_or(cfg.max_inflight);
+            cfg.pipeline = pipeline.unwrap_or(cfg.pipeline);
+            cfg.origin_concurrency = origin_concurrency.unwrap_or(cfg.origin_concurrency);
             cfg.peer_efficiency = peer_efficiency;
             cfg.origin_efficiency = origin_efficiency;
             cfg.seed = seed;

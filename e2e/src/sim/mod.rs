@@ -88,7 +88,8 @@ pub struct Config {
     pub origin_concurrency: usize,
     /// Pieces being downloaded at once per node (`Tuning::max_inflight`).
     pub max_inflight: usize,
-    /// Requests outstanding per peer (`Tuning::pipeline`).
+    /// Requests outstanding per peer, at most (`Tuning::pipeline`; fewer
+    /// with many peers, `swarm::pipeline_for`).
     pub pipeline: usize,
     /// `Tuning::upload_slots`.
     pub upload_slots: usize,

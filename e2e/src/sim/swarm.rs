@@ -1,6 +1,6 @@
 //! The agents in the simulator: the agent's own [`Picker`] per node, its
 //! upload admission rule ([`uploads::Limits`], `on_arrival`,
-//! `next_to_serve`, `to_evict`), its download permits and pipeline, and
+//! `next_to_serve`), its download permits and pipeline (`pipeline_for`), and
 //! origin readers reading their ranges with several requests in flight.
 //!
 //! Timeline of one piece from a peer (RTT = `rtt`): the requester picks it
@@ -51,15 +51,50 @@ pub const UPLINKS: usize = 0;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
-    FlowEnd { flow: FlowId, version: u64 },
-    Request { from: u32, to: u32, piece: u32 },
-    Refused { node: u32, holder: u32, piece: u32 },
-    Delivered { node: u32, holder: u32, piece: u32 },
-    SlotFree { node: u32, len: u64 },
-    Announce { node: u32, piece: u32, fresh: bool },
-    Cancel { holder: u32, node: u32, piece: u32 },
-    OriginStart { reader: u32, piece: u32 },
-    Recheck { node: u32 },
+    FlowEnd {
+        flow: FlowId,
+        version: u64,
+    },
+    Request {
+        from: u32,
+        to: u32,
+        piece: u32,
+    },
+    Refused {
+        node: u32,
+        holder: u32,
+        piece: u32,
+    },
+    Delivered {
+        node: u32,
+        holder: u32,
+        piece: u32,
+    },
+    SlotFree {
+        node: u32,
+        len: u64,
+    },
+    Announce {
+        node: u32,
+        piece: u32,
+        fresh: bool,
+    },
+    Cancel {
+        holder: u32,
+        node: u32,
+        piece: u32,
+    },
+    OriginStart {
+        reader: u32,
+        piece: u32,
+    },
+    /// Reader `i` sends its next range request.
+    OriginNext {
+        i: u32,
+    },
+    Recheck {
+        node: u32,
+    },
 }
 
 struct Queued {
@@ -159,6 +194,8 @@ pub struct Sim<'a> {
     uploads: HashMap<(u32, u32, u32), FlowId>,
     /// Next piece of each reader's range to request, and its end.
     reader_next: Vec<(u32, u32, u32)>,
+    /// Pieces each reader has read from the origin.
+    reader_done: Vec<u32>,
     queue: BinaryHeap<Queued>,
     seq: u64,
     now: f64,
@@ -229,7 +266,7 @@ impl<'a> Sim<'a> {
                 }
             })
             .collect();
-        let reader_next = topo
+        let reader_next: Vec<(u32, u32, u32)> = topo
             .readers
             .iter()
             .map(|&(r, a, b)| (r as u32, a, b))
@@ -247,6 +284,7 @@ impl<'a> Sim<'a> {
             agents,
             flows: HashMap::new(),
             uploads: HashMap::new(),
+            reader_done: vec![0; reader_next.len()],
             reader_next,
             queue: BinaryHeap::new(),
             seq: 0,
@@ -298,9 +336,9 @@ impl<'a> Sim<'a> {
     /// `progress` is called about once per simulated second.
     pub fn run(mut self, mut progress: impl FnMut(f64, usize, usize)) -> Result<Outcome, SimError> {
         for i in 0..self.reader_next.len() {
-            for _ in 0..self.cfg.origin_concurrency.max(1) {
-                self.next_origin_request(i);
-            }
+            // The agent reads the first piece alone, then keeps
+            // `origin_concurrency` requests in flight (`origin_piece`).
+            self.next_origin_request(i);
         }
         let n = self.agents.len();
         let mut done = 0;
@@ -394,6 +432,10 @@ impl<'a> Sim<'a> {
                 let (id, moved) = self.net.start(self.now, &links, len);
                 self.flows.insert(id, FlowOf::Origin { reader, piece });
                 self.reschedule(moved);
+                false
+            }
+            Ev::OriginNext { i } => {
+                self.next_origin_request(i as usize);
                 false
             }
             Ev::Request { from, to, piece } => {

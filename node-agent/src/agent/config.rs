@@ -100,7 +100,9 @@ pub struct Limits {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Tuning {
+    /// `SwarmOptions::max_inflight`.
     pub max_inflight: usize,
+    /// `SwarmOptions::pipeline` (a cap; see `swarm::pipeline_for`).
     pub pipeline: usize,
     pub upload_slots: usize,
     pub strikes_to_ban: u32,
@@ -115,7 +117,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            max_inflight: 16,
+            max_inflight: 8,
             pipeline: 3,
             upload_slots: 8,
             strikes_to_ban: 2,

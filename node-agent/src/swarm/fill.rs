@@ -373,6 +373,11 @@ impl Fill {
         st.sessions.keys().any(|id| st.picker.interesting(*id))
     }
 
+    /// Open sessions (one per peer) of this content.
+    pub(crate) fn session_count(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
     /// Nodes with an open announce session for this content.
     pub fn session_nodes(&self) -> HashSet<String> {
         self.lock()

@@ -417,6 +417,21 @@ pub(crate) async fn probe(conn: &quinn::Connection, wait: Duration) -> bool {
 /// ask for right now (refused for now, or in flight elsewhere), looks again.
 const REFUSAL_RECHECK: Duration = Duration::from_millis(50);
 
+/// Requests one session keeps outstanding: the node's `max_inflight`
+/// spread over the content's `sessions`, at least one and at most `cap`.
+///
+/// Why spread: a request waits at its holder while that holder's slots are
+/// busy, and the holders of the freshest pieces are the busiest. Several
+/// requests to one peer stack up behind its uplink while other peers' sit
+/// idle; one each (when there are at least `max_inflight` peers) puts every
+/// permit on a different uplink. Measured in the simulator (N = 16 x 64 MiB
+/// at 20 Mbit/s, 6 seeds, with the upload rule of `uploads`): 3 per peer
+/// 1.26 T*, 1 per peer 1.20 T*. `cap` keeps a node with one or two peers
+/// (a single seeder) pipelined.
+pub fn pipeline_for(max_inflight: usize, sessions: usize, cap: usize) -> usize {
+    max_inflight.div_ceil(sessions.max(1)).clamp(1, cap.max(1))
+}
+
 /// The two download permits a request holds until its piece is written:
 /// one of `max_inflight` and its piece's share of the byte budget.
 type DownloadPermit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
@@ -455,7 +470,8 @@ async fn queue_for_permit(
     Some((count, bytes))
 }
 
-/// Keeps up to `pipeline` requests outstanding to one peer for one content.
+/// Keeps up to [`pipeline_for`] requests outstanding to one peer for one
+/// content.
 ///
 /// The download budgets are shared by every session, so most sessions wait
 /// for a permit most of the time. A session that has something to ask for
@@ -491,7 +507,12 @@ async fn download(
         let mut unpicked = false;
         // Read each round: a Distribution's priority may change.
         let priority = shared.limits.priority(&fill.spec.id);
-        while outstanding.len() < shared.opts.pipeline && !fill.is_complete() {
+        let pipeline = pipeline_for(
+            shared.opts.max_inflight,
+            fill.session_count(),
+            shared.opts.pipeline,
+        );
+        while outstanding.len() < pipeline && !fill.is_complete() {
             let Some(permit) = granted
                 .take()
                 .or_else(|| try_permit(&shared, units, priority))

@@ -3,7 +3,9 @@
 
 use super::{Ev, FlowOf, REFUSAL_BACKOFF, Sim, Waiter};
 use peerfill_agent::swarm::picker::PeerId;
+use peerfill_agent::swarm::pipeline_for;
 use peerfill_agent::swarm::uploads::{self, Arrival};
+use rand::seq::SliceRandom;
 
 impl Sim<'_> {
     /// Sends reader `i`'s next range request, if its range has one left.
@@ -39,6 +41,13 @@ impl Sim<'_> {
         );
         if let Some(i) = self.reader_next.iter().position(|r| r.0 == reader) {
             self.next_origin_request(i);
+            self.reader_done[i] += 1;
+            if self.reader_done[i] == 1 {
+                // The first piece came alone; the others start together.
+                for _ in 1..self.cfg.origin_concurrency.max(1) {
+                    self.at(0.0, Ev::OriginNext { i: i as u32 });
+                }
+            }
         }
         completed
     }
@@ -70,15 +79,12 @@ impl Sim<'_> {
     /// `only`, or round robin over all sessions.
     pub(super) fn fill(&mut self, node: u32, only: Option<u32>) {
         let need = self.request_bytes();
-        let (max_inflight, budget, pipeline) = (
-            self.cfg.max_inflight,
-            self.cfg.download_budget,
-            self.cfg.pipeline,
-        );
+        let (max_inflight, budget) = (self.cfg.max_inflight, self.cfg.download_budget);
         let now = self.instant(self.now);
         let Sim { agents, rng, .. } = self;
         let a = &mut agents[node as usize];
         let k = a.peers.len();
+        let pipeline = pipeline_for(max_inflight, k, self.cfg.pipeline);
         if k == 0 || a.picker.is_complete() {
             return;
         }
@@ -154,34 +160,7 @@ impl Sim<'_> {
             self.start_upload(holder, node, piece);
             return;
         }
-        let sent = a.sent[piece as usize];
-        let mut refuse = Vec::new();
-        match uploads::on_arrival(sent, a.waiting.len(), limits.busy_after, limits.max_waiting) {
-            Arrival::Refuse => refuse.push((node, piece)),
-            Arrival::QueueAndEvict => {
-                let keys: Vec<(u32, u64)> = a
-                    .waiting
-                    .iter()
-                    .map(|w| (a.sent[w.piece as usize], w.seq))
-                    .collect();
-                if let Some(i) = uploads::to_evict(&keys) {
-                    let w = a.waiting.swap_remove(i);
-                    refuse.push((w.node, w.piece));
-                }
-            }
-            Arrival::Queue => {}
-        }
-        if refuse.first() != Some(&(node, piece)) {
-            let seq = a.next_seq;
-            a.next_seq += 1;
-            a.waiting.push(Waiter {
-                seq,
-                node,
-                piece,
-                len,
-            });
-        }
-        for (node, piece) in refuse {
+        if uploads::on_arrival(a.sent[piece as usize]) == Arrival::Refuse {
             self.refusals += 1;
             self.at(
                 self.cfg.rtt / 2.0,
@@ -191,7 +170,16 @@ impl Sim<'_> {
                     piece,
                 },
             );
+            return;
         }
+        let seq = a.next_seq;
+        a.next_seq += 1;
+        a.waiting.push(Waiter {
+            seq,
+            node,
+            piece,
+            len,
+        });
         self.dispatch(holder);
     }
 
@@ -341,7 +329,12 @@ impl Sim<'_> {
                 }
             }
         }
-        for j in 0..self.agents[node as usize].peers.len() {
+        // Peers hear of it in no fixed order: in the agents, scheduling
+        // and the network decide who asks first, and a fixed order would
+        // put the same nodes at the back of every holder's queue.
+        let mut order: Vec<usize> = (0..self.agents[node as usize].peers.len()).collect();
+        order.shuffle(&mut self.rng);
+        for j in order {
             let (m, b) = {
                 let a = &self.agents[node as usize];
                 (a.peers[j], a.back[j])
