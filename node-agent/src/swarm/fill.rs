@@ -72,6 +72,19 @@ impl Authority {
         }
     }
 
+    /// How many nodes are authorities (one for a seeder).
+    pub fn node_count(&self) -> usize {
+        match self {
+            Authority::Seeder(_) => 1,
+            Authority::Readers(rs) => {
+                let mut nodes: Vec<&str> = rs.iter().map(|(n, _)| n.as_str()).collect();
+                nodes.sort_unstable();
+                nodes.dedup();
+                nodes.len()
+            }
+        }
+    }
+
     /// The pieces `node` is the authority for.
     pub fn ranges_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = Range<u32>> + 'a {
         let (seeder, readers): (Option<&String>, &[(String, Range<u32>)]) = match self {
@@ -1276,6 +1289,7 @@ mod tests {
             })
             .collect();
         assert_eq!(f.pending_authorities(), vec!["r0", "r1"]);
+        assert_eq!(f.spec.authority.node_count(), 2);
         f.hashes_from("r0", &hashes[..2]);
         assert_eq!(f.pending_authorities(), vec!["r1"]);
         f.hashes_from("r1", &hashes[2..]);

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tracing::{debug, info, warn};
 
 use super::{DownloadGate, Fill};
@@ -148,23 +149,45 @@ pub async fn read_origin_range(
     let Some((&first, rest)) = missing.split_first() else {
         return Ok(());
     };
+    // Pin-ahead hashes (a manifest) say nothing about the other readers.
+    let others_tell = fill.hashes_missing() > 0;
     read(first).await?;
-    let results = futures::stream::iter(rest.iter().copied())
-        .map(read)
-        .buffer_unordered(concurrency.max(1));
-    futures::pin_mut!(results);
-    while let Some(r) = results.next().await {
-        r?;
+    let mut next = rest.iter().copied();
+    let mut running = FuturesUnordered::new();
+    loop {
+        let limit = if others_tell {
+            // A reader's hashes spread as it reads: the authorities whose
+            // hashes we still miss are the readers still reading.
+            let reading = fill.pending_authorities().len();
+            origin_concurrency(concurrency, fill.spec.authority.node_count(), reading)
+        } else {
+            concurrency.max(1)
+        };
+        while running.len() < limit {
+            let Some(piece) = next.next() else { break };
+            running.push(read(piece));
+        }
+        match running.next().await {
+            Some(r) => r?,
+            None => return Ok(()),
+        }
     }
-    Ok(())
 }
 
-/// Reads the whole content in one streaming GET from an origin that ignores
-/// Range requests (see `origin::whole`); this reader is then the authority
-/// of every piece. Each piece is hashed and stored as soon as its last byte
-/// arrives; pieces already held are read past. A failure half-way starts
-/// the body over (the origin cannot resume), with the client's retry policy
-/// for transient failures.
+/// Range requests one reader keeps in flight: `base` while all `readers`
+/// read, more as the others finish, so that the readers still reading keep
+/// the origin's link full. Their downlinks also carry peer traffic, and
+/// `base` TCP flows against it took only their share of `readers`: the
+/// origin link idled at the end of a run while the slowest reader read the
+/// rest of its range (measured on the netbench, N = 16 at 20 Mbit/s: the
+/// origin at 37-80 % of its cap for the last 6 s). The origin never sees
+/// more requests at once than at the start (`readers` x `base`).
+pub fn origin_concurrency(base: usize, readers: usize, reading: usize) -> usize {
+    let base = base.max(1);
+    let readers = readers.max(1);
+    (base * readers).div_ceil(reading.clamp(1, readers))
+}
+
 pub async fn read_origin_whole(
     fill: Arc<Fill>,
     me: String,
@@ -242,4 +265,22 @@ async fn read_whole_once(
     }
     debug!(content = %fill.spec.id, "whole content read from the origin");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_concurrency;
+
+    #[test]
+    fn readers_left_take_over_the_finished_readers_requests() {
+        // Four readers, four requests each: 16 at the origin throughout.
+        assert_eq!(origin_concurrency(4, 4, 4), 4);
+        assert_eq!(origin_concurrency(4, 4, 3), 6);
+        assert_eq!(origin_concurrency(4, 4, 2), 8);
+        assert_eq!(origin_concurrency(4, 4, 1), 16);
+        // Counted as reading: this reader itself, even if its hashes are in.
+        assert_eq!(origin_concurrency(4, 4, 0), 16);
+        assert_eq!(origin_concurrency(4, 1, 1), 4);
+        assert_eq!(origin_concurrency(0, 0, 0), 1);
+    }
 }
