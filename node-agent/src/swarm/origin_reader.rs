@@ -180,7 +180,7 @@ pub async fn read_origin_range(
 /// `base` TCP flows against it took only their share of `readers`: the
 /// origin link idled at the end of a run while the slowest reader read the
 /// rest of its range (measured on the netbench, N = 16 at 20 Mbit/s: the
-/// origin at 37-80 % of its cap for the last 6 s). The origin never sees
+/// origin at 37-82 % of its cap for the last 6 s). The origin never sees
 /// more requests at once than at the start (`readers` x `base`).
 pub fn origin_concurrency(base: usize, readers: usize, reading: usize) -> usize {
     let base = base.max(1);
