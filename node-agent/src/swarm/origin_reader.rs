@@ -81,12 +81,13 @@ pub async fn seed_hashes(
     Ok(hashed)
 }
 
-/// Reads the missing pieces of `range` from the origin with at most
-/// `concurrency` requests at once, hashing, storing and announcing each as
-/// soon as it arrives. The first piece goes alone: an origin that ignores
-/// Range answers it with the whole body, and one such answer is dropped,
-/// not `concurrency`. Retries are the origin client's; an error here means
-/// it gave up.
+/// Reads the missing pieces of `range` from the origin with `concurrency`
+/// requests at once (more once other readers finished, see
+/// [`origin_concurrency`]), hashing, storing and announcing each as soon as
+/// it arrives. The first piece goes alone: an origin that ignores Range
+/// answers it with the whole body, and one such answer is dropped, not
+/// `concurrency`. Retries are the origin client's; an error here means it
+/// gave up.
 pub async fn read_origin_range(
     fill: Arc<Fill>,
     me: String,
@@ -176,18 +177,25 @@ pub async fn read_origin_range(
 
 /// Range requests one reader keeps in flight: `base` while all `readers`
 /// read, more as the others finish, so that the readers still reading keep
-/// the origin's link full. Their downlinks also carry peer traffic, and
-/// `base` TCP flows against it took only their share of `readers`: the
-/// origin link idled at the end of a run while the slowest reader read the
-/// rest of its range (measured on the netbench, N = 16 at 20 Mbit/s: the
-/// origin at 37-82 % of its cap for the last 6 s). The origin never sees
-/// more requests at once than at the start (`readers` x `base`).
+/// the origin's link full. A reader's downlink also carries peer traffic,
+/// and against it `base` TCP flows win about one reader's share of the
+/// origin, not more: without this the origin link idled at the end of a
+/// run while the slowest reader read the rest of its range (measured on the
+/// netbench, N = 16 at 20 Mbit/s: the origin at 37-82 % of its cap for the
+/// last 6 s). The origin never sees more requests at once than at the
+/// start (`readers` x `base`).
 pub fn origin_concurrency(base: usize, readers: usize, reading: usize) -> usize {
     let base = base.max(1);
     let readers = readers.max(1);
     (base * readers).div_ceil(reading.clamp(1, readers))
 }
 
+/// Reads the whole content in one streaming GET from an origin that ignores
+/// Range requests (see `origin::whole`); this reader is then the authority
+/// of every piece. Each piece is hashed and stored as soon as its last byte
+/// arrives; pieces already held are read past. A failure half-way starts
+/// the body over (the origin cannot resume), with the client's retry policy
+/// for transient failures.
 pub async fn read_origin_whole(
     fill: Arc<Fill>,
     me: String,

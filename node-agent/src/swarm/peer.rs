@@ -424,10 +424,11 @@ const REFUSAL_RECHECK: Duration = Duration::from_millis(50);
 /// busy, and the holders of the freshest pieces are the busiest. Several
 /// requests to one peer stack up behind its uplink while other peers' sit
 /// idle; one each (when there are at least `max_inflight` peers) puts every
-/// permit on a different uplink. Measured in the simulator (N = 16 x 64 MiB
-/// at 20 Mbit/s, 6 seeds, with the upload rule of `uploads`): 3 per peer
-/// 1.26 T*, 1 per peer 1.20 T*. `cap` keeps a node with one or two peers
-/// (a single seeder) pipelined.
+/// permit on a different uplink. Measured in the simulator (20 Mbit/s, 8 in
+/// flight, the upload rule of `uploads`, 4-6 seeds): 2 per peer against 1
+/// per peer, N = 16 x 64 MiB 1.14 and 1.13 T*, N = 32 x 32 MiB 1.49 and
+/// 1.36 T*, N = 64 x 32 MiB 1.78 and 1.55 T*. `cap` keeps a node with one
+/// or two peers (a single seeder) pipelined.
 pub fn pipeline_for(max_inflight: usize, sessions: usize, cap: usize) -> usize {
     max_inflight.div_ceil(sessions.max(1)).clamp(1, cap.max(1))
 }

@@ -29,9 +29,9 @@
 //! (T* = F/d when links are symmetric), so every second it idles is lost
 //! for good. Measured in the simulator (`peerfill-sim`, N = 16 x 64 MiB at
 //! 20 Mbit/s, 6 seeds): queueing already-sent pieces while fewer than
-//! `slots` waited gave 1.34 T*, refusing them at once 1.26 T*; with the
-//! downloader's matching change (8 pieces in flight, spread over peers,
-//! `peer::pipeline_for`) 1.13 T*.
+//! `slots` waited gave 1.34 T*, refusing them at once 1.20 T* (both with 16
+//! pieces in flight, 3 per peer); with the downloader's matching change (8
+//! in flight, spread over peers, `peer::pipeline_for`) 1.13 T*.
 //!
 //! The result is a forwarding tree per piece that doubles its holders every
 //! piece-time, rather than a star around whoever read it. Memory stays
