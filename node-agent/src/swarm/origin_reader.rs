@@ -155,15 +155,18 @@ pub async fn read_origin_range(
     read(first).await?;
     let mut next = rest.iter().copied();
     let mut running = FuturesUnordered::new();
+    let mut limit = concurrency.max(1);
+    // Looking for the readers still reading scans every piece's hash under
+    // the fill's lock: once a second is soon enough.
+    let mut looked: Option<std::time::Instant> = None;
     loop {
-        let limit = if others_tell {
+        if others_tell && looked.is_none_or(|t| t.elapsed() >= READERS_LOOK_INTERVAL) {
+            looked = Some(std::time::Instant::now());
             // A reader's hashes spread as it reads: the authorities whose
             // hashes we still miss are the readers still reading.
             let reading = fill.pending_authorities().len();
-            origin_concurrency(concurrency, fill.spec.authority.node_count(), reading)
-        } else {
-            concurrency.max(1)
-        };
+            limit = origin_concurrency(concurrency, fill.spec.authority.node_count(), reading);
+        }
         while running.len() < limit {
             let Some(piece) = next.next() else { break };
             running.push(read(piece));
@@ -174,6 +177,9 @@ pub async fn read_origin_range(
         }
     }
 }
+
+/// How often a reader looks which other readers still read.
+const READERS_LOOK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Range requests one reader keeps in flight: `base` while all `readers`
 /// read, more as the others finish, so that the readers still reading keep
