@@ -36,10 +36,7 @@ async fn swarm(
     contents: &[Content],
     node_limit: Option<u64>,
 ) -> (Vec<Agent>, Vec<Origin>, Vec<String>) {
-    let nodes = nodes(root, AGENTS);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = root.join("certs");
-    make_identities(&certs, &names);
+    let (nodes, certs) = nodes_with_identities(root, AGENTS);
     let mut origins = Vec::new();
     let mut digests = Vec::new();
     for (i, c) in contents.iter().enumerate() {
@@ -58,7 +55,7 @@ async fn swarm(
                     &certs,
                     c.id,
                     &o.url(),
-                    std::slice::from_ref(&names[c.reader]),
+                    std::slice::from_ref(&nodes[c.reader].name),
                     None,
                 );
                 one.contents[0].piece_size = MIB as u32;

@@ -28,10 +28,7 @@ async fn fixture(len: usize, seed: u64, n: usize) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = Arc::new(random_bytes(len, seed));
     let origin = Origin::start(data.clone()).await;
-    let nodes = nodes(tmp.path(), n);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
+    let (nodes, certs) = nodes_with_identities(tmp.path(), n);
     (tmp, data, origin, nodes, certs)
 }
 

@@ -228,10 +228,7 @@ async fn a_directory_from_many_urls_arrives_whole_on_every_node() {
     let (origins, http_files) = serve_files(&files).await;
     let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
     let table = table_of(&files);
-    let nodes = nodes(tmp.path(), 3);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
+    let (nodes, certs) = nodes_with_identities(tmp.path(), 3);
     let id = "model";
     let agents = spawn_readers_and_peers(&nodes, &certs, id, "models/model", &http_files, &table);
     assert_all_trees(&agents, id, "models/model", &files).await;
@@ -256,10 +253,7 @@ async fn a_directory_from_many_urls_arrives_whole_on_every_node() {
 async fn a_node_source_directory_is_seeded_and_a_symlink_inside_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let files = model_files();
-    let nodes = nodes(tmp.path(), 3);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
+    let (nodes, certs) = nodes_with_identities(tmp.path(), 3);
     let src = nodes[0].data_dir.join("build/model");
     for (p, data) in &files {
         let path = src.join(p);
@@ -281,7 +275,7 @@ async fn a_node_source_directory_is_seeded_and_a_symlink_inside_refused() {
         .table()
         .size();
     let seed = |path: &str, i: usize| SourceConfig::Node {
-        node: names[0].clone(),
+        node: nodes[0].name.clone(),
         path: (i == 0).then(|| nodes[0].data_dir.join(path)),
     };
     let agents: Vec<Agent> = nodes
@@ -355,10 +349,7 @@ async fn a_new_version_of_a_directory_reuses_unchanged_files_by_path() {
     let mut v2 = v1.clone();
     v2[1].1 = random_bytes(v2[1].1.len(), 999);
     v2.push(("aaa-added.txt".into(), random_bytes(300 << 10, 998)));
-    let nodes = nodes(tmp.path(), 3);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
+    let (nodes, certs) = nodes_with_identities(tmp.path(), 3);
 
     let mut changed_bytes = 0u64;
     for (id, files) in [("v1", &v1), ("v2", &v2)] {
@@ -436,10 +427,7 @@ async fn a_node_killed_mid_directory_resumes_and_completes_it() {
     let files = model_files();
     let (_origins, http_files) = serve_files(&files).await;
     let table = table_of(&files);
-    let nodes = nodes(tmp.path(), 3);
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let certs = tmp.path().join("certs");
-    make_identities(&certs, &names);
+    let (nodes, certs) = nodes_with_identities(tmp.path(), 3);
     let id = "resumed";
     let mut agents =
         spawn_readers_and_peers(&nodes, &certs, id, "models/resumed", &http_files, &table);

@@ -150,8 +150,11 @@ pub async fn read_origin_range(
     let Some((&first, rest)) = missing.split_first() else {
         return Ok(());
     };
-    // Pin-ahead hashes (a manifest) say nothing about the other readers.
-    let others_tell = fill.hashes_missing() > 0;
+    // Readers learn their hashes by reading, so the hashes still missing
+    // tell who still reads. With a piece manifest every reader publishes
+    // its range's hashes before it reads (ours are known already): they
+    // tell nothing, and the reader keeps `concurrency`.
+    let others_tell = fill.hash(first).is_none();
     read(first).await?;
     let mut next = rest.iter().copied();
     let mut running = FuturesUnordered::new();

@@ -222,6 +222,16 @@ pub fn nodes(root: &Path, n: usize) -> Vec<Node> {
         .collect()
 }
 
+/// `n` nodes under `root` (see [`nodes`]) with their identities written
+/// under `root/certs`; returns the nodes and that directory.
+pub fn nodes_with_identities(root: &Path, n: usize) -> (Vec<Node>, PathBuf) {
+    let nodes = nodes(root, n);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let certs = root.join("certs");
+    make_identities(&certs, &names);
+    (nodes, certs)
+}
+
 /// A config for `me` filling content `id` from an HTTP origin with every
 /// other node as a peer and every node allowed.
 pub fn http_config(
