@@ -785,8 +785,30 @@ pub const CONN_SEND_WINDOW: u64 = 8 << 20;
 /// Largest UDP payload MTU discovery probes for: jumbo frames and loopback
 /// carry it (far fewer packets per byte, and per-packet work dominates the
 /// CPU per byte); on a 1500-byte path the probes fail and the connection
-/// stays at quinn's 1452 default.
-pub const MTU_UPPER_BOUND: u16 = 8952;
+/// stays at 1472. Discovery is bounded by the payload size the peer's
+/// endpoint accepts too, so both ends need [`endpoint_config`].
+///
+/// Why not 8952 (a 9000-byte jumbo frame): quinn sends up to 10 datagrams
+/// in one GSO `sendmsg`, and the kernel refuses a batch over 64 KiB with
+/// `EMSGSIZE`, which quinn-udp drops silently. At 8952 every full batch was
+/// lost, its black-hole detector then fell back to 1200-byte datagrams for a
+/// minute (seen on the netbench with 9000-byte links). 10 × 6550 fits in
+/// the 65,507 bytes an IPv4 UDP send may carry.
+pub const MTU_UPPER_BOUND: u16 = 6550;
+
+/// Endpoint settings: accept UDP payloads up to [`MTU_UPPER_BOUND`]. quinn's
+/// default (1472) is also what an endpoint advertises as the largest payload
+/// it takes, which caps the peer's MTU discovery: without this, no
+/// connection ever used more than 1472-byte datagrams, jumbo frames or not.
+/// Cost: the endpoint's receive buffer grows with it (quinn allocates
+/// payload × GRO segments × batch, zeroed lazily; the kernel fills at most
+/// 64 KiB per GRO message, so the memory touched stays ~2 MiB).
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut cfg = quinn::EndpointConfig::default();
+    // 6550 is within quinn's accepted range (1200..=65527), so this cannot fail.
+    let _ = cfg.max_udp_payload_size(MTU_UPPER_BOUND);
+    cfg
+}
 
 /// Packets a peer may receive before it must acknowledge (QUIC ACK frequency
 /// extension; quinn's default acknowledges every second packet). Measured on

@@ -17,7 +17,7 @@ use peerfill_e2e::netbench::memory::{self, MemorySpec};
 use peerfill_e2e::netbench::report::{self, Machine, Render, Sweep};
 use peerfill_e2e::netbench::results::{self, Links, Results};
 use peerfill_e2e::netbench::scenario::{self, DEFAULT_PIECE_KIB, RunMeta, RunResult, RunSpec};
-use peerfill_e2e::netbench::testbed::{self, Caps};
+use peerfill_e2e::netbench::testbed::{self, Caps, ETHERNET_MTU};
 use peerfill_e2e::netbench::{
     Deadline, MIB, NetbenchError, PREFIX, Result, install_signal_handlers,
 };
@@ -166,6 +166,9 @@ struct Common {
     /// One-way delay on each host's uplink, ms (needs sch_netem).
     #[arg(long, default_value_t = 1.0)]
     delay_ms: f64,
+    /// MTU of every link, bytes (576..=9000).
+    #[arg(long, default_value_t = ETHERNET_MTU, value_parser = clap::value_parser!(u32).range(576..=9000))]
+    mtu: u32,
     /// peerfill origin readers: the first min(N, readers) nodes.
     #[arg(long, default_value_t = 4)]
     readers: usize,
@@ -195,6 +198,7 @@ impl Common {
             origin_mbit: self.origin_mbit.unwrap_or(default_mbit),
             node_mbit: self.node_mbit.unwrap_or(default_mbit),
             delay_ms: self.delay_ms,
+            mtu: self.mtu,
         }
     }
 }
@@ -304,12 +308,13 @@ fn spec(common: &Common, bin: &Path, work: &Path, nodes: usize, mib: u64, caps: 
 /// One run; its scratch dir is removed afterwards, whatever happened.
 fn one_run(spec: &RunSpec, deadline: Deadline, keep: bool) -> Result<RunResult> {
     println!(
-        "run: N={} size={} MiB, caps origin {} / nodes {} Mbit/s, delay {} ms",
+        "run: N={} size={} MiB, caps origin {} / nodes {} Mbit/s, delay {} ms, MTU {}",
         spec.nodes,
         spec.size / MIB,
         spec.caps.origin_mbit,
         spec.caps.node_mbit,
-        spec.caps.delay_ms
+        spec.caps.delay_ms,
+        spec.caps.mtu
     );
     let guard = WorkDir(spec.work.clone(), keep);
     let r = scenario::run(spec, deadline);

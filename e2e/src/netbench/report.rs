@@ -159,10 +159,10 @@ pub fn markdown(sw: &Sweep, opts: &Render<'_>) -> String {
             s,
             "Testbed: one origin host and N node hosts, each a network namespace with a veth \
              link to a bridge (in its own namespace), addresses from 198.18.0.0/15. Each link is \
-             capped in both directions by HTB: origin {} Mbit/s, every node {} Mbit/s; {delay}. \
-             One curl alone from the origin to node 1 got {:.1} Mbit/s of payload \
+             capped in both directions by HTB: origin {} Mbit/s, every node {} Mbit/s; {delay}; \
+             MTU {} bytes. One curl alone from the origin to node 1 got {:.1} Mbit/s of payload \
              (calibration, first run; TCP/IP and Ethernet headers take the rest).\n",
-            r.origin_mbit, r.node_mbit, r.calib_mbit
+            r.origin_mbit, r.node_mbit, r.mtu, r.calib_mbit
         );
     }
     let _ = writeln!(
@@ -572,6 +572,7 @@ mod tests {
             origin_mbit: origin,
             node_mbit: node,
             delay_ms: 0.0,
+            mtu: crate::netbench::testbed::ETHERNET_MTU,
         }
     }
 
@@ -610,6 +611,7 @@ mod tests {
             node_mbit: 100.0,
             delay_ms: 1.0,
             delay_emulated: false,
+            mtu: crate::netbench::testbed::ETHERNET_MTU,
             readers: nodes.min(4),
             calib_mbit: 95.7,
             bound_secs: kumar_ross_secs(size, nodes, &c),

@@ -662,6 +662,7 @@ mod tests {
             node_mbit: rate,
             delay_ms: 1.0,
             delay_emulated: false,
+            mtu: crate::netbench::testbed::ETHERNET_MTU,
             readers: 4,
             calib_mbit: rate * 0.96,
             bound_secs: bound,

@@ -19,7 +19,7 @@ use super::links::{LinkSampler, LinkSeries, SamplerThread};
 use super::nginx::Nginx;
 use super::procs::{NsProc, Usage, cpu_jiffies, run_in, stop_all};
 use super::report::kumar_ross_secs;
-use super::testbed::{Caps, ORIGIN_IP, Testbed, node_ip};
+use super::testbed::{Caps, ETHERNET_MTU, ORIGIN_IP, Testbed, node_ip};
 use super::{Deadline, GIB, MIB, NetbenchError, Result, io_err, sleep};
 
 const ARTIFACT: &str = "artifact.bin";
@@ -38,6 +38,10 @@ pub fn piece_size(piece_kib: u32, size: u64) -> u32 {
         0 => u32::try_from(peerfill_crds::validation::auto_piece_size(size)).unwrap_or(u32::MAX),
         kib => kib.saturating_mul(1024),
     }
+}
+
+fn ethernet_mtu() -> u32 {
+    ETHERNET_MTU
 }
 
 /// What one run is asked to do.
@@ -110,6 +114,9 @@ pub struct RunResult {
     pub node_mbit: f64,
     pub delay_ms: f64,
     pub delay_emulated: bool,
+    /// Links' MTU, bytes (runs recorded before it was a setting: 1500).
+    #[serde(default = "ethernet_mtu")]
+    pub mtu: u32,
     pub readers: usize,
     /// Goodput of one curl from the origin to node 1 alone, Mbit/s.
     pub calib_mbit: f64,
@@ -215,6 +222,7 @@ pub fn run(spec: &RunSpec, global: Deadline) -> Result<RunResult> {
         node_mbit: spec.caps.node_mbit,
         delay_ms: spec.caps.delay_ms,
         delay_emulated,
+        mtu: spec.caps.mtu,
         readers: spec.readers.min(spec.nodes),
         calib_mbit,
         bound_secs: bound,

@@ -25,6 +25,9 @@ pub struct Caps {
     pub node_mbit: f64,
     /// One-way delay added on each host's uplink, ms.
     pub delay_ms: f64,
+    /// MTU of every link, bytes (1500: Ethernet; 9000: jumbo frames, as in
+    /// many data-centre networks). Per-packet costs scale with 1/MTU.
+    pub mtu: u32,
 }
 
 impl Default for Caps {
@@ -33,9 +36,13 @@ impl Default for Caps {
             origin_mbit: 100.0,
             node_mbit: 100.0,
             delay_ms: 1.0,
+            mtu: ETHERNET_MTU,
         }
     }
 }
+
+/// The links' MTU unless asked otherwise.
+pub const ETHERNET_MTU: u32 = 1500;
 
 pub const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const PREFIX_LEN: u8 = 15;
@@ -90,6 +97,7 @@ impl Testbed {
             origin_mbit = caps.origin_mbit,
             node_mbit = caps.node_mbit,
             delay_ms = caps.delay_ms,
+            mtu = caps.mtu,
             delay_emulated = tb.delay_emulated,
             "testbed up"
         );
@@ -122,10 +130,12 @@ impl Testbed {
     fn add_host(&mut self, ns: &str, port: &str, ip: Ipv4Addr, mbit: f64) -> Result<()> {
         self.add_ns(ns)?;
         let br = self.bridge_ns.clone();
+        let mtu = self.caps.mtu.to_string();
         run(
             "ip",
             &[
-                "-n", &br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                "-n", &br, "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name",
+                "eth0", "mtu", &mtu, "netns", ns,
             ],
         )?;
         run(

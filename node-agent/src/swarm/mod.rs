@@ -294,13 +294,8 @@ impl Swarm {
                 "no async runtime for the QUIC endpoint",
             ))
         })?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(bind_err)?;
+        let endpoint = quinn::Endpoint::new(tls::endpoint_config(), Some(server), socket, runtime)
+            .map_err(bind_err)?;
         let stall_resyncs = prometheus::IntCounter::new(
             "peerfill_agent_stall_resyncs_total",
             "Contents that made no progress while peers could help, and were resynced",

@@ -332,6 +332,11 @@ impl BatchVerifier {
     }
 }
 
+/// The last piece `b` covers (batches are never empty: `check_claim`).
+fn last_piece(b: &SignedBatch) -> u32 {
+    u32::try_from(b.end().saturating_sub(1)).unwrap_or(u32::MAX)
+}
+
 /// The verified batches one content holds, by (signer, first piece). A
 /// batch covered by a stored one of the same signer is not kept; one that
 /// covers stored ones replaces them.
@@ -342,22 +347,44 @@ pub struct BatchStore {
 
 impl BatchStore {
     fn of_signer<'a>(&'a self, signer: &'a str) -> impl Iterator<Item = &'a Arc<SignedBatch>> + 'a {
-        self.by_start
-            .range((signer.to_string(), 0)..=(signer.to_string(), u32::MAX))
+        self.starting_in(signer, 0, u32::MAX)
+    }
+
+    /// Stored batches of `signer` whose first piece is in `lo..=hi`, by first
+    /// piece. A batch is offered once per peer that holds it, so the checks
+    /// on that path look only at the batches that can matter, not at every
+    /// batch of the signer (hundreds while per-piece batches are in flight).
+    fn starting_in<'a>(
+        &'a self,
+        signer: &str,
+        lo: u32,
+        hi: u32,
+    ) -> impl DoubleEndedIterator<Item = &'a Arc<SignedBatch>> + 'a {
+        // `range` panics on an inverted range (an empty batch's last piece).
+        (lo <= hi)
+            .then(|| {
+                self.by_start
+                    .range((signer.to_string(), lo)..=(signer.to_string(), hi))
+            })
+            .into_iter()
+            .flatten()
             .map(|(_, b)| b)
     }
 
     /// Stored batches `b` would replace (its range covers theirs).
     pub fn superseded_by(&self, b: &SignedBatch) -> usize {
-        self.of_signer(&b.signer)
-            .filter(|s| b.first <= s.first && s.end() <= b.end() && s.as_ref() != b)
+        self.starting_in(&b.signer, b.first, last_piece(b))
+            .filter(|s| s.end() <= b.end() && s.as_ref() != b)
             .count()
     }
 
     /// Stored batches of `signer` inside pieces `start..end`.
     pub fn count_within(&self, signer: &str, start: u32, end: u32) -> usize {
-        self.of_signer(signer)
-            .filter(|b| start <= b.first && b.end() <= u64::from(end))
+        if start >= end {
+            return 0;
+        }
+        self.starting_in(signer, start, end - 1)
+            .filter(|b| b.end() <= u64::from(end))
             .count()
     }
 
@@ -365,13 +392,14 @@ impl BatchStore {
     /// no longer the published one (`pins`): an authority renewed its
     /// certificate, and `b`, signed with the new one, replaces them.
     pub fn stale_overlaps(&self, b: &SignedBatch, pins: &tls::PeerPins) -> Vec<(String, u32)> {
-        self.of_signer(&b.signer)
-            .filter(|s| {
-                u64::from(s.first) < b.end()
-                    && u64::from(b.first) < s.end()
-                    && s.fingerprint != b.fingerprint
-                    && pins.check(&s.signer, &s.cert).is_err()
-            })
+        // No stored batch of a signer covers another (see `insert`), so by
+        // first piece their ends grow too: walking back from the last one
+        // starting inside `b`, the overlaps end at the first that ends
+        // before `b` starts.
+        self.starting_in(&b.signer, 0, last_piece(b))
+            .rev()
+            .take_while(|s| s.end() > u64::from(b.first))
+            .filter(|s| s.fingerprint != b.fingerprint && pins.check(&s.signer, &s.cert).is_err())
             .map(|s| (s.signer.clone(), s.first))
             .collect()
     }
@@ -386,15 +414,17 @@ impl BatchStore {
     /// Keeps `b` unless a stored batch of its signer covers it; drops the
     /// stored batches it covers. Returns whether it was kept.
     pub fn insert(&mut self, b: Arc<SignedBatch>) -> bool {
+        // Of the batches starting at or before `b`, the last ends latest.
         if self
-            .of_signer(&b.signer)
-            .any(|s| s.first <= b.first && b.end() <= s.end())
+            .starting_in(&b.signer, 0, b.first)
+            .next_back()
+            .is_some_and(|s| b.end() <= s.end())
         {
             return false;
         }
         let covered: Vec<(String, u32)> = self
-            .of_signer(&b.signer)
-            .filter(|s| b.first <= s.first && s.end() <= b.end())
+            .starting_in(&b.signer, b.first, last_piece(&b))
+            .filter(|s| s.end() <= b.end())
             .map(|s| (s.signer.clone(), s.first))
             .collect();
         for k in covered {

@@ -433,3 +433,67 @@ async fn after_a_renewal_fresh_batches_replace_the_stale_ones() {
     assert!(!err.is_lie());
     assert_eq!(fresh_node.hashes_missing(), 4);
 }
+
+/// The store's range lookups (`superseded_by`, `count_within`,
+/// `stale_overlaps`, `insert`) against their definitions over every stored
+/// batch, on random overlapping batches of two certificates.
+#[test]
+fn the_store_lookups_match_a_scan_of_every_batch() {
+    use rand::{Rng, SeedableRng};
+    let fake = |first: u32, len: u32, cert: &'static [u8]| SignedBatch {
+        signer: "r0".into(),
+        first,
+        hashes: vec![[first as u8; 32]; len as usize],
+        scheme: 0,
+        signature: Bytes::from_static(b"sig"),
+        cert: Bytes::from_static(cert),
+        fingerprint: crate::tls::cert_fingerprint(cert),
+    };
+    let pins = crate::tls::PeerPins::new();
+    pins.set([("r0", crate::tls::cert_fingerprint(b"new"))]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..200 {
+        let mut s = BatchStore::default();
+        // An unrelated signer, which no lookup of r0 may see.
+        s.insert(Arc::new(SignedBatch {
+            signer: "r1".into(),
+            ..fake(0, 64, b"old")
+        }));
+        for _ in 0..rng.random_range(0..20) {
+            let cert: &'static [u8] = if rng.random_bool(0.5) { b"old" } else { b"new" };
+            let b = fake(rng.random_range(0..60), rng.random_range(1..8), cert);
+            let covered_before = s
+                .all()
+                .any(|x| x.signer == b.signer && x.first <= b.first && b.end() <= x.end());
+            assert_eq!(s.insert(Arc::new(b)), !covered_before);
+        }
+        let stored: Vec<Arc<SignedBatch>> = s.all().cloned().collect();
+        let mine = || stored.iter().filter(|x| x.signer == "r0");
+        for _ in 0..20 {
+            let cert: &'static [u8] = if rng.random_bool(0.5) { b"old" } else { b"new" };
+            let q = fake(rng.random_range(0..64), rng.random_range(1..16), cert);
+            let superseded = mine()
+                .filter(|x| q.first <= x.first && x.end() <= q.end() && x.as_ref() != &q)
+                .count();
+            assert_eq!(s.superseded_by(&q), superseded);
+            let (a, b) = (q.first, q.end() as u32);
+            let within = mine()
+                .filter(|x| a <= x.first && x.end() <= u64::from(b))
+                .count();
+            assert_eq!(s.count_within("r0", a, b), within);
+            let mut stale: Vec<(String, u32)> = mine()
+                .filter(|x| {
+                    u64::from(x.first) < q.end()
+                        && u64::from(q.first) < x.end()
+                        && x.fingerprint != q.fingerprint
+                        && pins.check(&x.signer, &x.cert).is_err()
+                })
+                .map(|x| (x.signer.clone(), x.first))
+                .collect();
+            let mut got = s.stale_overlaps(&q, &pins);
+            stale.sort();
+            got.sort();
+            assert_eq!(got, stale);
+        }
+    }
+}
