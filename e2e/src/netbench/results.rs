@@ -478,13 +478,21 @@ fn memory(s: &mut String, res: &Results) {
     let _ = writeln!(s);
 }
 
-const PALETTE: [RGBColor; 6] = [
+/// Twelve distinguishable colours: a sweep of six labels at two link rates
+/// draws twelve series, and a repeated colour made two labels one.
+const PALETTE: [RGBColor; 12] = [
     RGBColor(200, 60, 40),
     RGBColor(30, 100, 200),
     RGBColor(40, 150, 60),
     RGBColor(150, 60, 180),
     RGBColor(230, 140, 20),
     RGBColor(60, 60, 60),
+    RGBColor(0, 170, 170),
+    RGBColor(230, 80, 160),
+    RGBColor(140, 110, 40),
+    RGBColor(120, 170, 230),
+    RGBColor(160, 200, 60),
+    RGBColor(120, 0, 40),
 ];
 
 /// Last node / T* against N, one series per (label, link rate).
