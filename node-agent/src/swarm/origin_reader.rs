@@ -6,6 +6,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -161,10 +162,10 @@ pub async fn read_origin_range(
     let mut limit = concurrency.max(1);
     // Looking for the readers still reading scans every piece's hash under
     // the fill's lock: once a second is soon enough.
-    let mut looked: Option<std::time::Instant> = None;
+    let mut looked: Option<Instant> = None;
     loop {
         if others_tell && looked.is_none_or(|t| t.elapsed() >= READERS_LOOK_INTERVAL) {
-            looked = Some(std::time::Instant::now());
+            looked = Some(Instant::now());
             // A reader's hashes spread as it reads: the authorities whose
             // hashes we still miss are the readers still reading.
             let reading = fill.pending_authorities().len();
@@ -182,7 +183,7 @@ pub async fn read_origin_range(
 }
 
 /// How often a reader looks which other readers still read.
-const READERS_LOOK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const READERS_LOOK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Range requests one reader keeps in flight: `base` while all `readers`
 /// read, more as the others finish, so that the readers still reading keep
