@@ -162,8 +162,11 @@ pub struct Assignment {
     /// Pinned with the size, from the same authorities' reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<u64>,
-    /// Piece size in bytes; `0` when the Distribution left it to the size
-    /// (`validation::auto_piece_size`, see [`Assignment::effective_piece_size`]).
+    /// Piece size in bytes: the Distribution's, or once the size is pinned
+    /// the one the operator chose for it (`validation::auto_piece_size`).
+    /// `0` only while the Distribution leaves it to a size not pinned yet;
+    /// with a size, `0` was written by an operator that left the choice to
+    /// the agents (see [`Assignment::effective_piece_size`]).
     pub piece_size: u64,
     /// The pinned identity of the content: its BLAKE3 root (`blake3:<hex>`).
     /// From the user's `blake3:` digest at once; otherwise published only
@@ -227,11 +230,12 @@ impl Assignment {
         h.finalize().to_hex().as_str()[..32].to_owned()
     }
 
-    /// The piece size in use, once it is known: the one set, or the one the
-    /// size gives.
+    /// The piece size in use, once it is known: the one set, or for a `0`
+    /// beside a pinned size the rule of the operators that wrote that
+    /// (`validation::legacy_auto_piece_size`).
     pub fn effective_piece_size(&self) -> Option<u64> {
         match self.piece_size {
-            0 => self.size.map(crate::validation::auto_piece_size),
+            0 => self.size.map(crate::validation::legacy_auto_piece_size),
             set => Some(set),
         }
     }
@@ -682,11 +686,12 @@ mod tests {
             a.size = Some(size);
             assert_eq!(a.piece_count(), Some(pieces), "{size}");
         }
-        // Left to the size: 64 MiB in 256 KiB pieces.
+        // Left to the size by an operator that did not publish its choice:
+        // that operator's rule, 4 GiB in 4 MiB pieces.
         a.piece_size = 0;
-        a.size = Some(64 << 20);
-        assert_eq!(a.effective_piece_size(), Some(256 << 10));
-        assert_eq!(a.piece_count(), Some(256));
+        a.size = Some(4 << 30);
+        assert_eq!(a.effective_piece_size(), Some(4 << 20));
+        assert_eq!(a.piece_count(), Some(1024));
         a.size = None;
         assert_eq!(a.piece_count(), None);
     }

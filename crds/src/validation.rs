@@ -90,23 +90,46 @@ pub const PIECE_SIZE_MIN: u64 = 64 * 1024;
 /// is served, so it bounds per-transfer memory.
 pub const PIECE_SIZE_MAX: u64 = 64 * 1024 * 1024;
 /// Pieces the automatic piece size aims at (see [`auto_piece_size`]).
-pub const AUTO_PIECES: u64 = 1024;
+pub const AUTO_PIECES: u64 = 2048;
 /// Smallest automatic piece size (256 KiB).
 pub const AUTO_PIECE_SIZE_MIN: u64 = 256 * 1024;
 /// Largest automatic piece size (4 MiB).
 pub const AUTO_PIECE_SIZE_MAX: u64 = 4 * 1024 * 1024;
+/// Pieces the automatic piece size aimed at before operators published the
+/// size they chose (see [`legacy_auto_piece_size`]).
+pub const LEGACY_AUTO_PIECES: u64 = 1024;
 
 /// The piece size used when a Distribution does not set one: the power of
 /// two giving about [`AUTO_PIECES`] pieces, from 256 KiB to 4 MiB.
 ///
 /// Why: the swarm forwards each fresh piece as a whole, so the last node
-/// finishes a few piece-times after the origin's last byte; a thousand
-/// pieces keep that tail near a percent of the transfer. Below 256 KiB the
-/// per-piece work (a stream, a hash, an announcement to every peer) costs
-/// more than it saves; above 4 MiB the piece buffers an agent holds (a few
-/// per transfer in flight) outgrow its memory budget.
+/// finishes a few piece-times after the origin's last byte, and a node's
+/// byte budgets (12 MiB of piece buffers each way) hold more requests in
+/// flight when pieces are smaller. Simulated at 1,000 nodes, 4 GiB in
+/// 4 MiB pieces (3 per budget) left uplinks ~20 % idle: 1.41 T*, against
+/// 1.30 in 2 MiB and 1.29 in 1 MiB pieces (BENCHMARKS.md, "Swarm at
+/// scale"). Below 256 KiB the per-piece work (a stream, a hash, a
+/// signature check, an announcement to every peer) costs more than it
+/// saves; above 4 MiB the piece buffers outgrow an agent's memory budget,
+/// and the cap keeps the hash list of a terabyte at 256 Ki pieces.
+///
+/// The operator computes this once the size is pinned and publishes the
+/// result in every NodeFill (`pieceSize`), so agents never apply their own
+/// copy of the rule to a pinned size: a rolling upgrade that changes the
+/// rule cannot split a content into two layouts.
 pub fn auto_piece_size(size: u64) -> u64 {
-    size.div_ceil(AUTO_PIECES)
+    piece_size_for(size, AUTO_PIECES)
+}
+
+/// The automatic piece size of operators that left `pieceSize` at 0 in
+/// NodeFills with a pinned size (about [`LEGACY_AUTO_PIECES`] pieces):
+/// what such a NodeFill means, for agents and operators that read it.
+pub fn legacy_auto_piece_size(size: u64) -> u64 {
+    piece_size_for(size, LEGACY_AUTO_PIECES)
+}
+
+fn piece_size_for(size: u64, pieces: u64) -> u64 {
+    size.div_ceil(pieces)
         .next_power_of_two()
         .clamp(AUTO_PIECE_SIZE_MIN, AUTO_PIECE_SIZE_MAX)
 }
@@ -626,15 +649,23 @@ mod tests {
     #[test]
     fn automatic_piece_sizes() {
         assert_eq!(auto_piece_size(0), AUTO_PIECE_SIZE_MIN);
-        assert_eq!(auto_piece_size(32 << 20), 256 << 10);
         assert_eq!(auto_piece_size(64 << 20), 256 << 10);
-        assert_eq!(auto_piece_size(256 << 20), 256 << 10);
-        assert_eq!(auto_piece_size((256 << 20) + 1), 512 << 10);
-        assert_eq!(auto_piece_size(1 << 30), 1 << 20);
-        assert_eq!(auto_piece_size(4 << 30), 4 << 20);
+        assert_eq!(auto_piece_size(512 << 20), 256 << 10);
+        assert_eq!(auto_piece_size((512 << 20) + 1), 512 << 10);
+        assert_eq!(auto_piece_size(1 << 30), 512 << 10);
+        assert_eq!(auto_piece_size(4 << 30), 2 << 20);
+        assert_eq!(auto_piece_size(8 << 30), 4 << 20);
         assert_eq!(auto_piece_size(1 << 40), 4 << 20);
+        // What NodeFills with `pieceSize: 0` and a size meant before.
+        assert_eq!(legacy_auto_piece_size(32 << 20), 256 << 10);
+        assert_eq!(legacy_auto_piece_size(256 << 20), 256 << 10);
+        assert_eq!(legacy_auto_piece_size((256 << 20) + 1), 512 << 10);
+        assert_eq!(legacy_auto_piece_size(1 << 30), 1 << 20);
+        assert_eq!(legacy_auto_piece_size(4 << 30), 4 << 20);
+        assert_eq!(legacy_auto_piece_size(1 << 40), 4 << 20);
         for size in [0, 1, 12345, 64 << 20, 3 << 30, 1 << 40] {
             assert_eq!(check_piece_size(auto_piece_size(size)), Ok(()));
+            assert_eq!(check_piece_size(legacy_auto_piece_size(size)), Ok(()));
         }
     }
 }

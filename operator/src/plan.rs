@@ -112,6 +112,9 @@ pub struct DistPlan {
     pub readers: Vec<OriginReader>,
     /// Content size, once the authorities of this content id agree.
     pub size: Option<u64>,
+    /// Piece size: the Distribution's, or chosen once the size is pinned;
+    /// 0 until then.
+    pub piece_size: u64,
     /// Number of files of a directory, pinned with the size (`None`: one
     /// file, or not pinned yet).
     pub files: Option<u64>,
@@ -415,10 +418,14 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
     });
     let size = extent.map(|e| e.size);
     let chosen = names.clone();
+    // Chosen once, when the size is pinned, and published: a content id
+    // keeps the piece size it was first published with (an older operator's
+    // `0` meant its own rule), so a new rule never re-cuts running content.
     let piece_size = dist
         .spec
         .strategy
         .piece_size
+        .or_else(|| current.and_then(Assignment::effective_piece_size))
         .or(size.map(peerfill_crds::validation::auto_piece_size))
         .unwrap_or(0);
     let readers = reader_ranges(names, size, piece_size);
@@ -470,6 +477,7 @@ pub fn plan_decisions(dist: &Distribution, world: &World) -> Result<DistPlan, No
         seeder,
         readers,
         size,
+        piece_size,
         files: extent.and_then(|e| e.files),
         directory,
         peers: Arc::default(),
@@ -700,8 +708,7 @@ pub fn assignment(dist: &Distribution, plan: &DistPlan, node: &str) -> Assignmen
         path: dist.spec.target.path.clone(),
         size: plan.size,
         files: plan.files,
-        // 0: left to the size (the agents apply the same rule).
-        piece_size: s.piece_size.unwrap_or(0),
+        piece_size: plan.piece_size,
         manifest_digest: plan.manifest_digest.clone(),
         role: Role {
             origin_ranges,
@@ -1492,6 +1499,46 @@ pub(crate) mod tests {
         d.spec.source.http.as_mut().unwrap().url = "http://o/v2".into();
         w.distributions[0] = Arc::new(d);
         assert_eq!(plan(&w).distributions["u"].size, None, "new version");
+    }
+
+    #[test]
+    fn the_chosen_piece_size_is_published_with_the_size_and_kept() {
+        let mut w = abcd_world(1);
+        let mut d = (*w.distributions[0]).clone();
+        d.spec.strategy.piece_size = None;
+        let id = content_id(&d, "u");
+        w.distributions[0] = Arc::new(d);
+        let reader = reader_names(&w)[0].clone();
+        let assigned = |w: &World| plan(w).specs[&reader].distributions[0].clone();
+        // Left to the size: nothing to publish until the size is pinned.
+        assert_eq!(assigned(&w).piece_size, 0);
+        edit_report(&mut w, &reader, "u", |e| {
+            e.content_id = Some(id.clone());
+            e.size = Some(4 << 30);
+        });
+        let a = assigned(&w);
+        assert_eq!(a.piece_size, 2 << 20, "today's rule, published");
+        assert_eq!(
+            a.role.origin_ranges,
+            [PieceRange {
+                start: 0,
+                end: 2048
+            }]
+        );
+        // An operator from before published the size with `0` (its own
+        // rule: 4 MiB pieces); the content keeps that cut.
+        let mut fill = (*w.fills[&reader]).clone();
+        fill.spec.distributions = vec![Assignment { piece_size: 0, ..a }];
+        w.fills.insert(reader.clone(), Arc::new(fill));
+        let a = assigned(&w);
+        assert_eq!(a.piece_size, 4 << 20);
+        assert_eq!(
+            a.role.origin_ranges,
+            [PieceRange {
+                start: 0,
+                end: 1024
+            }]
+        );
     }
 
     #[test]

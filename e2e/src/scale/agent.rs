@@ -293,10 +293,12 @@ impl Agent {
                 .then(|| shared.sizes.get(&a.name).copied())
                 .flatten()
         });
-        let piece_size = match a.piece_size {
-            0 => size.map_or(0, peerfill_crds::validation::auto_piece_size),
-            p => p,
-        };
+        // As the agent's `translate`: the operator's choice once pinned,
+        // else the rule applied to the size learnt.
+        let piece_size = a
+            .effective_piece_size()
+            .or(size.map(peerfill_crds::validation::auto_piece_size))
+            .unwrap_or(0);
         let mut entry = NodeDistributionStatus {
             namespace: a.namespace.clone(),
             name: a.name.clone(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use peerfill_crds::distribution::file_url;
 use peerfill_crds::nodefill::Assignment;
+use peerfill_crds::validation::auto_piece_size;
 
 use crate::agent::{
     ContentCaps, ContentConfig, Headers, HttpFile, PeerConfig, SourceConfig, dest_path,
@@ -44,10 +45,14 @@ pub fn translate(
     peer_addrs: &HashMap<String, SocketAddr>,
 ) -> Desired {
     let invalid = |reason, message: String| Desired::Invalid { reason, message };
-    let Ok(piece_size) = u32::try_from(a.piece_size) else {
+    // With a pinned size the piece size is the operator's choice (an older
+    // operator's `0` meant its rule); without one, `0` leaves it to the
+    // size this node learns, and the operator's choice follows.
+    let chosen = a.effective_piece_size().unwrap_or(a.piece_size);
+    let Ok(piece_size) = u32::try_from(chosen) else {
         return invalid(
             "InvalidPieceSize",
-            format!("piece size {} is too large", a.piece_size),
+            format!("piece size {chosen} is too large"),
         );
     };
     let path = PathBuf::from(&a.path);
@@ -228,6 +233,12 @@ pub fn needs_restart(
     new: &ContentConfig,
 ) -> bool {
     let size_same = running.size == new.size || (running.size.is_none() && new.size == learnt_size);
+    // A piece size left to the learnt size, which the operator now
+    // publishes as the same choice, is no change either.
+    let piece_same = running.piece_size == new.piece_size
+        || (running.piece_size == 0
+            && running.size.or(learnt_size).map(auto_piece_size)
+                == Some(u64::from(new.piece_size)));
     // A seeder learns by itself that its source is a directory; the
     // operator's pin of the file count then says so too.
     let kind_same = running.directory == new.directory || running.size.is_none();
@@ -235,7 +246,7 @@ pub fn needs_restart(
         && kind_same
         && running.id == new.id
         && running.path == new.path
-        && running.piece_size == new.piece_size
+        && piece_same
         && running.digest == new.digest
         && same_source(&running.source, &new.source))
 }
@@ -495,6 +506,34 @@ mod tests {
         assert!(!needs_restart(&running, None, &re_peered));
         assert!(peers_changed(&running, &re_peered));
         assert!(!peers_changed(&running, &running.clone()));
+    }
+
+    #[test]
+    fn a_pinned_size_comes_with_the_operators_piece_size() {
+        let auto = |size: Option<u64>| {
+            let mut a = http(&["n1"], size);
+            a.piece_size = 0;
+            run(translate(&a, "n1", Path::new(ROOT), &addrs()))
+        };
+        // An origin reader learns 4 GiB itself and cuts it by today's rule.
+        let running = auto(None);
+        assert_eq!(running.piece_size, 0);
+        let learnt = Some(4 << 30);
+        // Today's operator pins the size with the piece size it chose.
+        let mut a = http(&["n1"], learnt);
+        a.piece_size = auto_piece_size(4 << 30);
+        let published = run(translate(&a, "n1", Path::new(ROOT), &addrs()));
+        assert_eq!(published.piece_size, 2 << 20);
+        assert!(!needs_restart(&running, learnt, &published));
+        // An operator from before left `0` beside the size: its own rule
+        // (4 MiB here), never this agent's, so both cut the content alike;
+        // the reader re-cuts its range.
+        let older = auto(learnt);
+        assert_eq!(older.piece_size, 4 << 20);
+        assert!(needs_restart(&running, learnt, &older));
+        // Content published with a piece size keeps it.
+        assert!(!needs_restart(&older, None, &older.clone()));
+        assert!(needs_restart(&older, None, &published));
     }
 
     #[test]
