@@ -281,7 +281,7 @@ pub struct Target {
 pub struct Strategy {
     /// Piece size in bytes: the unit of verification and exchange. A power
     /// of two from 65536 (64 KiB) to 67108864 (64 MiB). Unset: chosen from
-    /// the content size, about 2048 pieces, from 256 KiB to 4 MiB.
+    /// the content size, about 4096 pieces, from 256 KiB to 4 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = PIECE_SIZE_MIN, max = PIECE_SIZE_MAX))]
     #[x_kube(validation = Rule::new(PIECE_SIZE_POWER_OF_TWO_RULE).message(PIECE_SIZE_POWER_OF_TWO_MESSAGE))]

@@ -90,7 +90,7 @@ pub const PIECE_SIZE_MIN: u64 = 64 * 1024;
 /// is served, so it bounds per-transfer memory.
 pub const PIECE_SIZE_MAX: u64 = 64 * 1024 * 1024;
 /// Pieces the automatic piece size aims at (see [`auto_piece_size`]).
-pub const AUTO_PIECES: u64 = 2048;
+pub const AUTO_PIECES: u64 = 4096;
 /// Smallest automatic piece size (256 KiB).
 pub const AUTO_PIECE_SIZE_MIN: u64 = 256 * 1024;
 /// Largest automatic piece size (4 MiB).
@@ -104,10 +104,10 @@ pub const LEGACY_AUTO_PIECES: u64 = 1024;
 ///
 /// Why: the swarm forwards each fresh piece as a whole, so the last node
 /// finishes a few piece-times after the origin's last byte, and a node's
-/// byte budgets (12 MiB of piece buffers each way) hold more requests in
-/// flight when pieces are smaller. Simulated at 1,000 nodes, 4 GiB in
-/// 4 MiB pieces (3 per budget) left uplinks ~20 % idle: 1.41 T*, against
-/// 1.30 in 2 MiB and 1.29 in 1 MiB pieces (BENCHMARKS.md, "Swarm at
+/// byte budgets (12 MiB of piece buffers each way) hold as many requests
+/// as it keeps in flight only when pieces are at most 1 MiB. Simulated at
+/// 1,000 nodes with 4 GiB: 4 MiB pieces (3 per budget) 1.41 T*, 2 MiB
+/// 1.30, 1 MiB with 12 requests in flight 1.20 (BENCHMARKS.md, "Swarm at
 /// scale"). Below 256 KiB the per-piece work (a stream, a hash, a
 /// signature check, an announcement to every peer) costs more than it
 /// saves; above 4 MiB the piece buffers outgrow an agent's memory budget,
@@ -650,11 +650,11 @@ mod tests {
     fn automatic_piece_sizes() {
         assert_eq!(auto_piece_size(0), AUTO_PIECE_SIZE_MIN);
         assert_eq!(auto_piece_size(64 << 20), 256 << 10);
-        assert_eq!(auto_piece_size(512 << 20), 256 << 10);
-        assert_eq!(auto_piece_size((512 << 20) + 1), 512 << 10);
-        assert_eq!(auto_piece_size(1 << 30), 512 << 10);
-        assert_eq!(auto_piece_size(4 << 30), 2 << 20);
-        assert_eq!(auto_piece_size(8 << 30), 4 << 20);
+        assert_eq!(auto_piece_size(1 << 30), 256 << 10);
+        assert_eq!(auto_piece_size((1 << 30) + 1), 512 << 10);
+        assert_eq!(auto_piece_size(4 << 30), 1 << 20);
+        assert_eq!(auto_piece_size(8 << 30), 2 << 20);
+        assert_eq!(auto_piece_size(16 << 30), 4 << 20);
         assert_eq!(auto_piece_size(1 << 40), 4 << 20);
         // What NodeFills with `pieceSize: 0` and a size meant before.
         assert_eq!(legacy_auto_piece_size(32 << 20), 256 << 10);

@@ -22,7 +22,7 @@ fn twenty_nodes_all_complete_within_the_physics() {
         let cfg = small(zones, fairness);
         let r = sim::run(&cfg, |_, _, _| {}).expect("every node completes");
         let what = format!("{zones} zone(s), {fairness:?}: {}", r.summary());
-        // The content's layout is the agent's: about 2048 pieces, at
+        // The content's layout is the agent's: about 4096 pieces, at
         // least 256 KiB.
         assert_eq!(r.piece_size, 256 << 10, "{what}");
         assert_eq!(r.pieces, 64, "{what}");

@@ -1517,12 +1517,12 @@ pub(crate) mod tests {
             e.size = Some(4 << 30);
         });
         let a = assigned(&w);
-        assert_eq!(a.piece_size, 2 << 20, "today's rule, published");
+        assert_eq!(a.piece_size, 1 << 20, "today's rule, published");
         assert_eq!(
             a.role.origin_ranges,
             [PieceRange {
                 start: 0,
-                end: 2048
+                end: 4096
             }]
         );
         // An operator from before published the size with `0` (its own

@@ -42,7 +42,7 @@ struct RunArgs {
     /// Content size, MiB.
     #[arg(long, default_value_t = 4096)]
     size_mib: u64,
-    /// Piece size, KiB (0: auto_piece_size, about 2048 pieces).
+    /// Piece size, KiB (0: auto_piece_size, about 4096 pieces).
     #[arg(long, default_value_t = 0)]
     piece_kib: u64,
     /// Every node's uplink and downlink and the origin's uplink, Mbit/s.

@@ -117,7 +117,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            max_inflight: 8,
+            max_inflight: 12,
             pipeline: 3,
             upload_slots: 8,
             strikes_to_ban: 2,

@@ -523,7 +523,7 @@ mod tests {
         let mut a = http(&["n1"], learnt);
         a.piece_size = auto_piece_size(4 << 30);
         let published = run(translate(&a, "n1", Path::new(ROOT), &addrs()));
-        assert_eq!(published.piece_size, 2 << 20);
+        assert_eq!(published.piece_size, 1 << 20);
         assert!(!needs_restart(&running, learnt, &published));
         // An operator from before left `0` beside the size: its own rule
         // (4 MiB here), never this agent's, so both cut the content alike;
