@@ -166,7 +166,7 @@ impl Report {
     /// The series name of a run in the plots: what distinguishes it.
     pub fn label(&self) -> String {
         format!(
-            "{} peers{}, {} zone{}",
+            "{} peers{}, {} zone{}, {} KiB pieces, {} in flight",
             match self.config.peers {
                 super::PeerChoice::Operator => "operator",
                 super::PeerChoice::Bounded => "bounded",
@@ -177,7 +177,9 @@ impl Report {
                 ""
             },
             self.config.zones,
-            if self.config.zones == 1 { "" } else { "s" }
+            if self.config.zones == 1 { "" } else { "s" },
+            self.piece_size >> 10,
+            self.config.max_inflight,
         )
     }
 }
