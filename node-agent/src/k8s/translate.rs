@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 
 use peerfill_crds::distribution::file_url;
 use peerfill_crds::nodefill::Assignment;
-use peerfill_crds::validation::auto_piece_size;
 
 use crate::agent::{
     ContentCaps, ContentConfig, Headers, HttpFile, PeerConfig, SourceConfig, dest_path,
 };
-use crate::content::Digest;
+use crate::content::{Digest, Layout};
 
 /// What to do with one assignment.
 #[derive(Debug, Clone)]
@@ -234,11 +233,15 @@ pub fn needs_restart(
 ) -> bool {
     let size_same = running.size == new.size || (running.size.is_none() && new.size == learnt_size);
     // A piece size left to the learnt size, which the operator now
-    // publishes as the same choice, is no change either.
+    // publishes as the same choice, is no change either: compared with the
+    // cut the running content actually made.
     let piece_same = running.piece_size == new.piece_size
         || (running.piece_size == 0
-            && running.size.or(learnt_size).map(auto_piece_size)
-                == Some(u64::from(new.piece_size)));
+            && running
+                .size
+                .or(learnt_size)
+                .and_then(|size| Layout::for_content(size, 0).ok())
+                .is_some_and(|cut| cut.piece_size == new.piece_size));
     // A seeder learns by itself that its source is a directory; the
     // operator's pin of the file count then says so too.
     let kind_same = running.directory == new.directory || running.size.is_none();
@@ -521,7 +524,7 @@ mod tests {
         let learnt = Some(4 << 30);
         // Today's operator pins the size with the piece size it chose.
         let mut a = http(&["n1"], learnt);
-        a.piece_size = auto_piece_size(4 << 30);
+        a.piece_size = peerfill_crds::validation::auto_piece_size(4 << 30);
         let published = run(translate(&a, "n1", Path::new(ROOT), &addrs()));
         assert_eq!(published.piece_size, 1 << 20);
         assert!(!needs_restart(&running, learnt, &published));
