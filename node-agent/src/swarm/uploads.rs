@@ -328,23 +328,6 @@ mod tests {
         Fill::new(spec, store, false)
     }
 
-    /// A request for `piece` of `f` (1 MiB), made from its own task.
-    fn request(
-        q: &Arc<UploadQueue>,
-        f: &Arc<Fill>,
-        piece: u32,
-    ) -> tokio::task::JoinHandle<Result<UploadPermit, Busy>> {
-        let (q, f) = (q.clone(), f.clone());
-        tokio::spawn(async move { q.admit(&f, piece, 1 << 20).await })
-    }
-
-    /// Returns once `n` requests stand in the line.
-    async fn until_waiting(q: &UploadQueue, n: usize) {
-        while q.waiting() < n {
-            tokio::task::yield_now().await;
-        }
-    }
-
     #[tokio::test]
     async fn a_sent_piece_is_refused_while_slots_are_taken_fresh_ones_wait_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -357,10 +340,18 @@ mod tests {
         assert_eq!(q.admit(&f, 0, 1 << 20).await.err(), Some(Busy));
         assert_eq!(q.waiting(), 0);
         // Pieces never sent wait, and are served oldest first.
-        let five = request(&q, &f, 5);
-        until_waiting(&q, 1).await;
-        let six = request(&q, &f, 6);
-        until_waiting(&q, 2).await;
+        let waiter = |piece: u32| {
+            let (q, f) = (q.clone(), f.clone());
+            tokio::spawn(async move { q.admit(&f, piece, 1 << 20).await })
+        };
+        let five = waiter(5);
+        while q.waiting() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let six = waiter(6);
+        while q.waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
         drop(first);
         let five = five.await.expect("task").expect("served first");
         assert_eq!((f.upload_count(5), f.upload_count(6)), (1, 0));
@@ -380,11 +371,17 @@ mod tests {
         let f = fill(dir.path());
         let q = UploadQueue::new(1, 1 << 30);
         let first = q.admit(&f, 0, 1 << 20).await.expect("free slot");
+        let waiter = |piece: u32| {
+            let (q, f) = (q.clone(), f.clone());
+            tokio::spawn(async move { q.admit(&f, piece, 1 << 20).await })
+        };
         // Two requesters wait for piece 5 (never sent), one for piece 6.
         let mut line = Vec::new();
         for (n, piece) in [5, 5, 6].into_iter().enumerate() {
-            line.push(request(&q, &f, piece));
-            until_waiting(&q, n + 1).await;
+            line.push(waiter(piece));
+            while q.waiting() < n + 1 {
+                tokio::task::yield_now().await;
+            }
         }
         drop(first);
         let six = line.pop().expect("third");
@@ -410,8 +407,13 @@ mod tests {
         let f = fill(dir.path());
         let q = UploadQueue::new(1, 1 << 30);
         let first = q.admit(&f, 1, 1 << 20).await.expect("free slot");
-        let gone = request(&q, &f, 2);
-        until_waiting(&q, 1).await;
+        let gone = tokio::spawn({
+            let (q, f) = (q.clone(), f.clone());
+            async move { q.admit(&f, 2, 1 << 20).await.map(|_| ()) }
+        });
+        while q.waiting() < 1 {
+            tokio::task::yield_now().await;
+        }
         gone.abort();
         let _ = gone.await;
         drop(first);
@@ -427,8 +429,13 @@ mod tests {
         let q = UploadQueue::new(8, 3 << 20);
         // A piece larger than the whole budget still goes when alone.
         let big = q.admit(&f, 0, 4 << 20).await.expect("alone");
-        let small = request(&q, &f, 1);
-        until_waiting(&q, 1).await;
+        let small = tokio::spawn({
+            let (q, f) = (q.clone(), f.clone());
+            async move { q.admit(&f, 1, 1 << 20).await.map(|_| ()) }
+        });
+        while q.waiting() < 1 {
+            tokio::task::yield_now().await;
+        }
         drop(big);
         small.await.expect("task").expect("room after the big one");
         // Three 1 MiB pieces fill the budget; the fourth waits.
@@ -437,8 +444,13 @@ mod tests {
             .into_iter()
             .collect::<Result<_, _>>()
             .expect("within budget");
-        let fourth = request(&q, &f, 6);
-        until_waiting(&q, 1).await;
+        let fourth = tokio::spawn({
+            let (q, f) = (q.clone(), f.clone());
+            async move { q.admit(&f, 6, 1 << 20).await.map(|_| ()) }
+        });
+        while q.waiting() < 1 {
+            tokio::task::yield_now().await;
+        }
         drop(held);
         fourth.await.expect("task").expect("served once room freed");
     }
