@@ -21,10 +21,7 @@
 //!   taken (or others wait), is refused at once with
 //!   [`RejectReason::Unavailable`](crate::wire::RejectReason) ("not now, ask
 //!   another holder"): whoever we sent it to holds it, or soon will, and has
-//!   an uplink of its own. The requester asks someone else, or us later;
-//! - when a waiting request's piece gets a slot, the others waiting for the
-//!   same piece are refused the same way, as if they arrived now: the line
-//!   only ever holds pieces we never sent (so among them, oldest first).
+//!   an uplink of its own. The requester asks someone else, or us later.
 //!
 //! Why refuse rather than queue the second kind: a waiting request holds
 //! one of the requester's download permits while its downlink may idle and
@@ -35,15 +32,6 @@
 //! `slots` waited gave 1.34 T*, refusing them at once 1.20 T* (both with 16
 //! pieces in flight, 3 per peer); with the downloader's matching change (8
 //! in flight, spread over peers, `peer::pipeline_for`) 1.13 T*.
-//!
-//! Why refuse the rest of the line when a piece starts: a fresh piece is
-//! asked of its only holder by many peers at once. Those requests waited
-//! while one copy went out, and each requester, having asked, asked nobody
-//! else for that piece, though the copy's recipient (and others) soon held
-//! it with an idle uplink. Measured in the simulator with the netbench's
-//! wire efficiency, 6 seeds: N = 32 x 32 MiB at 20 Mbit/s 1.47-1.52 ->
-//! 1.43-1.45 T*, N = 16 x 64 MiB 1.25-1.28 -> 1.25-1.26; N = 100 x 4 GiB at
-//! 1 Gbit/s in 3 zones 1.50 -> 1.40 T* (seed 1).
 //!
 //! The result is a forwarding tree per piece that doubles its holders every
 //! piece-time, rather than a star around whoever read it. Memory stays
@@ -243,7 +231,6 @@ impl UploadQueue {
             st.busy += 1;
             st.busy_bytes += w.len;
             w.fill.count_upload(w.piece);
-            Self::refuse_started(&mut st.waiting);
             let permit = UploadPermit {
                 queue: self.clone(),
                 len: w.len,
@@ -255,21 +242,6 @@ impl UploadQueue {
                 drop(permit);
             }
             st = self.lock();
-        }
-    }
-
-    /// Refuses the waiting requests whose piece has now started going to
-    /// someone else: the line holds only pieces this node never sent, as
-    /// if each request arrived now ([`on_arrival`]).
-    fn refuse_started(waiting: &mut Vec<Waiter>) {
-        let (keep, started): (Vec<Waiter>, Vec<Waiter>) = waiting
-            .drain(..)
-            .partition(|w| on_arrival(w.fill.upload_count(w.piece)) == Arrival::Queue);
-        *waiting = keep;
-        // Only the answer travels (no permit), so sending under the lock is
-        // fine; a requester that gave up meanwhile is gone either way.
-        for w in started {
-            let _ = w.tx.send(Err(Busy));
         }
     }
 
@@ -363,42 +335,6 @@ mod tests {
         // With a slot free and nobody waiting, a sent piece goes again.
         let _again = q.admit(&f, 0, 1 << 20).await.expect("free slot");
         assert_eq!(f.upload_count(0), 2);
-    }
-
-    #[tokio::test]
-    async fn when_a_piece_starts_the_others_waiting_for_it_are_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let f = fill(dir.path());
-        let q = UploadQueue::new(1, 1 << 30);
-        let first = q.admit(&f, 0, 1 << 20).await.expect("free slot");
-        let waiter = |piece: u32| {
-            let (q, f) = (q.clone(), f.clone());
-            tokio::spawn(async move { q.admit(&f, piece, 1 << 20).await })
-        };
-        // Two requesters wait for piece 5 (never sent), one for piece 6.
-        let mut line = Vec::new();
-        for (n, piece) in [5, 5, 6].into_iter().enumerate() {
-            line.push(waiter(piece));
-            while q.waiting() < n + 1 {
-                tokio::task::yield_now().await;
-            }
-        }
-        drop(first);
-        let six = line.pop().expect("third");
-        let second = line.pop().expect("second");
-        let five = line.pop().expect("first").await.expect("task");
-        let five = five.expect("the oldest request gets the slot");
-        // The other request for piece 5 is told at once to ask its new
-        // holder instead of waiting behind a copy that is already going.
-        let second = tokio::time::timeout(std::time::Duration::from_secs(10), second)
-            .await
-            .expect("answered while piece 5 is still going, not left waiting");
-        assert_eq!(second.expect("task").err(), Some(Busy));
-        assert_eq!(f.upload_count(5), 1);
-        assert_eq!(q.waiting(), 1);
-        drop(five);
-        drop(six.await.expect("task").expect("piece 6 still served"));
-        assert_eq!(f.upload_count(6), 1);
     }
 
     #[tokio::test]

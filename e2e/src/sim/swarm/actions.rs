@@ -207,28 +207,6 @@ impl Sim<'_> {
             a.busy += 1;
             a.busy_bytes += w.len;
             a.sent[w.piece as usize] += 1;
-            // The agent's `refuse_started`: the line keeps only pieces never
-            // sent; the others waiting for this one go ask its new holder.
-            let mut started = Vec::new();
-            let mut j = 0;
-            while j < a.waiting.len() {
-                if uploads::on_arrival(a.sent[a.waiting[j].piece as usize]) == Arrival::Queue {
-                    j += 1;
-                } else {
-                    started.push(a.waiting.swap_remove(j));
-                }
-            }
-            for x in started {
-                self.refusals += 1;
-                self.at(
-                    self.cfg.rtt / 2.0,
-                    Ev::Refused {
-                        node: x.node,
-                        holder,
-                        piece: x.piece,
-                    },
-                );
-            }
             self.start_upload(holder, w.node, w.piece);
         }
     }
