@@ -287,7 +287,9 @@ pub struct Strategy {
     #[x_kube(validation = Rule::new(PIECE_SIZE_POWER_OF_TWO_RULE).message(PIECE_SIZE_POWER_OF_TWO_MESSAGE))]
     pub piece_size: Option<u64>,
     /// Most nodes reading from the origin at once (each reads a disjoint
-    /// range), 1 to 64; default 4. The origin serves about one copy in total.
+    /// range), 1 to 64; default 16. Together they keep at most 16 range
+    /// requests in flight (at least one each). The origin serves about one
+    /// copy in total.
     #[serde(default = "default_max_origin_connections")]
     #[schemars(range(min = MAX_ORIGIN_CONNECTIONS_MIN, max = MAX_ORIGIN_CONNECTIONS_MAX))]
     pub max_origin_connections: u32,
@@ -701,7 +703,7 @@ mod tests {
         .expect("minimal spec parses");
         assert_eq!(s.strategy, Strategy::default());
         assert_eq!(s.strategy.piece_size, None);
-        assert_eq!(s.strategy.max_origin_connections, 4);
+        assert_eq!(s.strategy.max_origin_connections, 16);
     }
 
     #[test]

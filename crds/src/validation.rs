@@ -145,7 +145,7 @@ pub const MAX_ORIGIN_CONNECTIONS_MIN: u32 = 1;
 /// Upper bound of `strategy.maxOriginConnections`.
 pub const MAX_ORIGIN_CONNECTIONS_MAX: u32 = 64;
 /// Default of `strategy.maxOriginConnections`.
-pub const MAX_ORIGIN_CONNECTIONS_DEFAULT: u32 = 4;
+pub const MAX_ORIGIN_CONNECTIONS_DEFAULT: u32 = 16;
 
 /// Lowest per-node bandwidth cap (1 MiB/s): anything lower is a mistake, not
 /// a throttle.

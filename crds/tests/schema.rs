@@ -323,7 +323,7 @@ fn distribution_bounds() {
     assert!(field(root, "spec.strategy.pieceSize")["default"].is_null());
     assert_eq!(
         field(root, "spec.strategy.maxOriginConnections")["default"],
-        4
+        16
     );
     assert_eq!(field(root, "spec.target.path")["maxLength"], 1024);
     assert_eq!(field(root, "spec.source.http.url")["maxLength"], 2048);

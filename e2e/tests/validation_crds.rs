@@ -239,6 +239,6 @@ fn the_issue_invalid_manifests_are_refused_naming_the_field() {
     assert_eq!(schema.admit(&mut ok, None), Ok(()));
     assert_eq!(
         ok["spec"]["strategy"],
-        json!({"maxOriginConnections": 4, "priority": 0})
+        json!({"maxOriginConnections": 16, "priority": 0})
     );
 }

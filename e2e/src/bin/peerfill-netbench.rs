@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use peerfill_crds::validation::MAX_ORIGIN_CONNECTIONS_DEFAULT;
 use peerfill_e2e::netbench::memory::{self, MemorySpec};
 use peerfill_e2e::netbench::report::{self, Machine, Render, Sweep};
 use peerfill_e2e::netbench::results::{self, Links, Results};
@@ -169,8 +170,9 @@ struct Common {
     /// MTU of every link, bytes (576..=9000).
     #[arg(long, default_value_t = ETHERNET_MTU, value_parser = clap::value_parser!(u32).range(576..=9000))]
     mtu: u32,
-    /// peerfill origin readers: the first min(N, readers) nodes.
-    #[arg(long, default_value_t = 4)]
+    /// peerfill origin readers: the first min(N, readers) nodes (default:
+    /// `strategy.maxOriginConnections`'s).
+    #[arg(long, default_value_t = MAX_ORIGIN_CONNECTIONS_DEFAULT as usize)]
     readers: usize,
     /// Where the per-run scratch directory `pfnb-<pid>` goes.
     #[arg(long, default_value = "/var/tmp")]

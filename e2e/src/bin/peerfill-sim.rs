@@ -83,9 +83,12 @@ struct RunArgs {
     /// A/B of the agent's requests outstanding per peer (default: `Tuning::pipeline`).
     #[arg(long)]
     pipeline: Option<usize>,
-    /// A/B of an origin reader's range requests in flight (default: `Tuning::origin_concurrency`).
+    /// A/B of an origin reader's range requests in flight, at most (default: `Tuning::origin_concurrency`).
     #[arg(long)]
     origin_concurrency: Option<usize>,
+    /// A/B of the origin readers' range requests in flight together, at most (default: `Tuning::origin_requests`).
+    #[arg(long)]
+    origin_requests: Option<usize>,
     /// Payload share of a peer link's cap (e.g. 0.904: QUIC as measured on the netbench).
     #[arg(long, default_value_t = 1.0)]
     peer_efficiency: f64,
@@ -145,6 +148,7 @@ fn main() -> anyhow::Result<()> {
                 max_inflight,
                 pipeline,
                 origin_concurrency,
+                origin_requests,
                 peer_efficiency,
                 origin_efficiency,
                 seed,
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             cfg.max_inflight = max_inflight.unwrap_or(cfg.max_inflight);
             cfg.pipeline = pipeline.unwrap_or(cfg.pipeline);
             cfg.origin_concurrency = origin_concurrency.unwrap_or(cfg.origin_concurrency);
+            cfg.origin_requests = origin_requests.unwrap_or(cfg.origin_requests);
             cfg.peer_efficiency = peer_efficiency;
             cfg.origin_efficiency = origin_efficiency;
             cfg.seed = seed;

@@ -179,18 +179,23 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
              (round trips come from queueing in the links' 256 KiB FIFOs and CPU scheduling)"
                 .to_string()
         };
+        // Runs of different readers (the product default changed) say so.
+        let readers: std::collections::BTreeSet<usize> =
+            res.runs.iter().map(|r| r.readers).collect();
+        let readers = match readers.len() {
+            0 | 1 => r.readers.to_string(),
+            _ => {
+                let each: Vec<String> = readers.iter().map(|n| n.to_string()).collect();
+                format!("{}, by run", each.join(" or "))
+            }
+        };
         let _ = writeln!(
             s,
             "Testbed (as in the issue-6 section below): one origin and N node hosts, each a \
              network namespace with a veth link to a bridge, addresses from 198.18.0.0/15, every \
              link capped both ways by HTB at the rate in the table; {delay}. The origin is nginx; \
-             the first min(N, {}) nodes read it in disjoint ranges; every node lists every other \
-             as a peer and keeps serving after it completes.\n",
-            res.runs
-                .iter()
-                .map(|r| r.readers)
-                .max()
-                .unwrap_or(r.readers)
+             the first min(N, {readers}) nodes read it in disjoint ranges; every node lists every \
+             other as a peer and keeps serving after it completes.\n"
         );
     }
     let _ = writeln!(

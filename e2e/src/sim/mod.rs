@@ -84,8 +84,13 @@ pub struct Config {
     pub rtt: f64,
     /// `strategy.maxOriginConnections` (origin readers).
     pub readers: usize,
-    /// Range requests in flight per reader (`Tuning::origin_concurrency`).
+    /// Range requests in flight per reader, at most
+    /// (`Tuning::origin_concurrency`).
     pub origin_concurrency: usize,
+    /// Range requests in flight of all readers together, at most
+    /// (`Tuning::origin_requests`; each reader's share is the agent's
+    /// `OriginRequests::per_reader`).
+    pub origin_requests: usize,
     /// Pieces being downloaded at once per node (`Tuning::max_inflight`).
     pub max_inflight: usize,
     /// Requests outstanding per peer, at most (`Tuning::pipeline`; fewer
@@ -129,6 +134,7 @@ impl Config {
             rtt: 0.001,
             readers: MAX_ORIGIN_CONNECTIONS_DEFAULT as usize,
             origin_concurrency: tuning.origin_concurrency,
+            origin_requests: tuning.origin_requests,
             max_inflight: tuning.max_inflight,
             pipeline: tuning.pipeline,
             upload_slots: tuning.upload_slots,

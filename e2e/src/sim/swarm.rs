@@ -337,7 +337,7 @@ impl<'a> Sim<'a> {
     pub fn run(mut self, mut progress: impl FnMut(f64, usize, usize)) -> Result<Outcome, SimError> {
         for i in 0..self.reader_next.len() {
             // The agent reads the first piece alone, then keeps
-            // `origin_concurrency` requests in flight (`origin_piece`).
+            // its share of the origin's requests in flight (`origin_piece`).
             self.next_origin_request(i);
         }
         let n = self.agents.len();

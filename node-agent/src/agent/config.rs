@@ -107,11 +107,19 @@ pub struct Tuning {
     pub upload_slots: usize,
     pub strikes_to_ban: u32,
     pub request_timeout_secs: u64,
-    /// Concurrent range requests of one origin reader. Four, not two: an
-    /// origin reader's downlink also carries its peers' pieces, and with two
-    /// TCP flows against them the origin link idled (measured: the origin's
+    /// Range requests one origin reader keeps in flight at most (while
+    /// every reader reads; see `origin_requests`). Four, not two: an origin
+    /// reader's downlink also carries its peers' pieces, and with two TCP
+    /// flows against them the origin link idled (measured: the origin's
     /// copy out at 1.16x the bound, 1.05-1.09x with four).
     pub origin_concurrency: usize,
+    /// Range requests the origin readers of one content keep in flight
+    /// together, at most: with more than four readers each keeps its share
+    /// (at least one; `swarm::origin_concurrency`). Sixteen readers of one
+    /// request each (the default of `maxOriginConnections`) spread the
+    /// origin's pieces over 16 uplinks that forward them at once, where four
+    /// readers of four requests each put them behind four.
+    pub origin_requests: usize,
 }
 
 impl Default for Tuning {
@@ -123,6 +131,7 @@ impl Default for Tuning {
             strikes_to_ban: 2,
             request_timeout_secs: 30,
             origin_concurrency: 4,
+            origin_requests: 16,
         }
     }
 }

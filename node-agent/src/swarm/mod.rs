@@ -59,7 +59,9 @@ use tracing::{debug, info, warn};
 
 pub use fill::{Authority, Fill, FillError, FillSpec, FillStats};
 pub use limits::{ContentCaps, DownloadGate};
-pub use origin_reader::{OriginReadError, read_origin_range, read_origin_whole, seed_hashes};
+pub use origin_reader::{
+    OriginReadError, OriginRequests, read_origin_range, read_origin_whole, seed_hashes,
+};
 
 use crate::metrics::Metrics;
 use crate::tls::{self, NodeIdentity};

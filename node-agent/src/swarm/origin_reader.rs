@@ -82,19 +82,19 @@ pub async fn seed_hashes(
     Ok(hashed)
 }
 
-/// Reads the missing pieces of `range` from the origin with `concurrency`
-/// requests at once (more once other readers finished, see
+/// Reads the missing pieces of `range` from the origin with this reader's
+/// share of `requests` at once (more once other readers finished, see
 /// [`origin_concurrency`]), hashing, storing and announcing each as soon as
 /// it arrives. The first piece goes alone: an origin that ignores Range
 /// answers it with the whole body, and one such answer is dropped, not
-/// `concurrency`. Retries are the origin client's; an error here means it
-/// gave up.
+/// several. Retries are the origin client's; an error here means it gave
+/// up.
 pub async fn read_origin_range(
     fill: Arc<Fill>,
     me: String,
     client: Origin,
     range: Range<u32>,
-    concurrency: usize,
+    requests: OriginRequests,
     limiter: DownloadGate,
     metrics: Metrics,
 ) -> Result<(), OriginReadError> {
@@ -154,12 +154,13 @@ pub async fn read_origin_range(
     // Readers learn their hashes by reading, so the hashes still missing
     // tell who still reads. With a piece manifest every reader publishes
     // its range's hashes before it reads (ours are known already): they
-    // tell nothing, and the reader keeps `concurrency`.
+    // tell nothing, and the reader keeps its first share.
     let others_tell = fill.hash(first).is_none();
     read(first).await?;
     let mut next = rest.iter().copied();
     let mut running = FuturesUnordered::new();
-    let mut limit = concurrency.max(1);
+    let readers = fill.spec.authority.node_count();
+    let mut limit = requests.per_reader(readers, readers);
     // Looking for the readers still reading scans every piece's hash under
     // the fill's lock: once a second is soon enough.
     let mut looked: Option<Instant> = None;
@@ -169,7 +170,7 @@ pub async fn read_origin_range(
             // A reader's hashes spread as it reads: the authorities whose
             // hashes we still miss are the readers still reading.
             let reading = fill.pending_authorities().len();
-            limit = origin_concurrency(concurrency, fill.spec.authority.node_count(), reading);
+            limit = requests.per_reader(readers, reading);
         }
         while running.len() < limit {
             let Some(piece) = next.next() else { break };
@@ -185,19 +186,30 @@ pub async fn read_origin_range(
 /// How often a reader looks which other readers still read.
 const READERS_LOOK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Range requests one reader keeps in flight: `base` while all `readers`
-/// read, more as the others finish, so that the readers still reading keep
-/// the origin's link full. A reader's downlink also carries peer traffic,
-/// and against it `base` TCP flows win about one reader's share of the
-/// origin, not more: without this the origin link idled at the end of a
-/// run while the slowest reader read the rest of its range (measured on the
-/// netbench, N = 16 at 20 Mbit/s: the origin at 37-82 % of its cap for the
-/// last 6 s). The origin never sees more requests at once than at the
-/// start (`readers` x `base`).
-pub fn origin_concurrency(base: usize, readers: usize, reading: usize) -> usize {
-    let base = base.max(1);
-    let readers = readers.max(1);
-    (base * readers).div_ceil(reading.clamp(1, readers))
+/// How many range requests the origin readers of one content keep in flight
+/// (`Tuning::origin_concurrency`, `Tuning::origin_requests`).
+#[derive(Debug, Clone, Copy)]
+pub struct OriginRequests {
+    /// At most, per reader, while every reader reads.
+    pub per_reader: usize,
+    /// At most, all readers together.
+    pub total: usize,
+}
+
+impl OriginRequests {
+    /// Range requests one reader keeps in flight: its share of what the
+    /// `readers` keep together, taken over by those still `reading` as the
+    /// others finish, so that they keep the origin's link full. Without
+    /// taking over, the origin link idled at the end of a run while the
+    /// slowest reader read the rest of its range (measured on the netbench,
+    /// N = 16 at 20 Mbit/s: the origin at 37-82 % of its cap for the last
+    /// 6 s). The origin never sees more requests at once than at the start:
+    /// `min(per_reader x readers, total)`, or one per reader if that is more.
+    pub fn per_reader(self, readers: usize, reading: usize) -> usize {
+        let readers = readers.max(1);
+        let together = self.total.min(self.per_reader.saturating_mul(readers));
+        together.div_ceil(reading.clamp(1, readers)).max(1)
+    }
 }
 
 /// Reads the whole content in one streaming GET from an origin that ignores
@@ -287,18 +299,40 @@ async fn read_whole_once(
 
 #[cfg(test)]
 mod tests {
-    use super::origin_concurrency;
+    use super::OriginRequests;
+
+    const TODAY: OriginRequests = OriginRequests {
+        per_reader: 4,
+        total: 16,
+    };
 
     #[test]
     fn readers_left_take_over_the_finished_readers_requests() {
-        // Four readers, four requests each: 16 at the origin throughout.
-        assert_eq!(origin_concurrency(4, 4, 4), 4);
-        assert_eq!(origin_concurrency(4, 4, 3), 6);
-        assert_eq!(origin_concurrency(4, 4, 2), 8);
-        assert_eq!(origin_concurrency(4, 4, 1), 16);
+        // Four readers: four each, 16 at the origin throughout.
+        assert_eq!(TODAY.per_reader(4, 4), 4);
+        assert_eq!(TODAY.per_reader(4, 3), 6);
+        assert_eq!(TODAY.per_reader(4, 2), 8);
+        assert_eq!(TODAY.per_reader(4, 1), 16);
         // Counted as reading: this reader itself, even if its hashes are in.
-        assert_eq!(origin_concurrency(4, 4, 0), 16);
-        assert_eq!(origin_concurrency(4, 1, 1), 4);
-        assert_eq!(origin_concurrency(0, 0, 0), 1);
+        assert_eq!(TODAY.per_reader(4, 0), 16);
+        // Few readers keep four each: one reader never opens 16.
+        assert_eq!(TODAY.per_reader(1, 1), 4);
+        assert_eq!(TODAY.per_reader(2, 2), 4);
+        assert_eq!(TODAY.per_reader(2, 1), 8);
+    }
+
+    #[test]
+    fn many_readers_share_the_origins_requests() {
+        // Sixteen readers (the default): one each, two once half are done.
+        assert_eq!(TODAY.per_reader(16, 16), 1);
+        assert_eq!(TODAY.per_reader(16, 8), 2);
+        assert_eq!(TODAY.per_reader(8, 8), 2);
+        // More readers than requests: still one each.
+        assert_eq!(TODAY.per_reader(64, 64), 1);
+        let none = OriginRequests {
+            per_reader: 0,
+            total: 0,
+        };
+        assert_eq!(none.per_reader(0, 0), 1);
     }
 }

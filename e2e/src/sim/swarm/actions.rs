@@ -3,8 +3,8 @@
 
 use super::{Ev, FlowOf, REFUSAL_BACKOFF, Sim, Waiter};
 use peerfill_agent::swarm::picker::PeerId;
-use peerfill_agent::swarm::pipeline_for;
 use peerfill_agent::swarm::uploads::{self, Arrival};
+use peerfill_agent::swarm::{OriginRequests, pipeline_for};
 use rand::seq::SliceRandom;
 
 impl Sim<'_> {
@@ -44,7 +44,12 @@ impl Sim<'_> {
             self.reader_done[i] += 1;
             if self.reader_done[i] == 1 {
                 // The first piece came alone; the others start together.
-                for _ in 1..self.cfg.origin_concurrency.max(1) {
+                let share = OriginRequests {
+                    per_reader: self.cfg.origin_concurrency,
+                    total: self.cfg.origin_requests,
+                }
+                .per_reader(self.reader_next.len(), self.reader_next.len());
+                for _ in 1..share {
                     self.at(0.0, Ev::OriginNext { i: i as u32 });
                 }
             }

@@ -17,7 +17,8 @@ use crate::origin::manifest::{MAX_MANIFEST_BYTES, ManifestError, PieceManifest};
 use crate::origin::{Origin, OriginClient, OriginError};
 use crate::retry;
 use crate::swarm::{
-    Authority, Fill, OriginReadError, read_origin_range, read_origin_whole, seed_hashes,
+    Authority, Fill, OriginReadError, OriginRequests, read_origin_range, read_origin_whole,
+    seed_hashes,
 };
 
 use super::super::engine::Engine;
@@ -92,7 +93,10 @@ pub(super) async fn start_reader(
         run.clone(),
     );
     let retry = inner.opts.retry_transient_origin;
-    let concurrency = inner.cfg.tuning.origin_concurrency;
+    let requests = OriginRequests {
+        per_reader: inner.cfg.tuning.origin_concurrency,
+        total: inner.cfg.tuning.origin_requests,
+    };
     let whole = match (&client, &run.cfg.source) {
         (Origin::One(c), SourceConfig::Http { whole: true, .. }) => Some(c.clone()),
         (Origin::Tree(_), SourceConfig::Http { whole: true, .. }) => {
@@ -124,7 +128,7 @@ pub(super) async fn start_reader(
                     me.clone(),
                     client.clone(),
                     range.clone(),
-                    concurrency,
+                    requests,
                     limiter.clone(),
                     metrics.clone(),
                 )
