@@ -179,14 +179,31 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
              (round trips come from queueing in the links' 256 KiB FIFOs and CPU scheduling)"
                 .to_string()
         };
-        // Runs of different readers (the product default changed) say so.
-        let readers: std::collections::BTreeSet<usize> =
-            res.runs.iter().map(|r| r.readers).collect();
-        let readers = match readers.len() {
-            0 | 1 => r.readers.to_string(),
+        // A run stores min(N, readers); a label's largest is its readers
+        // (the product default changed: labels of different readers say so).
+        let mut caps: Vec<(usize, Vec<String>)> = Vec::new();
+        for label in res.labels() {
+            let cap = res
+                .runs
+                .iter()
+                .filter(|x| x.meta.label == label)
+                .map(|x| x.readers)
+                .max();
+            let Some(cap) = cap else { continue };
+            match caps.iter_mut().find(|(c, _)| *c == cap) {
+                Some((_, labels)) => labels.push(label),
+                None => caps.push((cap, vec![label])),
+            }
+        }
+        let readers = match caps.as_slice() {
+            [] => format!("min(N, {})", r.readers),
+            [(cap, _)] => format!("min(N, {cap})"),
             _ => {
-                let each: Vec<String> = readers.iter().map(|n| n.to_string()).collect();
-                format!("{}, by run", each.join(" or "))
+                let each: Vec<String> = caps
+                    .iter()
+                    .map(|(cap, labels)| format!("{cap} for {}", labels.join(", ")))
+                    .collect();
+                format!("min(N, R) (R = {})", each.join("; "))
             }
         };
         let _ = writeln!(
@@ -194,7 +211,7 @@ pub fn markdown(res: &Results, links: &Links<'_>, analysis: Option<&str>) -> Str
             "Testbed (as in the issue-6 section below): one origin and N node hosts, each a \
              network namespace with a veth link to a bridge, addresses from 198.18.0.0/15, every \
              link capped both ways by HTB at the rate in the table; {delay}. The origin is nginx; \
-             the first min(N, {readers}) nodes read it in disjoint ranges; every node lists every \
+             the first {readers} nodes read it in disjoint ranges; every node lists every \
              other as a peer and keeps serving after it completes.\n"
         );
     }
