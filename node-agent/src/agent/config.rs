@@ -115,7 +115,7 @@ pub struct Tuning {
     pub origin_concurrency: usize,
     /// Range requests the origin readers of one content keep in flight
     /// together, at most: with more than four readers each keeps its share
-    /// (at least one; `swarm::origin_concurrency`). Sixteen readers of one
+    /// (at least one; `swarm::OriginRequests`). Sixteen readers of one
     /// request each (the default of `maxOriginConnections`) spread the
     /// origin's pieces over 16 uplinks that forward them at once, where four
     /// readers of four requests each put them behind four.

@@ -84,7 +84,7 @@ pub async fn seed_hashes(
 
 /// Reads the missing pieces of `range` from the origin with this reader's
 /// share of `requests` at once (more once other readers finished, see
-/// [`origin_concurrency`]), hashing, storing and announcing each as soon as
+/// [`OriginRequests::per_reader`]), hashing, storing and announcing each as soon as
 /// it arrives. The first piece goes alone: an origin that ignores Range
 /// answers it with the whole body, and one such answer is dropped, not
 /// several. Retries are the origin client's; an error here means it gave
