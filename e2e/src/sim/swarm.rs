@@ -11,8 +11,10 @@
 //! [`REFUSAL_BACKOFF`] s). The flow ends when its bytes drained through
 //! the links; the piece is at the requester RTT/2 later (verified, written,
 //! announced: the announcement reaches its peers another RTT/2 later), and
-//! the holder's upload slot frees a full RTT after the flow ended (it is
-//! held until the peer has the data). An origin reader's range request
+//! the holder's upload slot frees a full RTT after the flow ended. (The
+//! agent frees the slot once the piece's bytes are all sent and its budget
+//! share once they are acknowledged; this model has no queues, so both
+//! come within an RTT of the flow's end.) An origin reader's range request
 //! starts its flow one RTT after it is sent (the HTTP request and the
 //! first byte).
 //!

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use super::announcers::Outgoing;
 use super::picker::PeerId;
 use super::relay::{Rejection, SignedBatch};
-use super::uploads::Busy;
+use super::uploads::{self, Busy, UploadPermit};
 use super::{DOWNLOAD_BUFFER_BYTES, Fault, Fill, Shared, buffer_units, close};
 use crate::content::{self, PieceHash};
 use crate::metrics::Source;
@@ -714,6 +714,39 @@ async fn request_piece(
     }
 }
 
+/// Waits until the peer acknowledged the whole piece (true) or the stream
+/// failed (false). Meanwhile it frees the upload slot as soon as the
+/// connection has sent as many bytes as the piece since `started` (then
+/// every byte of it went out once, or the connection's other traffic made up
+/// the difference: the next upload starts a little early, and its bytes
+/// still count against the budget); see [`uploads`]. The caller bounds the
+/// wait: a peer that stops reading must not hold a slot forever.
+async fn await_delivery(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    permit: &mut UploadPermit,
+    len: u64,
+    sent_before: u64,
+    started: tokio::time::Instant,
+) -> bool {
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
+    let mut check = Some(Duration::ZERO);
+    loop {
+        let wait = check.filter(|_| permit.sending());
+        tokio::select! {
+            r = &mut stopped => return matches!(r, Ok(None)),
+            _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
+                let sent = conn.stats().udp_tx.bytes.saturating_sub(sent_before);
+                check = uploads::next_send_check(sent, len, started.elapsed());
+                if check.is_none() {
+                    permit.all_sent();
+                }
+            }
+        }
+    }
+}
+
 /// Answers one request stream.
 async fn serve_request(
     shared: Arc<Shared>,
@@ -755,7 +788,7 @@ async fn serve_request(
     }
     // Bounded upload slots, least-sent piece first; a piece we already sent
     // may be refused for now (see `uploads`), unless the requester gives up.
-    let permit = tokio::select! {
+    let mut permit = tokio::select! {
         p = shared.uploads.admit(&fill, piece, u64::from(layout.piece_len(piece))) => match p {
             Ok(p) => p,
             Err(Busy) => {
@@ -784,17 +817,26 @@ async fn serve_request(
         }
     };
     shared.limits.upload(&content_id, u64::from(len)).await;
+    let sent_before = conn.stats().udp_tx.bytes;
+    let started = tokio::time::Instant::now();
     let header = wire::piece_header(piece, data.len());
     if send.write_all(&header).await.is_err() || send.write_chunk(data).await.is_err() {
         return;
     }
     let _ = send.finish();
-    // Hold the slot until the peer has the data, so slots bound memory too.
-    // A peer that stops reading must not hold a slot forever.
-    let delivered = matches!(
-        tokio::time::timeout(shared.opts.request_timeout, send.stopped()).await,
-        Ok(Ok(None))
-    );
+    let delivered = tokio::time::timeout(
+        shared.opts.request_timeout,
+        await_delivery(
+            &conn,
+            &mut send,
+            &mut permit,
+            u64::from(len),
+            sent_before,
+            started,
+        ),
+    )
+    .await
+    .unwrap_or(false);
     drop(permit);
     if delivered {
         shared.metrics.sent(u64::from(len));
