@@ -352,6 +352,25 @@ mod tests {
         Fill::new(spec, store, false)
     }
 
+    /// Spawns a request for `piece` and returns once the line holds `line`
+    /// requests (this one included).
+    async fn in_line(
+        q: &Arc<UploadQueue>,
+        f: &Arc<Fill>,
+        piece: u32,
+        len: u64,
+        line: usize,
+    ) -> tokio::task::JoinHandle<Result<UploadPermit, Busy>> {
+        let task = tokio::spawn({
+            let (q, f) = (q.clone(), f.clone());
+            async move { q.admit(&f, piece, len).await }
+        });
+        while q.waiting() < line {
+            tokio::task::yield_now().await;
+        }
+        task
+    }
+
     #[tokio::test]
     async fn a_sent_piece_is_refused_while_slots_are_taken_fresh_ones_wait_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -364,18 +383,8 @@ mod tests {
         assert_eq!(q.admit(&f, 0, 1 << 20).await.err(), Some(Busy));
         assert_eq!(q.waiting(), 0);
         // Pieces never sent wait, and are served oldest first.
-        let waiter = |piece: u32| {
-            let (q, f) = (q.clone(), f.clone());
-            tokio::spawn(async move { q.admit(&f, piece, 1 << 20).await })
-        };
-        let five = waiter(5);
-        while q.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
-        let six = waiter(6);
-        while q.waiting() < 2 {
-            tokio::task::yield_now().await;
-        }
+        let five = in_line(&q, &f, 5, 1 << 20, 1).await;
+        let six = in_line(&q, &f, 6, 1 << 20, 2).await;
         drop(first);
         let five = five.await.expect("task").expect("served first");
         assert_eq!((f.upload_count(5), f.upload_count(6)), (1, 0));
@@ -395,13 +404,7 @@ mod tests {
         let f = fill(dir.path());
         let q = UploadQueue::new(1, 1 << 30);
         let first = q.admit(&f, 1, 1 << 20).await.expect("free slot");
-        let gone = tokio::spawn({
-            let (q, f) = (q.clone(), f.clone());
-            async move { q.admit(&f, 2, 1 << 20).await.map(|_| ()) }
-        });
-        while q.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let gone = in_line(&q, &f, 2, 1 << 20, 1).await;
         gone.abort();
         let _ = gone.await;
         drop(first);
@@ -417,13 +420,7 @@ mod tests {
         let q = UploadQueue::new(8, 3 << 20);
         // A piece larger than the whole budget still goes when alone.
         let big = q.admit(&f, 0, 4 << 20).await.expect("alone");
-        let small = tokio::spawn({
-            let (q, f) = (q.clone(), f.clone());
-            async move { q.admit(&f, 1, 1 << 20).await.map(|_| ()) }
-        });
-        while q.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let small = in_line(&q, &f, 1, 1 << 20, 1).await;
         drop(big);
         small.await.expect("task").expect("room after the big one");
         // Three 1 MiB pieces fill the budget; the fourth waits.
@@ -432,13 +429,7 @@ mod tests {
             .into_iter()
             .collect::<Result<_, _>>()
             .expect("within budget");
-        let fourth = tokio::spawn({
-            let (q, f) = (q.clone(), f.clone());
-            async move { q.admit(&f, 6, 1 << 20).await.map(|_| ()) }
-        });
-        while q.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let fourth = in_line(&q, &f, 6, 1 << 20, 1).await;
         drop(held);
         fourth.await.expect("task").expect("served once room freed");
     }
@@ -449,14 +440,7 @@ mod tests {
         let f = fill(dir.path());
         let q = UploadQueue::new(1, 3 << 20);
         let mut first = q.admit(&f, 0, 1 << 20).await.expect("free slot");
-        let waiter = |piece: u32, len: u64| {
-            let (q, f) = (q.clone(), f.clone());
-            tokio::spawn(async move { q.admit(&f, piece, len).await })
-        };
-        let second = waiter(1, 1 << 20);
-        while q.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let second = in_line(&q, &f, 1, 1 << 20, 1).await;
         // The first piece is on the wire, not yet acknowledged: the one
         // slot goes to the next request at once (twice is harmless).
         first.all_sent();
@@ -465,10 +449,7 @@ mod tests {
         second.all_sent();
         // 2 MiB are still held of the 3 MiB budget: a 2 MiB piece waits,
         // though the slot is free, until the first is acknowledged.
-        let third = waiter(2, 2 << 20);
-        while q.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let third = in_line(&q, &f, 2, 2 << 20, 1).await;
         tokio::task::yield_now().await;
         assert_eq!(q.waiting(), 1);
         drop(first);
@@ -484,13 +465,7 @@ mod tests {
         let mut small = q.admit(&f, 0, 1 << 20).await.expect("free slot");
         small.all_sent();
         // No upload is sending, but 1 MiB awaits acknowledgement.
-        let big = tokio::spawn({
-            let (q, f) = (q.clone(), f.clone());
-            async move { q.admit(&f, 1, 4 << 20).await.map(|_| ()) }
-        });
-        while q.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let big = in_line(&q, &f, 1, 4 << 20, 1).await;
         drop(small);
         big.await
             .expect("task")
