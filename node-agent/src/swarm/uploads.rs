@@ -86,7 +86,7 @@ pub(crate) struct UploadQueue {
 /// the same rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Pieces being uploaded at once, at most.
+    /// Pieces being sent at once, at most.
     pub slots: usize,
     /// Bytes of pieces being uploaded or awaiting acknowledgement at once, at
     /// most (one piece always may when none is held).
