@@ -732,19 +732,17 @@ async fn await_delivery(
     let stopped = send.stopped();
     tokio::pin!(stopped);
     let mut check = Some(Duration::ZERO);
-    loop {
-        let wait = check.filter(|_| permit.sending());
+    while let Some(wait) = check {
         tokio::select! {
             r = &mut stopped => return matches!(r, Ok(None)),
-            _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
+            _ = tokio::time::sleep(wait) => {
                 let sent = conn.stats().udp_tx.bytes.saturating_sub(sent_before);
                 check = uploads::next_send_check(sent, len, started.elapsed());
-                if check.is_none() {
-                    permit.all_sent();
-                }
             }
         }
     }
+    permit.all_sent();
+    matches!(stopped.await, Ok(None))
 }
 
 /// Answers one request stream.

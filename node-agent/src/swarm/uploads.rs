@@ -140,6 +140,7 @@ impl UploadPermit {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn sending(&self) -> bool {
         self.sending
     }
