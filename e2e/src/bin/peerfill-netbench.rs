@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use peerfill_crds::validation::MAX_ORIGIN_CONNECTIONS_DEFAULT;
+use peerfill_e2e::netbench::floor;
 use peerfill_e2e::netbench::memory::{self, MemorySpec};
 use peerfill_e2e::netbench::report::{self, Machine, Render, Sweep};
 use peerfill_e2e::netbench::results::{self, Links, Results};
@@ -117,6 +118,43 @@ enum Cmd {
         record: bool,
         #[command(flatten)]
         out: Output,
+    },
+    /// The testbed's CPU floor: every node sends `--mib` spread over the
+    /// others with no QUIC, TLS, disk or agent (`--transport udp`: quinn's
+    /// UDP layer, GSO and `recvmmsg`; `tcp`: kernel TCP), and the CPU per
+    /// GiB received per node is printed and appended to `--out`.
+    Floor {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        nodes: usize,
+        /// Bytes each node sends (and receives), MiB.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        #[arg(long, value_delimiter = ',', default_value = "udp,quic,tcp")]
+        transport: Vec<floor::Transport>,
+        /// Results of floor runs, appended to.
+        #[arg(long, default_value = "docs/bench/netbench-floor.json")]
+        out: PathBuf,
+    },
+    /// One node of `floor`, started by it inside the node's namespace.
+    #[command(hide = true)]
+    FloorNode {
+        #[arg(long)]
+        transport: floor::Transport,
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<std::net::Ipv4Addr>,
+        #[arg(long)]
+        bytes_per_peer: u64,
+        #[arg(long)]
+        mbit: f64,
+        #[arg(long, default_value_t = ETHERNET_MTU)]
+        mtu: u32,
+        /// The node's `tls.crt`, `tls.key` and `ca.crt` (QUIC).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        #[arg(long)]
+        deadline_secs: u64,
     },
     /// Deletes namespaces and work dirs of earlier runs whose process is gone.
     Cleanup {
@@ -349,6 +387,75 @@ fn utc_now() -> String {
     chrono::Utc::now().format("%Y-%m-%d %H:%M").to_string()
 }
 
+/// `floor`: one run per transport on its own testbed, each appended to `out`.
+fn floor_cmd(
+    common: &Common,
+    nodes: usize,
+    mib: u64,
+    transports: &[floor::Transport],
+    out: &Path,
+) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(NetbenchError::NotRoot);
+    }
+    let removed = testbed::remove_stale()?;
+    if !removed.is_empty() {
+        warn!(?removed, "removed namespaces of an earlier run");
+    }
+    remove_stale_work_dirs(&common.work_root);
+    let dir = common
+        .work_root
+        .join(format!("{PREFIX}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| NetbenchError::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let work = WorkDir(dir, common.keep_work);
+    let exe = std::env::current_exe().map_err(|source| NetbenchError::Io {
+        what: "locating this binary".into(),
+        source,
+    })?;
+    let deadline = Deadline::after(Duration::from_secs(common.timeout_secs.unwrap_or(1800)));
+    let caps = common.caps(100.0);
+    let mut runs: Vec<serde_json::Value> = std::fs::read_to_string(out)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    for &t in transports {
+        let r = floor::run_floor(&exe, &work.0, t, nodes, mib, caps, deadline)?;
+        println!(
+            "floor {:?}: N={} x {} MiB at {} Mbit/s, MTU {}: {:.2} CPU s/GiB/node ({:.2}..{:.2}), {:.1} % delivered, {:.1} s, machine {:.0} % busy",
+            r.transport,
+            r.nodes,
+            mib,
+            r.node_mbit,
+            r.mtu,
+            r.cpu_secs_per_gib_per_node,
+            r.cpu_min,
+            r.cpu_max,
+            r.delivered * 100.0,
+            r.secs,
+            r.machine_busy * 100.0
+        );
+        let mut v = serde_json::to_value(&r).map_err(|e| NetbenchError::Config(e.to_string()))?;
+        v["label"] = common.label.clone().into();
+        v["started"] = utc_now().into();
+        runs.push(v);
+        let text = serde_json::to_string_pretty(&runs)
+            .map_err(|e| NetbenchError::Config(e.to_string()))?;
+        std::fs::write(out, text + "\n").map_err(|source| NetbenchError::Io {
+            what: format!("writing {}", out.display()),
+            source,
+        })?;
+    }
+    let left = leftovers()?;
+    if !left.is_empty() {
+        return Err(NetbenchError::Leftovers(left));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -406,6 +513,34 @@ fn main() -> ExitCode {
             out,
         } => sweep(&common, &nodes, mib, &extra, &out),
         Cmd::Render { out } => render_from(&out),
+        Cmd::Floor {
+            common,
+            nodes,
+            mib,
+            transport,
+            out,
+        } => floor_cmd(&common, nodes, mib, &transport, &out),
+        Cmd::FloorNode {
+            transport,
+            peers,
+            bytes_per_peer,
+            mbit,
+            mtu,
+            identity,
+            deadline_secs,
+        } => floor::node_main(
+            transport,
+            &peers,
+            bytes_per_peer,
+            (mbit, mtu),
+            identity.as_deref(),
+            Duration::from_secs(deadline_secs),
+        )
+        .and_then(|r| {
+            serde_json::to_string(&r)
+                .map(|line| println!("{line}"))
+                .map_err(|e| NetbenchError::Config(e.to_string()))
+        }),
     };
     match result {
         Ok(()) => {

@@ -13,6 +13,7 @@
 //! - [`scenario`]: one run on one testbed: one server, then peerfill.
 //! - [`report`]: the bound, `BENCHMARKS.md` and the PNG plot.
 
+pub mod floor;
 pub mod links;
 pub mod memory;
 pub mod nginx;
