@@ -861,7 +861,11 @@ impl Fill {
     /// pinned, our complete hash list), then every later `Have`, with the
     /// batches it needs (see `announcers`). Done under the state
     /// lock so nothing falls between snapshot and registration.
-    pub(crate) fn register_announcer(&self, tx: mpsc::UnboundedSender<Outgoing>) -> u64 {
+    pub(crate) fn register_announcer(
+        &self,
+        tx: mpsc::UnboundedSender<Outgoing>,
+        peer: &str,
+    ) -> u64 {
         let mut st = self.lock();
         if self.is_closed() {
             // Dropping `tx` ends the announce stream at once.
@@ -896,7 +900,7 @@ impl Fill {
                 let _ = tx.send(Outgoing::Msg(m));
             }
         }
-        st.announcers.insert(tx, n, &sent)
+        st.announcers.insert(tx, peer, n, &sent)
     }
 
     pub(crate) fn unregister_announcer(&self, id: u64) {
@@ -1137,7 +1141,16 @@ impl Fill {
             }
         }
         let covering = self.batch_for(&st, piece).cloned();
-        st.announcers.have(piece, covering.as_ref());
+        // Peers that announced the piece are not told (see `announcers`).
+        let holders: Vec<String> = st
+            .sessions
+            .iter()
+            .filter(|(id, _)| st.picker.peer_holds(**id, piece))
+            .map(|(_, s)| s.node.clone())
+            .collect();
+        st.announcers.have(piece, covering.as_ref(), |peer| {
+            holders.iter().any(|h| h == peer)
+        });
         let own = st.hashes[piece as usize]
             .filter(|_| self.spec.authority.of(piece) == Some(me))
             .map(|h| (piece, h));

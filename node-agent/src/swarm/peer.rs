@@ -78,7 +78,7 @@ pub(crate) async fn announce(
     };
     fill.resign_if_renewed();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = fill.register_announcer(tx);
+    let id = fill.register_announcer(tx, &node);
     let mut enc = AnnounceEncoder {
         tamper: shared.opts.fault == Some(Fault::TamperHashes),
         peer: node.clone(),

@@ -227,6 +227,15 @@ impl Picker {
         })
     }
 
+    /// Whether the peer announced `piece`.
+    pub fn peer_holds(&self, peer: PeerId, piece: u32) -> bool {
+        self.peers
+            .get(&peer)
+            .and_then(|bits| bits.get(piece as usize))
+            .copied()
+            .unwrap_or(false)
+    }
+
     /// Whether the peer holds a piece we could request now.
     pub fn interesting(&self, peer: PeerId) -> bool {
         let Some(bits) = self.peers.get(&peer) else {

@@ -242,7 +242,7 @@ fn announced(
     tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    f.register_announcer(tx);
+    f.register_announcer(tx, "listener");
     let mut batches = Vec::new();
     let mut listed = 0;
     while let Ok(m) = rx.try_recv() {
