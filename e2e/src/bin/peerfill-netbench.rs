@@ -120,9 +120,10 @@ enum Cmd {
         out: Output,
     },
     /// The testbed's CPU floor: every node sends `--mib` spread over the
-    /// others with no QUIC, TLS, disk or agent (`--transport udp`: quinn's
-    /// UDP layer, GSO and `recvmmsg`; `tcp`: kernel TCP), and the CPU per
-    /// GiB received per node is printed and appended to `--out`.
+    /// others with no agent (`--transport udp`: quinn's UDP layer, GSO and
+    /// `recvmmsg`; `quic`: the agent's QUIC and TLS carrying plain streams;
+    /// `tcp`: kernel TCP), and the CPU per GiB received per node is
+    /// printed and appended to `--out`.
     Floor {
         #[command(flatten)]
         common: Common,
@@ -298,22 +299,13 @@ fn remove_stale_work_dirs(root: &Path) {
     }
 }
 
-fn preflight(common: &Common) -> Result<(PathBuf, WorkDir)> {
+/// Checks for root, removes what earlier runs left and makes this
+/// process's scratch directory.
+fn fresh_work_dir(common: &Common) -> Result<WorkDir> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(NetbenchError::NotRoot);
     }
-    for tool in ["ip", "tc", "curl"] {
-        peerfill_e2e::netbench::procs::run("sh", &["-c", &format!("command -v {tool}")]).map_err(
-            |_| NetbenchError::Config(format!("{tool} not found (apt-get install iproute2 curl)")),
-        )?;
-    }
-    if !Path::new(peerfill_e2e::netbench::nginx::NGINX_BIN).exists() {
-        return Err(NetbenchError::Config(
-            "nginx not found: apt-get install nginx-light".into(),
-        ));
-    }
-    let bin = agent_bin(common.agent_bin.as_deref())?;
     let removed = testbed::remove_stale()?;
     if !removed.is_empty() {
         warn!(?removed, "removed namespaces of an earlier run");
@@ -326,7 +318,23 @@ fn preflight(common: &Common) -> Result<(PathBuf, WorkDir)> {
         what: format!("creating {}", dir.display()),
         source,
     })?;
-    Ok((bin, WorkDir(dir, common.keep_work)))
+    Ok(WorkDir(dir, common.keep_work))
+}
+
+fn preflight(common: &Common) -> Result<(PathBuf, WorkDir)> {
+    let work = fresh_work_dir(common)?;
+    for tool in ["ip", "tc", "curl"] {
+        peerfill_e2e::netbench::procs::run("sh", &["-c", &format!("command -v {tool}")]).map_err(
+            |_| NetbenchError::Config(format!("{tool} not found (apt-get install iproute2 curl)")),
+        )?;
+    }
+    if !Path::new(peerfill_e2e::netbench::nginx::NGINX_BIN).exists() {
+        return Err(NetbenchError::Config(
+            "nginx not found: apt-get install nginx-light".into(),
+        ));
+    }
+    let bin = agent_bin(common.agent_bin.as_deref())?;
+    Ok((bin, work))
 }
 
 fn spec(common: &Common, bin: &Path, work: &Path, nodes: usize, mib: u64, caps: Caps) -> RunSpec {
@@ -395,23 +403,7 @@ fn floor_cmd(
     transports: &[floor::Transport],
     out: &Path,
 ) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(NetbenchError::NotRoot);
-    }
-    let removed = testbed::remove_stale()?;
-    if !removed.is_empty() {
-        warn!(?removed, "removed namespaces of an earlier run");
-    }
-    remove_stale_work_dirs(&common.work_root);
-    let dir = common
-        .work_root
-        .join(format!("{PREFIX}{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| NetbenchError::Io {
-        what: format!("creating {}", dir.display()),
-        source,
-    })?;
-    let work = WorkDir(dir, common.keep_work);
+    let work = fresh_work_dir(common)?;
     let exe = std::env::current_exe().map_err(|source| NetbenchError::Io {
         what: "locating this binary".into(),
         source,

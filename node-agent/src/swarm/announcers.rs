@@ -78,7 +78,8 @@ struct Stream {
     tx: mpsc::UnboundedSender<Outgoing>,
     /// The node the stream goes to.
     peer: String,
-    /// Pieces whose hash this stream was sent (in some batch).
+    /// Pieces whose hash this stream was sent (in some batch), or which
+    /// its peer holds (and so verified).
     hashes_sent: Bits,
 }
 
@@ -144,6 +145,8 @@ impl Announcers {
     ) {
         self.streams.retain(|_, s| {
             if holds(&s.peer) {
+                // It verified the piece: it has the hash too.
+                s.hashes_sent.set_range(piece, u64::from(piece) + 1);
                 return !s.tx.is_closed();
             }
             let batch = covering.filter(|_| !s.hashes_sent.get(piece)).cloned();
@@ -275,6 +278,11 @@ mod tests {
         assert!(drain(&mut rx).is_empty());
         assert_eq!(drain(&mut rx2), [(Some(2), Some(0))]);
         assert_eq!(a.len(), 2);
+        // A batch stored later is not sent for a piece the peer holds.
+        a.have(6, None, |peer| peer == "n2");
+        a.stored(&batch(6, 1), |p| p == 6);
+        assert_eq!(drain(&mut rx), [(Some(6), None), (None, Some(6))]);
+        assert!(drain(&mut rx2).is_empty());
     }
 
     #[test]

@@ -497,3 +497,36 @@ fn the_store_lookups_match_a_scan_of_every_batch() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_announced_a_piece_is_not_told_we_hold_it() {
+    let c = cluster();
+    let bytes = data();
+    let h = hashes(&bytes);
+    let d0 = tempfile::tempdir().expect("tempdir");
+    let r0 = fill(d0.path(), None);
+    r0.set_signer("r0", c.r0.live.clone());
+    // `b` announced piece 0 on its session; `a` announced nothing.
+    let _ = r0.add_session(1, "b");
+    r0.session_have(1, 0);
+    let (tx_a, mut rx_a) = tokio::sync::mpsc::unbounded_channel();
+    r0.register_announcer(tx_a, "a");
+    let (tx_b, mut rx_b) = tokio::sync::mpsc::unbounded_channel();
+    r0.register_announcer(tx_b, "b");
+    sent_on(&mut rx_a);
+    sent_on(&mut rx_b);
+    let l = layout();
+    for i in 0..2u32 {
+        let r = l.piece_range(i);
+        let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+        r0.store_verified(None, "r0", i, piece, Some(h[i as usize]))
+            .await
+            .expect("store");
+    }
+    assert_eq!(sent_on(&mut rx_a), [(Some(0), Some(0)), (Some(1), Some(1))]);
+    assert_eq!(
+        sent_on(&mut rx_b),
+        [(Some(1), Some(1))],
+        "b holds piece 0: only piece 1 is announced to it"
+    );
+}

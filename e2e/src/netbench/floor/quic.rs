@@ -56,18 +56,17 @@ pub fn node(
     expected: u64,
     deadline: Duration,
 ) -> Result<(u64, u64)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(io_err("starting the tokio runtime"))?;
-    rt.block_on(run(dir, peers, bytes_per_peer, expected, deadline))
+        .map_err(io_err("starting the tokio runtime"))?
+        .block_on(run(dir, peers, (bytes_per_peer, expected), deadline))
 }
 
 async fn run(
     dir: &Path,
     peers: &[Ipv4Addr],
-    bytes_per_peer: u64,
-    expected: u64,
+    (bytes_per_peer, expected): (u64, u64),
     deadline: Duration,
 ) -> Result<(u64, u64)> {
     let id = NodeIdentity::load(
