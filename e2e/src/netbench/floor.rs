@@ -30,8 +30,8 @@
 use std::io::{IoSliceMut, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
@@ -132,11 +132,8 @@ fn udp_node(
     deadline: Duration,
 ) -> Result<(u64, u64)> {
     let dgram = datagram(mtu);
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).map_err(io_err("binding UDP"))?;
+    let socket = bind_udp()?;
     let state = UdpSocketState::new((&socket).into()).map_err(io_err("UDP socket state"))?;
-    // As the agent asks (`swarm::bind_udp`).
-    let _ = state.set_send_buffer_size((&socket).into(), 8 << 20);
-    let _ = state.set_recv_buffer_size((&socket).into(), 8 << 20);
     // Non-blocking with a readiness wait, as quinn's endpoint driver does:
     // a blocking `recvmmsg` would wait for a full batch and hide wake-ups.
     socket
@@ -212,6 +209,12 @@ fn udp_receive(socket: &UdpSocket, state: &UdpSocketState, expected: u64, end: I
     received
 }
 
+/// The node's UDP socket on [`PORT`], with the agent's socket buffers.
+fn bind_udp() -> Result<UdpSocket> {
+    peerfill_agent::swarm::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)))
+        .map_err(io_err("binding UDP"))
+}
+
 /// Waits up to 200 ms for `events` on the socket.
 fn wait_ready(socket: &UdpSocket, events: libc::c_short) {
     use std::os::fd::AsRawFd;
@@ -260,7 +263,7 @@ fn tcp_node(
             }
         })
     };
-    let sent = Arc::new(Mutex::new(0u64));
+    let sent = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = peers
         .iter()
         .map(|peer| {
@@ -285,9 +288,7 @@ fn tcp_node(
                         break;
                     }
                     left -= n as u64;
-                    if let Ok(mut t) = sent.lock() {
-                        *t += n as u64;
-                    }
+                    sent.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 let _ = s.shutdown(std::net::Shutdown::Write);
             })
@@ -297,7 +298,7 @@ fn tcp_node(
         let _ = w.join();
     }
     let _ = accepted.join();
-    let sent = sent.lock().map(|t| *t).unwrap_or(0);
+    let sent = sent.load(Ordering::Relaxed);
     let got = received.load(Ordering::Relaxed);
     if got < expected {
         tracing::warn!(got, expected, "TCP floor node received less than expected");

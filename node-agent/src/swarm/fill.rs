@@ -1142,14 +1142,16 @@ impl Fill {
         }
         let covering = self.batch_for(&st, piece).cloned();
         // Peers that announced the piece are not told (see `announcers`).
-        let holders: Vec<String> = st
-            .sessions
-            .iter()
-            .filter(|(id, _)| st.picker.peer_holds(**id, piece))
-            .map(|(_, s)| s.node.clone())
-            .collect();
-        st.announcers.have(piece, covering.as_ref(), |peer| {
-            holders.iter().any(|h| h == peer)
+        let State {
+            sessions,
+            picker,
+            announcers,
+            ..
+        } = &mut *st;
+        announcers.have(piece, covering.as_ref(), |peer| {
+            sessions
+                .iter()
+                .any(|(id, s)| s.node == peer && picker.peer_holds(*id, piece))
         });
         let own = st.hashes[piece as usize]
             .filter(|_| self.spec.authority.of(piece) == Some(me))

@@ -240,8 +240,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// `net.core.rmem_max` / `wmem_max`. Kernel memory, not the agent's RSS.
 const UDP_SOCKET_BUFFER: libc::c_int = 8 << 20;
 
-/// Binds the endpoint's UDP socket with [`UDP_SOCKET_BUFFER`] each way.
-fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// Binds the endpoint's UDP socket with [`UDP_SOCKET_BUFFER`] each way
+/// (also the netbench floor's, so it measures the agent's socket).
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use std::os::fd::AsRawFd;
     let socket = std::net::UdpSocket::bind(addr)?;
     for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {

@@ -217,6 +217,20 @@ async fn store(f: &Fill, i: u32) {
     );
 }
 
+/// Stores `pieces` of `data()` in `r0` as their authority, read from the
+/// origin: r0 hashes and signs them.
+async fn read_from_origin(r0: &Fill, pieces: std::ops::Range<u32>) {
+    let (l, bytes) = (layout(), data());
+    let h = hashes(&bytes);
+    for i in pieces {
+        let r = l.piece_range(i);
+        let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+        r0.store_verified(None, "r0", i, piece, Some(h[i as usize]))
+            .await
+            .expect("store");
+    }
+}
+
 /// What an announce stream got since: `(Have, first piece of the batch
 /// sent with it or alone)`.
 fn sent_on(
@@ -267,14 +281,7 @@ async fn an_authority_signs_what_it_holds_and_a_relay_passes_it_on() {
     let r0 = fill(d0.path(), None);
     r0.set_signer("r0", c.r0.live.clone());
     let (_, _, mut live_rx) = announced(&r0);
-    let l = layout();
-    for i in 0..2u32 {
-        let r = l.piece_range(i);
-        let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
-        r0.store_verified(None, "r0", i, piece, Some(h[i as usize]))
-            .await
-            .expect("store");
-    }
+    read_from_origin(&r0, 0..2).await;
     assert_eq!(
         sent_on(&mut live_rx),
         [(Some(0), Some(0)), (Some(1), Some(1))],
@@ -501,8 +508,6 @@ fn the_store_lookups_match_a_scan_of_every_batch() {
 #[tokio::test]
 async fn a_peer_that_announced_a_piece_is_not_told_we_hold_it() {
     let c = cluster();
-    let bytes = data();
-    let h = hashes(&bytes);
     let d0 = tempfile::tempdir().expect("tempdir");
     let r0 = fill(d0.path(), None);
     r0.set_signer("r0", c.r0.live.clone());
@@ -515,14 +520,7 @@ async fn a_peer_that_announced_a_piece_is_not_told_we_hold_it() {
     r0.register_announcer(tx_b, "b");
     sent_on(&mut rx_a);
     sent_on(&mut rx_b);
-    let l = layout();
-    for i in 0..2u32 {
-        let r = l.piece_range(i);
-        let piece = Bytes::copy_from_slice(&bytes[r.start as usize..r.end as usize]);
-        r0.store_verified(None, "r0", i, piece, Some(h[i as usize]))
-            .await
-            .expect("store");
-    }
+    read_from_origin(&r0, 0..2).await;
     assert_eq!(sent_on(&mut rx_a), [(Some(0), Some(0)), (Some(1), Some(1))]);
     assert_eq!(
         sent_on(&mut rx_b),

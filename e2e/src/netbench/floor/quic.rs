@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use peerfill_agent::tls::{self, ClusterCa, NodeIdentity, TlsError};
-use quinn::udp::UdpSocketState;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -79,12 +78,7 @@ async fn run(
     let me = (0..=peers.len())
         .find(|i| !indexes.contains(i))
         .unwrap_or(peers.len());
-    let socket =
-        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).map_err(io_err("binding UDP"))?;
-    let state = UdpSocketState::new((&socket).into()).map_err(io_err("UDP socket state"))?;
-    // As the agent asks (`swarm::bind_udp`).
-    let _ = state.set_send_buffer_size((&socket).into(), 8 << 20);
-    let _ = state.set_recv_buffer_size((&socket).into(), 8 << 20);
+    let socket = super::bind_udp()?;
     let server = tls::server_config(&id).map_err(tls_err)?;
     let endpoint = quinn::Endpoint::new(
         tls::endpoint_config(),
